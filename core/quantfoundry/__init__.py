@@ -1,0 +1,78 @@
+"""QuantFoundry: a plugin-based framework for quantizing large language models.
+
+A minimal plugin — a quantizer that rounds half of the way to RTN, say — is one module::
+
+    # qf_halfway/__init__.py
+    import quantfoundry
+    from quantfoundry import hookimpl
+
+    class Halfway(quantfoundry.Quantizer):
+        name = "halfway"
+        description = "RTN, for the tutorial"
+        scope = "tensor"
+
+        def quantize_tensor(self, name, weight, fmt, ctx):
+            return fmt.quantize(weight.float())
+
+    @hookimpl
+    def qf_register_quantizers(register):
+        register(Halfway)
+
+and one entry point in its ``pyproject.toml``::
+
+    [project.entry-points.quantfoundry]
+    halfway = "qf_halfway"
+
+After ``pip install -e .``, ``qf plugins`` lists it and ``qf run --quantizer halfway`` uses it.
+See docs/writing-a-plugin.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import QFError
+from .hookspecs import hookimpl, hookspec
+from .options import Options
+from .plugins import get_component, get_plugin_manager
+from .roles.architecture import Architecture, InputGroup
+from .roles.calibrator import CalibrationSet, Calibrator
+from .roles.evaluator import EvalTarget, Evaluator
+from .roles.exporter import Exporter
+from .roles.format import Format, QuantizedWeight
+from .roles.kernel import Kernel, QuantLinear
+from .roles.plan import QuantPlan, TensorPlan
+from .roles.quantizer import Block, BlockInputs, QuantContext, Quantizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline.run import RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "EvalTarget", "Evaluator",
+    "Exporter", "Format", "InputGroup", "Kernel", "Options", "QFError", "QuantContext", "QuantLinear",
+    "QuantPlan", "QuantizedWeight", "Quantizer", "TensorPlan", "get_component", "get_plugin_manager",
+    "hookimpl", "hookspec", "load", "resolve_format", "run",
+]
+
+
+def run(*args: Any, **kwargs: Any) -> RunResult:
+    """Quantize and export a model; see :func:`quantfoundry.pipeline.run.run`."""
+    from .pipeline.run import run as _run
+
+    return _run(*args, **kwargs)
+
+
+def load(*args: Any, **kwargs: Any) -> Any:
+    """Reload a ``qf run`` artifact as a model; see :func:`quantfoundry.pipeline.run.load`."""
+    from .pipeline.run import load as _load
+
+    return _load(*args, **kwargs)
+
+
+def resolve_format(spec: str, options: dict[str, Any] | None = None) -> Format:
+    """A format from its name or short spec (``int4-g128``)."""
+    from .formats import resolve_format as _resolve
+
+    return _resolve(spec, options)

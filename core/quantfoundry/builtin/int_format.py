@@ -1,0 +1,152 @@
+"""Built-in format ``int``: uniform integer grids, 2–8 bits, per group or per channel,
+symmetric or asymmetric (the GPTQ/AWQ conventions).
+
+Spec syntax: ``int<bits>[-g<group>][-sym|-asym][-sf32|-sbf16]`` — ``int4-g128`` (4 bits,
+groups of 128 input columns, asymmetric), ``int8`` (per output channel), ``int3-g64-sym``.
+No ``-g`` means one group per row (per-channel). Asymmetric is the default.
+
+Grid (per group of columns, float32 arithmetic, scale stored in ``scale_dtype``):
+
+* asymmetric: ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)``,
+  ``scale = (xmax - xmin) / (2^b - 1)``, ``zero = clamp(round(-xmin / scale), 0, 2^b - 1)``;
+* symmetric: ``scale = 2 max|w| / (2^b - 1)``, ``zero = 2^(b-1)`` (implied, not stored);
+* ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)``, ``w' = (q - zero) * scale``.
+
+A group whose weights are all zero gets ``scale = 1`` (every code decodes to 0).
+
+**Width rule.** When a tensor's column count is not a multiple of the group size, the group
+size is halved until it divides the width, down to 32; if none does, the tensor falls back to
+per-channel (one group per row). ``int4-g128`` on 576 columns becomes ``int4-g64``; on 172
+columns, ``int4`` (per-channel). The run summary and the manifest list every fallback.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from ..hookspecs import hookimpl
+from ..options import Options
+from ..roles.format import Format, Params
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_SUFFIX = {"float32": "sf32", "bfloat16": "sbf16"}
+_SPEC = re.compile(r"^int(\d)(?:-g(\d+))?(?:-(sym|asym))?(?:-(sf32|sbf16|sf16))?$")
+MIN_FALLBACK_GROUP = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntOptions(Options):
+    bits: int = field(default=4, metadata={"help": "bits per weight code (2-8)"})
+    group_size: int = field(default=128, metadata={"help": "input columns per scale; 0 = per output channel"})
+    sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(bits-1))"})
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="float16", metadata={"help": "storage dtype of the scales"})
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+
+
+class IntFormat(Format):
+    name = "int"
+    description = "uniform integer grid, 2-8 bits, per group or per channel, sym/asym (GPTQ/AWQ style)"
+    Options = IntOptions
+
+    options: IntOptions
+
+    @property
+    def spec(self) -> str:
+        o = self.options
+        s = f"int{o.bits}" + (f"-g{o.group_size}" if o.group_size else "") + ("-sym" if o.sym else "")
+        return s + (f"-{_DTYPE_SUFFIX[o.scale_dtype]}" if o.scale_dtype in _DTYPE_SUFFIX else "")
+
+    @classmethod
+    def from_spec(cls, spec: str) -> IntOptions | None:
+        m = _SPEC.match(spec.strip().lower())
+        if not m:
+            return None
+        bits, group, sym, sdt = m.groups()
+        scale_dtype = {"sf32": "float32", "sbf16": "bfloat16"}.get(sdt or "", "float16")
+        return IntOptions(bits=int(bits), group_size=int(group or 0), sym=sym == "sym", scale_dtype=scale_dtype)
+
+    @classmethod
+    def spec_help(cls) -> str:
+        return "int<bits>[-g<group>][-sym] e.g. int4-g128, int8, int3-g64-sym (no -g: per channel)"
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.options.bits) - 1
+
+    def group_size(self, in_features: int) -> int:
+        return self.options.group_size or in_features
+
+    def fallback(self, shape: tuple[int, int]) -> Format | None:
+        in_f = shape[1]
+        g = self.options.group_size
+        while g >= MIN_FALLBACK_GROUP and in_f % g:
+            g //= 2
+        if g < MIN_FALLBACK_GROUP or in_f % g:
+            g = 0
+        return IntFormat(replace(self.options, group_size=g))
+
+    def code_bits(self) -> int:
+        return self.options.bits
+
+    # -- numerics ------------------------------------------------------------------------
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        rows, cols = w.shape
+        g = self.group_size(cols) if self.options.group_size == 0 else self.options.group_size
+        if cols % g:
+            raise ValueError(f"fit needs whole groups: {cols} columns, group size {g}")
+        x = w.to(torch.float32).view(rows, cols // g, g)
+        xmin = x.amin(dim=-1).clamp(max=0)
+        xmax = x.amax(dim=-1).clamp(min=0)
+        sdt = _DTYPES[self.options.scale_dtype]
+        info = torch.finfo(sdt)
+        if self.options.sym:
+            absmax = torch.maximum(-xmin, xmax)
+            scale = 2 * absmax / self.maxq
+        else:
+            scale = (xmax - xmin) / self.maxq
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = scale.clamp(min=info.tiny, max=info.max).to(sdt)
+        if self.options.sym:
+            return {"scale": scale}
+        zero = torch.round(-xmin / scale.to(torch.float32)).clamp(0, self.maxq).to(torch.uint8)
+        return {"scale": scale, "zero": zero}
+
+    def _per_column(self, params: Params, col0: int, ncols: int, cols_hint: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = params["scale"].to(torch.float32)
+        if self.options.group_size == 0:
+            # per channel: a single group spans every column
+            s = scale[:, :1]
+            z = params["zero"][:, :1].to(torch.float32) if "zero" in params else None
+        else:
+            g = self.options.group_size
+            idx = torch.div(torch.arange(col0, col0 + ncols, device=scale.device), g, rounding_mode="floor")
+            s = scale.index_select(1, idx)
+            z = params["zero"].index_select(1, idx).to(torch.float32) if "zero" in params else None
+        if z is None:
+            z = torch.full_like(s[:, :1], float(1 << (self.options.bits - 1)))
+        return s, z
+
+    def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        s, z = self._per_column(params, col0, w.shape[1])
+        q = torch.round(w.to(torch.float32) / s) + z
+        return q.clamp_(0, self.maxq).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        s, z = self._per_column(params, col0, codes.shape[1])
+        return (codes.to(torch.float32) - z) * s
+
+
+@hookimpl
+def qf_register_formats(register):
+    register(IntFormat)

@@ -1,0 +1,189 @@
+"""Built-in exporter ``qf``: safetensors holding codes + grid parameters, reloaded bit-identically.
+
+Layout of the artifact folder:
+
+* ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
+  above ``shard_mb``): float tensors under their own names, in the checkpoint's dtype; each
+  quantized weight ``W`` as ``W.qf.packed`` (uint8 bitstream), ``W.qf.<param>`` (grid
+  parameters in their storage dtype) and ``W.qf.perm`` (int32) when it has one;
+* ``config.json`` with ``quantization_config = {"quant_method": "quantfoundry", ...}``, and the
+  tokenizer / generation files copied from the source;
+* ``quantfoundry.json``: the manifest, whose ``tensors`` table names each tensor's format.
+
+``quantfoundry.load(folder)`` / ``qf load`` rebuild the model with :class:`QuantLinear` modules.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError
+from ..hookspecs import hookimpl
+from ..options import Options
+from ..roles.exporter import Exporter
+from ..roles.format import QuantizedWeight
+from ..roles.plan import QuantPlan
+
+_COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja", "vocab.*",
+               "merges.txt", "added_tokens.json", "*.tiktoken", "chat_template.json")
+QF = ".qf."
+
+
+@dataclass(frozen=True, kw_only=True)
+class QFExporterOptions(Options):
+    shard_mb: int = field(default=2048, metadata={"help": "start a new safetensors shard above this many MB"})
+
+    def __post_init__(self) -> None:
+        if self.shard_mb < 1:
+            raise ValueError(f"shard_mb must be >= 1, got {self.shard_mb}")
+
+
+class QFExporter(Exporter):
+    name = "qf"
+    description = "QuantFoundry's own safetensors checkpoint (codes + grid parameters), reloadable by qf load"
+    Options = QFExporterOptions
+    default_format = "int4-g128"
+
+    options: QFExporterOptions
+
+    def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
+        self.folder = folder
+        self.source = source
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self.names: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+        if name in self.names:
+            raise ArtifactError(f"tensor {name} written twice to the qf artifact")
+        self.names.add(name)
+        if isinstance(tensor, QuantizedWeight):
+            entries = {f"{name}{QF}packed": tensor.packed}
+            entries.update({f"{name}{QF}{k}": v for k, v in tensor.params.items()})
+            if tensor.perm is not None:
+                entries[f"{name}{QF}perm"] = tensor.perm.to(torch.int32)
+            self.tensors[name] = {
+                "format": tensor.format.to_json(), "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).removeprefix("torch."), "params": sorted(tensor.params),
+                "perm": tensor.perm is not None,
+            }
+        else:
+            entries = {name: tensor}
+        for key, value in entries.items():
+            value = value.detach().to("cpu").contiguous()
+            self.pending[key] = value
+            self.pending_bytes += value.numel() * value.element_size()
+        if self.pending_bytes >= self.options.shard_mb * (1 << 20):
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self._flush()
+        n = len(self.shards)
+        weight_map: dict[str, str] = {}
+        for i, (path, keys) in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        config = json.loads((self.source.path / "config.json").read_text())
+        config["quantization_config"] = {
+            "quant_method": "quantfoundry",
+            "note": "QuantFoundry checkpoint: load it with quantfoundry.load() or `qf load`",
+        }
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for pattern in _COPY_GLOBS:
+            for f in self.source.path.glob(pattern):
+                if f.is_file() and not (self.folder / f.name).exists():
+                    shutil.copy2(f, self.folder / f.name)
+        return {"tensors": self.tensors, "files": sorted({*weight_map.values()})}
+
+    def verify(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        from ..pipeline.manifest import read_manifest
+
+        manifest = read_manifest(folder)
+        files = manifest.get("files") or []
+        seen: set[str] = set()
+        for name in files:
+            try:
+                with safe_open(str(folder / name), framework="pt") as f:
+                    seen.update(f.keys())
+            except Exception as exc:
+                raise ArtifactError(f"{folder / name} cannot be read back ({exc}); the write failed") from None
+        for tensor in manifest.get("tensors", {}):
+            if f"{tensor}{QF}packed" not in seen:
+                raise ArtifactError(f"{tensor} is missing from the written files of {folder}")
+
+    def load(self, folder: Path, device: torch.device, kernel: str | None = None,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+        return load_qf_artifact(folder, device=device, kernel=kernel, dtype=dtype)
+
+
+def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None = None,
+                     dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a model written by the ``qf`` exporter, quantized linears as QuantLinear."""
+    from transformers import AutoConfig
+
+    from ..formats import format_from_json
+    from ..pipeline.kernels import select_kernel, swap_in
+    from ..pipeline.manifest import read_manifest
+    from ..pipeline.materialize import set_parameter, tied_source
+    from ..pipeline.source import ModelSource, _weight_files, find_architecture
+
+    manifest = read_manifest(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = find_architecture(config.architectures[0])
+    weight_map, _ = _weight_files(folder, allow_pickle=False)
+    source = ModelSource(folder, config, arch, weight_map)
+    model = source.skeleton(dtype)
+    tensors: dict[str, dict[str, Any]] = manifest.get("tensors", {})
+    for name, info in tensors.items():
+        keys = [f"{name}{QF}packed", *[f"{name}{QF}{p}" for p in info["params"]]]
+        if info.get("perm"):
+            keys.append(f"{name}{QF}perm")
+        stored = source.read(keys)
+        fmt = format_from_json(info["format"])
+        qw = QuantizedWeight(
+            fmt, tuple(info["shape"]), getattr(torch, info["dtype"]), stored[f"{name}{QF}packed"],
+            {p: stored[f"{name}{QF}{p}"] for p in info["params"]},
+            stored[f"{name}{QF}perm"].to(torch.int64) if info.get("perm") else None,
+        ).to(device)
+        module_name = name.removesuffix(".weight")
+        swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))
+    for pname, p in list(model.named_parameters(remove_duplicate=False)):
+        if p.device.type != "meta":
+            continue
+        key = pname if source.has_tensor(pname) else tied_source(model, source, pname)
+        if key is None:
+            raise ArtifactError(f"{pname} is missing from {folder}; the artifact is incomplete: re-run `qf run`")
+        set_parameter(model, pname, source.read([key])[key].to(device=device, dtype=dtype))
+    return model.to(device).eval()
+
+
+@hookimpl
+def qf_register_exporters(register):
+    register(QFExporter)

@@ -1,0 +1,59 @@
+"""Built-in evaluator ``size``: stored bytes and bits per weight.
+
+* ``linear_bytes`` / ``linear_bpw``: the weights of the quantized linears (codes, grid
+  parameters, permutations), or of the same linears in the checkpoint's float dtype for the
+  original;
+* ``model_bytes`` / ``model_bpw``: every parameter of the model (float tensors counted in the
+  checkpoint's storage dtype; a tied embedding/output weight counted once).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..hookspecs import hookimpl
+from ..roles.evaluator import EvalTarget, Evaluator, Metric
+from ..roles.kernel import QuantLinear
+
+
+class SizeEvaluator(Evaluator):
+    name = "size"
+    description = "bytes and bits per weight of the quantized linears and of the whole model"
+    higher_is_better = {"linear_bytes": False, "linear_bpw": False, "model_bytes": False, "model_bpw": False}
+
+    def evaluate(self, target: EvalTarget) -> dict[str, Metric]:
+        float_bytes = target.float_dtype.itemsize if hasattr(target.float_dtype, "itemsize") else 2
+        quant_names = set(target.info.get("quantized_linears", ()))
+        lin_bytes = lin_weights = model_bytes = model_weights = 0
+        seen: set[int] = set()
+        model: nn.Module = target.model
+        for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                qw = mod.qweight
+                n = qw.shape[0] * qw.shape[1]
+                b = qw.nbytes()
+                lin_bytes += b
+                lin_weights += n
+                model_bytes += b
+                model_weights += n
+                quant_names.add(name)
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                b = p.numel() * float_bytes
+                model_bytes += b
+                model_weights += p.numel()
+                if name in quant_names and pname == "weight":
+                    lin_bytes += b
+                    lin_weights += p.numel()
+        out: dict[str, Metric] = {"model_bytes": int(model_bytes), "model_bpw": 8 * model_bytes / max(model_weights, 1)}
+        if lin_weights:
+            out["linear_bytes"] = int(lin_bytes)
+            out["linear_bpw"] = 8 * lin_bytes / lin_weights
+        return out
+
+
+@hookimpl
+def qf_register_evaluators(register):
+    register(SizeEvaluator)

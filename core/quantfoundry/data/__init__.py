@@ -1,0 +1,25 @@
+"""Paths of the data embedded in the core distribution (see data/README.md)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+
+def _path(name: str) -> Path:
+    return Path(str(files(__name__).joinpath(name)))
+
+
+def default_model_path() -> Path:
+    """The embedded default model (pycode-7m)."""
+    return _path("default-model")
+
+
+def default_eval_text() -> Path:
+    """The default evaluation text (held-out CPython source, disjoint from the calibration text)."""
+    return _path("python_eval.txt")
+
+
+def default_calibration_text() -> Path:
+    """The default calibration text (held-out CPython source)."""
+    return _path("python_calib.txt")

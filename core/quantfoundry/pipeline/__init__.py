@@ -1,0 +1,1 @@
+"""The block-streaming pipeline: load → guard → plan → calibrate → quantize → export → evaluate."""

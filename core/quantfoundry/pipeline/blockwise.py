@@ -1,0 +1,121 @@
+"""The block-by-block loop: materialize a block, let the quantizer stages work on it, run it
+to produce the next block's inputs, hand its tensors to the exporter, release it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import QFError
+from ..roles.exporter import Exporter
+from ..roles.format import QuantizedWeight
+from ..roles.plan import QuantPlan
+from ..roles.quantizer import Block, BlockInputs, QuantContext, Quantizer
+from .kernels import select_kernel, swap_in
+from .materialize import materialize, release
+from .source import ModelSource
+
+
+@dataclass
+class BlockwiseResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    seconds_per_block: list[float] = field(default_factory=list)
+
+
+def _check_result(stage: Quantizer, block: Block, out: dict[str, QuantizedWeight]) -> None:
+    missing = sorted(set(block.formats) - set(out))
+    if missing:
+        raise QFError(f"quantizer {stage.name!r} returned no weight for {block.prefix}.{missing[0]} "
+                      f"(and {len(missing) - 1} more); a rounding stage must quantize every planned linear")
+    for name, qw in out.items():
+        want = block.formats.get(name)
+        if want is None:
+            raise QFError(f"quantizer {stage.name!r} quantized {block.prefix}.{name}, which the plan keeps in float")
+        if qw.format != want:
+            raise QFError(f"quantizer {stage.name!r} rounded {block.prefix}.{name} to {qw.format.spec}, "
+                          f"but the plan (and the exporter) want {want.spec}")
+        if tuple(qw.shape) != tuple(block.linear(name).weight.shape):
+            raise QFError(f"quantizer {stage.name!r} returned shape {qw.shape} for {block.prefix}.{name}")
+
+
+def run_blocks(
+    model: nn.Module, source: ModelSource, plan: QuantPlan, stages: list[Quantizer], ctx: QuantContext, *,
+    inputs: BlockInputs | None, layer_kwargs: dict[int, list[dict[str, Any]]] | None,
+    exporter: Exporter | None, keep: bool, dtype: torch.dtype, kernel_name: str | None = None,
+    kernel_options: dict[str, str] | None = None,
+    on_block: Callable[[int, int, float], None] | None = None,
+) -> BlockwiseResult:
+    """Quantize every decoder block in order. Peak memory: one block plus calibration inputs
+    (plus the quantized blocks already done when ``keep`` is set for in-memory evaluation)."""
+    arch = source.architecture
+    layers: nn.ModuleList = model.get_submodule(arch.layers)
+    result = BlockwiseResult()
+    device = ctx.device
+    hidden = inputs.hidden if inputs is not None else None
+    for index in range(len(layers)):
+        t0 = time.perf_counter()
+        prefix = source.layer_prefix(index)
+        module = layers[index]
+        materialize(model, module, prefix, source, dtype=dtype, device=device)
+        formats = {}
+        for full, entry in plan.quantized().items():
+            if full.startswith(prefix + "."):
+                formats[full[len(prefix) + 1:]] = entry.format
+        block_inputs = None
+        if hidden is not None and layer_kwargs is not None:
+            block_inputs = BlockInputs(hidden=hidden, kwargs=layer_kwargs.get(index, []))
+        block = Block(index, prefix, module, arch, formats, block_inputs)
+        out: dict[str, QuantizedWeight] = {}
+        for stage in stages:
+            with torch.no_grad():
+                out = stage.quantize_block(block, ctx) or {}
+            if not stage.rounds and out:
+                raise QFError(f"transform stage {stage.name!r} returned quantized weights; only the last stage rounds")
+        if stages:
+            _check_result(stages[-1], block, out)
+        for rel, qw in out.items():
+            qw = qw.to(device)
+            kernel = select_kernel(qw.format, device, kernel_name, kernel_options)
+            swap_in(module, rel, qw, kernel)
+            result.quantized[f"{prefix}.{rel}"] = qw
+        if block_inputs is not None and index + 1 < len(layers):
+            hidden = block.run()
+        if exporter is not None:
+            _export_block(exporter, module, prefix, source)
+        if not keep:
+            release(module)
+            for rel in out:
+                result.quantized[f"{prefix}.{rel}"] = _to_meta(result.quantized[f"{prefix}.{rel}"])
+        result.seconds_per_block.append(time.perf_counter() - t0)
+        if on_block is not None:
+            on_block(index, len(layers), result.seconds_per_block[-1])
+    return result
+
+
+def _to_meta(qw: QuantizedWeight) -> QuantizedWeight:
+    return qw.to("meta")
+
+
+def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: ModelSource) -> None:
+    from ..roles.kernel import QuantLinear
+
+    for name, sub in module.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        if isinstance(sub, QuantLinear):
+            exporter.write(f"{full}.weight", sub.qweight.to("cpu"))
+            if sub.bias is not None:
+                exporter.write(f"{full}.bias", sub.bias.detach().to("cpu", _stored_dtype(source, f"{full}.bias")))
+            continue
+        for pname, p in sub.named_parameters(recurse=False):
+            key = f"{full}.{pname}"
+            exporter.write(key, p.detach().to("cpu", _stored_dtype(source, key)))
+
+
+def _stored_dtype(source: ModelSource, name: str) -> torch.dtype:
+    info = source.tensor_info.get(name)
+    return info[0] if info is not None and info[0].is_floating_point else source.storage_dtype

@@ -1,0 +1,46 @@
+"""Choosing a kernel for a quantized tensor and swapping linears for QuantLinear modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import IncompatiblePlanError
+from ..plugins import get_plugin_manager
+from ..roles.format import Format, QuantizedWeight
+from ..roles.kernel import Kernel, QuantLinear
+
+
+def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
+                  options: dict[str, str] | None = None) -> Kernel:
+    """The named kernel (checked), or the highest-priority kernel that serves ``fmt`` on ``device``."""
+    from ..options import parse_options
+
+    registry = get_plugin_manager().registry("kernel")
+    if name is not None:
+        cls = registry.get(name)
+        kernel = cls(parse_options(cls.Options, options or {}, owner=f"kernel {cls.name!r}"))
+        reason = kernel.serves(fmt, device)
+        if reason:
+            raise IncompatiblePlanError(f"kernel {cls.name!r} cannot run {fmt.spec} on {device}: {reason}")
+        return kernel
+    candidates = []
+    for entry in registry.entries.values():
+        kernel = entry.component()
+        if kernel.serves(fmt, device) is None:
+            candidates.append(kernel)
+    if not candidates:
+        raise IncompatiblePlanError(f"no installed kernel runs {fmt.spec} on {device}; "
+                                    "install one or use --kernel torch-dequant")
+    return max(candidates, key=lambda k: k.priority)
+
+
+def swap_in(root: nn.Module, name: str, qw: QuantizedWeight, kernel: Kernel) -> QuantLinear:
+    """Replace the ``nn.Linear`` at ``name`` (relative to ``root``) by a :class:`QuantLinear`."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, attr)
+    bias = old.bias.data if isinstance(old, nn.Linear) and old.bias is not None else None
+    ql = QuantLinear(qw, bias, kernel)
+    setattr(parent, attr, ql)
+    return ql

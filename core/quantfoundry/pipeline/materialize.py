@@ -1,0 +1,73 @@
+"""Move parts of a meta-device skeleton onto a real device, reading only their weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .source import ModelSource
+
+
+def tied_source(model: nn.Module, source: ModelSource, name: str) -> str | None:
+    """The stored tensor a missing ``name`` is tied to (``lm_head.weight`` → embeddings)."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, dict) and name in tied and source.has_tensor(tied[name]):
+        return str(tied[name])
+    arch = source.architecture
+    if name == f"{arch.lm_head}.weight":
+        for emb in arch.embeddings:
+            if source.has_tensor(f"{emb}.weight"):
+                return f"{emb}.weight"
+    return None
+
+
+def set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def materialize(
+    model: nn.Module, module: nn.Module, prefix: str, source: ModelSource, *,
+    dtype: torch.dtype, device: torch.device, skip_prefix: str | None = None,
+) -> None:
+    """Load every parameter of ``module`` (named ``prefix.*`` in the checkpoint) onto ``device``.
+
+    :param skip_prefix: leave parameters whose relative name starts with it on ``meta``.
+    """
+    rel_names = [n for n, _ in module.named_parameters(remove_duplicate=False)
+                 if not (skip_prefix and n.startswith(skip_prefix))]
+    full = {rel: f"{prefix}.{rel}" if prefix else rel for rel in rel_names}
+    wanted: dict[str, str] = {}
+    for rel, name in full.items():
+        if source.has_tensor(name):
+            wanted[rel] = name
+        else:
+            alias = tied_source(model, source, name)
+            if alias is None:
+                raise ModelLoadError(f"tensor {name} is missing from the checkpoint in {source.path}")
+            wanted[rel] = alias
+    tensors = source.read(sorted(set(wanted.values())))
+    for rel, name in wanted.items():
+        set_parameter(module, rel, tensors[name].to(device=device, dtype=dtype))
+
+
+def release(module: nn.Module) -> None:
+    """Send a module's parameters back to ``meta`` (frees their memory)."""
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        set_parameter(module, name, torch.empty_like(p, device="meta"))
+
+
+def materialize_outside_blocks(model: nn.Module, source: ModelSource, *, dtype: torch.dtype,
+                               device: torch.device) -> None:
+    """Load everything but the decoder blocks (embeddings, final norm, output head)."""
+    materialize(model, model, "", source, dtype=dtype, device=device,
+                skip_prefix=source.architecture.layers + ".")
+
+
+def load_full_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The whole float model on ``device`` (for evaluating the original)."""
+    model = source.skeleton(dtype)
+    materialize(model, model, "", source, dtype=dtype, device=device)
+    return model.to(device)

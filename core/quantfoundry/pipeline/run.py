@@ -1,0 +1,264 @@
+"""``quantfoundry.run``: one run of the pipeline, the Python API under ``qf run``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import default_model_path
+from ..errors import IncompatiblePlanError, UsageError
+from ..formats import resolve_format
+from ..options import parse_options
+from ..plugins import get_plugin_manager
+from ..roles.calibrator import CalibrationSet, Calibrator
+from ..roles.evaluator import EvalTarget, Evaluator
+from ..roles.exporter import Exporter
+from ..roles.plan import QuantPlan
+from ..roles.quantizer import QuantContext, Quantizer
+from .blockwise import run_blocks
+from .capture import capture_inputs
+from .kernels import select_kernel
+from .manifest import build_manifest, write_json_atomic
+from .materialize import load_full_model, materialize_outside_blocks
+from .progress import Progress
+from .source import ModelSource, resolve_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Spec = tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns: the artifact, the plan, the metrics and the notes."""
+
+    artifact: Path | None
+    plan: QuantPlan
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    notes: list[str]
+    manifest: dict[str, Any]
+    seconds: float
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+
+def make(role: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """Instantiate the registered component ``name`` of ``role`` with parsed options."""
+    cls = get_plugin_manager().registry(role).get(name)
+    return cls(parse_options(cls.Options, options or {}, owner=f"{role} {cls.name!r}"))
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def run(
+    model: str | Path | None = None, *,
+    quantizer: str | list[Spec] = "rtn",
+    quantizer_options: Mapping[str, Any] | None = None,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    exporter: str = "qf",
+    exporter_options: Mapping[str, Any] | None = None,
+    calibrator: str | None = None,
+    calibrator_options: Mapping[str, Any] | None = None,
+    evaluators: list[Spec] | list[str] | None = None,
+    kernel: str | None = None,
+    kernel_options: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    overwrite: bool = False,
+    keep_model: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Quantize ``model`` (a folder or hub id; default: the embedded pycode-7m) and export it.
+
+    Every component and option is checked before the model is touched; the artifact is
+    written to a temporary folder, verified, then renamed to ``out``. Returns a
+    :class:`RunResult` whose ``metrics`` map ``evaluator → metric → {original, quantized}``.
+    """
+    t_start = time.perf_counter()
+    pm = get_plugin_manager()
+    dev = _device(device)
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    compute_dtype = _DTYPES[dtype]
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+
+    # -- components and options, all checked before any work ---------------------------
+    stage_specs: list[Spec] = [(quantizer, quantizer_options or {})] if isinstance(quantizer, str) else list(quantizer)
+    if not stage_specs:
+        raise UsageError("at least one quantizer is needed (e.g. --quantizer rtn)")
+    stages: list[Quantizer] = [make("quantizer", n, o) for n, o in stage_specs]
+    for s in stages[:-1]:
+        if s.rounds:
+            raise UsageError(f"quantizer {s.name!r} rounds weights, so it must be the last stage")
+    if not stages[-1].rounds:
+        raise UsageError(f"the last stage {stages[-1].name!r} only transforms; add a rounding quantizer after it")
+    exp: Exporter = make("exporter", exporter, exporter_options)
+    spec = format or exp.default_format
+    requested = resolve_format(spec, format_options) if spec else None
+    needs_calib = any(s.needs_calibration for s in stages)
+    cal: Calibrator | None = None
+    if needs_calib or calibrator:
+        cal = make("calibrator", calibrator or "text", calibrator_options)
+    evals: list[Evaluator] = []
+    for ev in evaluators or []:
+        name, opts = (ev, {}) if isinstance(ev, str) else ev
+        evals.append(make("evaluator", name, opts))
+    if any(s.scope == "model" for s in stages) and len(stages) > 1:
+        raise UsageError("a whole-model quantizer cannot be chained with other stages")
+
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.exists() and not overwrite:
+        raise UsageError(f"{out_path} already exists; pass --overwrite or choose another --out")
+
+    # -- load, guard, plan -------------------------------------------------------------
+    source = resolve_model(model if model is not None else default_model_path(),
+                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
+    plan = exp.plan(source, requested)
+    _check_plan(plan, stages, exp, dev, kernel, kernel_options)
+    ctx = QuantContext(device=dev, source=source)
+    for entry in plan.fallbacks().values():
+        ctx.note(f"fallback: {entry.name} {entry.shape}: {entry.reason}")
+    floats = plan.kept_float()
+    if floats:
+        ctx.note(f"kept in float: {len(floats)} tensor(s), e.g. {next(iter(floats))} ({next(iter(floats.values())).reason})")
+
+    tokenizer = source.tokenizer() if (cal is not None or evals) else None
+    calibration: CalibrationSet | None = cal.load(tokenizer) if cal is not None else None
+    if calibration is not None:
+        for line in calibration.info.get("warnings", []):
+            ctx.note(line)
+
+    # -- quantize, block by block, streaming into the exporter ------------------------------
+    keep = keep_model or bool(evals)
+    model_obj = source.skeleton(compute_dtype)
+    tmp = None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    try:
+        if tmp is not None:
+            exp.begin(tmp, source, plan)
+        materialize_outside_blocks(model_obj, source, dtype=compute_dtype, device=dev)
+        inputs = layer_kwargs = None
+        if calibration is not None and needs_calib:
+            ids = calibration.input_ids.to(dev)
+            batches = list(ids.split(batch_size))
+            arch = source.architecture
+            inputs, layer_kwargs = capture_inputs(model_obj, model_obj.get_submodule(arch.layers),
+                                                  model_obj.get_submodule(arch.final_norm), batches)
+        with Progress(enabled=progress, total=source.num_layers, label="quantizing") as bar:
+            if stages[-1].scope == "model":
+                raise UsageError(f"quantizer {stages[-1].name!r} needs the whole-model pipeline, "
+                                 "which lands with the first whole-model quantizer")
+            blocks = run_blocks(model_obj, source, plan, stages, ctx, inputs=inputs, layer_kwargs=layer_kwargs,
+                                exporter=exp if tmp is not None else None, keep=keep, dtype=compute_dtype,
+                                kernel_name=kernel, kernel_options=dict(kernel_options or {}),
+                                on_block=lambda i, n, s: bar.advance())
+        del inputs, layer_kwargs
+        if tmp is not None:
+            _export_outside_blocks(exp, source)
+        manifest = build_manifest(source=source, stages=stages, requested=requested, exporter=exp, plan=plan,
+                                  calibration=calibration, notes=ctx.notes, evaluation={})
+        if tmp is not None:
+            manifest.update(exp.finish(manifest) or {})
+            write_json_atomic(tmp / "quantfoundry.json", manifest)
+            exp.verify(tmp)
+            if out_path.exists():
+                shutil.rmtree(out_path)
+            tmp.rename(out_path)
+            tmp = None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- evaluate --------------------------------------------------------------------------
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    if evals:
+        metrics = _evaluate(evals, model_obj, source, tokenizer, dev, compute_dtype, list(plan.quantized()))
+        manifest["evaluation"] = metrics
+        if out_path is not None:
+            write_json_atomic(out_path / "quantfoundry.json", manifest)
+    seconds = time.perf_counter() - t_start
+    return RunResult(out_path, plan, metrics, ctx.notes, manifest, seconds,
+                     model=model_obj if keep_model else None)
+
+
+def _check_plan(plan: QuantPlan, stages: list[Quantizer], exp: Exporter, dev: torch.device,
+                kernel: str | None, kernel_options: Mapping[str, Any] | None) -> None:
+    for fmt in plan.formats():
+        for s in stages:
+            reason = s.check_format(fmt)
+            if reason:
+                raise IncompatiblePlanError(f"quantizer {s.name!r} cannot round onto {fmt.spec}: {reason}")
+        reason = exp.check_format(fmt)
+        if reason:
+            raise IncompatiblePlanError(
+                f"exporter {exp.name!r} cannot store {fmt.spec}: {reason}; it stores {exp.storable()}")
+        select_kernel(fmt, dev, kernel, dict(kernel_options or {}))
+    if not plan.quantized():
+        raise IncompatiblePlanError("the plan quantizes no tensor: every linear was kept in float "
+                                    "(see the reasons with `qf run ... --dry-run`)")
+
+
+def _export_outside_blocks(exp: Exporter, source: ModelSource) -> None:
+    prefix = source.architecture.layers + "."
+    for name in sorted(source.tensor_info):
+        if not name.startswith(prefix):
+            exp.write(name, source.read([name])[name])
+
+
+def _evaluate(evals: list[Evaluator], quantized: torch.nn.Module, source: ModelSource, tokenizer: Any,
+              dev: torch.device, dtype: torch.dtype, linears: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    info = {"quantized_linears": linears}
+    target = EvalTarget(quantized, tokenizer, source, "quantized", dev, float_dtype=source.storage_dtype, info=info)
+    for ev in evals:
+        for k, v in ev.evaluate(target).items():
+            metrics.setdefault(ev.name, {}).setdefault(k, {})["quantized"] = v
+    original = load_full_model(source, dtype=dtype, device=dev)
+    target = EvalTarget(original, tokenizer, source, "original", dev, float_dtype=source.storage_dtype, info=info)
+    for ev in evals:
+        for k, v in ev.evaluate(target).items():
+            metrics.setdefault(ev.name, {}).setdefault(k, {})["original"] = v
+    del original
+    return metrics
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None,
+         dtype: str = "float32") -> torch.nn.Module:
+    """Reload an artifact written by ``qf run`` (through the exporter its manifest names)."""
+    from .manifest import read_manifest
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    exp: Exporter = make("exporter", manifest["exporter"]["name"], {})
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    try:
+        return exp.load(folder, _device(device), kernel, _DTYPES[dtype])
+    except NotImplementedError as exc:
+        raise UsageError(f"{exc}; evaluate it with the engine that serves it") from None

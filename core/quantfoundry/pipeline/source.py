@@ -1,0 +1,294 @@
+"""The source model: where its files are, its architecture map, lazy per-block weight reads.
+
+Weights are read from the safetensors shards one tensor at a time, so the pipeline never
+needs the whole model in memory; the model itself is built as a skeleton whose parameters
+live on the ``meta`` device until a block is materialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    AlreadyQuantizedError,
+    ModelLoadError,
+    NonFiniteWeightsError,
+    UnsupportedArchitectureError,
+)
+from ..roles.architecture import Architecture
+
+_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def find_architecture(hf_class: str) -> Architecture:
+    """The registered architecture map that covers ``hf_class`` (``LlamaForCausalLM``)."""
+    from ..plugins import get_plugin_manager
+
+    registry = get_plugin_manager().registry("architecture")
+    claims: dict[str, Architecture] = {}
+    for entry in registry.entries.values():
+        arch: Architecture = entry.component
+        for cls in arch.hf_architectures:
+            if cls in claims and claims[cls] is not arch:
+                raise UnsupportedArchitectureError(
+                    f"{cls} is claimed by architectures {claims[cls].name!r} and {arch.name!r}; "
+                    "block one of their plugins")
+            claims[cls] = arch
+    if hf_class not in claims:
+        raise UnsupportedArchitectureError(
+            f"architecture {hf_class} is not supported; supported: {', '.join(sorted(claims))}; "
+            "register a map with the qf_register_architectures hook (docs/writing-a-plugin.md)")
+    return claims[hf_class]
+
+
+@dataclass
+class ModelSource:
+    """A resolved source model: folder, config, architecture map and weight files."""
+
+    path: Path
+    config: Any
+    architecture: Architecture
+    weight_map: dict[str, Path]
+    pickle: bool = False
+    trust_remote_code: bool = False
+    _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def hf_class(self) -> str:
+        return (getattr(self.config, "architectures", None) or ["?"])[0]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get_text_config().num_hidden_layers)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config.get_text_config(), "max_position_embeddings", 2048) or 2048)
+
+    @cached_property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint's float weights are stored in (most common one)."""
+        counts: dict[torch.dtype, int] = {}
+        for name, (dtype, shape) in self.tensor_info.items():
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
+        return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+    @cached_property
+    def tensor_info(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name → (dtype, shape) of every stored tensor, read from file headers only."""
+        if self.pickle:
+            return {k: (v.dtype, tuple(v.shape)) for k, v in self._load_pickles().items()}
+        from safetensors import safe_open
+
+        info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    info[key] = (_dtype_of(sl.get_dtype()), tuple(sl.get_shape()))
+        return info
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 over the weight files' bytes, in name order (the manifest's model hash)."""
+        h = hashlib.sha256()
+        for file in sorted(set(self.weight_map.values())):
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.architecture.layers}.{index}"
+
+    def block_index(self, name: str) -> int | None:
+        m = re.match(re.escape(self.architecture.layers) + r"\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+
+    @cached_property
+    def _skeleton_linears(self) -> dict[str, tuple[int, int]]:
+        model = self.skeleton()
+        return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Module name → ``(out_features, in_features)`` of every ``nn.Linear`` in the model."""
+        return dict(self._skeleton_linears)
+
+    def is_block_linear(self, name: str) -> bool:
+        """True for a linear of a decoder block that the architecture map lists."""
+        idx = self.block_index(name)
+        if idx is None:
+            return False
+        rel = name[len(self.layer_prefix(idx)) + 1:]
+        return any(self.architecture.match(p, [rel]) for p in self.architecture.linears)
+
+    # -- loading ---------------------------------------------------------------------------
+    def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model with every parameter on the ``meta`` device (buffers are real)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                self.config, trust_remote_code=self.trust_remote_code, dtype=dtype)
+        return model.eval()
+
+    def _load_pickles(self) -> dict[str, torch.Tensor]:
+        if self._pickled is None:
+            state: dict[str, torch.Tensor] = {}
+            for file in sorted(set(self.weight_map.values())):
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            self._pickled = state
+        return self._pickled
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors by name from the checkpoint (a copy each; files are not kept open)."""
+        if self.pickle:
+            state = self._load_pickles()
+            return {n: state[n].clone() for n in names}
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.weight_map:
+                raise ModelLoadError(f"tensor {n} is missing from the checkpoint in {self.path}")
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k).clone()
+        return out
+
+    def check_finite(self) -> None:
+        """Refuse weights with NaN/Inf (streamed, one tensor at a time)."""
+        for name, (dtype, _shape) in self.tensor_info.items():
+            if not dtype.is_floating_point:
+                continue
+            t = self.read([name])[name]
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteWeightsError(
+                    f"weight {name} of {self.path} holds {bad} NaN/Inf value(s); the checkpoint is broken: "
+                    "re-export it from a good training state")
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {self.path}: {exc}".splitlines()[0]) from None
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    table = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    return table.get(name, torch.float32)
+
+
+def _local_folder(model: str | Path, revision: str | None) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{model} is a file; pass the model's folder (with config.json)")
+    text = str(model)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"model folder {model} does not exist; pass a local folder or a hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            text, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin", "*.tiktoken"]))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot fetch {model} from the Hugging Face Hub ({first}); "
+            "check the id and your network, or pass a local folder") from None
+
+
+def resolve_model(
+    model: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+    revision: str | None = None, check_weights: bool = True,
+) -> ModelSource:
+    """Resolve a folder or hub id to a :class:`ModelSource`, applying every guard.
+
+    Refuses: a missing folder or config; an already quantized checkpoint; an architecture
+    with no registered map; pickled ``.bin`` weights unless ``allow_pickle``; NaN/Inf weights.
+    """
+    folder = _local_folder(model, revision)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json; pass a Hugging Face model folder")
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "unknown")
+        raise AlreadyQuantizedError(
+            f"{folder} is already quantized ({method}); quantize the original fp16/bf16 checkpoint instead")
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ModelLoadError(f"{folder}/config.json lists no 'architectures'; add e.g. [\"LlamaForCausalLM\"]")
+    architecture = find_architecture(archs[0])
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "; pass --trust-remote-code if you trust its code" if "trust_remote_code" in msg else ""
+        raise ModelLoadError(f"cannot read {folder}/config.json: {msg}{hint}") from None
+    weight_map, is_pickle = _weight_files(folder, allow_pickle)
+    source = ModelSource(folder, config, architecture, weight_map, pickle=is_pickle,
+                         trust_remote_code=trust_remote_code)
+    if check_weights:
+        source.check_finite()
+    return source
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in wm.items()}, False
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        from safetensors import safe_open
+
+        out: dict[str, Path] = {}
+        for s in shards:
+            with safe_open(str(s), framework="pt") as f:
+                for k in f.keys():
+                    out[k] = s
+        return out, False
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{folder} holds only pickled .bin weights, which can run arbitrary code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the file")
+        bin_index = folder / "pytorch_model.bin.index.json"
+        if bin_index.is_file():
+            wm = json.loads(bin_index.read_text())["weight_map"]
+            return {k: folder / v for k, v in wm.items()}, True
+        out = {}
+        for p in pickles:
+            for k in torch.load(p, map_location="meta", weights_only=True):
+                out[k] = p
+        return out, True
+    raise ModelLoadError(f"{folder} has no *.safetensors weights; pass a folder with model.safetensors")

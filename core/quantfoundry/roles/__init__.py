@@ -1,0 +1,1 @@
+"""The abstract base types of every component role."""

@@ -1,0 +1,89 @@
+"""Architecture: the map of a model family's decoder blocks and linears.
+
+One map serves every method: the pipeline walks ``layers``; GPTQ reads ``order`` (true
+sequential); AWQ and SmoothQuant read each :class:`InputGroup`'s ``prev`` to fold scales into
+the norm or linear that produces the group's input; QuIP#-style rotations read the same.
+Names are relative to a decoder block (``self_attn.q_proj``) or to the model (``lm_head``);
+a name may be an ``fnmatch`` pattern (``mlp.experts.*.gate_proj``) for MoE blocks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the same input tensor, and what produces that input.
+
+    :param linears: block-relative names (or patterns) of the linears sharing the input.
+    :param prev: block-relative name of the module whose output is that input: the norm just
+        before them, or the linear whose output feeds them (``v_proj`` → ``o_proj``,
+        ``up_proj`` → ``down_proj``); ``None`` if nothing can absorb a per-channel scale.
+    :param prev_kind: ``"norm"`` (an elementwise-affine RMSNorm/LayerNorm), ``"linear"`` or
+        ``"none"``.
+    :param fold_note: a caveat transform quantizers must respect (e.g. GQA head sharing for
+        ``v_proj`` → ``o_proj``: the scale must be equal across query heads sharing a KV head).
+    """
+
+    linears: tuple[str, ...]
+    prev: str | None
+    prev_kind: Literal["norm", "linear", "none"] = "norm"
+    fold_note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.linears:
+            raise ValueError("an InputGroup needs at least one linear")
+        if (self.prev is None) != (self.prev_kind == "none"):
+            raise ValueError("prev and prev_kind disagree: use prev=None with prev_kind='none'")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The map of one model family, keyed by the Hugging Face class names it covers.
+
+    :param name: registry name (``llama``).
+    :param hf_architectures: ``config.json`` ``architectures[0]`` values it covers.
+    :param groups: the block's input groups in execution order; their union is every linear
+        of the block that can be quantized.
+    :param layers: dotted path of the ``ModuleList`` of decoder blocks.
+    :param embeddings: dotted paths of the token embedding(s).
+    :param final_norm: dotted path of the final norm.
+    :param lm_head: dotted path of the output projection (tied or not).
+    :param norm_weight_offset: the norm computes ``x * (offset + weight)``: 0 for Llama-style
+        RMSNorm, 1 for Gemma's (``1 + weight``) — folding a scale ``s`` into it means
+        ``weight' = (offset + weight) / s - offset``.
+    """
+
+    name: str
+    hf_architectures: tuple[str, ...]
+    groups: tuple[InputGroup, ...]
+    description: str = ""
+    layers: str = "model.layers"
+    embeddings: tuple[str, ...] = ("model.embed_tokens",)
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    norm_weight_offset: float = 0.0
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every quantizable linear (name or pattern) of a block, in execution order."""
+        return tuple(name for g in self.groups for name in g.linears)
+
+    @property
+    def order(self) -> tuple[tuple[str, ...], ...]:
+        """True-sequential order: groups of linears that may be quantized together."""
+        return tuple(g.linears for g in self.groups)
+
+    def group_of(self, linear: str) -> InputGroup:
+        for g in self.groups:
+            if any(fnmatch.fnmatchcase(linear, pat) for pat in g.linears):
+                return g
+        raise KeyError(f"{linear!r} is not a linear of architecture {self.name!r}")
+
+    def match(self, pattern: str, names: Iterable[str]) -> list[str]:
+        """The names of a real block that a map entry matches (itself, or a pattern's hits)."""
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]

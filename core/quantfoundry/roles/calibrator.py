@@ -1,0 +1,45 @@
+"""Calibrator: a source of calibration token batches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..options import Options
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows for calibration, and where they came from (for the manifest).
+
+    :param input_ids: ``[n_samples, seq_len]`` token ids.
+    :param source: a human description (file path, dataset name).
+    :param sha256: hash of the source text, so a manifest pins what was used.
+    """
+
+    input_ids: torch.Tensor
+    source: str
+    sha256: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class Calibrator(ABC):
+    """Base class of every calibration source."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def load(self, tokenizer: Any) -> CalibrationSet:
+        """Tokenize the source with the model's tokenizer and return the windows."""

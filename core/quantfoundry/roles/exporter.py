@@ -1,0 +1,100 @@
+"""Exporter: *where* quantized weights go — a deployment artifact.
+
+An exporter declares which formats it stores losslessly (:meth:`Exporter.check_format`) and
+chooses the format of every tensor before any quantization (:meth:`Exporter.plan`), so the
+quantizer rounds onto exactly the grid that is written and nothing is rounded twice.
+
+Writing is streamed, block by block: :meth:`begin` once, :meth:`write` for every tensor (a
+float ``torch.Tensor`` or a :class:`QuantizedWeight`), :meth:`finish` once. The pipeline hands
+the exporter a temporary folder and renames it into place only after :meth:`verify` passed,
+so an interrupted run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..options import Options
+from .format import Format, QuantizedWeight
+from .plan import QuantPlan, TensorPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..pipeline.source import ModelSource
+
+
+class Exporter(ABC):
+    """Base class of every artifact writer."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+    #: the format used when the user asks for none (a spec, e.g. ``int4-g128``)
+    default_format: ClassVar[str | None] = None
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- planning ------------------------------------------------------------------------
+    def check_format(self, fmt: Format) -> str | None:
+        """``None`` if this exporter can store ``fmt`` losslessly, else the reason."""
+        return None
+
+    def storable(self) -> str:
+        """Human description of what it stores (for error messages)."""
+        return "any registered format"
+
+    def plan(self, source: ModelSource, requested: Format | None) -> QuantPlan:
+        """Choose a format per tensor. Default: every decoder-block linear gets ``requested``
+        (or its documented fallback when the shape does not fit); embeddings, the output head
+        and everything else stay in float, each with its reason."""
+        if requested is None:
+            raise ValueError(f"exporter {self.name!r} needs a format (--format)")
+        return default_plan(source, requested)
+
+    # -- writing -------------------------------------------------------------------------
+    @abstractmethod
+    def begin(self, folder: Path, source: ModelSource, plan: QuantPlan) -> None:
+        """Start writing into ``folder`` (a temporary folder, empty)."""
+
+    @abstractmethod
+    def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+        """Write one tensor by its full parameter name (``...q_proj.weight``)."""
+
+    @abstractmethod
+    def finish(self, manifest: dict[str, Any]) -> None:
+        """Flush everything; ``manifest`` is what ``quantfoundry.json`` will hold."""
+
+    def verify(self, folder: Path) -> None:
+        """Check the written files (reopen, count tensors); raise ArtifactError if wrong."""
+
+    # -- reading back ----------------------------------------------------------------------
+    def load(self, folder: Path, device: torch.device, kernel: str | None = None,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Rebuild the quantized model from an artifact this exporter wrote (optional)."""
+        raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
+
+
+def default_plan(source: ModelSource, requested: Format) -> QuantPlan:
+    """The core's plan rule: quantize decoder-block linears, keep the rest in float."""
+    plan = QuantPlan()
+    for name, shape in source.linear_shapes().items():
+        if not source.is_block_linear(name):
+            plan.add(TensorPlan(name, shape, None, reason="outside the decoder blocks (kept in float)"))
+            continue
+        reason = requested.check_shape(shape)
+        if reason is None:
+            plan.add(TensorPlan(name, shape, requested))
+            continue
+        fallback = requested.fallback(shape)
+        if fallback is not None and fallback.check_shape(shape) is None:
+            plan.add(TensorPlan(name, shape, fallback, reason=f"{reason}: fallback {fallback.spec}",
+                                requested=requested))
+        else:
+            plan.add(TensorPlan(name, shape, None, reason=f"{reason}; no fallback format: kept in float"))
+    return plan

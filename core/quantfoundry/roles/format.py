@@ -1,0 +1,248 @@
+"""Format: *what* a weight becomes — a grid, its fitted parameters, its packed codes.
+
+A format works on 2-D weights ``[rows, cols]`` (``[out_features, in_features]``) whose columns
+are cut into *groups* of :meth:`Format.group_size` columns that share grid parameters. The
+numerics are tile-level so that column-by-column algorithms (GPTQ/LDLQ) can drive them:
+
+* :meth:`fit` fits grid parameters to a tile of whole groups → ``{name: [rows, n_groups, ...]}``
+* :meth:`round` rounds any column slice onto fitted parameters → integer codes
+* :meth:`decode` turns codes back into values (``round`` then ``decode`` = quantize-dequantize)
+* :meth:`pack` / :meth:`unpack` turn codes into bytes and back
+
+``col0`` arguments say where a column slice starts, relative to the first group of ``params``,
+so a format whose grid depends on the position inside a group (K-quant sub-blocks) knows it.
+Vector formats set :attr:`block_width` > 1: columns are rounded ``block_width`` at a time.
+
+Parameters returned by :meth:`fit` must already be rounded to their storage dtype, so that an
+exporter writes exactly what the quantizer used and a reload is bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..options import Options, options_to_dict
+
+Params = dict[str, torch.Tensor]
+
+
+class Format(ABC):
+    """Base class of every weight format. Subclasses set ``name``, ``description``, ``Options``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+    #: columns rounded jointly (1 for scalar grids, 8 for E8P-style vector codebooks)
+    block_width: ClassVar[int] = 1
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """The canonical short spelling of this format with its options (e.g. ``int4-g128``)."""
+        return self.name
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Options | None:
+        """Parse a short spec (``int4-g128``) into options, or ``None`` if it is not this format's."""
+        return cls.Options() if spec.strip().lower().replace("_", "-") == cls.name else None
+
+    @classmethod
+    def spec_help(cls) -> str:
+        """One line documenting the spec syntax (shown by ``qf formats``)."""
+        return cls.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec, "options": options_to_dict(self.options)}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Format) and type(other) is type(self) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.options))
+
+    def __repr__(self) -> str:
+        return f"<format {self.spec}>"
+
+    # -- geometry ------------------------------------------------------------------------
+    @abstractmethod
+    def group_size(self, in_features: int) -> int:
+        """Columns that share one set of grid parameters, for a tensor of this width."""
+
+    def check_shape(self, shape: tuple[int, int]) -> str | None:
+        """``None`` if a ``[out, in]`` weight fits this format, else the reason it does not."""
+        out_f, in_f = shape
+        g = self.group_size(in_f)
+        if in_f % g:
+            return f"{in_f} columns are not a multiple of the group size {g}"
+        if g % self.block_width:
+            return f"group size {g} is not a multiple of the block width {self.block_width}"
+        return None
+
+    def fallback(self, shape: tuple[int, int]) -> Format | None:
+        """A format to use instead when :meth:`check_shape` fails (documented per format)."""
+        return None
+
+    # -- numerics ------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """Fit grid parameters to ``w`` ``[rows, k * group]`` → tensors shaped ``[rows, k, ...]``.
+
+        :param importance: optional per-column weights ``[cols]`` (an importance matrix
+            diagonal: mean squared activation per input channel) for weighted fitting.
+        """
+
+    @abstractmethod
+    def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        """Round columns ``[col0, col0 + w.shape[1])`` of the tile described by ``params`` to codes."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        """Values (float32) of ``codes`` for columns starting at ``col0`` of the tile of ``params``."""
+
+    def quantize_dequantize(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        return self.decode(self.round(w, params, col0), params, col0)
+
+    # -- storage -------------------------------------------------------------------------
+    @abstractmethod
+    def code_bits(self) -> int:
+        """Bits per stored code (per weight for scalar grids, per block for vector grids)."""
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[rows, n_codes]`` → a flat ``uint8`` tensor (dense bitstream, row-major)."""
+        return pack_bits(codes, self.code_bits())
+
+    def unpack(self, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`pack` for a weight of ``shape`` (``[out, in]``)."""
+        rows, cols = shape
+        n_codes = cols // self.block_width
+        return unpack_bits(packed, self.code_bits(), rows * n_codes).view(rows, n_codes)
+
+    def param_nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes of grid parameters stored for a weight of ``shape``."""
+        params = self.fit(torch.zeros(1, shape[1]))
+        return shape[0] * sum(p.numel() * p.element_size() for p in params.values())
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes stored for a weight of ``shape``: packed codes plus grid parameters."""
+        n_codes = shape[0] * (shape[1] // self.block_width)
+        return math.ceil(n_codes * self.code_bits() / 8) + self.param_nbytes(shape)
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        """Stored bits per weight, derived from :meth:`nbytes`."""
+        return 8 * self.nbytes(shape) / (shape[0] * shape[1])
+
+    # -- whole tensors -------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """Round-to-nearest a whole ``[out, in]`` weight (fit every group, round, pack)."""
+        reason = self.check_shape(tuple(w.shape))
+        if reason:
+            raise ValueError(f"format {self.spec} cannot store a {tuple(w.shape)} weight: {reason}")
+        w32 = w.detach().to(torch.float32)
+        params = self.fit(w32, importance)
+        codes = self.round(w32, params)
+        return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        """Values ``[out, in]`` (float32, in the order the codes are stored)."""
+        codes = self.unpack(qw.packed, qw.shape)
+        return self.decode(codes, qw.params)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized tensor: format, packed codes, grid parameters, original shape and dtype.
+
+    ``perm``, when set, is the input-column order the codes are stored in (act-order): stored
+    column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it.
+    """
+
+    format: Format
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    packed: torch.Tensor
+    params: Params
+    perm: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def codes(self) -> torch.Tensor:
+        return self.format.unpack(self.packed, self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.format.dequantize(self)
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm)]
+        return w.to(dtype)
+
+    def nbytes(self) -> int:
+        """Stored bytes: packed codes, grid parameters and the permutation if any."""
+        n = self.packed.numel() * self.packed.element_size()
+        n += sum(p.numel() * p.element_size() for p in self.params.values())
+        if self.perm is not None:
+            n += self.perm.numel() * 4  # stored as int32 (g_idx-style)
+        return n
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.format, self.shape, self.dtype, self.packed.to(device),
+            {k: v.to(device) for k, v in self.params.items()},
+            None if self.perm is None else self.perm.to(device), dict(self.meta),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+
+# -- bit packing ---------------------------------------------------------------------------
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (< 2**bits) into a little-endian bitstream of bytes.
+
+    Value ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream; byte ``j`` holds stream
+    bits ``[8j, 8j+8)`` (least significant first). Vectorized: 8 codes make ``bits`` bytes.
+    """
+    if not (1 <= bits <= 8 or bits == 16):
+        raise ValueError(f"bits must be in 1..8 or 16, got {bits}")
+    flat = codes.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    if bits == 16:
+        return flat.to(torch.int16).view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+    n = flat.numel()
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
+    word = (groups << shifts).sum(dim=1)  # disjoint bit ranges: sum == bitwise or; 8*bits <= 64
+    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
+    out = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: math.ceil(n * bits / 8)]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes, as ``int64``."""
+    if bits == 8:
+        return packed[:n].to(torch.int64)
+    if bits == 16:
+        return packed[: 2 * n].view(torch.int16).to(torch.int64) & 0xFFFF
+    n_groups = math.ceil(n / 8)
+    need = n_groups * bits
+    data = packed.to(torch.int64)
+    if data.numel() < need:
+        data = torch.cat([data, data.new_zeros(need - data.numel())])
+    data = data[:need].view(n_groups, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (data << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    values = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return values.reshape(-1)[:n]
