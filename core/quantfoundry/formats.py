@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import UnknownComponentError
+from .errors import OptionsError, UnknownComponentError
 from .options import Options, parse_options
 from .plugins import get_plugin_manager
 from .registry import normalize_name
@@ -27,7 +27,10 @@ def resolve_format(spec: str, options: Mapping[str, Any] | None = None) -> Forma
         return cls(parse_options(cls.Options, options, owner=f"format {cls.name!r}"))
     for entry in registry.entries.values():
         cls = entry.component
-        parsed: Options | None = cls.from_spec(spec)
+        try:
+            parsed: Options | None = cls.from_spec(spec)
+        except ValueError as exc:
+            raise OptionsError(f"format {spec!r}: {exc}; syntax: {cls.spec_help()}") from None
         if parsed is None:
             continue
         if options:

@@ -57,6 +57,7 @@ class IntFormat(Format):
     name = "int"
     description = "uniform integer grid, 2-8 bits, per group or per channel, sym/asym (GPTQ/AWQ style)"
     Options = IntOptions
+    examples = ("int8", "int4-g128", "int4-g32", "int3-g128", "int2-g64")
 
     options: IntOptions
 

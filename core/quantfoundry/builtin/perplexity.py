@@ -84,7 +84,7 @@ class PerplexityEvaluator(Evaluator):
         o = self.options
         path = o.path or default_eval_text()
         text = read_text(path)
-        ids = target.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][: o.max_tokens]
+        ids = target.tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0][: o.max_tokens]
         window = o.window or min(target.source.context_length, 2048)
         wins = windows_of(ids, window)
         if not wins:

@@ -73,7 +73,7 @@ class TextCalibrator(Calibrator):
         o = self.options
         path = o.path or default_calibration_text()
         text = read_text(path)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0] if text.strip() else None
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0] if text.strip() else None
         if ids is None or ids.numel() == 0:
             raise UsageError(f"calibration text {path} is empty; pass a file with text (--calibrator-opt path=...)")
         seq = o.seq_len - (1 if o.add_bos else 0)

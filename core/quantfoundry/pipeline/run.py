@@ -137,11 +137,8 @@ def run(
     plan = exp.plan(source, requested)
     _check_plan(plan, stages, exp, dev, kernel, kernel_options)
     ctx = QuantContext(device=dev, source=source)
-    for entry in plan.fallbacks().values():
-        ctx.note(f"fallback: {entry.name} {entry.shape}: {entry.reason}")
-    floats = plan.kept_float()
-    if floats:
-        ctx.note(f"kept in float: {len(floats)} tensor(s), e.g. {next(iter(floats))} ({next(iter(floats.values())).reason})")
+    for line in summarize_plan(plan):
+        ctx.note(line)
 
     tokenizer = source.tokenizer() if (cal is not None or evals) else None
     calibration: CalibrationSet | None = cal.load(tokenizer) if cal is not None else None
@@ -205,6 +202,20 @@ def run(
     seconds = time.perf_counter() - t_start
     return RunResult(out_path, plan, metrics, ctx.notes, manifest, seconds,
                      model=model_obj if keep_model else None)
+
+
+def summarize_plan(plan: QuantPlan, show: int = 3) -> list[str]:
+    """One line per distinct fallback or keep-in-float reason, naming a few tensors."""
+    groups: dict[str, list[str]] = {}
+    for e in plan.fallbacks().values():
+        groups.setdefault(f"fallback {e.requested.spec} -> {e.format.spec} ({e.reason.split(':')[0]})", []).append(e.name)
+    for e in plan.kept_float().values():
+        groups.setdefault(f"kept in float ({e.reason})", []).append(e.name)
+    lines = []
+    for what, names in groups.items():
+        more = f", ... (+{len(names) - show})" if len(names) > show else ""
+        lines.append(f"{what}: {len(names)} tensor(s): {', '.join(names[:show])}{more}")
+    return lines
 
 
 def _check_plan(plan: QuantPlan, stages: list[Quantizer], exp: Exporter, dev: torch.device,

@@ -1,0 +1,327 @@
+"""The ``qf`` command line: a thin layer over :func:`quantfoundry.run` and the registries."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import QFError, UsageError
+from .options import parse_key_values
+from .plugins import get_plugin_manager, reset_plugin_manager
+
+DEFAULT_EVALUATORS = ("perplexity", "size")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def _split_role_options(pairs: tuple[str, ...], names: list[str], flag: str) -> dict[str, dict[str, str]]:
+    """``NAME.key=value`` (or ``key=value`` when only one component is chosen) per component."""
+    out: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in parse_key_values(pairs, flag=flag).items():
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in out:
+            out[prefix][rest] = value
+        elif len(names) == 1:
+            out[names[0]][key] = value
+        else:
+            raise UsageError(f"{flag} {key}={value}: with several components, prefix the key with one of "
+                             f"{', '.join(names)} (e.g. {names[0]}.{key}={value})")
+    return out
+
+
+class QFClickError(click.ClickException):
+    """A QFError shown as one line (``Error: ...``) with exit code 2."""
+
+    exit_code = 2
+
+
+class QFGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QFError as exc:
+            raise QFClickError(str(exc)) from None
+
+
+@click.group(cls=QFGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "plugin_flags", multiple=True, metavar="no:NAME",
+              help="Block a plugin by name (repeatable), e.g. -p no:qf-gptq.")
+@click.version_option(package_name="quantfoundry", prog_name="qf")
+def cli(plugin_flags: tuple[str, ...]) -> None:
+    """QuantFoundry: quantize a causal LM with any method, export it for any engine."""
+    blocked = []
+    for flag in plugin_flags:
+        if not flag.startswith("no:") or len(flag) <= 3:
+            raise UsageError(f"-p expects no:NAME to block a plugin, got {flag!r}")
+        blocked.append(flag[3:])
+    if blocked:
+        reset_plugin_manager()
+    get_plugin_manager(blocked)
+
+
+@cli.command()
+@click.option("--model", default=None, help="Model folder or hub id (default: the embedded pycode-7m).")
+@click.option("--quantizer", "quantizers", multiple=True,
+              help="Quantizer name; repeat to chain transform stages before the rounding one (default: rtn).")
+@click.option("--quantizer-opt", multiple=True, metavar="KEY=VALUE", help="Quantizer option (repeatable).")
+@click.option("--format", "format_", default=None, help="Weight format, e.g. int4-g128, int8, int3-g64-sym.")
+@click.option("--format-opt", multiple=True, metavar="KEY=VALUE", help="Format option (repeatable).")
+@click.option("--exporter", default=None, help="Artifact writer (default: qf).")
+@click.option("--exporter-opt", multiple=True, metavar="KEY=VALUE", help="Exporter option (repeatable).")
+@click.option("--calibrator", default=None, help="Calibration source (default: text, when needed).")
+@click.option("--calibrator-opt", multiple=True, metavar="KEY=VALUE", help="Calibrator option (repeatable).")
+@click.option("--evaluator", "evaluators", multiple=True,
+              help="Evaluator (repeatable; default: perplexity and size).")
+@click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
+@click.option("--no-eval", is_flag=True, help="Skip evaluation.")
+@click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
+@click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: qf-out/<model>-<quantizer>-<format>).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cpu).")
+@click.option("--dtype", default=None, help="Compute dtype of the block work: float32 (default), bfloat16, float16.")
+@click.option("--batch-size", type=int, default=None, help="Calibration batch size (default: 8).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None, help="TOML recipe; flags override it.")
+@click.option("--allow-pickle", is_flag=True, default=None, help="Allow loading pickled .bin weights.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out folder.")
+@click.option("--dry-run", is_flag=True, help="Show the plan and stop before any quantization.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(**kw: Any) -> None:
+    """Quantize a model, export it, and report what it cost."""
+    from .pipeline.run import run as run_pipeline
+
+    args: dict[str, Any] = {}
+    if kw["recipe"] is not None:
+        from .recipe import load_recipe
+
+        args.update(load_recipe(kw["recipe"]))
+    for flag, key in (("model", "model"), ("format_", "format"), ("exporter", "exporter"),
+                      ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
+                      ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
+                      ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
+                      ("overwrite", "overwrite")):
+        if kw[flag] is not None:
+            args[key] = kw[flag]
+    for role in ("format", "exporter", "calibrator", "kernel"):
+        opts = parse_key_values(kw[f"{role}_opt"], flag=f"--{role}-opt")
+        if opts:
+            args[f"{role}_options"] = {**args.get(f"{role}_options", {}), **opts}
+    stages = [(q, {}) for q in kw["quantizers"]] or args.get("quantizer") or [("rtn", {})]
+    stage_opts = _split_role_options(kw["quantizer_opt"], [n for n, _ in stages], "--quantizer-opt")
+    args["quantizer"] = [(n, {**o, **stage_opts[n]}) for n, o in stages]
+    if kw["no_eval"]:
+        evals: list[tuple[str, dict[str, Any]]] = []
+    else:
+        evals = [(e, {}) for e in kw["evaluators"]] or args.get("evaluators") or [(e, {}) for e in DEFAULT_EVALUATORS]
+        ev_opts = _split_role_options(kw["evaluator_opt"], [n for n, _ in evals], "--evaluator-opt")
+        evals = [(n, {**o, **ev_opts[n]}) for n, o in evals]
+    args["evaluators"] = evals
+    if kw["dry_run"]:
+        _dry_run(args)
+        return
+    if "out" not in args:
+        args["out"] = _default_out(args)
+    args["progress"] = not kw["no_progress"] and sys.stderr.isatty()
+    result = run_pipeline(**args)
+    _print_summary(result)
+
+
+def _default_out(args: dict[str, Any]) -> Path:
+    from .formats import resolve_format
+    from .pipeline.run import make
+
+    model = Path(str(args.get("model") or "pycode-7m")).name or "model"
+    quant = "+".join(n for n, _ in args["quantizer"])
+    spec = args.get("format") or make("exporter", args.get("exporter", "qf"), args.get("exporter_options")).default_format
+    fmt = resolve_format(spec, args.get("format_options")).spec if spec else "default"
+    return Path("qf-out") / f"{model}-{quant}-{fmt}"
+
+
+def _dry_run(args: dict[str, Any]) -> None:
+    from .data import default_model_path
+    from .formats import resolve_format
+    from .pipeline.run import make
+    from .pipeline.source import resolve_model
+
+    exp = make("exporter", args.get("exporter", "qf"), args.get("exporter_options"))
+    for name, opts in args["quantizer"]:
+        make("quantizer", name, opts)
+    spec = args.get("format") or exp.default_format
+    requested = resolve_format(spec, args.get("format_options")) if spec else None
+    source = resolve_model(args.get("model") or default_model_path(), allow_pickle=bool(args.get("allow_pickle")),
+                           trust_remote_code=bool(args.get("trust_remote_code")), check_weights=False)
+    plan = exp.plan(source, requested)
+    _print_plan(plan)
+
+
+def _print_plan(plan: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="plan")
+    for col in ("tensor", "shape", "format", "note"):
+        table.add_column(col)
+    for entry in plan.entries.values():
+        table.add_row(entry.name, "x".join(map(str, entry.shape)), entry.format.spec if entry.format else "float",
+                      entry.reason)
+    _console().print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def _print_summary(result: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    plan = result.plan
+    counts: dict[str, int] = {}
+    for e in plan.quantized().values():
+        counts[e.format.spec] = counts.get(e.format.spec, 0) + 1
+    console.print(f"quantized {len(plan.quantized())} tensors "
+                  f"({', '.join(f'{n} x {s}' for s, n in counts.items())}); "
+                  f"{len(plan.kept_float())} kept in float; {len(plan.fallbacks())} fallback(s)")
+    for note in result.notes:
+        console.print(f"  note: {note}")
+    if result.metrics:
+        table = Table(title="evaluation")
+        for col in ("metric", "original", "quantized"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for ev, metrics in result.metrics.items():
+            for name, values in metrics.items():
+                if isinstance(values.get("quantized"), str) and values.get("quantized") == values.get("original"):
+                    continue
+                table.add_row(f"{ev}.{name}", _fmt(values.get("original")), _fmt(values.get("quantized")))
+        console.print(table)
+    if result.artifact is not None:
+        console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")
+
+
+@cli.command()
+@click.option("--options", "options_of", default=None, metavar="NAME", help="Show the options of one component.")
+def plugins(options_of: str | None) -> None:
+    """List installed plugins, their versions, what each registers, and load errors."""
+    from rich.table import Table
+
+    from .registry import ROLES
+
+    pm = get_plugin_manager()
+    console = _console()
+    entries = pm.entries()
+    if options_of:
+        hits = [e for e in entries if e.name == options_of or options_of in e.aliases]
+        if not hits:
+            raise UsageError(f"no component named {options_of!r}; `qf plugins` lists them")
+        for e in hits:
+            console.print(f"{e.role} {e.name} ({e.origin}): {e.description}")
+            opts = getattr(e.component, "Options", None)
+            if opts is None or not dataclasses.fields(opts):
+                console.print("  (no options)")
+                continue
+            hints = typing.get_type_hints(opts)
+            for f in dataclasses.fields(opts):
+                console.print(f"  {f.name}: {getattr(hints[f.name], '__name__', hints[f.name])} = {f.default!r}"
+                              f"  {f.metadata.get('help', '')}")
+        return
+    table = Table(title="plugins")
+    for col in ("plugin", "version", "registers"):
+        table.add_column(col)
+    by_plugin: dict[str, list[str]] = {}
+    for e in entries:
+        by_plugin.setdefault(e.plugin, []).append(f"{e.role} {e.name}")
+    for name in pm.plugin_names():
+        dist, version = pm.distribution_of(name)
+        table.add_row(name, f"{dist} {version}" if dist else "built-in", ", ".join(by_plugin.get(name, [])) or "-")
+    for failure in pm.load_errors:
+        table.add_row(f"[red]{failure.name}[/red]", f"{failure.distribution or '?'} {failure.version or ''}",
+                      f"[red]failed to {failure.stage}: {failure.error}[/red]")
+    console.print(table)
+    for role in ROLES:
+        names = pm.registry(role).names()
+        console.print(f"{role}s: {', '.join(names) or '-'}")
+
+
+@cli.command()
+def formats() -> None:
+    """List the weight formats with their spec syntax and bits per weight."""
+    from rich.table import Table
+
+    from .formats import resolve_format
+
+    pm = get_plugin_manager()
+    table = Table(title="formats (bits per weight on a 4096x4096 weight)")
+    for col in ("format", "spec syntax", "examples", "description"):
+        table.add_column(col)
+    for entry in pm.registry("format").entries.values():
+        cls = entry.component
+        examples = []
+        for spec in getattr(cls, "examples", ()) or ():
+            fmt = resolve_format(spec)
+            examples.append(f"{fmt.spec} {fmt.bits_per_weight((4096, 4096)):.3f}")
+        table.add_row(entry.name, cls.spec_help(), ", ".join(examples), cls.description)
+    _console().print(table)
+
+
+@cli.command(name="eval")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--original", default=None, help="Original model to compare against (default: the manifest's source).")
+@click.option("--evaluator", "evaluators", multiple=True, help="Evaluator (repeatable; default: perplexity and size).")
+@click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
+@click.option("--kernel", default=None, help="Kernel to run the quantized linears.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+def eval_(path: Path, original: str | None, evaluators: tuple[str, ...], evaluator_opt: tuple[str, ...],
+          kernel: str | None, device: str) -> None:
+    """Evaluate a written artifact against its original model."""
+    from .pipeline.evaluate import evaluate_artifact
+
+    names = list(evaluators) or list(DEFAULT_EVALUATORS)
+    opts = _split_role_options(evaluator_opt, names, "--evaluator-opt")
+    result = evaluate_artifact(path, original=original, evaluators=[(n, opts[n]) for n in names],
+                               kernel=kernel, device=device)
+    _print_summary(result)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+def load(path: Path, device: str) -> None:
+    """Reload an artifact and print its quantized tensors."""
+    from rich.table import Table
+
+    from .pipeline.run import load as load_model
+    from .roles.kernel import QuantLinear
+
+    model = load_model(path, device=device)
+    table = Table(title=f"{path}")
+    for col in ("tensor", "shape", "format", "kernel", "bytes"):
+        table.add_column(col)
+    total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            qw = mod.qweight
+            total += qw.nbytes()
+            table.add_row(name, f"{qw.shape[0]}x{qw.shape[1]}", qw.format.spec, mod.kernel.name, f"{qw.nbytes():,}")
+    console = _console()
+    console.print(table)
+    console.print(f"reloaded {sum(isinstance(m, QuantLinear) for m in model.modules())} quantized linears, "
+                  f"{total:,} bytes")
+
+
+def main() -> None:
+    """Console entry point of ``qf``."""
+    cli()
