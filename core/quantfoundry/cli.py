@@ -20,7 +20,7 @@ DEFAULT_EVALUATORS = ("perplexity", "size")
 def _console():
     from rich.console import Console
 
-    return Console(soft_wrap=True)
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _split_role_options(pairs: tuple[str, ...], names: list[str], flag: str) -> dict[str, dict[str, str]]:

@@ -38,7 +38,8 @@ QF = ".qf."
 
 @dataclass(frozen=True, kw_only=True)
 class QFExporterOptions(Options):
-    shard_mb: int = field(default=2048, metadata={"help": "start a new safetensors shard above this many MB"})
+    shard_mb: int = field(default=256, metadata={
+        "help": "start a new safetensors shard above this many MB (bounds the write buffer)"})
 
     def __post_init__(self) -> None:
         if self.shard_mb < 1:

@@ -1,0 +1,59 @@
+"""Test tooling for QuantFoundry plugin authors (opt-in: ``pytest_plugins = ["quantfoundry.testing"]``).
+
+Fixtures:
+
+* ``qf_plugin_manager`` — a fresh, loaded plugin manager for the test (the process-wide one is
+  restored afterwards);
+* ``register_plugin`` — ``register_plugin(obj, name)`` registers a plugin object for the
+  duration of the test and always unregisters it;
+* ``tiny_model`` — ``tiny_model(arch="llama", **config)`` writes a tiny config-built model
+  folder (with the embedded tokenizer) and returns its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .. import plugins as _plugins
+from .tiny import TINY_CONFIGS, build_tiny_model, tiny_config
+
+__all__ = ["TINY_CONFIGS", "build_tiny_model", "tiny_config"]
+
+
+@pytest.fixture
+def qf_plugin_manager() -> Iterator[_plugins.QFPluginManager]:
+    saved = _plugins._manager
+    _plugins.reset_plugin_manager()
+    try:
+        yield _plugins.get_plugin_manager()
+    finally:
+        _plugins._manager = saved
+
+
+@pytest.fixture
+def register_plugin(qf_plugin_manager: _plugins.QFPluginManager) -> Iterator[Callable[[Any, str], Any]]:
+    names: list[str] = []
+
+    def register(obj: Any, name: str) -> Any:
+        qf_plugin_manager.register(obj, name=name)
+        names.append(name)
+        return obj
+
+    try:
+        yield register
+    finally:
+        for name in names:
+            if qf_plugin_manager.get_plugin(name) is not None:
+                qf_plugin_manager.unregister(name=name)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Callable[..., Path]:
+    def make(arch: str = "llama", **overrides: Any) -> Path:
+        return build_tiny_model(tmp_path / f"tiny-{arch}", arch, **overrides)
+
+    return make

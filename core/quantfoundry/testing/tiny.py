@@ -1,0 +1,69 @@
+"""Tiny config-built models of every built-in architecture, written as real HF folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import default_model_path
+
+#: the ``model_type`` and class of every built-in architecture, with tiny shapes
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+    "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+    "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+    "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]},
+    "gemma": {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]},
+    "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
+    "gemma3": {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
+    """A tiny transformers config of ``arch`` (vocab 4096: the embedded tokenizer's)."""
+    from transformers import AutoConfig
+
+    base = dict(TINY_CONFIGS[arch])
+    model_type = base.pop("model_type")
+    fields: dict[str, Any] = dict(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )
+    fields.update(base)
+    fields.update(overrides)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                     **overrides: Any) -> Path:
+    """Write a randomly initialized tiny ``arch`` model (safetensors) with the embedded tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.05)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5) if "gemma" not in arch else p.uniform_(-0.5, 0.5)
+            else:
+                p.normal_(0.0, 0.02)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    src = default_model_path()
+    for name in _TOKENIZER_FILES:
+        shutil.copy2(src / name, folder / name)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.setdefault("architectures", TINY_CONFIGS[arch]["architectures"])
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder

@@ -1,0 +1,98 @@
+"""`qf run` end to end on the embedded default model, through click's runner."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quantfoundry as qf
+from quantfoundry.cli import cli
+from quantfoundry.roles.kernel import QuantLinear
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("run") / "artifact"
+    result = CliRunner().invoke(cli, ["run", "--out", str(out), "--format", "int4-g128"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_run_ends_with_the_metric_table(default_run) -> None:
+    out, output = default_run
+    assert "metric" in output and "original" in output and "quantized" in output
+    row = next(line for line in output.splitlines() if "perplexity.perplexity" in line)
+    original, quantized = (float(x) for x in row.replace("│", " ").split()[1:3])
+    assert original == pytest.approx(6.640, abs=0.01)  # shared/models/pycode-7m/SOURCE.md
+    assert original < quantized < original * 1.2
+    assert "size.linear_bpw" in output and "4.1875" in output
+
+
+def test_manifest_records_the_run(default_run) -> None:
+    out, _ = default_run
+    m = json.loads((out / "quantfoundry.json").read_text())
+    assert m["quantizer"] == [{"name": "rtn", "options": {}}]
+    assert m["format"]["spec"] == "int4-g128"
+    assert m["source"]["sha256"] == "5e02a8b9d73bf72ca3af2699379e5423a3a3de3749436a88ad5d73b48f501c4a"
+    assert m["plan"]["lm_head"]["format"] is None and "kept in float" in m["plan"]["lm_head"]["reason"]
+    assert len(m["tensors"]) == 42
+    ppl = m["evaluation"]["perplexity"]["perplexity"]
+    assert math.isfinite(ppl["original"]) and math.isfinite(ppl["quantized"])
+    assert m["versions"]["torch"] == torch.__version__
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "quantfoundry"
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_reload_is_bit_identical(default_run) -> None:
+    out, _ = default_run
+    fresh = qf.run(format="int4-g128", out=None, keep_model=True, progress=False)
+    loaded = qf.load(out)
+    mem = {n: m for n, m in fresh.model.named_modules() if isinstance(m, QuantLinear)}
+    disk = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert mem.keys() == disk.keys() and len(mem) == 42
+    for name in mem:
+        a, b = mem[name].qweight, disk[name].qweight
+        assert a.format == b.format and a.shape == b.shape
+        assert torch.equal(a.packed, b.packed)
+        for k in a.params:
+            assert a.params[k].dtype == b.params[k].dtype and torch.equal(a.params[k], b.params[k])
+    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fresh.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p, dict(loaded.named_parameters())[name]), name
+
+
+def test_eval_and_load_commands(default_run) -> None:
+    out, _ = default_run
+    r = CliRunner().invoke(cli, ["eval", str(out), "--evaluator", "size"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "size.linear_bpw" in r.output
+    m = json.loads((out / "quantfoundry.json").read_text())
+    assert m["artifact_evaluation"]["size"]["linear_bpw"]["quantized"] == pytest.approx(4.1875)
+    r = CliRunner().invoke(cli, ["load", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0 and "reloaded 42 quantized linears" in r.output
+
+
+def test_recipe_and_flags(tmp_path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[quantizer]\nname = "rtn"\n[format]\nname = "int"\nbits = 3\ngroup_size = 64\n'
+                      '[[evaluator]]\nname = "size"\n')
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["run", "--recipe", str(recipe), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "quantfoundry.json").read_text())
+    assert m["format"]["spec"] == "int3-g64"
+    assert "perplexity" not in m["evaluation"]
+
+
+def test_dry_run_shows_the_plan() -> None:
+    r = CliRunner().invoke(cli, ["run", "--dry-run", "--format", "int3-g128"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "model.layers.0.self_attn.q_proj" in r.output and "int3-g128" in r.output

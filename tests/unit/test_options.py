@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from quantfoundry.errors import OptionsError
+from quantfoundry.options import Options, parse_key_values, parse_options
+
+
+@dataclass(frozen=True, kw_only=True)
+class Demo(Options):
+    bits: int = field(default=4, metadata={"help": "bits"})
+    damp: float = 0.01
+    sym: bool = False
+    path: Path | None = None
+    mode: Literal["fast", "slow"] = "fast"
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.bits > 8:
+            raise ValueError("bits must be <= 8")
+
+
+def test_strings_convert_to_field_types() -> None:
+    o = parse_options(Demo, {"bits": "3", "damp": "0.1", "sym": "true", "path": "x.txt", "mode": "slow",
+                             "names": "a,b"})
+    assert o == Demo(bits=3, damp=0.1, sym=True, path=Path("x.txt"), mode="slow", names=("a", "b"))
+
+
+def test_toml_values_convert_too() -> None:
+    assert parse_options(Demo, {"bits": 2, "damp": 1, "sym": False}) == Demo(bits=2, damp=1.0, sym=False)
+
+
+def test_none_for_optional() -> None:
+    assert parse_options(Demo, {"path": "none"}).path is None
+
+
+def test_dashes_map_to_underscores() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class O(Options):
+        group_size: int = 128
+
+    assert parse_options(O, {"group-size": "64"}).group_size == 64
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"bitz": "3"}, "unknown option 'bitz' for demo; valid options: bits: int = 4"),
+        ({"bits": "three"}, "option 'bits' for demo: expected int, got 'three'"),
+        ({"sym": "maybe"}, "expected bool"),
+        ({"mode": "medium"}, "expected one of 'fast', 'slow'"),
+        ({"bits": "9"}, "bad options for demo: bits must be <= 8"),
+        ({"bits": True}, "expected int"),
+    ],
+)
+def test_errors_are_one_line_and_list_valid_keys(values: dict, fragment: str) -> None:
+    with pytest.raises(OptionsError) as info:
+        parse_options(Demo, values, owner="demo")
+    msg = str(info.value)
+    assert fragment in msg
+    assert "\n" not in msg
+    assert "damp: float = 0.01" in msg and "mode: 'fast' | 'slow' = 'fast'" in msg
+
+
+def test_key_values() -> None:
+    assert parse_key_values(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(OptionsError, match="--quantizer-opt expects key=value, got 'oops'"):
+        parse_key_values(["oops"], flag="--quantizer-opt")
