@@ -118,7 +118,7 @@ def run(
     requested = resolve_format(spec, format_options) if spec else None
     needs_calib = any(s.needs_calibration for s in stages)
     cal: Calibrator | None = None
-    if needs_calib or calibrator:
+    if needs_calib or calibrator or calibrator_options:
         cal = make("calibrator", calibrator or "text", calibrator_options)
     evals: list[Evaluator] = []
     for ev in evaluators or []:
@@ -140,6 +140,9 @@ def run(
     for line in summarize_plan(plan):
         ctx.note(line)
 
+    if cal is not None and not needs_calib:
+        ctx.note(f"calibrator {cal.name!r} not used: {', '.join(s.name for s in stages)} needs no calibration")
+        cal = None
     tokenizer = source.tokenizer() if (cal is not None or evals) else None
     calibration: CalibrationSet | None = cal.load(tokenizer) if cal is not None else None
     if calibration is not None:
