@@ -110,11 +110,14 @@ class IntFormat(Format):
         xmax = x.amax(dim=-1).clamp(min=0)
         sdt = _DTYPES[self.options.scale_dtype]
         info = torch.finfo(sdt)
+        # divide by a tensor, not a Python scalar: CUDA turns scalar division into a multiply
+        # by the reciprocal, which rounds differently from the CPU (bit-identical results
+        # across devices need IEEE division on both)
+        maxq = torch.full_like(xmin, float(self.maxq))
         if self.options.sym:
-            absmax = torch.maximum(-xmin, xmax)
-            scale = 2 * absmax / self.maxq
+            scale = (2 * torch.maximum(-xmin, xmax)) / maxq
         else:
-            scale = (xmax - xmin) / self.maxq
+            scale = (xmax - xmin) / maxq
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         scale = scale.clamp(min=info.tiny, max=info.max).to(sdt)
         if self.options.sym:

@@ -1,0 +1,43 @@
+"""--device cuda: the same numbers as on the CPU. Runs where torch sees a GPU (the project's
+H100 runs: see docs/benchmarks.md); on CPU-only machines there is nothing to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantfoundry as qf
+from quantfoundry.roles.kernel import QuantLinear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g128", "int3-g64-sym", "int2-g32"])
+def test_format_is_bit_identical_on_cuda(spec: str) -> None:
+    fmt = qf.resolve_format(spec)
+    w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.03
+    a = fmt.quantize(w)
+    b = fmt.quantize(w.cuda())
+    assert b.packed.is_cuda
+    assert torch.equal(a.packed, b.packed.cpu())
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k].cpu())
+    torch.testing.assert_close(b.dequantize().cpu(), a.dequantize(), rtol=0, atol=0)
+
+
+def test_run_on_cuda_matches_cpu(tmp_path) -> None:
+    cpu = qf.run(format="int4-g128", evaluators=["perplexity"], out=tmp_path / "cpu", keep_model=True, progress=False)
+    gpu = qf.run(format="int4-g128", evaluators=["perplexity"], out=tmp_path / "gpu", keep_model=True,
+                 device="cuda", progress=False)
+    for (name, a), (_, b) in zip(
+        ((n, m) for n, m in cpu.model.named_modules() if isinstance(m, QuantLinear)),
+        ((n, m) for n, m in gpu.model.named_modules() if isinstance(m, QuantLinear)), strict=True):
+        assert b.packed.is_cuda and b.kernel.name == "torch-dequant"
+        assert torch.equal(a.qweight.packed, b.qweight.packed.cpu()), name
+    p_cpu = cpu.metrics["perplexity"]["perplexity"]
+    p_gpu = gpu.metrics["perplexity"]["perplexity"]
+    assert p_gpu["original"] == pytest.approx(p_cpu["original"], rel=1e-3)
+    assert p_gpu["quantized"] == pytest.approx(p_cpu["quantized"], rel=1e-3)
+    assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "gpu" / "model.safetensors").read_bytes()
+    loaded = qf.load(tmp_path / "gpu", device="cuda")
+    assert next(loaded.parameters()).is_cuda
