@@ -96,3 +96,18 @@ def test_dry_run_shows_the_plan() -> None:
     r = CliRunner().invoke(cli, ["run", "--dry-run", "--format", "int3-g128"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "model.layers.0.self_attn.q_proj" in r.output and "int3-g128" in r.output
+
+
+def test_real_model_with_widths_that_do_not_fit(shared, tmp_path) -> None:
+    """stories260K (widths 64 and 172): every fallback is in the summary and the manifest."""
+    out = tmp_path / "st"
+    r = CliRunner().invoke(cli, ["run", "--model", str(shared / "models" / "stories260K"), "--format", "int4-g128",
+                                 "--evaluator", "size", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "30 x int4-g64, 5 x int4" in r.output and "35 fallback(s)" in r.output
+    assert "fallback int4-g128 -> int4 (172 columns are not a multiple of the group size 128): 5 tensor(s)" in r.output
+    m = json.loads((out / "quantfoundry.json").read_text())
+    down = m["plan"]["model.layers.0.mlp.down_proj"]
+    assert down == {"shape": [64, 172], "format": "int4", "requested": "int4-g128",
+                    "reason": "172 columns are not a multiple of the group size 128: fallback int4"}
+    assert any("fallback" in n for n in m["notes"])

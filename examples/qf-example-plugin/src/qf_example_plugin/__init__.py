@@ -1,0 +1,58 @@
+"""qf-example-plugin: the quantizer ``mse-rtn`` — round to nearest after a per-group search of
+the clipping range that minimises the squared rounding error. It works on any format whose
+``fit`` returns per-group parameters, because it only talks to the Format interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import quantfoundry as qf
+from quantfoundry import hookimpl
+
+
+@dataclass(frozen=True, kw_only=True)
+class MSERTNOptions(qf.Options):
+    grid: int = field(default=20, metadata={"help": "number of clipping ratios tried"})
+    min_ratio: float = field(default=0.7, metadata={"help": "smallest clipping ratio tried (1 = no clipping)"})
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if not 0 < self.min_ratio <= 1:
+            raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
+
+
+class MSERTN(qf.Quantizer):
+    name = "mse-rtn"
+    description = "RTN with a per-group clipping search minimising the squared rounding error"
+    Options = MSERTNOptions
+    scope = "tensor"
+
+    options: MSERTNOptions
+
+    def quantize_tensor(self, name: str, weight: torch.Tensor, fmt: qf.Format, ctx: qf.QuantContext
+                        ) -> qf.QuantizedWeight:
+        w = weight.to(ctx.device, torch.float32)
+        rows, cols = w.shape
+        g = fmt.group_size(cols)
+        best: dict[str, torch.Tensor] | None = None
+        best_err = torch.full((rows, cols // g), float("inf"), device=w.device)
+        for ratio in torch.linspace(1.0, self.options.min_ratio, self.options.grid).tolist():
+            params = fmt.fit(w * ratio)  # a grid fitted to shrunk weights = a clipped range
+            err = (fmt.quantize_dequantize(w, params) - w).pow(2).view(rows, -1, g).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            if best is None:
+                best = params
+            else:
+                best = {k: torch.where(better.view(*better.shape, *[1] * (v.dim() - 2)), v, best[k])
+                        for k, v in params.items()}
+        assert best is not None
+        return qf.QuantizedWeight(fmt, (rows, cols), weight.dtype, fmt.pack(fmt.round(w, best)), best)
+
+
+@hookimpl
+def qf_register_quantizers(register):
+    register(MSERTN)

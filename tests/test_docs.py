@@ -1,0 +1,56 @@
+"""The docs stay true to the code: CLI reference vs click, hooks vs hookspecs."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import click
+
+from quantfoundry import hookspecs
+from quantfoundry.cli import cli
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = re.split(r"(?m)^## ", text)
+    return {p.splitlines()[0].strip(): p for p in parts[1:]}
+
+
+def test_cli_reference_matches_click() -> None:
+    sections = _sections((DOCS / "cli.md").read_text())
+    assert "qf" in sections
+    group_opts = {o for p in cli.params for o in p.opts if o.startswith("-")}
+    for opt in group_opts:
+        assert f"`{opt}" in sections["qf"], f"qf option {opt} is not documented"
+    assert isinstance(cli, click.Group)
+    for name, cmd in cli.commands.items():
+        title = f"qf {name}"
+        assert title in sections, f"command {title} has no section in docs/cli.md"
+        body = sections[title]
+        real = {o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help"}
+        for opt in real:
+            assert f"`{opt}" in body, f"{title} {opt} is not documented"
+        documented = set(re.findall(r"`(--[a-z][a-z-]*)", body))
+        assert documented <= real, f"{title} documents options that do not exist: {documented - real}"
+    assert set(sections) - {"qf"} == {f"qf {n}" for n in cli.commands}
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
+    text = (DOCS / "plugin-hooks.md").read_text()
+    hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("qf_")]
+    assert len(hooks) == 7
+    for name in hooks:
+        args = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"## {name}({args})" in text, f"{name}({args}) is missing from docs/plugin-hooks.md"
+        assert len((getattr(hookspecs, name).__doc__ or "").splitlines()) >= 8, f"{name} needs a full docstring"
+
+
+def test_builtin_load_order_is_documented() -> None:
+    from quantfoundry.plugins import DEFAULT_PLUGINS
+
+    text = (DOCS / "plugin-hooks.md").read_text()
+    order = ", ".join(f"`{name}`" for name, _ in DEFAULT_PLUGINS)
+    assert order in " ".join(text.split())
