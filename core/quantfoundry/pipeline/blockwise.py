@@ -97,6 +97,30 @@ def run_blocks(
     return result
 
 
+def run_whole_model(
+    model: nn.Module, source: ModelSource, plan: QuantPlan, stage: Quantizer, ctx: QuantContext, *,
+    calibration: torch.Tensor | None, exporter: Exporter | None, dtype: torch.dtype,
+    kernel_name: str | None = None, kernel_options: dict[str, str] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """A ``scope = "model"`` quantizer (QAT): the whole float model at once, then export."""
+    device = ctx.device
+    materialize(model, model, "", source, dtype=dtype, device=device)
+    out = stage.quantize_model(model, plan, calibration, ctx) or {}
+    want = plan.quantized()
+    missing = sorted(set(want) - set(out))
+    if missing:
+        raise QFError(f"quantizer {stage.name!r} returned no weight for {missing[0]} (and {len(missing) - 1} more)")
+    for name, qw in out.items():
+        if name not in want or qw.format != want[name].format:
+            raise QFError(f"quantizer {stage.name!r} returned {name} as {qw.format.spec}, "
+                          f"but the plan wants {want[name].format.spec if name in want else 'float'}")
+        qw = qw.to(device)
+        swap_in(model, name, qw, select_kernel(qw.format, device, kernel_name, kernel_options))
+    if exporter is not None:
+        _export_block(exporter, model, "", source)
+    return out
+
+
 def _to_meta(qw: QuantizedWeight) -> QuantizedWeight:
     return qw.to("meta")
 
@@ -105,14 +129,16 @@ def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: Mo
     from ..roles.kernel import QuantLinear
 
     for name, sub in module.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
+        full = ".".join(p for p in (prefix, name) if p)
         if isinstance(sub, QuantLinear):
             exporter.write(f"{full}.weight", sub.qweight.to("cpu"))
             if sub.bias is not None:
                 exporter.write(f"{full}.bias", sub.bias.detach().to("cpu", _stored_dtype(source, f"{full}.bias")))
             continue
         for pname, p in sub.named_parameters(recurse=False):
-            key = f"{full}.{pname}"
+            key = f"{full}.{pname}" if full else pname
+            if key not in source.tensor_info:  # a tied alias (lm_head of tied embeddings)
+                continue
             exporter.write(key, p.detach().to("cpu", _stored_dtype(source, key)))
 
 

@@ -22,7 +22,7 @@ from ..roles.evaluator import EvalTarget, Evaluator
 from ..roles.exporter import Exporter
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import QuantContext, Quantizer
-from .blockwise import run_blocks
+from .blockwise import run_blocks, run_whole_model
 from .capture import capture_inputs
 from .kernels import select_kernel
 from .manifest import build_manifest, write_json_atomic
@@ -164,23 +164,26 @@ def run(
             exp.begin(tmp, source, plan)
         materialize_outside_blocks(model_obj, source, dtype=compute_dtype, device=dev)
         inputs = layer_kwargs = None
-        if calibration is not None and needs_calib:
+        if calibration is not None and needs_calib and stages[-1].scope != "model":
             ids = calibration.input_ids.to(dev)
             batches = list(ids.split(batch_size))
             arch = source.architecture
             inputs, layer_kwargs = capture_inputs(model_obj, model_obj.get_submodule(arch.layers),
                                                   model_obj.get_submodule(arch.final_norm), batches)
-        with Progress(enabled=progress, total=source.num_layers, label="quantizing") as bar:
-            if stages[-1].scope == "model":
-                raise UsageError(f"quantizer {stages[-1].name!r} needs the whole-model pipeline, "
-                                 "which lands with the first whole-model quantizer")
-            blocks = run_blocks(model_obj, source, plan, stages, ctx, inputs=inputs, layer_kwargs=layer_kwargs,
-                                exporter=exp if tmp is not None else None, keep=keep, dtype=compute_dtype,
-                                kernel_name=kernel, kernel_options=dict(kernel_options or {}),
-                                on_block=lambda i, n, s: bar.advance())
+        if stages[-1].scope == "model":
+            run_whole_model(model_obj, source, plan, stages[-1], ctx,
+                            calibration=calibration.input_ids if calibration is not None else None,
+                            exporter=exp if tmp is not None else None, dtype=compute_dtype,
+                            kernel_name=kernel, kernel_options=dict(kernel_options or {}))
+        else:
+            with Progress(enabled=progress, total=source.num_layers, label="quantizing") as bar:
+                run_blocks(model_obj, source, plan, stages, ctx, inputs=inputs, layer_kwargs=layer_kwargs,
+                           exporter=exp if tmp is not None else None, keep=keep, dtype=compute_dtype,
+                           kernel_name=kernel, kernel_options=dict(kernel_options or {}),
+                           on_block=lambda i, n, s: bar.advance())
+            if tmp is not None:
+                _export_outside_blocks(exp, source)
         del inputs, layer_kwargs
-        if tmp is not None:
-            _export_outside_blocks(exp, source)
         manifest = build_manifest(source=source, stages=stages, requested=requested, exporter=exp, plan=plan,
                                   calibration=calibration, notes=ctx.notes, evaluation={})
         if tmp is not None:
