@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import click
-
 from quantfoundry import hookspecs
 from quantfoundry.cli import cli
 

@@ -145,7 +145,12 @@ def _default_out(args: dict[str, Any]) -> Path:
     quant = "+".join(n for n, _ in args["quantizer"])
     spec = args.get("format") or make("exporter", args.get("exporter", "qf"), args.get("exporter_options")).default_format
     fmt = resolve_format(spec, args.get("format_options")).spec if spec else "default"
-    return Path("qf-out") / f"{model}-{quant}-{fmt}"
+    base = Path("qf-out") / f"{model}-{quant}-{fmt}"
+    out, n = base, 1
+    while out.exists():  # never replace an earlier run's artifact without --out/--overwrite
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _dry_run(args: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ class Options:
     """
 
 
-O = TypeVar("O", bound=Options)
+OptionsT = TypeVar("OptionsT", bound=Options)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -135,7 +135,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"option {key!r} has an unsupported annotation {tp!r}")
 
 
-def parse_options(cls: type[O], values: Mapping[str, Any] | None = None, *, owner: str = "") -> O:
+def parse_options(cls: type[OptionsT], values: Mapping[str, Any] | None = None, *, owner: str = "") -> OptionsT:
     """Build ``cls`` from a mapping of strings (CLI) or TOML values, converting and checking types.
 
     :param owner: what the options belong to, e.g. ``"quantizer 'rtn'"``, used in messages.

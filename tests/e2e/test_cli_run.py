@@ -7,10 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+import quantfoundry as qf
 import torch
 from click.testing import CliRunner
-
-import quantfoundry as qf
 from quantfoundry.cli import cli
 from quantfoundry.roles.kernel import QuantLinear
 

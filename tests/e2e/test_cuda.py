@@ -4,9 +4,8 @@ H100 runs: see docs/benchmarks.md); on CPU-only machines there is nothing to run
 from __future__ import annotations
 
 import pytest
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry.roles.kernel import QuantLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")

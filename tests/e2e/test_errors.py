@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+import quantfoundry as qf
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
-import quantfoundry as qf
 from quantfoundry.cli import cli
 from quantfoundry.errors import (
     AlreadyQuantizedError,
@@ -19,6 +16,7 @@ from quantfoundry.errors import (
     NonFiniteWeightsError,
     UnsupportedArchitectureError,
 )
+from safetensors.torch import load_file, save_file
 
 
 def run_cli(*args: str) -> tuple[int, str]:

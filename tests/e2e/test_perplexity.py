@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.data import default_eval_text, default_model_path
 from quantfoundry.pipeline.materialize import load_full_model

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
-
 import quantfoundry as qf
+import torch
 from quantfoundry.roles.kernel import QuantLinear
 from quantfoundry.testing.tiny import TINY_CONFIGS
+from torch import nn
 
 
 class _CaptureCheck(qf.Quantizer):

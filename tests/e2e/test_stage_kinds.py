@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-from safetensors.torch import load_file
-
 import quantfoundry as qf
+import torch
 from quantfoundry.roles.kernel import QuantLinear
+from safetensors.torch import load_file
 
 
 class FoldScale(qf.Quantizer):
@@ -62,7 +61,7 @@ def test_transform_then_round(register_plugin, tiny_model, tmp_path) -> None:
     torch.testing.assert_close(written[norm].float(), (src[norm].float() / s).to(torch.bfloat16).float())
     q = result.model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q, QuantLinear)
-    ref = qf.resolve_format("int8").quantize((src["model.layers.0.self_attn.q_proj.weight"].float() * s))
+    ref = qf.resolve_format("int8").quantize(src["model.layers.0.self_attn.q_proj.weight"].float() * s)
     assert torch.equal(q.qweight.packed, ref.packed)
     # the float model is unchanged by the transform: quantized logits stay close to the original
     from transformers import AutoModelForCausalLM

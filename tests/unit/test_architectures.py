@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
-
 import quantfoundry as qf
+import torch
 from quantfoundry.builtin.architectures import BUILTIN_ARCHITECTURES
 from quantfoundry.errors import UnsupportedArchitectureError
 from quantfoundry.pipeline.source import find_architecture
 from quantfoundry.testing.tiny import TINY_CONFIGS, tiny_config
+from torch import nn
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))

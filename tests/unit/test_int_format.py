@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry.builtin.int_format import IntFormat, IntOptions
 from quantfoundry.roles.format import pack_bits, unpack_bits
 

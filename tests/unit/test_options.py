@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-
 from quantfoundry.errors import OptionsError
 from quantfoundry.options import Options, parse_key_values, parse_options
 
@@ -40,10 +39,10 @@ def test_none_for_optional() -> None:
 
 def test_dashes_map_to_underscores() -> None:
     @dataclass(frozen=True, kw_only=True)
-    class O(Options):
+    class GroupOptions(Options):
         group_size: int = 128
 
-    assert parse_options(O, {"group-size": "64"}).group_size == 64
+    assert parse_options(GroupOptions, {"group-size": "64"}).group_size == 64
 
 
 @pytest.mark.parametrize(

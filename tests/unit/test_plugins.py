@@ -8,9 +8,8 @@ import types
 from typing import Any
 
 import pytest
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry import hookimpl
 from quantfoundry.errors import DuplicateComponentError, UnknownComponentError
 from quantfoundry.plugins import QFPluginManager
@@ -167,7 +166,6 @@ def test_misspelled_hook_fails_loudly(register_plugin, qf_plugin_manager) -> Non
 
 def test_cli_plugins_lists_versions_and_errors(fake_distributions) -> None:
     from click.testing import CliRunner
-
     from quantfoundry import plugins
     from quantfoundry.cli import cli
 

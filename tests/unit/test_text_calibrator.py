@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from quantfoundry.builtin.text_calibrator import TextCalibrator, TextCalibratorOptions
 from quantfoundry.data import default_calibration_text, default_eval_text, default_model_path
 from quantfoundry.errors import UsageError

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ArtifactError
 from ..roles.plan import QuantPlan, TensorPlan
 from .manifest import read_manifest, write_json_atomic
-from .run import RunResult, _DTYPES, _device, _evaluate, load, make
+from .run import _DTYPES, RunResult, _device, _evaluate, load, make
 from .source import resolve_model
 
 

@@ -95,7 +95,7 @@ def run(
     :class:`RunResult` whose ``metrics`` map ``evaluator → metric → {original, quantized}``.
     """
     t_start = time.perf_counter()
-    pm = get_plugin_manager()
+    get_plugin_manager()
     dev = _device(device)
     if dtype not in _DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")

@@ -79,7 +79,7 @@ class ModelSource:
     def storage_dtype(self) -> torch.dtype:
         """The dtype the checkpoint's float weights are stored in (most common one)."""
         counts: dict[torch.dtype, int] = {}
-        for name, (dtype, shape) in self.tensor_info.items():
+        for dtype, shape in self.tensor_info.values():
             if dtype.is_floating_point:
                 counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
         return max(counts, key=counts.__getitem__) if counts else torch.float32

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ..options import Options
+from .component import Component
 
 
 @dataclass
@@ -30,15 +30,9 @@ class CalibrationSet:
         return int(self.input_ids.numel())
 
 
-class Calibrator(ABC):
+class Calibrator(Component, ABC):
     """Base class of every calibration source."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     @abstractmethod
     def load(self, tokenizer: Any) -> CalibrationSet:

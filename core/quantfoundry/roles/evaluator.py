@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..options import Options
+from .component import Component
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline.source import ModelSource
@@ -37,17 +37,11 @@ class EvalTarget:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Evaluator(ABC):
+class Evaluator(Component, ABC):
     """Base class of every metric."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
     #: for each metric name: True if higher is better (the summary table marks regressions)
     higher_is_better: ClassVar[dict[str, bool]] = {}
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     @abstractmethod
     def evaluate(self, target: EvalTarget) -> dict[str, Metric]:

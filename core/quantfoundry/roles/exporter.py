@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..options import Options
+from .component import Component
 from .format import Format, QuantizedWeight
 from .plan import QuantPlan, TensorPlan
 
@@ -28,17 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline.source import ModelSource
 
 
-class Exporter(ABC):
+class Exporter(Component, ABC):
     """Base class of every artifact writer."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
     #: the format used when the user asks for none (a spec, e.g. ``int4-g128``)
     default_format: ClassVar[str | None] = None
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     # -- planning ------------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:

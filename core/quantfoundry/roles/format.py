@@ -27,21 +27,16 @@ from typing import Any, ClassVar
 import torch
 
 from ..options import Options, options_to_dict
+from .component import Component
 
 Params = dict[str, torch.Tensor]
 
 
-class Format(ABC):
+class Format(Component, ABC):
     """Base class of every weight format. Subclasses set ``name``, ``description``, ``Options``."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
     #: columns rounded jointly (1 for scalar grids, 8 for E8P-style vector codebooks)
     block_width: ClassVar[int] = 1
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     # -- identity ------------------------------------------------------------------------
     @property

@@ -14,20 +14,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..options import Options
+from .component import Component
 from .format import Format, QuantizedWeight
 
 
-class Kernel(ABC):
+class Kernel(Component, ABC):
     """Base class of every executor of quantized linears."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
     priority: ClassVar[int] = 0
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     def serves(self, fmt: Format, device: torch.device) -> str | None:
         """``None`` if this kernel runs ``fmt`` on ``device``, else the reason it does not."""

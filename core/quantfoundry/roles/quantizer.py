@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..options import Options
+from .component import Component
 from .format import Format, QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,18 +114,12 @@ class Block:
                 h.remove()
 
 
-class Quantizer(ABC):
+class Quantizer(Component, ABC):
     """Base class of every quantization algorithm."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
     scope: ClassVar[Literal["tensor", "block", "model"]] = "block"
     needs_calibration: ClassVar[bool] = False
     rounds: ClassVar[bool] = True
-
-    def __init__(self, options: Options | None = None):
-        self.options = options if options is not None else self.Options()
 
     def check_format(self, fmt: Format) -> str | None:
         """``None`` if this quantizer can round onto ``fmt``, else the reason it cannot."""

@@ -3,9 +3,8 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry.plugins import QFPluginManager
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry import hookimpl
 
 
