@@ -3,7 +3,7 @@
 Layout of the artifact folder:
 
 * ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
-  above ``shard_mb``): float tensors under their own names, in the checkpoint's dtype; each
+  above ``shard_mb``, written tensor by tensor so the artifact is never held in memory): float tensors under their own names, in the checkpoint's dtype; each
   quantized weight ``W`` as ``W.qf.packed`` (uint8 bitstream), ``W.qf.<param>`` (grid
   parameters in their storage dtype) and ``W.qf.perm`` (int32) when it has one;
 * ``config.json`` with ``quantization_config = {"quant_method": "quantfoundry", ...}``, and the
@@ -30,6 +30,7 @@ from ..options import Options
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
+from ..safetensors_stream import StreamingSafetensorsWriter
 
 _COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja", "vocab.*",
                "merges.txt", "added_tokens.json", "*.tiktoken", "chat_template.json")
@@ -38,8 +39,8 @@ QF = ".qf."
 
 @dataclass(frozen=True, kw_only=True)
 class QFExporterOptions(Options):
-    shard_mb: int = field(default=256, metadata={
-        "help": "start a new safetensors shard above this many MB (bounds the write buffer)"})
+    shard_mb: int = field(default=4096, metadata={
+        "help": "start a new safetensors file once the current one holds this many MB"})
 
     def __post_init__(self) -> None:
         if self.shard_mb < 1:
@@ -57,9 +58,9 @@ class QFExporter(Exporter):
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder = folder
         self.source = source
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
+        self.writer: StreamingSafetensorsWriter | None = None
+        self.keys: list[str] = []
         self.tensors: dict[str, dict[str, Any]] = {}
         self.names: set[str] = set()
 
@@ -79,25 +80,24 @@ class QFExporter(Exporter):
             }
         else:
             entries = {name: tensor}
+        if self.writer is not None and self.writer.nbytes >= self.options.shard_mb * (1 << 20):
+            self._close_shard()
+        if self.writer is None:
+            path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
+            self.writer = StreamingSafetensorsWriter(path)
         for key, value in entries.items():
-            value = value.detach().to("cpu").contiguous()
-            self.pending[key] = value
-            self.pending_bytes += value.numel() * value.element_size()
-        if self.pending_bytes >= self.options.shard_mb * (1 << 20):
-            self._flush()
+            self.writer.add(key, value)
+            self.keys.append(key)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
+    def _close_shard(self) -> None:
+        if self.writer is None:
             return
-        path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.writer.close({"format": "pt"})
+        self.shards.append((self.writer.path, self.keys))
+        self.writer, self.keys = None, []
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self._flush()
+        self._close_shard()
         n = len(self.shards)
         weight_map: dict[str, str] = {}
         for i, (path, keys) in enumerate(self.shards):

@@ -54,9 +54,23 @@ def materialize(
 
 
 def release(module: nn.Module) -> None:
-    """Send a module's parameters back to ``meta`` (frees their memory)."""
-    for name, p in list(module.named_parameters(remove_duplicate=False)):
-        set_parameter(module, name, torch.empty_like(p, device="meta"))
+    """Send a module's parameters and buffers (QuantLinear codes too) to ``meta`` and give
+    the freed memory back to the operating system."""
+    module.to("meta")
+    trim_memory()
+
+
+def trim_memory() -> None:
+    """Ask glibc to return freed heap memory (large tensors freed in a loop otherwise keep
+    the process's resident size at its high-water mark). A no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def materialize_outside_blocks(model: nn.Module, source: ModelSource, *, dtype: torch.dtype,
