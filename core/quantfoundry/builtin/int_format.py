@@ -125,30 +125,40 @@ class IntFormat(Format):
         zero = torch.round(-xmin / scale.to(torch.float32)).clamp(0, self.maxq).to(torch.uint8)
         return {"scale": scale, "zero": zero}
 
-    def _per_column(self, params: Params, col0: int, ncols: int, cols_hint: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = params["scale"].to(torch.float32)
+    def _grid(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Scale and zero shaped to broadcast over ``w.view(rows, -1, g)`` for the columns
+        ``[col0, col0 + ncols)``, and ``g`` (whole groups are viewed, not gathered per column)."""
+        scale = params["scale"]
+        g = self.options.group_size or ncols
         if self.options.group_size == 0:
-            # per channel: a single group spans every column
-            s = scale[:, :1]
-            z = params["zero"][:, :1].to(torch.float32) if "zero" in params else None
-        else:
-            g = self.options.group_size
+            s, z_src, g = scale[:, :1], params.get("zero", None), ncols
+            z_src = None if z_src is None else z_src[:, :1]
+        elif col0 % g == 0 and ncols % g == 0:
+            g0 = col0 // g
+            s = scale[:, g0:g0 + ncols // g]
+            z_src = params["zero"][:, g0:g0 + ncols // g] if "zero" in params else None
+        else:  # a slice inside groups (GPTQ's column loop): gather per column
             idx = torch.div(torch.arange(col0, col0 + ncols, device=scale.device), g, rounding_mode="floor")
             s = scale.index_select(1, idx)
-            z = params["zero"].index_select(1, idx).to(torch.float32) if "zero" in params else None
-        if z is None:
-            z = torch.full_like(s[:, :1], float(1 << (self.options.bits - 1)))
-        return s, z
+            z_src = params["zero"].index_select(1, idx) if "zero" in params else None
+            g = 1
+        s32 = s.to(torch.float32).unsqueeze(-1)
+        if z_src is None:
+            z = torch.full_like(s32, float(1 << (self.options.bits - 1)))
+        else:
+            z = z_src.to(torch.float32).unsqueeze(-1)
+        return s32, z, g
 
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
-        s, z = self._per_column(params, col0, w.shape[1])
-        q = torch.round(w.to(torch.float32) / s) + z
-        return q.clamp_(0, self.maxq).to(torch.uint8)
+        rows, ncols = w.shape
+        s, z, g = self._grid(params, col0, ncols)
+        q = torch.round(w.to(torch.float32).reshape(rows, -1, g) / s).add_(z)
+        return q.clamp_(0, self.maxq).to(torch.uint8).reshape(rows, ncols)
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
-        s, z = self._per_column(params, col0, codes.shape[1])
-        return (codes.to(torch.float32) - z) * s
+        rows, ncols = codes.shape
+        s, z, g = self._grid(params, col0, ncols)
+        return ((codes.reshape(rows, -1, g).to(torch.float32) - z) * s).reshape(rows, ncols)
 
 
 @hookimpl

@@ -48,9 +48,14 @@ def materialize(
             if alias is None:
                 raise ModelLoadError(f"tensor {name} is missing from the checkpoint in {source.path}")
             wanted[rel] = alias
-    tensors = source.read(sorted(set(wanted.values())))
+    users: dict[str, list[str]] = {}
     for rel, name in wanted.items():
-        set_parameter(module, rel, tensors[name].to(device=device, dtype=dtype))
+        users.setdefault(name, []).append(rel)
+    for name, tensor in source.iter_read(sorted(users)):  # one stored tensor at a time
+        value = tensor.to(device=device, dtype=dtype)
+        del tensor
+        for rel in users[name]:
+            set_parameter(module, rel, value)
 
 
 def release(module: nn.Module) -> None:

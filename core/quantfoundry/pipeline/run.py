@@ -162,7 +162,8 @@ def run(
     try:
         if tmp is not None:
             exp.begin(tmp, source, plan)
-        materialize_outside_blocks(model_obj, source, dtype=compute_dtype, device=dev)
+        if keep or needs_calib:  # embeddings feed the calibration; evaluation needs the head
+            materialize_outside_blocks(model_obj, source, dtype=compute_dtype, device=dev)
         inputs = layer_kwargs = None
         if calibration is not None and needs_calib and stages[-1].scope != "model":
             ids = calibration.input_ids.to(dev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -157,9 +158,15 @@ class ModelSource:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read tensors by name from the checkpoint (a copy each; files are not kept open)."""
+        return dict(self.iter_read(names))
+
+    def iter_read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, opening each file once (bounded memory)."""
         if self.pickle:
             state = self._load_pickles()
-            return {n: state[n].clone() for n in names}
+            for n in names:
+                yield n, state[n].clone()
+            return
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -167,24 +174,24 @@ class ModelSource:
             if n not in self.weight_map:
                 raise ModelLoadError(f"tensor {n} is missing from the checkpoint in {self.path}")
             by_file.setdefault(self.weight_map[n], []).append(n)
-        out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for k in keys:
-                    out[k] = f.get_tensor(k).clone()
-        return out
+                    yield k, f.get_tensor(k).clone()
 
     def check_finite(self) -> None:
         """Refuse weights with NaN/Inf (streamed, one tensor at a time)."""
-        for name, (dtype, _shape) in self.tensor_info.items():
-            if not dtype.is_floating_point:
-                continue
-            t = self.read([name])[name]
+        floats = [name for name, (dtype, _shape) in self.tensor_info.items() if dtype.is_floating_point]
+        for name, t in self.iter_read(floats):
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise NonFiniteWeightsError(
                     f"weight {name} of {self.path} holds {bad} NaN/Inf value(s); the checkpoint is broken: "
                     "re-export it from a good training state")
+            del t
+        from .materialize import trim_memory
+
+        trim_memory()
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
