@@ -141,3 +141,16 @@ def test_calibration_text_shorter_than_asked_is_a_note(tiny_model, capture_plugi
     with pytest.raises(qf.QFError, match="calibration text .*empty.txt is empty"):
         qf.run(str(folder), quantizer="capture-check", format="int8",
                calibrator_options={"path": str(empty)}, out=None, progress=False)
+
+
+def test_bfloat16_block_work_gives_the_same_codes_and_float32_evaluation(tiny_model) -> None:
+    folder = tiny_model("llama")  # stored in bf16: converting to bf16 or fp32 is exact either way
+    a = qf.run(str(folder), format="int4-g32", evaluators=["perplexity"], out=None, keep_model=True,
+               progress=False)
+    b = qf.run(str(folder), format="int4-g32", evaluators=["perplexity"], out=None, keep_model=True,
+               dtype="bfloat16", progress=False)
+    for (n, x), (_, y) in zip(((n, m) for n, m in a.model.named_modules() if isinstance(m, QuantLinear)),
+                              ((n, m) for n, m in b.model.named_modules() if isinstance(m, QuantLinear)),
+                              strict=True):
+        assert torch.equal(x.qweight.packed, y.qweight.packed), n
+    assert a.metrics["perplexity"]["perplexity"] == b.metrics["perplexity"]["perplexity"]

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ArtifactError
 from ..roles.plan import QuantPlan, TensorPlan
 from .manifest import read_manifest, write_json_atomic
-from .run import _DTYPES, RunResult, _device, _evaluate, load, make
+from .run import RunResult, _device, _evaluate, load, make
 from .source import resolve_model
 
 
@@ -28,13 +28,12 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     dev = _device(device)
     model = load(folder, device=dev, kernel=kernel, dtype=dtype)
     plan = QuantPlan()
-    from .. import resolve_format  # noqa: F401  (formats are resolved by the loader)
     from ..roles.kernel import QuantLinear
 
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             plan.add(TensorPlan(name, (mod.out_features, mod.in_features), mod.format))
-    metrics = _evaluate(evals, model, source, source.tokenizer(), dev, _DTYPES[dtype], list(plan.quantized()))
+    metrics = _evaluate(evals, model, source, source.tokenizer(), dev, list(plan.quantized()))
     if update_manifest:
         manifest.setdefault("artifact_evaluation", {}).update(metrics)
         write_json_atomic(folder / "quantfoundry.json", manifest)

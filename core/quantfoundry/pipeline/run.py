@@ -202,7 +202,7 @@ def run(
     # -- evaluate --------------------------------------------------------------------------
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     if evals:
-        metrics = _evaluate(evals, model_obj, source, tokenizer, dev, compute_dtype, list(plan.quantized()))
+        metrics = _evaluate(evals, model_obj, source, tokenizer, dev, list(plan.quantized()))
         manifest["evaluation"] = metrics
         if out_path is not None:
             write_json_atomic(out_path / "quantfoundry.json", manifest)
@@ -249,15 +249,23 @@ def _export_outside_blocks(exp: Exporter, source: ModelSource) -> None:
             exp.write(name, source.read([name])[name])
 
 
+def _float_params_to_float32(model: torch.nn.Module) -> None:
+    """Upcast float parameters (not QuantLinear codes or grid parameters, which stay as stored)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def _evaluate(evals: list[Evaluator], quantized: torch.nn.Module, source: ModelSource, tokenizer: Any,
-              dev: torch.device, dtype: torch.dtype, linears: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+              dev: torch.device, linears: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     info = {"quantized_linears": linears}
+    _float_params_to_float32(quantized)  # evaluation runs in float32 whatever the block dtype was
     target = EvalTarget(quantized, tokenizer, source, "quantized", dev, float_dtype=source.storage_dtype, info=info)
     for ev in evals:
         for k, v in ev.evaluate(target).items():
             metrics.setdefault(ev.name, {}).setdefault(k, {})["quantized"] = v
-    original = load_full_model(source, dtype=dtype, device=dev)
+    original = load_full_model(source, dtype=torch.float32, device=dev)
     target = EvalTarget(original, tokenizer, source, "original", dev, float_dtype=source.storage_dtype, info=info)
     for ev in evals:
         for k, v in ev.evaluate(target).items():
