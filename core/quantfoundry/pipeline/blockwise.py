@@ -23,6 +23,7 @@ from .source import ModelSource
 
 @dataclass
 class BlockwiseResult:
+    #: the quantized weights still in memory (every block's when ``keep``, else none)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     seconds_per_block: list[float] = field(default_factory=list)
 
@@ -90,7 +91,7 @@ def run_blocks(
         if not keep:
             release(module)
             for rel in out:
-                result.quantized[f"{prefix}.{rel}"] = _to_meta(result.quantized[f"{prefix}.{rel}"])
+                del result.quantized[f"{prefix}.{rel}"]
         result.seconds_per_block.append(time.perf_counter() - t0)
         if on_block is not None:
             on_block(index, len(layers), result.seconds_per_block[-1])
@@ -119,10 +120,6 @@ def run_whole_model(
     if exporter is not None:
         _export_block(exporter, model, "", source)
     return out
-
-
-def _to_meta(qw: QuantizedWeight) -> QuantizedWeight:
-    return qw.to("meta")
 
 
 def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: ModelSource) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..errors import UsageError
 from .component import Component
 from .format import Format, QuantizedWeight
 from .plan import QuantPlan, TensorPlan
@@ -48,7 +49,7 @@ class Exporter(Component, ABC):
         (or its documented fallback when the shape does not fit); embeddings, the output head
         and everything else stay in float, each with its reason."""
         if requested is None:
-            raise ValueError(f"exporter {self.name!r} needs a format (--format)")
+            raise UsageError(f"exporter {self.name!r} has no default format; choose one with --format")
         return default_plan(source, requested)
 
     # -- writing -------------------------------------------------------------------------
