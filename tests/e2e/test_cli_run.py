@@ -110,3 +110,16 @@ def test_real_model_with_widths_that_do_not_fit(shared, tmp_path) -> None:
     assert down == {"shape": [64, 172], "format": "int4", "requested": "int4-g128",
                     "reason": "172 columns are not a multiple of the group size 128: fallback int4"}
     assert any("fallback" in n for n in m["notes"])
+
+
+def test_size_counts_tied_embeddings_once(shared, tmp_path) -> None:
+    """stories260K ties its output head to the embeddings: 260,032 fp32 parameters."""
+    out = tmp_path / "st"
+    result = qf.run(str(shared / "models" / "stories260K"), format="int8", evaluators=["size"], out=out,
+                    progress=False)
+    size = result.metrics["size"]["model_bytes"]
+    assert size["original"] == 260_032 * 4
+    on_disk = (out / "model.safetensors").stat().st_size
+    assert on_disk - 16_384 < size["quantized"] <= on_disk  # the file adds only its JSON header
+    loaded = qf.load(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

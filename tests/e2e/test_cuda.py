@@ -1,5 +1,5 @@
 """--device cuda: the same numbers as on the CPU. Runs where torch sees a GPU (the project's
-H100 runs: see docs/benchmarks.md); on CPU-only machines there is nothing to run."""
+H100 runs: see docs/benchmarks.md, section CUDA); on CPU-only machines there is nothing to run."""
 
 from __future__ import annotations
 

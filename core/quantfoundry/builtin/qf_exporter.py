@@ -175,13 +175,16 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))
+    loaded: dict[str, nn.Parameter] = {}
     for pname, p in list(model.named_parameters(remove_duplicate=False)):
         if p.device.type != "meta":
             continue
         key = pname if source.has_tensor(pname) else tied_source(model, source, pname)
         if key is None:
             raise ArtifactError(f"{pname} is missing from {folder}; the artifact is incomplete: re-run `qf run`")
-        set_parameter(model, pname, source.read([key])[key].to(device=device, dtype=dtype))
+        if key not in loaded:  # tied names share one Parameter
+            loaded[key] = nn.Parameter(source.read([key])[key].to(device=device, dtype=dtype), requires_grad=False)
+        set_parameter(model, pname, loaded[key])
     return model.to(device).eval()
 
 

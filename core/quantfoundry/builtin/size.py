@@ -25,7 +25,7 @@ class SizeEvaluator(Evaluator):
         float_bytes = target.float_dtype.itemsize if hasattr(target.float_dtype, "itemsize") else 2
         quant_names = set(target.info.get("quantized_linears", ()))
         lin_bytes = lin_weights = model_bytes = model_weights = 0
-        seen: set[int] = set()
+        seen: set[int] = set()  # storage pointers (or ids) already counted
         model: nn.Module = target.model
         for name, mod in model.named_modules():
             if isinstance(mod, QuantLinear):
@@ -38,9 +38,10 @@ class SizeEvaluator(Evaluator):
                 model_weights += n
                 quant_names.add(name)
             for pname, p in mod.named_parameters(recurse=False):
-                if id(p) in seen:
+                key = p.data_ptr() if p.device.type != "meta" and p.numel() else id(p)
+                if key in seen:  # a tied weight (shared storage) is stored once
                     continue
-                seen.add(id(p))
+                seen.add(key)
                 b = p.numel() * float_bytes
                 model_bytes += b
                 model_weights += p.numel()

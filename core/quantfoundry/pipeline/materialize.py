@@ -22,10 +22,11 @@ def tied_source(model: nn.Module, source: ModelSource, name: str) -> str | None:
     return None
 
 
-def set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(module: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
+    """Replace the parameter ``name``; pass one ``nn.Parameter`` to several names to tie them."""
     parent_name, _, attr = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
-    parent._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    parent._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
 def materialize(
@@ -52,10 +53,10 @@ def materialize(
     for rel, name in wanted.items():
         users.setdefault(name, []).append(rel)
     for name, tensor in source.iter_read(sorted(users)):  # one stored tensor at a time
-        value = tensor.to(device=device, dtype=dtype)
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
         del tensor
-        for rel in users[name]:
-            set_parameter(module, rel, value)
+        for rel in users[name]:  # tied names (lm_head of tied embeddings) share one Parameter
+            set_parameter(module, rel, param)
 
 
 def release(module: nn.Module) -> None:
