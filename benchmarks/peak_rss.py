@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import core_version
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,15 +34,6 @@ TOKENIZER_FROM = HERE.parent.parent / "shared" / "models" / "pycode-7m"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 QF = str(Path(sys.executable).parent / "qf")  # the console script itself, not a pyenv shim
 TIME = "/usr/bin/time"  # GNU time
-
-
-def core_version() -> dict[str, Any]:
-    """The commit measured, and a hash of uncommitted changes under core/ (if any)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-    diff = git("diff", "HEAD", "--", "core")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "core_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
 
 
 def make_config(args: argparse.Namespace) -> LlamaConfig:

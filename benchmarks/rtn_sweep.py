@@ -18,7 +18,6 @@ SmolLM2 evaluations can be run in pieces::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import core_version
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.builtin.size import SizeEvaluator
 from quantfoundry.pipeline.materialize import load_full_model
@@ -59,15 +59,6 @@ CPU = torch.device("cpu")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def core_version() -> dict[str, Any]:
-    """The commit measured, and a hash of uncommitted changes under core/ (if any)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-    diff = git("diff", "HEAD", "--", "core")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "core_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
-
-
 def model_folder(name: str) -> Path:
     if MODELS[name] != "build.sh":
         return Path(MODELS[name])
