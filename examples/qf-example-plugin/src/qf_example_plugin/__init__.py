@@ -36,19 +36,16 @@ class MSERTN(qf.Quantizer):
         w = weight.to(ctx.device, torch.float32)
         rows, cols = w.shape
         g = fmt.group_size(cols)
-        best: dict[str, torch.Tensor] | None = None
-        best_err = torch.full((rows, cols // g), float("inf"), device=w.device)
-        for ratio in torch.linspace(1.0, self.options.min_ratio, self.options.grid).tolist():
+        ratios = torch.linspace(1.0, self.options.min_ratio, self.options.grid).tolist()
+        best = fmt.fit(w * ratios[0])  # ratio 1: plain RTN is always a candidate
+        best_err = (fmt.quantize_dequantize(w, best) - w).pow(2).view(rows, -1, g).sum(-1)
+        for ratio in ratios[1:]:
             params = fmt.fit(w * ratio)  # a grid fitted to shrunk weights = a clipped range
             err = (fmt.quantize_dequantize(w, params) - w).pow(2).view(rows, -1, g).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            if best is None:
-                best = params
-            else:
-                best = {k: torch.where(better.view(*better.shape, *[1] * (v.dim() - 2)), v, best[k])
-                        for k, v in params.items()}
-        assert best is not None
+            best = {k: torch.where(better.view(*better.shape, *[1] * (v.dim() - 2)), v, best[k])
+                    for k, v in params.items()}
         return qf.QuantizedWeight(fmt, (rows, cols), weight.dtype, fmt.pack(fmt.round(w, best)), best)
 
 
