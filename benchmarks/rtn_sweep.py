@@ -116,7 +116,7 @@ def size_metrics(target: EvalTarget, source: ModelSource) -> dict[str, Any]:
 def perplexity(target: EvalTarget, text: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = PerplexityEvaluator(PerplexityOptions(path=TEXTS[text])).evaluate(target)
-    return {"perplexity": m["perplexity"], "nll": m["nll"], "tokens": m["tokens"], "window": m["window"],
+    return {"perplexity": m["perplexity"], "nll": m["nll"], "tokens": m["tokens"], "window": m["ctx"],
             "text_sha256": m["text_sha256"], "eval_seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,21 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"the shared/ folder is missing at {SHARED}; set QF_SHARED")
     return SHARED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_reference_cache(tmp_path_factory) -> None:
+    """Every test session gets its own reference cache (never the user's ~/.cache)."""
+    os.environ["QF_CACHE_DIR"] = str(tmp_path_factory.mktemp("qf-cache"))
+    os.environ.pop("QF_NO_CACHE", None)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(shared) -> dict[str, Path]:
+    """llama.cpp's tools and source tree, built by shared/tools/build-llama-cpp.sh (a no-op when
+    they exist; about 5 minutes on 2 cores the first time). Keys: ``bin``, ``src``."""
+    r = subprocess.run(["bash", str(shared / "tools" / "build-llama-cpp.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"building llama.cpp failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    out = dict(line.split("=", 1) for line in r.stdout.splitlines() if line.startswith("LLAMA_CPP_"))
+    return {"bin": Path(out["LLAMA_CPP_BIN"]), "src": Path(out["LLAMA_CPP_SRC"])}

@@ -37,7 +37,7 @@ from .options import Options
 from .plugins import get_component, get_plugin_manager
 from .roles.architecture import Architecture, InputGroup
 from .roles.calibrator import CalibrationSet, Calibrator
-from .roles.evaluator import EvalTarget, Evaluator
+from .roles.evaluator import Engine, EvalTarget, Evaluator
 from .roles.exporter import Exporter
 from .roles.format import Format, QuantizedWeight
 from .roles.kernel import Kernel, QuantLinear
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "EvalTarget", "Evaluator",
+    "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
     "Exporter", "Format", "InputGroup", "Kernel", "Options", "QFError", "QuantContext", "QuantLinear",
     "QuantPlan", "QuantizedWeight", "Quantizer", "TensorPlan", "get_component", "get_plugin_manager",
     "hookimpl", "hookspec", "load", "resolve_format", "run",

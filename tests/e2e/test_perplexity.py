@@ -37,7 +37,7 @@ def test_perplexity_equals_direct_transformers(window: int, max_tokens: int) -> 
     path = default_model_path()
     source = resolve_model(path)
     model = load_full_model(source, dtype=torch.float32, device=torch.device("cpu"))
-    ev = PerplexityEvaluator(PerplexityOptions(window=window, max_tokens=max_tokens, batch_size=3))
+    ev = PerplexityEvaluator(PerplexityOptions(ctx=window, max_tokens=max_tokens, batch_size=3))
     got = ev.evaluate(EvalTarget(model, source.tokenizer(), source, "original", torch.device("cpu")))
     ref, n = direct_perplexity(path, default_eval_text().read_text(), window or 1024, max_tokens)
     assert got["tokens"] == n

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from ..pipeline.source import ModelSource
+    from .evaluator import Engine
 
 
 class Exporter(Component, ABC):
@@ -73,6 +74,11 @@ class Exporter(Component, ABC):
              dtype: torch.dtype = torch.float32) -> nn.Module:
         """Rebuild the quantized model from an artifact this exporter wrote (optional)."""
         raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
+
+    def engine(self, folder: Path, device: torch.device) -> Engine | None:
+        """Open the artifact in the engine that serves it (llama.cpp for GGUF, ...), if a plugin
+        provides one; ``qf eval`` and the run's artifact check use it when :meth:`load` cannot."""
+        return None
 
 
 def default_plan(source: ModelSource, requested: Format) -> QuantPlan:

@@ -1,0 +1,148 @@
+"""Evaluation windows: how a text is cut and which positions are scored (two protocols).
+
+``core`` (``docs/perplexity.md``): the text is tokenized without special tokens, its first
+``max_tokens`` tokens are cut into non-overlapping windows of ``ctx`` tokens (the last may be
+shorter), each scored from its own start without BOS: every token but a window's first is
+predicted.
+
+``llama.cpp`` (``llama-perplexity``): the text is tokenized with the BOS the model adds, cut
+into ``len // ctx`` whole windows (at most ``max_tokens // ctx``); each window's first token is
+replaced by BOS when the model adds one; only the second half is scored: logits at
+positions ``ctx//2 … ctx-2`` predict tokens ``ctx//2+1 … ctx-1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..data import default_eval_text
+from ..errors import UsageError
+from ..options import Options
+from ..roles.evaluator import EvalTarget
+
+Protocol = Literal["core", "llama.cpp"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextOptions(Options):
+    """Options shared by every evaluator that scores a text (perplexity, kl, ...)."""
+
+    path: Path | None = field(default=None, metadata={
+        "help": "evaluation text (.txt/.jsonl); default: the embedded Python-code evaluation text"})
+    protocol: Protocol = field(default="core", metadata={
+        "help": "core: non-overlapping windows from their start, no BOS; llama.cpp: as llama-perplexity "
+                "(BOS first, second half of each window scored)"})
+    ctx: int = field(default=0, metadata={
+        "help": "tokens per window; 0 = min(model context, 2048) for core, 512 for llama.cpp"})
+    max_tokens: int = field(default=50_000, metadata={"help": "use only the first max_tokens tokens"})
+    batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
+    add_bos: bool | None = field(default=None, metadata={
+        "help": "llama.cpp protocol: put BOS first (default: if the tokenizer adds one)"})
+
+    def text_path(self) -> Path:
+        """The evaluation text: ``path``, or the embedded default."""
+        return Path(self.path) if self.path is not None else default_eval_text()
+
+    def __post_init__(self) -> None:
+        if self.ctx < 0 or self.ctx == 1:
+            raise ValueError(f"ctx must be 0 (auto) or >= 2, got {self.ctx}")
+        if self.protocol == "llama.cpp" and 0 < self.ctx < 4:
+            raise ValueError(f"the llama.cpp protocol needs ctx >= 4, got {self.ctx}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Windows:
+    """Token windows of one text and the positions scored in each."""
+
+    windows: list[torch.Tensor]
+    score_from: int  # logits at positions >= score_from (and < len-1) are scored
+    protocol: str
+    ctx: int
+    text_name: str
+    text_sha256: str
+    add_bos: bool = False
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> int:
+        return sum(max(0, w.numel() - 1 - self.score_from) for w in self.windows)
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the scored positions (for caches)."""
+        return {"protocol": self.protocol, "ctx": self.ctx, "text_sha256": self.text_sha256,
+                "add_bos": self.add_bos, "windows": len(self.windows), "scored": self.scored}
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Stacks of up to ``batch_size`` equal-length windows, in order."""
+        i = 0
+        while i < len(self.windows):
+            n = 1
+            while n < batch_size and i + n < len(self.windows) and \
+                    self.windows[i + n].numel() == self.windows[i].numel():
+                n += 1
+            yield torch.stack(self.windows[i: i + n])
+            i += n
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def make_windows(options: TextOptions, target: EvalTarget) -> Windows:
+    """Read and tokenize the text and cut it into windows under ``options.protocol``."""
+    from ..builtin.text_calibrator import read_text
+
+    path = options.text_path()
+    text = read_text(path)
+    tok = target.tokenizer
+    sha = text_sha256(text)
+    if options.protocol == "core":
+        ctx = options.ctx or min(target.source.context_length, 2048)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0][: options.max_tokens]
+        wins = [w for w in ids.split(ctx) if w.numel() >= 2]
+        if not wins:
+            raise UsageError(f"evaluation text {path} has fewer than 2 tokens; pass a longer text")
+        return Windows(wins, 0, "core", ctx, path.name, sha)
+    ctx = options.ctx or 512
+    add_bos = _tokenizer_adds_bos(tok) if options.add_bos is None else options.add_bos
+    bos = getattr(tok, "bos_token_id", None)
+    if add_bos and bos is None:
+        raise UsageError("add_bos=true, but the tokenizer has no BOS token; drop add_bos")
+    body = tok(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0]
+    ids = torch.cat([torch.tensor([bos], dtype=body.dtype), body]) if add_bos else body
+    n = min(ids.numel() // ctx, options.max_tokens // ctx)
+    if ids.numel() < 2 * ctx or n < 1:
+        raise UsageError(f"the llama.cpp protocol needs at least {2 * ctx} tokens with ctx={ctx}; "
+                         f"{path.name} has {ids.numel()}: pass a longer text or a smaller ctx")
+    wins = [w.clone() for w in ids[: n * ctx].view(n, ctx)]
+    if add_bos:
+        for w in wins:
+            w[0] = bos
+    return Windows(wins, ctx // 2, "llama.cpp", ctx, path.name, sha, add_bos=add_bos)
+
+
+def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch: float32 logits of the scored positions ``[n, vocab]`` and the tokens they predict."""
+    s = wins.score_from
+    for x in wins.batches(batch_size):
+        logits = target.logits(x)
+        tgt = x[:, s + 1:].to(logits.device)
+        yield logits[:, s:-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1)
