@@ -120,7 +120,8 @@ def qf_register_evaluators(register: Registrar) -> None:
 
     Called when an evaluator is first looked up (``qf run --evaluator NAME``, ``qf eval``,
     ``qf plugins``). Call ``register(EvaluatorClass)`` once per class. An evaluator returns
-    named metrics for one model (the original or the quantized one).
+    named metrics for one model (the original, the in-memory quantized model or the written
+    artifact), or, with ``compares = True``, for the quantized model against the original.
 
     :param register: the registrar; ``register(cls, aliases=())``.
     :returns: nothing; return values are ignored. Not firstresult.

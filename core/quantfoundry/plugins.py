@@ -40,6 +40,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("text-calibrator", "quantfoundry.builtin.text_calibrator"),
     ("perplexity", "quantfoundry.builtin.perplexity"),
     ("size", "quantfoundry.builtin.size"),
+    ("kl", "quantfoundry.builtin.kl"),
+    ("speed", "quantfoundry.builtin.speed"),
+    ("calibration-mismatch", "quantfoundry.builtin.calibration_mismatch"),
     ("qf-exporter", "quantfoundry.builtin.qf_exporter"),
 )
 

@@ -42,7 +42,7 @@ def test_builtins_register_through_the_hooks(qf_plugin_manager: QFPluginManager)
                     "architectures"):
         assert builtin in names
     assert builtin_names(qf_plugin_manager, "quantizer") == ["rtn"]
-    assert builtin_names(qf_plugin_manager, "evaluator") == ["perplexity", "size"]
+    assert builtin_names(qf_plugin_manager, "evaluator") == ["calibration-mismatch", "kl", "perplexity", "size", "speed"]
 
 
 def test_fixture_registered_plugin_is_seen_and_names_normalize(register_plugin, qf_plugin_manager) -> None:

@@ -4,10 +4,14 @@
   parameters, permutations), or of the same linears in the checkpoint's float dtype for the
   original;
 * ``model_bytes`` / ``model_bpw``: every parameter of the model (float tensors counted in the
-  checkpoint's storage dtype; a tied embedding/output weight counted once).
+  checkpoint's storage dtype; a tied embedding/output weight counted once);
+* ``artifact_bytes``: for a written artifact, the bytes of its files on disk (what ships;
+  the ``quantfoundry.json`` manifest, which evaluation itself rewrites, not counted).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 
@@ -19,9 +23,21 @@ from ..roles.kernel import QuantLinear
 class SizeEvaluator(Evaluator):
     name = "size"
     description = "bytes and bits per weight of the quantized linears and of the whole model"
-    higher_is_better = {"linear_bytes": False, "linear_bpw": False, "model_bytes": False, "model_bpw": False}
+    higher_is_better = {"linear_bytes": False, "linear_bpw": False, "model_bytes": False, "model_bpw": False,
+                        "artifact_bytes": False}
+    agreement = {"linear_bytes": (0.0, 0.0)}
 
     def evaluate(self, target: EvalTarget) -> dict[str, Metric]:
+        on_disk: dict[str, Metric] = {}
+        if target.info.get("artifact_path"):
+            folder = Path(target.info["artifact_path"])
+            files = [folder] if folder.is_file() else \
+                [p for p in folder.rglob("*") if p.is_file() and p.name != "quantfoundry.json"]
+            on_disk["artifact_bytes"] = sum(p.stat().st_size for p in files)
+        elif target.engine is not None and target.engine.artifact_bytes() is not None:
+            on_disk["artifact_bytes"] = int(target.engine.artifact_bytes() or 0)
+        if target.model is None:
+            return on_disk
         float_bytes = target.float_dtype.itemsize if hasattr(target.float_dtype, "itemsize") else 2
         quant_names = set(target.info.get("quantized_linears", ()))
         lin_bytes = lin_weights = model_bytes = model_weights = 0
@@ -52,7 +68,7 @@ class SizeEvaluator(Evaluator):
         if lin_weights:
             out["linear_bytes"] = int(lin_bytes)
             out["linear_bpw"] = 8 * lin_bytes / lin_weights
-        return out
+        return {**out, **on_disk}
 
 
 @hookimpl

@@ -1,0 +1,161 @@
+"""Built-in evaluator ``speed``: prefill and decode tokens/s and peak memory, on the run's device.
+
+Measured on the quantized model (with the kernel the run chose) and on the original, one
+after the other in the same process, so the two columns are a side-by-side comparison.
+
+* ``prefill_tok_s``: a batch-1 forward over ``prompt_tokens`` tokens (no cache), median of
+  ``repeats`` timed runs after ``warmup`` untimed ones;
+* ``decode_tok_s``: ``new_tokens`` greedy steps with the KV cache after that prefill,
+  tokens per second of the steps alone (median of ``repeats``);
+* ``weights_mib``: the bytes of the model's parameters and buffers;
+* ``peak_mib``: ``weights_mib`` plus the largest memory growth during the timed runs
+  (CUDA: ``torch.cuda.max_memory_allocated``; CPU on Linux: the process's peak RSS, reset
+  through ``/proc/self/clear_refs``; absent where neither is available).
+
+Timings on a busy machine are noisy; compare the ratio of the two columns, not absolutes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..hookspecs import hookimpl
+from ..options import Options
+from ..roles.evaluator import EvalTarget, Evaluator, Metric
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedOptions(Options):
+    prompt_tokens: int = field(default=256, metadata={"help": "prompt length for the prefill timing"})
+    new_tokens: int = field(default=32, metadata={"help": "greedy decode steps timed after the prefill"})
+    repeats: int = field(default=3, metadata={"help": "timed repetitions (the median is reported)"})
+    warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
+    seed: int = field(default=0, metadata={"help": "seed of the random prompt"})
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _PeakMemory:
+    """Largest memory growth (bytes) while active: CUDA allocator or Linux peak RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.growth: int | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            from ..pipeline.materialize import trim_memory
+
+            trim_memory()  # hand freed heap back first, so growth is new memory, not reuse
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                self._base = _rss_kib("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.growth = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            peak = _rss_kib("VmHWM")
+            self.growth = None if peak is None else max(0, peak - self._base) * 1024
+
+
+@torch.no_grad()
+def _time_prefill_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
+                         device: torch.device) -> tuple[float, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    t2 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t3 = time.perf_counter()
+    return t1 - t0, t3 - t2
+
+
+class SpeedEvaluator(Evaluator):
+    name = "speed"
+    description = "prefill and decode tokens/s and peak memory on the run's device (quantized vs original)"
+    Options = SpeedOptions
+    cache_original = False  # timings belong to this run, side by side
+    on_artifact = False  # the artifact runs the same kernel; its timing adds nothing
+    higher_is_better = {"prefill_tok_s": True, "decode_tok_s": True, "weights_mib": False, "peak_mib": False}
+
+    options: SpeedOptions
+
+    def evaluate(self, target: EvalTarget) -> dict[str, Metric]:
+        o = self.options
+        model = target.model
+        if model is None:
+            raise UsageError(f"speed needs a torch model; the {target.label} is served by "
+                             f"{target.engine.name if target.engine else 'an engine'}: time it with that engine's tools")
+        vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
+            else int(target.source.config.get_text_config().vocab_size)
+        gen = torch.Generator().manual_seed(o.seed)
+        prompt = torch.randint(0, vocab, (1, o.prompt_tokens), generator=gen).to(target.device)
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+                      if t.device.type != "meta")
+        for _ in range(o.warmup):
+            _time_prefill_decode(model, prompt, min(o.new_tokens, 4), target.device)
+        prefill, decode = [], []
+        with _PeakMemory(target.device) as peak:
+            for _ in range(o.repeats):
+                p, d = _time_prefill_decode(model, prompt, o.new_tokens, target.device)
+                prefill.append(p)
+                decode.append(d)
+        out: dict[str, Metric] = {
+            "prefill_tok_s": o.prompt_tokens / statistics.median(prefill),
+            "decode_tok_s": o.new_tokens / statistics.median(decode),
+            "weights_mib": weights / _MIB,
+            "device": str(target.device),
+        }
+        if peak.growth is not None:
+            out["peak_mib"] = (weights + peak.growth) / _MIB
+        return out
+
+
+@hookimpl
+def qf_register_evaluators(register):
+    register(SpeedEvaluator)
