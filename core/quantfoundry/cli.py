@@ -38,6 +38,21 @@ def _split_role_options(pairs: tuple[str, ...], names: list[str], flag: str) -> 
     return out
 
 
+def _evaluator_specs(names: tuple[str, ...], pairs: tuple[str, ...],
+                     default: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """``--evaluator NAME[:KEY=VALUE,...]`` (inline options tell repeats apart) plus
+    ``--evaluator-opt [NAME.]KEY=VALUE`` applied to every evaluator of that name."""
+    specs: list[tuple[str, dict[str, Any]]] = []
+    for item in names:
+        name, colon, inline = item.partition(":")
+        opts = parse_key_values(tuple(p for p in inline.split(",") if p), flag=f"--evaluator {name}:") if colon else {}
+        specs.append((name, opts))
+    specs = specs or default
+    unique = list(dict.fromkeys(n for n, _ in specs))
+    extra = _split_role_options(pairs, unique, "--evaluator-opt")
+    return [(n, {**o, **extra[n]}) for n, o in specs]
+
+
 class QFClickError(click.ClickException):
     """A QFError shown as one line (``Error: ...``) with exit code 2."""
 
@@ -79,10 +94,13 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--exporter-opt", multiple=True, metavar="KEY=VALUE", help="Exporter option (repeatable).")
 @click.option("--calibrator", default=None, help="Calibration source (default: text, when needed).")
 @click.option("--calibrator-opt", multiple=True, metavar="KEY=VALUE", help="Calibrator option (repeatable).")
-@click.option("--evaluator", "evaluators", multiple=True,
+@click.option("--evaluator", "evaluators", multiple=True, metavar="NAME[:KEY=VALUE,...]",
               help="Evaluator (repeatable; default: perplexity and size).")
 @click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
 @click.option("--no-eval", is_flag=True, help="Skip evaluation.")
+@click.option("--no-artifact-eval", is_flag=True,
+              help="Evaluate only the in-memory model, not the written artifact as well.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
 @click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
 @click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -123,10 +141,11 @@ def run(**kw: Any) -> None:
     if kw["no_eval"]:
         evals: list[tuple[str, dict[str, Any]]] = []
     else:
-        evals = [(e, {}) for e in kw["evaluators"]] or args.get("evaluators") or [(e, {}) for e in DEFAULT_EVALUATORS]
-        ev_opts = _split_role_options(kw["evaluator_opt"], [n for n, _ in evals], "--evaluator-opt")
-        evals = [(n, {**o, **ev_opts[n]}) for n, o in evals]
+        evals = _evaluator_specs(kw["evaluators"], kw["evaluator_opt"],
+                                 args.get("evaluators") or [(e, {}) for e in DEFAULT_EVALUATORS])
     args["evaluators"] = evals
+    args["artifact_eval"] = not kw["no_artifact_eval"]
+    args["cache"] = not kw["no_cache"]
     if kw["dry_run"]:
         _dry_run(args)
         return
@@ -202,16 +221,21 @@ def _print_summary(result: Any) -> None:
                   f"({', '.join(f'{n} x {s}' for s, n in counts.items())}); "
                   f"{len(plan.kept_float())} kept in float; {len(plan.fallbacks())} fallback(s)")
     for note in result.notes:
-        console.print(f"  note: {note}")
+        console.print(f"  [bold red]{note}[/]" if note.startswith("MISMATCH") else f"  note: {note}",
+                      markup=note.startswith("MISMATCH"), highlight=False)
     if result.metrics:
+        present = {c for metrics in result.metrics.values() for values in metrics.values() for c in values}
+        cols = [c for c in ("original", "quantized", "artifact") if c in present]
         table = Table(title="evaluation")
-        for col in ("metric", "original", "quantized"):
-            table.add_column(col, justify="right" if col != "metric" else "left")
+        table.add_column("metric")
+        for col in cols:
+            table.add_column(col if col != "quantized" else "quantized (in memory)", justify="right")
         for ev, metrics in result.metrics.items():
             for name, values in metrics.items():
-                if isinstance(values.get("quantized"), str) and values.get("quantized") == values.get("original"):
-                    continue
-                table.add_row(f"{ev}.{name}", _fmt(values.get("original")), _fmt(values.get("quantized")))
+                shown = [values.get(c) for c in cols if c in values]
+                if all(isinstance(v, str) for v in shown) and len(set(shown)) == 1 and len(shown) > 1:
+                    continue  # the same text/protocol label in every column
+                table.add_row(f"{ev}.{name}", *(_fmt(values.get(c)) for c in cols))
         console.print(table)
     if result.artifact is not None:
         console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")
@@ -285,19 +309,20 @@ def formats() -> None:
 @cli.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--original", default=None, help="Original model to compare against (default: the manifest's source).")
-@click.option("--evaluator", "evaluators", multiple=True, help="Evaluator (repeatable; default: perplexity and size).")
+@click.option("--evaluator", "evaluators", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Evaluator (repeatable; default: perplexity and size).")
 @click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
 @click.option("--kernel", default=None, help="Kernel to run the quantized linears.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
 def eval_(path: Path, original: str | None, evaluators: tuple[str, ...], evaluator_opt: tuple[str, ...],
-          kernel: str | None, device: str) -> None:
+          kernel: str | None, device: str, no_cache: bool) -> None:
     """Evaluate a written artifact against its original model."""
     from .pipeline.evaluate import evaluate_artifact
 
-    names = list(evaluators) or list(DEFAULT_EVALUATORS)
-    opts = _split_role_options(evaluator_opt, names, "--evaluator-opt")
-    result = evaluate_artifact(path, original=original, evaluators=[(n, opts[n]) for n in names],
-                               kernel=kernel, device=device)
+    specs = _evaluator_specs(evaluators, evaluator_opt, [(e, {}) for e in DEFAULT_EVALUATORS])
+    result = evaluate_artifact(path, original=original, evaluators=specs, kernel=kernel, device=device,
+                               cache=not no_cache)
     _print_summary(result)
 
 
@@ -325,6 +350,53 @@ def load(path: Path, device: str) -> None:
     console.print(table)
     console.print(f"reloaded {sum(isinstance(m, QuantLinear) for m in model.modules())} quantized linears, "
                   f"{total:,} bytes")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Model folder or hub id (default: the embedded pycode-7m).")
+@click.option("--quantizer", "-q", "quantizers", multiple=True, help="Quantizer (repeatable; default: rtn).")
+@click.option("--format", "-f", "formats", multiple=True,
+              help="Format (repeatable); every quantizer runs with every format.")
+@click.option("--recipe", "recipes", multiple=True, type=click.Path(path_type=Path),
+              help="TOML recipe (repeatable): one more variant each, named after the file.")
+@click.option("--evaluator", "evaluators", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="Evaluator (repeatable; default: kl and size). size is always added.")
+@click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("qf-compare"), show_default=True,
+              help="Folder for compare.md, compare.json, compare.png (and artifacts).")
+@click.option("--artifacts", is_flag=True, help="Also export every variant with the qf exporter and report "
+              "the artifact's figures.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--calibrator-opt", multiple=True, metavar="KEY=VALUE", help="Calibrator option for every variant.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, ...], recipes: tuple[Path, ...],
+            evaluators: tuple[str, ...], evaluator_opt: tuple[str, ...], out: Path, artifacts: bool, device: str,
+            calibrator_opt: tuple[str, ...], no_cache: bool, no_progress: bool) -> None:
+    """Run several recipes on one model; write a table and a quality-vs-size plot."""
+    from .evaluation.compare import compare as run_compare
+    from .evaluation.compare import variants_from
+    from .pipeline.progress import Progress
+
+    variants = variants_from(quantizers, formats, recipes)
+    specs = _evaluator_specs(evaluators, evaluator_opt, [("kl", {}), ("size", {})])
+    extra: dict[str, Any] = {}
+    cal = parse_key_values(calibrator_opt, flag="--calibrator-opt")
+    if cal:
+        extra["calibrator_options"] = cal
+    with Progress(enabled=not no_progress and sys.stderr.isatty(), total=len(variants), label="comparing",
+                  unit="variants") as bar:
+        def on_variant(i: int, n: int, label: str) -> None:
+            if i:
+                bar.advance()
+            bar.describe(label)
+
+        result = run_compare(model, variants, evaluators=specs, out=out, device=device, artifacts=artifacts,
+                             cache=not no_cache, on_variant=on_variant, **extra)
+        bar.advance()
+    console = _console()
+    console.print(result.table.read_text(), markup=False, highlight=False)
+    console.print(f"wrote {result.table}, {result.plot}, {result.data}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import quantfoundry as qf
 import torch
 from click.testing import CliRunner
 from quantfoundry.cli import cli
+from quantfoundry.data import default_eval_text
 from quantfoundry.roles.kernel import QuantLinear
 
 
@@ -40,8 +42,14 @@ def test_manifest_records_the_run(default_run) -> None:
     assert m["source"]["sha256"] == "5e02a8b9d73bf72ca3af2699379e5423a3a3de3749436a88ad5d73b48f501c4a"
     assert m["plan"]["lm_head"]["format"] is None and "kept in float" in m["plan"]["lm_head"]["reason"]
     assert len(m["tensors"]) == 42
-    ppl = m["evaluation"]["perplexity"]["perplexity"]
+    ppl = m["evaluation"]["metrics"]["perplexity"]["perplexity"]
     assert math.isfinite(ppl["original"]) and math.isfinite(ppl["quantized"])
+    # the artifact was reloaded and re-evaluated: bit-identical weights, the same perplexity
+    assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=1e-9)
+    assert m["evaluation"]["artifact_check"]["ok"] is True
+    assert m["evaluation"]["metrics"]["perplexity"]["text_sha256"]["quantized"] == \
+        hashlib.sha256(default_eval_text().read_bytes()).hexdigest()[:16]
+    assert m["evaluation"]["evaluators"]["perplexity"]["options"]["protocol"] == "core"
     assert m["versions"]["torch"] == torch.__version__
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "quantfoundry"
@@ -74,7 +82,10 @@ def test_eval_and_load_commands(default_run) -> None:
     assert r.exit_code == 0, r.output
     assert "size.linear_bpw" in r.output
     m = json.loads((out / "quantfoundry.json").read_text())
-    assert m["artifact_evaluation"]["size"]["linear_bpw"]["quantized"] == pytest.approx(4.1875)
+    sizes = m["artifact_evaluation"]["metrics"]["size"]
+    assert sizes["linear_bpw"]["artifact"] == pytest.approx(4.1875)
+    assert sizes["artifact_bytes"]["artifact"] == sum(p.stat().st_size for p in out.rglob("*")
+                                                      if p.is_file() and p.name != "quantfoundry.json")
     r = CliRunner().invoke(cli, ["load", str(out)], catch_exceptions=False)
     assert r.exit_code == 0 and "reloaded 42 quantized linears" in r.output
 
@@ -88,7 +99,7 @@ def test_recipe_and_flags(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     m = json.loads((out / "quantfoundry.json").read_text())
     assert m["format"]["spec"] == "int3-g64"
-    assert "perplexity" not in m["evaluation"]
+    assert "perplexity" not in m["evaluation"]["metrics"]
 
 
 def test_dry_run_shows_the_plan() -> None:

@@ -40,3 +40,20 @@ def test_run_on_cuda_matches_cpu(tmp_path) -> None:
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "gpu" / "model.safetensors").read_bytes()
     loaded = qf.load(tmp_path / "gpu", device="cuda")
     assert next(loaded.parameters()).is_cuda
+
+
+def test_evaluators_on_cuda_match_cpu(tmp_path) -> None:
+    evals = [("kl", {"max_tokens": 8000}), ("perplexity", {"protocol": "llama.cpp", "max_tokens": 8000}),
+             ("speed", {"prompt_tokens": 64, "new_tokens": 8}), ("size", {})]
+    cpu = qf.run(format="int4-g128", evaluators=evals, out=tmp_path / "cpu", progress=False)
+    gpu = qf.run(format="int4-g128", evaluators=evals, out=tmp_path / "gpu", device="cuda", progress=False)
+    for metric in ("kl_mean", "kl_p99", "ppl_quantized"):
+        for col in ("quantized", "artifact"):
+            assert gpu.metrics["kl"][metric][col] == pytest.approx(cpu.metrics["kl"][metric][col], rel=2e-3), metric
+    assert abs(gpu.metrics["kl"]["same_top1_pct"]["quantized"] - cpu.metrics["kl"]["same_top1_pct"]["quantized"]) < 0.2
+    assert gpu.metrics["perplexity"]["perplexity"]["original"] == pytest.approx(
+        cpu.metrics["perplexity"]["perplexity"]["original"], rel=1e-3)
+    s = gpu.metrics["speed"]
+    assert s["device"]["quantized"].startswith("cuda")
+    assert s["peak_mib"]["quantized"] >= s["weights_mib"]["quantized"] > 0
+    assert gpu.manifest["evaluation"]["artifact_check"]["ok"]

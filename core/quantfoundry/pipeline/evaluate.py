@@ -1,40 +1,202 @@
-"""``qf eval``: run evaluators on a written artifact against its original model."""
+"""Evaluation: the quantized model, the written artifact and the original, side by side.
+
+``metrics[key][metric]`` maps the columns ``"original"``, ``"quantized"`` (the in-memory model)
+and ``"artifact"`` (the written artifact reloaded through its exporter, or served by its
+engine) to values. Per-model evaluators fill every column (the original's results cached on
+disk); comparing evaluators (``kl``) fill the quantized and artifact columns, against the
+original through a :class:`~quantfoundry.evaluation.reference.Reference`.
+
+``qf run`` measures the artifact as well wherever its exporter can open it, and flags every
+metric where the artifact and the in-memory model differ by more than the evaluator's stated
+bound (:attr:`Evaluator.agreement`): that means the export lost something.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
+import torch
+
+from ..errors import ArtifactError, UsageError
+from ..evaluation.reference import Reference, cache_root
+from ..options import options_to_dict
+from ..roles.evaluator import Engine, EvalTarget, Evaluator
+from ..roles.exporter import Exporter
 from ..roles.plan import QuantPlan, TensorPlan
 from .manifest import read_manifest, write_json_atomic
-from .run import RunResult, _device, _evaluate, load, make
-from .source import resolve_model
+
+Metrics = dict[str, dict[str, dict[str, Any]]]
+
+
+@dataclass
+class Evaluation:
+    """Evaluators keyed by a unique name (``perplexity``, or ``perplexity[path=wiki.txt]`` when
+    one evaluator appears twice) and the results measured so far."""
+
+    evaluators: dict[str, Evaluator]
+    metrics: Metrics = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+    artifact: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, evals: Sequence[Evaluator]) -> Evaluation:
+        """Key each evaluator by its name, plus the options that tell apart repeats of one name."""
+        keyed: dict[str, Evaluator] = {}
+        for ev in evals:
+            same = [options_to_dict(e.options) for e in evals if e.name == ev.name]
+            key = ev.name
+            if len(same) > 1:
+                mine = options_to_dict(ev.options)
+                keys = list(dict.fromkeys(k for o in same for k in o))
+                diff = [k for k in keys if any(o.get(k) != mine.get(k) for o in same)]
+                key += "[" + ",".join(f"{k}={_short(mine.get(k))}" for k in diff) + "]"
+            n, base = 2, key
+            while key in keyed:
+                key, n = f"{base}#{n}", n + 1
+            keyed[key] = ev
+        return cls(keyed)
+
+    def record(self, key: str, column: str, values: dict[str, Any]) -> None:
+        for metric, value in values.items():
+            self.metrics.setdefault(key, {}).setdefault(metric, {})[column] = value
+
+    def measure(self, target: EvalTarget, column: str, *, which: str = "all") -> None:
+        """Run the evaluators on ``target`` (``which``: all, per-model or artifact)."""
+        for key, ev in self.evaluators.items():
+            if which == "artifact" and not ev.on_artifact:
+                continue
+            self.record(key, column, ev.evaluate(target))
+
+    def measure_original(self, reference: Reference) -> None:
+        """Per-model evaluators on the original, from the cache where allowed."""
+        dev = reference.device.type
+        for key, ev in self.evaluators.items():
+            if ev.compares:
+                continue
+            if ev.cache_original:
+                values = reference.metrics(ev.name, {**ev.cache_key(), "device": dev},
+                                           lambda orig, ev=ev: ev.evaluate(orig))
+            else:
+                values = ev.evaluate(reference.target())
+            self.record(key, "original", values)
+
+    def check_artifact(self) -> list[str]:
+        """Metrics where the artifact strays from the in-memory model beyond the bound."""
+        out = []
+        for key, ev in self.evaluators.items():
+            for metric, (rtol, atol) in ev.agreement.items():
+                col = self.metrics.get(key, {}).get(metric, {})
+                a, b = col.get("quantized"), col.get("artifact")
+                if not isinstance(a, int | float) or not isinstance(b, int | float):
+                    continue
+                bound = atol + rtol * abs(a)
+                if abs(a - b) > bound:
+                    out.append(f"{key}.{metric}: in memory {a:.6g}, artifact {b:.6g} "
+                               f"(bound {bound:.3g} = {atol:g} + {rtol:g} x |in memory|)")
+        self.mismatches = out
+        return out
+
+    def to_json(self, device: torch.device, reference: Reference | None) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "evaluators": {k: {"name": e.name, "options": options_to_dict(e.options)}
+                           for k, e in self.evaluators.items()},
+            "device": str(device),
+            "precision": "float32",
+            "reference": None if reference is None else {
+                "loads": reference.loads, "cache_hits": reference.hits, "cache_misses": reference.misses,
+                "cache": str(reference.cache) if reference.cache else None},
+            "artifact": self.artifact,
+            "artifact_check": None if self.artifact is None else {
+                "ok": not self.mismatches, "mismatches": self.mismatches,
+                "bounds": {f"{k}.{m}": {"rtol": r, "atol": a} for k, e in self.evaluators.items()
+                           for m, (r, a) in e.agreement.items()}},
+        }
+
+
+def _short(value: Any) -> str:
+    """An option value in a key: file names without their folder, ``None`` as ``default``."""
+    if value is None:
+        return "default"
+    text = str(value)
+    return Path(text).name if "/" in text else text
+
+
+def make_reference(source: Any, tokenizer: Any, device: torch.device, *, cache: bool = True,
+                   info: dict[str, Any] | None = None) -> Reference:
+    return Reference(source, tokenizer, device, cache=cache_root() if cache else None, info=info)
+
+
+def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel: str | None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module | None, Engine | None, str]:
+    """The artifact as a torch model (through our kernels) or an engine, and how it was opened."""
+    try:
+        model = exporter.load(folder, device, kernel, dtype)
+        return model, None, f"exporter {exporter.name!r} reloaded through quantfoundry kernels"
+    except NotImplementedError:
+        pass
+    engine = exporter.engine(folder, device)
+    if engine is None:
+        return None, None, f"exporter {exporter.name!r} can neither reload nor serve its artifact"
+    return None, engine, f"served by {engine.name} {engine.version or ''}".strip()
+
+
+def quantized_linears(model: torch.nn.Module) -> QuantPlan:
+    from ..roles.kernel import QuantLinear
+
+    plan = QuantPlan()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            plan.add(TensorPlan(name, (mod.out_features, mod.in_features), mod.format))
+    return plan
 
 
 def evaluate_artifact(path: str | Path, *, original: str | None = None,
                       evaluators: list[tuple[str, dict[str, Any]]], kernel: str | None = None,
-                      device: str = "cpu", dtype: str = "float32", update_manifest: bool = True) -> RunResult:
-    """Load the artifact at ``path`` through its exporter and evaluate it beside the original."""
+                      device: str = "cpu", dtype: str = "float32", update_manifest: bool = True,
+                      cache: bool = True) -> Any:
+    """``qf eval``: open the artifact at ``path`` and evaluate it beside its original model."""
+    from .run import RunResult, _device, make
+    from .source import resolve_model
+
     t0 = time.perf_counter()
     folder = Path(path)
     manifest = read_manifest(folder)
-    evals = [make("evaluator", n, o) for n, o in evaluators]
+    evaluation = Evaluation.of([make("evaluator", n, o) for n, o in evaluators])
     source_path = original or manifest.get("source", {}).get("path")
     if not source_path:
         raise ArtifactError(f"{folder}'s manifest names no source model; pass --original")
     source = resolve_model(source_path, check_weights=False)
     dev = _device(device)
-    model = load(folder, device=dev, kernel=kernel, dtype=dtype)
-    plan = QuantPlan()
-    from ..roles.kernel import QuantLinear
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            plan.add(TensorPlan(name, (mod.out_features, mod.in_features), mod.format))
-    metrics = _evaluate(evals, model, source, source.tokenizer(), dev, list(plan.quantized()))
+    exp: Exporter = make("exporter", manifest["exporter"]["name"], manifest["exporter"].get("options", {}))
+    if dtype != "float32":
+        raise UsageError("evaluation runs in float32; drop --dtype")
+    model, engine, how = open_artifact(folder, exp, dev, kernel)
+    if model is None and engine is None:
+        raise UsageError(f"{how}; install the plugin that provides its engine")
+    plan = quantized_linears(model) if model is not None else QuantPlan()
+    tokenizer = source.tokenizer()
+    info = {"quantized_linears": list(plan.quantized()), "artifact_path": str(folder),
+            "calibration": manifest.get("calibration")}
+    reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
+    target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,
+                        info=info, engine=engine, reference=reference)
+    try:
+        evaluation.measure(target, "artifact")
+        del target, model
+        evaluation.measure_original(reference)
+    finally:
+        reference.release()
+        if engine is not None:
+            engine.close()
+    evaluation.artifact = {"path": str(folder), "opened": how}
+    result = evaluation.to_json(dev, reference)
+    result.pop("artifact_check")
     if update_manifest:
-        manifest.setdefault("artifact_evaluation", {}).update(metrics)
+        manifest["artifact_evaluation"] = result
         write_json_atomic(folder / "quantfoundry.json", manifest)
-    return RunResult(folder, plan, metrics, [], manifest, time.perf_counter() - t0)
+    return RunResult(folder, plan, evaluation.metrics, [], manifest, time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""A rich progress bar per block with ETA, quiet when disabled or not on a terminal."""
+"""A rich progress bar (per block, per variant) with ETA, quiet when disabled or not on a terminal."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from rich.progress import Progress as _RichProgress
 
 
 class Progress:
-    def __init__(self, *, enabled: bool, total: int, label: str):
+    def __init__(self, *, enabled: bool, total: int, label: str, unit: str = "blocks"):
         self._bar = None
         if enabled:
             self._bar = _RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("blocks"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 transient=False)
             self._task = self._bar.add_task(label, total=total)
 
@@ -26,6 +26,10 @@ class Progress:
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.advance(self._task)
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._bar is not None:

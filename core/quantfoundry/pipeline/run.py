@@ -24,9 +24,10 @@ from ..roles.plan import QuantPlan
 from ..roles.quantizer import QuantContext, Quantizer
 from .blockwise import run_blocks, run_whole_model
 from .capture import capture_inputs
+from .evaluate import Evaluation, make_reference, open_artifact
 from .kernels import select_kernel
 from .manifest import build_manifest, write_json_atomic
-from .materialize import load_full_model, materialize_outside_blocks
+from .materialize import materialize_outside_blocks, trim_memory
 from .progress import Progress
 from .source import ModelSource, resolve_model
 
@@ -86,13 +87,19 @@ def run(
     revision: str | None = None,
     overwrite: bool = False,
     keep_model: bool = False,
+    artifact_eval: bool = True,
+    cache: bool = True,
     progress: bool = True,
 ) -> RunResult:
     """Quantize ``model`` (a folder or hub id; default: the embedded pycode-7m) and export it.
 
     Every component and option is checked before the model is touched; the artifact is
     written to a temporary folder, verified, then renamed to ``out``. Returns a
-    :class:`RunResult` whose ``metrics`` map ``evaluator → metric → {original, quantized}``.
+    :class:`RunResult` whose ``metrics`` map ``evaluator → metric → {original, quantized,
+    artifact}``: with evaluators and an ``out`` folder, the written artifact is opened again
+    (``artifact_eval``) and every metric it does not reproduce within the evaluator's bound is
+    a ``MISMATCH`` note. ``cache`` keeps the original model's results on disk
+    (``$QF_CACHE_DIR``), so comparing variants of one model runs the original once.
     """
     t_start = time.perf_counter()
     get_plugin_manager()
@@ -199,11 +206,43 @@ def run(
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # -- evaluate --------------------------------------------------------------------------
+    # -- evaluate: in memory, the written artifact, the original ----------------------------
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     if evals:
-        metrics = _evaluate(evals, model_obj, source, tokenizer, dev, list(plan.quantized()))
-        manifest["evaluation"] = metrics
+        evaluation = Evaluation.of(evals)
+        info = {"quantized_linears": list(plan.quantized()), "calibration": manifest.get("calibration")}
+        reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
+        _float_params_to_float32(model_obj)  # evaluation runs in float32 whatever the block dtype was
+        engine = None
+        try:
+            evaluation.measure(EvalTarget(model_obj, tokenizer, source, "quantized", dev,
+                                          float_dtype=source.storage_dtype, info=info, reference=reference),
+                               "quantized")
+            if out_path is not None and artifact_eval:
+                if not keep_model:
+                    model_obj = None
+                    trim_memory()
+                art_model, engine, how = open_artifact(out_path, exp, dev, kernel)
+                if art_model is None and engine is None:
+                    ctx.note(f"artifact not evaluated: {how}")
+                else:
+                    evaluation.measure(EvalTarget(art_model, tokenizer, source, "artifact", dev,
+                                                  float_dtype=source.storage_dtype,
+                                                  info={**info, "artifact_path": str(out_path)},
+                                                  engine=engine, reference=reference), "artifact", which="artifact")
+                    del art_model
+                    evaluation.artifact = {"path": str(out_path), "opened": how}
+                    for line in evaluation.check_artifact():
+                        ctx.note(f"MISMATCH between the artifact and the in-memory model: {line}; "
+                                 "the export lost something")
+            evaluation.measure_original(reference)
+        finally:
+            reference.release()
+            if engine is not None:
+                engine.close()
+        metrics = evaluation.metrics
+        manifest["evaluation"] = evaluation.to_json(dev, reference)
+        manifest["notes"] = list(ctx.notes)
         if out_path is not None:
             write_json_atomic(out_path / "quantfoundry.json", manifest)
     seconds = time.perf_counter() - t_start
@@ -254,24 +293,6 @@ def _float_params_to_float32(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
-
-
-def _evaluate(evals: list[Evaluator], quantized: torch.nn.Module, source: ModelSource, tokenizer: Any,
-              dev: torch.device, linears: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    info = {"quantized_linears": linears}
-    _float_params_to_float32(quantized)  # evaluation runs in float32 whatever the block dtype was
-    target = EvalTarget(quantized, tokenizer, source, "quantized", dev, float_dtype=source.storage_dtype, info=info)
-    for ev in evals:
-        for k, v in ev.evaluate(target).items():
-            metrics.setdefault(ev.name, {}).setdefault(k, {})["quantized"] = v
-    original = load_full_model(source, dtype=torch.float32, device=dev)
-    target = EvalTarget(original, tokenizer, source, "original", dev, float_dtype=source.storage_dtype, info=info)
-    for ev in evals:
-        for k, v in ev.evaluate(target).items():
-            metrics.setdefault(ev.name, {}).setdefault(k, {})["original"] = v
-    del original
-    return metrics
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None,
