@@ -322,7 +322,7 @@ def eval_(path: Path, original: str | None, evaluators: tuple[str, ...], evaluat
 
     specs = _evaluator_specs(evaluators, evaluator_opt, [(e, {}) for e in DEFAULT_EVALUATORS])
     result = evaluate_artifact(path, original=original, evaluators=specs, kernel=kernel, device=device,
-                               cache=not no_cache)
+                               cache=not no_cache, progress=sys.stderr.isatty())
     _print_summary(result)
 
 

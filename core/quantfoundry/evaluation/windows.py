@@ -140,9 +140,19 @@ def make_windows(options: TextOptions, target: EvalTarget) -> Windows:
 
 
 def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch: float32 logits of the scored positions ``[n, vocab]`` and the tokens they predict."""
+    """Per batch: float32 logits of the scored positions ``[n, vocab]`` and the tokens they predict.
+
+    Shows a progress bar when ``target.info["progress"]`` is true (``qf run`` on a terminal).
+    """
+    from ..pipeline.progress import Progress
+
     s = wins.score_from
-    for x in wins.batches(batch_size):
-        logits = target.logits(x)
-        tgt = x[:, s + 1:].to(logits.device)
-        yield logits[:, s:-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1)
+    batches = list(wins.batches(batch_size))
+    label = f"scoring {wins.text_name} ({target.label})"
+    with Progress(enabled=bool(target.info.get("progress")), total=len(batches), label=label, unit="batches",
+                  transient=True) as bar:
+        for x in batches:
+            logits = target.logits(x)
+            tgt = x[:, s + 1:].to(logits.device)
+            yield logits[:, s:-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1)
+            bar.advance()

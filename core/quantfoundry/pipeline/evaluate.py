@@ -158,7 +158,7 @@ def quantized_linears(model: torch.nn.Module) -> QuantPlan:
 def evaluate_artifact(path: str | Path, *, original: str | None = None,
                       evaluators: list[tuple[str, dict[str, Any]]], kernel: str | None = None,
                       device: str = "cpu", dtype: str = "float32", update_manifest: bool = True,
-                      cache: bool = True) -> Any:
+                      cache: bool = True, progress: bool = False) -> Any:
     """``qf eval``: open the artifact at ``path`` and evaluate it beside its original model."""
     from .run import RunResult, _device, make
     from .source import resolve_model
@@ -181,7 +181,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     plan = quantized_linears(model) if model is not None else QuantPlan()
     tokenizer = source.tokenizer()
     info = {"quantized_linears": list(plan.quantized()), "artifact_path": str(folder),
-            "calibration": manifest.get("calibration")}
+            "calibration": manifest.get("calibration"), "progress": progress}
     reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
     target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,
                         info=info, engine=engine, reference=reference)

@@ -9,13 +9,13 @@ from rich.progress import Progress as _RichProgress
 
 
 class Progress:
-    def __init__(self, *, enabled: bool, total: int, label: str, unit: str = "blocks"):
+    def __init__(self, *, enabled: bool, total: int, label: str, unit: str = "blocks", transient: bool = False):
         self._bar = None
         if enabled:
             self._bar = _RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                transient=False)
+                transient=transient)
             self._task = self._bar.add_task(label, total=total)
 
     def __enter__(self) -> Progress:

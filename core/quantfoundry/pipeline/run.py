@@ -210,7 +210,8 @@ def run(
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     if evals:
         evaluation = Evaluation.of(evals)
-        info = {"quantized_linears": list(plan.quantized()), "calibration": manifest.get("calibration")}
+        info = {"quantized_linears": list(plan.quantized()), "calibration": manifest.get("calibration"),
+                "progress": progress}
         reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
         _float_params_to_float32(model_obj)  # evaluation runs in float32 whatever the block dtype was
         engine = None
