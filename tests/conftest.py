@@ -38,3 +38,13 @@ def llama_cpp(shared) -> dict[str, Path]:
         pytest.fail(f"building llama.cpp failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     out = dict(line.split("=", 1) for line in r.stdout.splitlines() if line.startswith("LLAMA_CPP_"))
     return {"bin": Path(out["LLAMA_CPP_BIN"]), "src": Path(out["LLAMA_CPP_SRC"])}
+
+
+@pytest.fixture(scope="session")
+def smollm2(shared) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1-dequantized), built by its shared build.sh (a no-op when built)."""
+    script = shared / "models" / "smollm2-135m-instruct-q4_1-dequant" / "build.sh"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"building SmolLM2 failed:\n{r.stderr[-2000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])

@@ -194,8 +194,7 @@ def compare(model: str | Path | None, variants: list[Variant], *, evaluators: li
     for r in rows:
         if base and r.get("perplexity") is not None:
             r["ppl_increase_pct"] = 100.0 * (r["perplexity"] / base - 1.0)
-    text = _describe_text(evals)
-    title = f"{model_name}: quality vs size ({text}; device {device})"
+    title = f"{model_name}: quality vs size ({_describe_text(results[0]['metrics'])}; {device})"
     table = out / "compare.md"
     body = f"# {title}\n\n" + markdown_table(rows) + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
     tmp = table.with_name(f".{table.name}.tmp-{os.getpid()}")
@@ -209,10 +208,11 @@ def compare(model: str | Path | None, variants: list[Variant], *, evaluators: li
     return CompareResult(str(model or model_name), rows, table, png, data, notes)
 
 
-def _describe_text(evals: list[Spec]) -> str:
-    for n, o in evals:
-        if n in ("kl", "perplexity"):
-            path = o.get("path")
-            return f"{n} on {Path(str(path)).name if path else 'the embedded Python text'}, " \
-                   f"protocol {o.get('protocol', 'core')}"
-    return "no text"
+def _describe_text(metrics: Mapping[str, Any]) -> str:
+    """Which text, protocol and window each quality metric used (from the first variant's results)."""
+    parts = []
+    for ev in ("perplexity", "kl"):
+        col = {k: v.get("quantized") for k, v in metrics.get(ev, {}).items()}
+        if col.get("text"):
+            parts.append(f"{ev}: {col['text']}, {col['protocol']} protocol, ctx {col['ctx']}")
+    return "; ".join(parts) or "no text"
