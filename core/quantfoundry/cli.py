@@ -210,6 +210,7 @@ def _fmt(v: Any) -> str:
 
 
 def _print_summary(result: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -235,7 +236,7 @@ def _print_summary(result: Any) -> None:
                 shown = [values.get(c) for c in cols if c in values]
                 if all(isinstance(v, str) for v in shown) and len(set(shown)) == 1 and len(shown) > 1:
                     continue  # the same text/protocol label in every column
-                table.add_row(f"{ev}.{name}", *(_fmt(values.get(c)) for c in cols))
+                table.add_row(escape(f"{ev}.{name}"), *(escape(_fmt(values.get(c))) for c in cols))
         console.print(table)
     if result.artifact is not None:
         console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")

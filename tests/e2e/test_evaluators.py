@@ -47,6 +47,17 @@ def test_calibration_mismatch_reports_both_domains(tiny_model, tmp_path) -> None
     assert "out-of-domain damage" in m["verdict"]
 
 
+def test_repeated_evaluators_are_told_apart_in_the_summary(tiny_model, tmp_path) -> None:
+    r = CliRunner().invoke(cli, ["run", "--model", str(tiny_model("llama")), "--format", "int8", "--no-artifact-eval",
+                                 "--out", str(tmp_path / "o"),
+                                 "--evaluator", "perplexity:ctx=64,max_tokens=300",
+                                 "--evaluator", "perplexity:ctx=64,max_tokens=300,protocol=llama.cpp"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "perplexity[protocol=core].perplexity" in r.output
+    assert "perplexity[protocol=llama.cpp].perplexity" in r.output
+
+
 def test_calibration_mismatch_needs_an_out_domain_text() -> None:
     r = CliRunner().invoke(cli, ["run", "--evaluator", "calibration-mismatch", "--no-progress"])
     assert r.exit_code == 2
