@@ -58,15 +58,18 @@ class Evaluation:
             while key in keyed:
                 key, n = f"{base}#{n}", n + 1
             keyed[key] = ev
-        return cls(keyed)
+        return cls(keyed, metrics={k: {} for k in keyed})  # results listed in the order asked for
 
     def record(self, key: str, column: str, values: dict[str, Any]) -> None:
         for metric, value in values.items():
             self.metrics.setdefault(key, {}).setdefault(metric, {})[column] = value
 
     def measure(self, target: EvalTarget, column: str, *, which: str = "all") -> None:
-        """Run the evaluators on ``target`` (``which``: all, per-model or artifact)."""
-        for key, ev in self.evaluators.items():
+        """Run the evaluators on ``target``; ``which="artifact"`` skips those with
+        ``on_artifact = False``. Per-model evaluators run first (timings and memory are then
+        measured before a comparing evaluator loads the original beside the target)."""
+        order = sorted(self.evaluators.items(), key=lambda kv: kv[1].compares)
+        for key, ev in order:
             if which == "artifact" and not ev.on_artifact:
                 continue
             self.record(key, column, ev.evaluate(target))
