@@ -14,7 +14,10 @@ so a format whose grid depends on the position inside a group (K-quant sub-block
 Vector formats set :attr:`block_width` > 1: columns are rounded ``block_width`` at a time.
 
 Parameters returned by :meth:`fit` must already be rounded to their storage dtype, so that an
-exporter writes exactly what the quantizer used and a reload is bit-identical.
+exporter writes exactly what the quantizer used and a reload is bit-identical. A parameter
+whose name starts with ``_`` is *transient*: :meth:`round` may use it (llama.cpp's encoders
+round with the float32 scale before it is stored as fp16), :meth:`decode` must not, and
+:class:`QuantizedWeight` drops it, so it is never stored or counted.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class Format(Component, ABC):
 
     def param_nbytes(self, shape: tuple[int, int]) -> int:
         """Bytes of grid parameters stored for a weight of ``shape``."""
-        params = self.fit(torch.zeros(1, shape[1]))
+        params = stored_params(self.fit(torch.zeros(1, shape[1])))
         return shape[0] * sum(p.numel() * p.element_size() for p in params.values())
 
     def nbytes(self, shape: tuple[int, int]) -> int:
@@ -167,6 +170,9 @@ class QuantizedWeight:
     perm: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.params = stored_params(self.params)
+
     def codes(self) -> torch.Tensor:
         return self.format.unpack(self.packed, self.shape)
 
@@ -194,6 +200,11 @@ class QuantizedWeight:
     @property
     def device(self) -> torch.device:
         return self.packed.device
+
+
+def stored_params(params: Params) -> Params:
+    """``params`` without the transient ones (names starting with ``_``)."""
+    return {k: v for k, v in params.items() if not k.startswith("_")}
 
 
 # -- bit packing ---------------------------------------------------------------------------
