@@ -1,3 +1,5 @@
+"""Fixtures for every test folder of the repository (core, example plugin, plugins/)."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +11,7 @@ import torch
 
 pytest_plugins = ["quantfoundry.testing"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("QF_SHARED", ROOT.parent / "shared"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -30,7 +32,7 @@ def _isolated_reference_cache(tmp_path_factory) -> None:
 
 
 @pytest.fixture(scope="session")
-def llama_cpp(shared) -> dict[str, Path]:
+def llama_cpp(shared) -> dict[str, Path]:  # the built tools: llama-quantize, llama-perplexity, libggml
     """llama.cpp's tools and source tree, built by shared/tools/build-llama-cpp.sh (a no-op when
     they exist; about 5 minutes on 2 cores the first time). Keys: ``bin``, ``src``."""
     r = subprocess.run(["bash", str(shared / "tools" / "build-llama-cpp.sh")], capture_output=True, text=True)
