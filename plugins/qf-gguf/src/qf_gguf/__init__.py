@@ -1,0 +1,5 @@
+"""qf-gguf: GGML block formats for QuantFoundry, bit-exact with llama.cpp's encoders."""
+
+from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, GGMLFormat
+
+__all__ = ["GGMLFormat", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]

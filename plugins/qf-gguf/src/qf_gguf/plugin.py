@@ -1,0 +1,13 @@
+"""Entry point ``gguf``: registers the GGML formats through the core's hooks."""
+
+from __future__ import annotations
+
+from quantfoundry import hookimpl
+
+from .legacy import LEGACY_FORMATS
+
+
+@hookimpl
+def qf_register_formats(register):
+    for cls in LEGACY_FORMATS:
+        register(cls)

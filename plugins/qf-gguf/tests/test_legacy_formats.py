@@ -1,0 +1,124 @@
+"""Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 against two independent encoders and one decoder:
+
+* llama.cpp's own ``ggml_quantize_chunk`` (``libggml-base.so`` built from the vendored source);
+* gguf-py's NumPy ports of the same ``_ref`` encoders (``gguf.quants.quantize``);
+* gguf-py's dequantizers (our bytes → their floats == our decode, exactly).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import quantfoundry as qf
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from qf_gguf.legacy import LEGACY_FORMATS
+from quantfoundry.data import default_model_path
+from safetensors.torch import load_file
+
+TYPES = [cls.ggml_name for cls in LEGACY_FORMATS]
+
+
+def weights(seed: int = 0) -> torch.Tensor:
+    """Rows that probe every branch: heavy tails, zeros, ±a ties, constants, tiny and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 256, generator=g) * 0.02
+    w[1:8] = torch.distributions.StudentT(2.0).sample((7, 256)) * 0.01  # heavy tails
+    w[8] = 0.0                                                        # all-zero blocks (d = -0.0 for Q4_0)
+    w[9, :32] = 0.5
+    w[9, 32:64] = -0.5                                                # constant blocks, both signs
+    w[10] = torch.where(torch.arange(256) % 2 == 0, 1.0, -1.0) * 0.03  # +a and -a tie: the first one wins
+    w[11] = torch.randn(256, generator=g) * 1e-6                       # tiny (fp16 subnormal scales)
+    w[12] = torch.randn(256, generator=g) * 30.0                       # large
+    w[13, ::32] = 1.0                                                  # one spike per block
+    w[14] = (torch.arange(256) % 16 - 7.5) * 0.01                      # values on the grid's half steps
+    return w
+
+
+def ggml_library(llama_cpp) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(llama_cpp["bin"] / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def llama_cpp_bytes(lib: ctypes.CDLL, ggml_type: int, w: torch.Tensor, row_bytes: int) -> np.ndarray:
+    src = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    dst = np.zeros((src.shape[0], row_bytes), dtype=np.uint8)
+    n = lib.ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, src.shape[0], src.shape[1], None)
+    assert n == dst.size
+    return dst
+
+
+def ours(spec: str, w: torch.Tensor):
+    fmt = qf.resolve_format(spec)
+    qw = fmt.quantize(w)
+    return fmt, qw, fmt.ggml_bytes(qw).numpy()
+
+
+@pytest.mark.parametrize("spec", TYPES)
+def test_bytes_equal_gguf_py_and_dequantize_matches(spec: str) -> None:
+    w = weights()
+    fmt, qw, raw = ours(spec, w)
+    qtype = GGMLQuantizationType[spec]
+    want = gguf_quantize(w.numpy(), qtype)
+    assert raw.shape == want.shape
+    np.testing.assert_array_equal(raw, want)
+    deq = gguf_dequantize(raw, qtype)
+    np.testing.assert_array_equal(qw.dequantize().numpy(), deq)
+
+
+@pytest.mark.parametrize("spec", TYPES)
+def test_bytes_equal_llama_cpp_on_random_and_real_weights(spec: str, llama_cpp) -> None:
+    lib = ggml_library(llama_cpp)
+    fmt = qf.resolve_format(spec)
+    tensors = load_file(str(default_model_path() / "model.safetensors"))
+    real = [v.float() for k, v in sorted(tensors.items()) if v.ndim == 2 and "layers.0." in k]
+    for w in [weights(0), weights(1), *real]:
+        _, qw, raw = ours(spec, w)
+        want = llama_cpp_bytes(lib, fmt.ggml_type, w, raw.shape[1])
+        same = (raw.reshape(-1, fmt.block_bytes) == want.reshape(-1, fmt.block_bytes)).all(-1)
+        assert same.all(), f"{(~same).sum()} of {same.size} blocks differ"
+
+
+@pytest.mark.parametrize("spec", TYPES)
+def test_round_trip_through_ggml_bytes_and_column_slices(spec: str) -> None:
+    w = weights(2)
+    fmt, qw, raw = ours(spec, w)
+    assert not any(k.startswith("_") for k in qw.params)  # transient float32 scales are not stored
+    back = fmt.from_ggml_bytes(torch.from_numpy(raw), qw.shape)
+    assert torch.equal(back.packed, qw.packed)
+    for k in qw.params:
+        assert torch.equal(back.params[k].view(torch.int16), qw.params[k].view(torch.int16))
+    assert qw.nbytes() == raw.size == fmt.nbytes(qw.shape)
+    # a column-by-column algorithm (GPTQ) rounds slices with col0 offsets: same codes
+    params = fmt.fit(w)
+    full = fmt.round(w, params)
+    parts = torch.cat([fmt.round(w[:, c:c + 48], params, col0=c) for c in range(0, 256, 48)], dim=1)
+    assert torch.equal(full, parts)
+    assert torch.equal(fmt.decode(full[:, 40:100], params, col0=40), fmt.decode(full, params)[:, 40:100])
+
+
+def test_rtn_run_and_reload_with_a_ggml_format(tmp_path) -> None:
+    out = tmp_path / "q4_0"
+    r = qf.run(format="Q4_0", out=out, evaluators=[("perplexity", {"max_tokens": 3000}), ("size", {})],
+               progress=False)
+    assert r.metrics["size"]["linear_bpw"]["quantized"] == 4.5
+    assert r.manifest["evaluation"]["artifact_check"]["ok"]
+    ppl = r.metrics["perplexity"]["perplexity"]
+    assert ppl["original"] < ppl["quantized"] < ppl["original"] * 1.2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
+@pytest.mark.parametrize("spec", TYPES)
+def test_cuda_bytes_equal_cpu(spec: str) -> None:
+    w = weights(3)
+    fmt, _, raw = ours(spec, w)
+    qw = fmt.quantize(w.cuda())
+    assert qw.packed.is_cuda
+    np.testing.assert_array_equal(fmt.ggml_bytes(qw).cpu().numpy(), raw)
