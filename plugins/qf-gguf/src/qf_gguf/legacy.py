@@ -80,9 +80,9 @@ def _from_high_bits(qh: torch.Tensor) -> torch.Tensor:
 class GGMLFormat(Format):
     """Base of the GGML block types: one block of :attr:`block` elements per group.
 
-    Subclasses give the GGML name and type id, the fp16 fields stored before the codes (in
-    struct order) and four small vectorised functions: fit per block, round and decode per
-    column, and the code bytes of a block.
+    Subclasses give the GGML name and type id, the block's fields in struct order and small
+    vectorised functions: fit per block, round and decode per column, and the code bytes of a
+    block.
     """
 
     Options = GGMLOptions
@@ -90,7 +90,8 @@ class GGMLFormat(Format):
     ggml_type: ClassVar[int]  # gguf.GGMLQuantizationType value
     block: ClassVar[int] = BLOCK
     block_bytes: ClassVar[int]
-    fp16_fields: ClassVar[tuple[str, ...]] = ("d",)  # stored first, in this order
+    #: the block's fields in struct order: (param name or "packed", dtype, elements per block)
+    fields: ClassVar[tuple[tuple[str, torch.dtype, int], ...]]
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -167,12 +168,14 @@ class GGMLFormat(Format):
         raise NotImplementedError
 
     def ggml_bytes(self, qw: QuantizedWeight) -> torch.Tensor:
-        """The weight as GGML blocks: ``uint8 [rows, blocks_per_row * block_bytes]``."""
+        """The weight as GGML blocks: ``uint8 [rows, blocks_per_row * block_bytes]``, fields in
+        struct order (:attr:`fields`), little-endian."""
         rows, cols = qw.shape
         k = cols // self.block
-        parts = [qw.params[f].to(torch.float16).contiguous().view(torch.uint8).reshape(rows, k, 2)
-                 for f in self.fp16_fields]
-        parts.append(qw.packed.reshape(rows, k, -1))
+        parts = []
+        for name, dtype, count in self.fields:
+            t = qw.packed if name == "packed" else qw.params[name].to(dtype)
+            parts.append(t.contiguous().view(torch.uint8).reshape(rows, k, count * dtype.itemsize))
         return torch.cat(parts, dim=-1).reshape(rows, k * self.block_bytes)
 
     def from_ggml_bytes(self, raw: torch.Tensor, shape: tuple[int, int],
@@ -181,10 +184,18 @@ class GGMLFormat(Format):
         rows, cols = shape
         k = cols // self.block
         blocks = raw.reshape(rows, k, self.block_bytes)
-        params = {}
-        for i, f in enumerate(self.fp16_fields):
-            params[f] = blocks[..., 2 * i: 2 * i + 2].contiguous().view(torch.float16).reshape(rows, k)
-        packed = blocks[..., 2 * len(self.fp16_fields):].contiguous().reshape(-1)
+        params: Params = {}
+        packed = None
+        at = 0
+        for name, ftype, count in self.fields:
+            n = count * ftype.itemsize
+            t = blocks[..., at: at + n].contiguous().view(ftype)
+            at += n
+            if name == "packed":
+                packed = t.reshape(-1)
+            else:
+                params[name] = t.reshape(rows, k) if count == 1 else t.reshape(rows, k, count)
+        assert at == self.block_bytes and packed is not None
         return QuantizedWeight(self, (rows, cols), dtype, packed, params)
 
 
@@ -193,6 +204,7 @@ class Q8_0(GGMLFormat):
     ggml_name = "Q8_0"
     ggml_type = 8
     block_bytes = 34
+    fields = (("d", torch.float16, 1), ("packed", torch.uint8, 32))
     uses_importance = False  # llama.cpp's Q8_0 encoder ignores an imatrix
     description = "GGML Q8_0: int8 codes, one fp16 scale per 32 (8.5 bpw)"
 
@@ -241,7 +253,6 @@ class _SymmetricNibble(GGMLFormat):
 class _AffineNibble(GGMLFormat):
     """Q4_1 / Q5_1: ``d = (max - min) / levels``, values ``q*d + m``."""
 
-    fp16_fields = ("d", "m")
     levels: ClassVar[int]  # 15 or 31
 
     def code_bits(self) -> int:
@@ -283,6 +294,7 @@ class Q4_0(_Nibble4, _SymmetricNibble):
     ggml_name = "Q4_0"
     ggml_type = 2
     block_bytes = 18
+    fields = (("d", torch.float16, 1), ("packed", torch.uint8, 16))
     half = 8
     description = "GGML Q4_0: 4-bit codes, one fp16 scale per 32 (4.5 bpw)"
 
@@ -292,6 +304,7 @@ class Q5_0(_Nibble5, _SymmetricNibble):
     ggml_name = "Q5_0"
     ggml_type = 6
     block_bytes = 22
+    fields = (("d", torch.float16, 1), ("packed", torch.uint8, 20))  # packed = qh[4] then qs[16]
     half = 16
     description = "GGML Q5_0: 5-bit codes, one fp16 scale per 32 (5.5 bpw)"
 
@@ -301,6 +314,7 @@ class Q4_1(_Nibble4, _AffineNibble):
     ggml_name = "Q4_1"
     ggml_type = 3
     block_bytes = 20
+    fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("packed", torch.uint8, 16))
     levels = 15
     description = "GGML Q4_1: 4-bit codes, fp16 scale and min per 32 (5.0 bpw)"
 
@@ -310,6 +324,7 @@ class Q5_1(_Nibble5, _AffineNibble):
     ggml_name = "Q5_1"
     ggml_type = 7
     block_bytes = 24
+    fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("packed", torch.uint8, 20))
     levels = 31
     description = "GGML Q5_1: 5-bit codes, fp16 scale and min per 32 (6.0 bpw)"
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from quantfoundry import hookimpl
 
+from .kquants import KQUANT_FORMATS
 from .legacy import LEGACY_FORMATS
 
 
 @hookimpl
 def qf_register_formats(register):
-    for cls in LEGACY_FORMATS:
+    for cls in (*LEGACY_FORMATS, *KQUANT_FORMATS):
         register(cls)

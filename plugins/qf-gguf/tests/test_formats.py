@@ -1,8 +1,10 @@
-"""Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 against two independent encoders and one decoder:
+"""The GGML formats against independent encoders and a decoder:
 
-* llama.cpp's own ``ggml_quantize_chunk`` (``libggml-base.so`` built from the vendored source);
-* gguf-py's NumPy ports of the same ``_ref`` encoders (``gguf.quants.quantize``);
-* gguf-py's dequantizers (our bytes → their floats == our decode, exactly).
+* llama.cpp's own ``ggml_quantize_chunk`` (``libggml-base.so`` built from the vendored source),
+  every type;
+* gguf-py's NumPy ports of the legacy ``_ref`` encoders (``gguf.quants.quantize``; gguf-py has
+  no K-quant encoder);
+* gguf-py's dequantizers, every type (our bytes → their floats == our decode, exactly).
 """
 
 from __future__ import annotations
@@ -16,26 +18,33 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from qf_gguf.kquants import KQUANT_FORMATS
 from qf_gguf.legacy import LEGACY_FORMATS
 from quantfoundry.data import default_model_path
 from safetensors.torch import load_file
 
-TYPES = [cls.ggml_name for cls in LEGACY_FORMATS]
+LEGACY = [cls.ggml_name for cls in LEGACY_FORMATS]
+TYPES = LEGACY + [cls.ggml_name for cls in KQUANT_FORMATS]
 
 
 def weights(seed: int = 0) -> torch.Tensor:
     """Rows that probe every branch: heavy tails, zeros, ±a ties, constants, tiny and huge values."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(48, 256, generator=g) * 0.02
-    w[1:8] = torch.distributions.StudentT(2.0).sample((7, 256)) * 0.01  # heavy tails
+    w = torch.randn(48, 512, generator=g) * 0.02
+    w[1:8] = torch.distributions.StudentT(2.0).sample((7, 512)) * 0.01  # heavy tails
     w[8] = 0.0                                                        # all-zero blocks (d = -0.0 for Q4_0)
     w[9, :32] = 0.5
     w[9, 32:64] = -0.5                                                # constant blocks, both signs
-    w[10] = torch.where(torch.arange(256) % 2 == 0, 1.0, -1.0) * 0.03  # +a and -a tie: the first one wins
-    w[11] = torch.randn(256, generator=g) * 1e-6                       # tiny (fp16 subnormal scales)
-    w[12] = torch.randn(256, generator=g) * 30.0                       # large
+    w[9, 256:] = 0.25                                                 # a constant super-block
+    w[10] = torch.where(torch.arange(512) % 2 == 0, 1.0, -1.0) * 0.03  # +a and -a tie: the first one wins
+    w[11] = torch.randn(512, generator=g) * 1e-6                       # tiny (fp16 subnormal scales)
+    w[12] = torch.randn(512, generator=g) * 30.0                       # large
     w[13, ::32] = 1.0                                                  # one spike per block
-    w[14] = (torch.arange(256) % 16 - 7.5) * 0.01                      # values on the grid's half steps
+    w[14] = (torch.arange(512) % 16 - 7.5) * 0.01                      # values on the grid's half steps
+    w[15, :16] = 0.0                                                   # one all-zero sub-block
+    w[16] = w[16].abs()                                                # all positive (min clamped to 0)
+    w[17, 32:64] = 0.0
+    w[17, 64:96] *= 1e-4                                               # sub-block scales that quantize to 0
     return w
 
 
@@ -66,9 +75,10 @@ def test_bytes_equal_gguf_py_and_dequantize_matches(spec: str) -> None:
     w = weights()
     fmt, qw, raw = ours(spec, w)
     qtype = GGMLQuantizationType[spec]
-    want = gguf_quantize(w.numpy(), qtype)
-    assert raw.shape == want.shape
-    np.testing.assert_array_equal(raw, want)
+    if spec in LEGACY:  # gguf-py has no K-quant encoder
+        want = gguf_quantize(w.numpy(), qtype)
+        assert raw.shape == want.shape
+        np.testing.assert_array_equal(raw, want)
     deq = gguf_dequantize(raw, qtype)
     np.testing.assert_array_equal(qw.dequantize().numpy(), deq)
 
@@ -78,7 +88,7 @@ def test_bytes_equal_llama_cpp_on_random_and_real_weights(spec: str, llama_cpp) 
     lib = ggml_library(llama_cpp)
     fmt = qf.resolve_format(spec)
     tensors = load_file(str(default_model_path() / "model.safetensors"))
-    real = [v.float() for k, v in sorted(tensors.items()) if v.ndim == 2 and "layers.0." in k]
+    real = [v.float() for k, v in sorted(tensors.items()) if v.ndim == 2 and ("layers.0." in k or "layers.3." in k)]
     for w in [weights(0), weights(1), *real]:
         _, qw, raw = ours(spec, w)
         want = llama_cpp_bytes(lib, fmt.ggml_type, w, raw.shape[1])
@@ -99,16 +109,17 @@ def test_round_trip_through_ggml_bytes_and_column_slices(spec: str) -> None:
     # a column-by-column algorithm (GPTQ) rounds slices with col0 offsets: same codes
     params = fmt.fit(w)
     full = fmt.round(w, params)
-    parts = torch.cat([fmt.round(w[:, c:c + 48], params, col0=c) for c in range(0, 256, 48)], dim=1)
+    parts = torch.cat([fmt.round(w[:, c:c + 48], params, col0=c) for c in range(0, 512, 48)], dim=1)
     assert torch.equal(full, parts)
     assert torch.equal(fmt.decode(full[:, 40:100], params, col0=40), fmt.decode(full, params)[:, 40:100])
 
 
-def test_rtn_run_and_reload_with_a_ggml_format(tmp_path) -> None:
-    out = tmp_path / "q4_0"
-    r = qf.run(format="Q4_0", out=out, evaluators=[("perplexity", {"max_tokens": 3000}), ("size", {})],
+@pytest.mark.parametrize(("spec", "bpw"), [("Q4_0", 4.5), ("Q4_K", 4.5), ("Q6_K", 6.5625)])
+def test_rtn_run_and_reload_with_a_ggml_format(spec: str, bpw: float, tmp_path) -> None:
+    out = tmp_path / spec
+    r = qf.run(format=spec, out=out, evaluators=[("perplexity", {"max_tokens": 3000}), ("size", {})],
                progress=False)
-    assert r.metrics["size"]["linear_bpw"]["quantized"] == 4.5
+    assert r.metrics["size"]["linear_bpw"]["quantized"] == bpw
     assert r.manifest["evaluation"]["artifact_check"]["ok"]
     ppl = r.metrics["perplexity"]["perplexity"]
     assert ppl["original"] < ppl["quantized"] < ppl["original"] * 1.2

@@ -1,0 +1,348 @@
+"""GGML K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), encoded as llama.cpp's ``_ref`` encoders
+(``ggml-quants.c``; ``docs/llama-cpp-reference.md`` §1.4–1.5, §2.6, §2.8, §2.13–2.14).
+
+Vectorised over all sub-blocks of a tensor; the per-position accumulations run as a Python loop
+over the 16 or 32 positions of a sub-block, **in index order, in float32**, because llama.cpp sums
+sequentially and a different association changes some blocks' bytes. Candidate searches run
+sequentially over candidates with llama.cpp's strict running-best tests.
+
+Per super-block the stored parameters are the fp16 ``d`` (and ``dmin``) and the integer
+sub-block scales in GGML's own packing (``scales``: 12 bytes of 6-bit scale/min pairs for
+Q4_K/Q5_K, 16 int8 for Q6_K), so the bytes counted are the bytes written. Codes are rounded
+with ``fp16(d) × integer scale`` as llama.cpp re-derives them; a sub-block whose effective
+scale is 0 keeps the codes of the search (transient parameter ``_L``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from quantfoundry.roles.format import Params
+
+from .legacy import GGMLFormat
+
+QK_K = 256
+EPS = 1e-15  # GROUP_MAX_EPS
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def _seq_sum(t: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
+    """Sum over the last dim one element at a time, in index order (C's ``for (...) s += t[i]``)."""
+    acc = torch.zeros_like(t[..., 0]) + t[..., 0] if from_zero else t[..., 0].clone()
+    for i in range(1, t.shape[-1]):
+        acc = acc + t[..., i]
+    return acc
+
+
+def _sqrtf(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (C ``sqrtf``). torch's vectorised CPU ``sqrt`` is off by
+    one ulp for about a fifth of inputs; the float64 root rounded to float32 is exact."""
+    return torch.sqrt(t.double()).float()
+
+
+def _running_max(t: torch.Tensor) -> torch.Tensor:
+    """C's ``m = 0; if (v > m) m = v`` over the last dim: +0.0 (never -0.0) when nothing is positive."""
+    mx = t.amax(-1)
+    return torch.where(mx > 0, mx, torch.zeros_like(mx))
+
+
+def _full(like: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full_like(like, value)
+
+
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, min (``the_min`` ≥ 0) and codes of each row of ``x`` ``[B, n]`` (``use_mad=false``)."""
+    mn = torch.clamp(x.amin(-1), max=0.0)
+    mx = x.amax(-1)
+    sum_w = _seq_sum(w, from_zero=False)
+    sum_x = _seq_sum(w * x, from_zero=False)
+    same = mx == mn
+    rng = torch.where(same, torch.ones_like(mx), mx - mn)
+    xm = x - mn[:, None]
+    iscale = _full(mx, float(nmax)) / rng
+    scale = torch.ones_like(iscale) / iscale
+    L = torch.clamp(torch.round(iscale[:, None] * xm), 0, nmax)
+    diff = (scale[:, None] * L + mn[:, None]) - x
+    best = _seq_sum(w * (diff * diff))
+    cur_min = mn.clone()
+    for step in range(nstep + 1):
+        # llama.cpp keeps searching from the *accepted* min: an accepted candidate moves the
+        # origin and range of every later one (`min = this_min` inside the loop)
+        c = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * np.float32(step))) + np.float32(nmax))
+        rng = torch.where(same, torch.ones_like(mx), mx - cur_min)
+        isc = _full(mx, c) / rng
+        lc = torch.clamp(torch.round(isc[:, None] * (x - cur_min[:, None])), 0, nmax)
+        wl = w * lc
+        sum_l = _seq_sum(wl)
+        sum_l2 = _seq_sum(wl * lc)
+        sum_xl = _seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        s = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        m = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = m > 0
+        s = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, torch.ones_like(sum_l2)), s)
+        m = torch.where(pos, torch.zeros_like(m), m)
+        d2 = (s[:, None] * lc + m[:, None]) - x
+        err = _seq_sum(w * (d2 * d2))
+        take = ok & (err < best) & ~same
+        L = torch.where(take[:, None], lc, L)
+        best = torch.where(take, err, best)
+        scale = torch.where(take, s, scale)
+        cur_min = torch.where(take, m, cur_min)
+    L = torch.where(same[:, None], torch.zeros_like(L), L)
+    scale = torch.where(same, torch.zeros_like(scale), scale)
+    return scale, -cur_min, L.to(torch.int32)
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric scale and codes (``L`` in ``0..2*nmax-1``) of each row of ``x`` (``rmse_type=1``,
+    weights ``x²``)."""
+    first = x.abs().argmax(-1, keepdim=True)
+    mx = x.gather(-1, first).squeeze(-1)
+    zero = mx.abs() < EPS
+    den = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+    wx = w * x
+
+    def attempt(c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iscale = _full(mx, c) / den
+        lc = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
+        return lc, _seq_sum(wx * lc), _seq_sum((w * lc) * lc)
+
+    lc, sumlx, suml2 = attempt(float(-nmax))
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(sumlx))
+    best = scale * sumlx
+    L = lc
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        c = -_f32(np.float32(nmax) + _f32(np.float32(0.1) * np.float32(step)))
+        lc, sumlx, suml2 = attempt(c)
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(take[:, None], lc, L)
+        new_scale = sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2))
+        scale = torch.where(take, new_scale, scale)
+        best = torch.where(take, scale * sumlx, best)
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)  # all-zero: L = 0 after the +nmax below
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, (L + nmax).to(torch.int32)
+
+
+# -- packing ------------------------------------------------------------------------------------
+def pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit (scale, min) pairs ``[..., 8]`` → 12 bytes, as ``quantize_row_q4_K_ref``."""
+    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
+    lo = ls[..., :4] | ((ls[..., 4:] >> 4) << 6)
+    mid = lm[..., :4] | ((lm[..., 4:] >> 4) << 6)
+    hi = (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)
+    return torch.cat([lo, mid, hi], dim=-1)
+
+
+def unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_scale_min_k4` (``get_scale_min_k4``) → int32 ``[..., 8]`` each."""
+    b = b.to(torch.int32)
+    sc = torch.cat([b[..., :4] & 63, (b[..., 8:] & 0xF) | ((b[..., :4] >> 6) << 4)], dim=-1)
+    m = torch.cat([b[..., 4:8] & 63, (b[..., 8:] >> 4) | ((b[..., 4:8] >> 6) << 4)], dim=-1)
+    return sc, m
+
+
+def _sub_index(col0: int, ncols: int, sub: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    c = torch.arange(col0, col0 + ncols, device=device)
+    return torch.div(c, QK_K, rounding_mode="floor"), torch.div(c % QK_K, sub, rounding_mode="floor")
+
+
+class _KQuant(GGMLFormat):
+    block = QK_K
+    sub: ClassVar[int]      # elements per sub-block (32 or 16)
+    nmax: ClassVar[int]     # largest code
+
+    def group_size(self, in_features: int) -> int:
+        return QK_K
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        rows, cols = w.shape
+        if cols % QK_K:
+            raise ValueError(f"{self.ggml_name}: {cols} columns are not whole super-blocks of {QK_K}")
+        if importance is not None:
+            raise NotImplementedError(f"{self.ggml_name}: importance-weighted (imatrix) encoding is not "
+                                      "implemented yet; quantize without an imatrix")
+        x = w.to(torch.float32).reshape(rows, cols // QK_K, QK_K // self.sub, self.sub)
+        return self._fit_superblocks(x)
+
+    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective per-sub-block scale (and min) ``[rows, k, n_sub]`` in float32."""
+        raise NotImplementedError
+
+    def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        blk, j = _sub_index(col0, w.shape[1], self.sub, w.device)
+        dd, dm = self._scales(params)
+        dd = dd[:, blk, j]
+        x = w.to(torch.float32)
+        num = x if dm is None else x + dm[:, blk, j]
+        safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+        q = torch.clamp(torch.round(num / safe), self.lo, self.nmax) + self.offset
+        keep = params.get("_L")
+        fallback = keep[:, col0: col0 + w.shape[1]] if keep is not None else torch.zeros_like(q)
+        return torch.where(dd != 0, q, fallback.to(q.dtype)).to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
+        blk, j = _sub_index(col0, codes.shape[1], self.sub, codes.device)
+        dd, dm = self._scales(params)
+        q = (codes - self.offset).to(torch.float32)
+        y = dd[:, blk, j] * q
+        return y if dm is None else y - dm[:, blk, j]
+
+    lo: ClassVar[int] = 0       # smallest code before the offset
+    offset: ClassVar[int] = 0   # added to the rounded value to make the stored code
+
+
+class _Q45K(_KQuant):
+    """Q4_K / Q5_K: 8 sub-blocks of 32, asymmetric, 6-bit scales and mins."""
+
+    sub = 32
+    rmin: ClassVar[float]
+    nstep: ClassVar[int]
+
+    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+        rows, k, nsub, n = x.shape
+        flat = x.reshape(-1, n)
+        sum_x2 = _seq_sum(flat * flat)
+        av_x = _sqrtf(sum_x2 / _full(sum_x2, 32.0))
+        weights = av_x[:, None] + flat.abs()
+        scales, mins, L = make_qkx2_quants(flat, weights, self.nmax, self.rmin, 0.1, self.nstep)
+        scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
+        max_scale = _running_max(scales)
+        max_min = _running_max(mins)
+        inv_scale = torch.where(max_scale > 0, _full(max_scale, 63.0) / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
+        inv_min = torch.where(max_min > 0, _full(max_min, 63.0) / torch.where(max_min > 0, max_min, 1.0), 0.0)
+        ls = torch.clamp(torch.round(inv_scale[..., None] * scales).to(torch.int64) & 0xFF, max=63)
+        lm = torch.clamp(torch.round(inv_min[..., None] * mins).to(torch.int64) & 0xFF, max=63)
+        d = (max_scale / _full(max_scale, 63.0)).to(torch.float16)
+        dmin = (max_min / _full(max_min, 63.0)).to(torch.float16)
+        return {"d": d, "dmin": dmin, "scales": pack_scale_min_k4(ls, lm), "_L": L.reshape(rows, k * QK_K)}
+
+    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sc, m = unpack_scale_min_k4(params["scales"])
+        return params["d"].float()[..., None] * sc.float(), params["dmin"].float()[..., None] * m.float()
+
+
+class Q4_K(_Q45K):
+    name = "q4-k"
+    ggml_name = "Q4_K"
+    ggml_type = 12
+    block_bytes = 144
+    nmax = 15
+    rmin = -1.0
+    nstep = 20
+    fields = (("d", torch.float16, 1), ("dmin", torch.float16, 1), ("scales", torch.uint8, 12),
+              ("packed", torch.uint8, 128))
+    description = "GGML Q4_K: 4-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256 (4.5 bpw)"
+
+    def code_bits(self) -> int:
+        return 4
+
+    def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.uint8).reshape(*codes.shape[:-1], 4, 2, 32)
+        return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*codes.shape[:-1], 128)
+
+    def _codes_of(self, raw: torch.Tensor) -> torch.Tensor:
+        q = raw.reshape(*raw.shape[:-1], 4, 1, 32)
+        return torch.cat([q & 0xF, q >> 4], dim=-2).reshape(*raw.shape[:-1], QK_K).to(torch.int32)
+
+
+class Q5_K(_Q45K):
+    name = "q5-k"
+    ggml_name = "Q5_K"
+    ggml_type = 13
+    block_bytes = 176
+    nmax = 31
+    rmin = -0.5
+    nstep = 15
+    fields = (("d", torch.float16, 1), ("dmin", torch.float16, 1), ("scales", torch.uint8, 12),
+              ("packed", torch.uint8, 160))  # packed = qh[32] then qs[128]
+    description = "GGML Q5_K: 5-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256 (5.5 bpw)"
+
+    def code_bits(self) -> int:
+        return 5
+
+    def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.uint8).reshape(*codes.shape[:-1], 4, 2, 32)
+        qs = ((c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)).reshape(*codes.shape[:-1], 128)
+        shifts = torch.arange(8, device=codes.device, dtype=torch.uint8).reshape(4, 2, 1)
+        qh = (((c >> 4) & 1) << shifts).sum(dim=(-3, -2), dtype=torch.int32).to(torch.uint8)
+        return torch.cat([qh, qs], dim=-1)
+
+    def _codes_of(self, raw: torch.Tensor) -> torch.Tensor:
+        qh, qs = raw[..., :32], raw[..., 32:]
+        q = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+        low = torch.cat([q & 0xF, q >> 4], dim=-2).to(torch.int32)  # [..., 4, 2, 32]
+        shifts = torch.arange(8, device=raw.device, dtype=torch.uint8).reshape(4, 2, 1)
+        high = ((qh.unsqueeze(-2).unsqueeze(-2) >> shifts) & 1).to(torch.int32)
+        return (low | (high << 4)).reshape(*raw.shape[:-1], QK_K)
+
+
+class Q6_K(_KQuant):
+    name = "q6-k"
+    ggml_name = "Q6_K"
+    ggml_type = 14
+    block_bytes = 210
+    sub = 16
+    nmax = 31
+    lo = -32
+    offset = 32
+    fields = (("packed", torch.uint8, 192), ("scales", torch.int8, 16), ("d", torch.float16, 1))
+    description = "GGML Q6_K: 6-bit codes, int8 scale per 16, fp16 d per 256 (6.5625 bpw)"
+
+    def code_bits(self) -> int:
+        return 6
+
+    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+        rows, k, nsub, n = x.shape
+        scales, L = make_qx_quants(x.reshape(-1, n), 32)
+        scales = scales.reshape(rows, k, nsub)
+        first = scales.abs().argmax(-1, keepdim=True)
+        max_scale = scales.gather(-1, first).squeeze(-1)
+        zero = max_scale.abs() < EPS
+        safe = torch.where(zero, torch.ones_like(max_scale), max_scale)
+        iscale = _full(max_scale, -128.0) / safe
+        d = (torch.ones_like(iscale) / iscale).to(torch.float16)
+        sc = torch.clamp(torch.round(iscale[..., None] * scales), max=127)
+        d = torch.where(zero, torch.zeros_like(d), d)
+        sc = torch.where(zero[..., None], torch.zeros_like(sc), sc).to(torch.int8)
+        L = L.reshape(rows, k, QK_K)
+        L = torch.where(zero[..., None], torch.zeros_like(L), L)  # an all-zero block is memset to 0
+        return {"d": d, "scales": sc, "_L": L.reshape(rows, k * QK_K)}
+
+    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return params["d"].float()[..., None] * params["scales"].float(), None
+
+    def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.uint8).reshape(*codes.shape[:-1], 2, 4, 32)
+        ql = torch.cat([(c[..., 0, :] & 0xF) | ((c[..., 2, :] & 0xF) << 4),
+                        (c[..., 1, :] & 0xF) | ((c[..., 3, :] & 0xF) << 4)], dim=-1)  # [..., 2, 64]
+        shifts = torch.tensor([0, 2, 4, 6], device=codes.device, dtype=torch.uint8).reshape(4, 1)
+        qh = (((c >> 4) & 3) << shifts).sum(dim=-2, dtype=torch.int32).to(torch.uint8)  # [..., 2, 32]
+        lead = codes.shape[:-1]
+        return torch.cat([ql.reshape(*lead, 128), qh.reshape(*lead, 64)], dim=-1)
+
+    def _codes_of(self, raw: torch.Tensor) -> torch.Tensor:
+        lead = raw.shape[:-1]
+        ql = raw[..., :128].reshape(*lead, 2, 2, 32).to(torch.int32)  # [h, half, position]
+        qh = raw[..., 128:].reshape(*lead, 2, 1, 32).to(torch.int32)
+        low = torch.stack([ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4],
+                          dim=-2)  # quarters 0..3
+        shifts = torch.tensor([0, 2, 4, 6], device=raw.device, dtype=torch.int32).reshape(4, 1)
+        high = (qh >> shifts) & 3
+        return (low | (high << 4)).reshape(*lead, QK_K)
+
+
+KQUANT_FORMATS: tuple[type[GGMLFormat], ...] = (Q4_K, Q5_K, Q6_K)
