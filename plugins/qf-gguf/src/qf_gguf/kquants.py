@@ -1,5 +1,5 @@
-"""GGML K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), encoded as llama.cpp's ``_ref`` encoders
-(``ggml-quants.c``; ``docs/llama-cpp-reference.md`` §1.4–1.5, §2.6, §2.8, §2.13–2.14).
+"""GGML K-quants Q2_K … Q6_K (super-blocks of 256), encoded as llama.cpp's ``_ref`` encoders
+(``ggml-quants.c``; ``docs/llama-cpp-reference.md`` §1.2–1.5, §2.6–2.8, §2.11–2.14).
 
 Vectorised over all sub-blocks of a tensor; the per-position accumulations run as a Python loop
 over the 16 or 32 positions of a sub-block, **in index order, in float32**, because llama.cpp sums
@@ -8,7 +8,7 @@ sequentially over candidates with llama.cpp's strict running-best tests.
 
 Per super-block the stored parameters are the fp16 ``d`` (and ``dmin``) and the integer
 sub-block scales in GGML's own packing (``scales``: 12 bytes of 6-bit scale/min pairs for
-Q4_K/Q5_K, 16 int8 for Q6_K), so the bytes counted are the bytes written. Codes are rounded
+Q4_K/Q5_K, 16 six-bit scales in 12 bytes for Q3_K, 16 nibble pairs for Q2_K, 16 int8 for Q6_K), so the bytes counted are the bytes written. Codes are rounded
 with ``fp16(d) × integer scale`` as llama.cpp re-derives them; a sub-block whose effective
 scale is 0 keeps the codes of the search (transient parameter ``_L``).
 """
@@ -55,9 +55,14 @@ def _full(like: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full_like(like, value)
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale, min (``the_min`` ≥ 0) and codes of each row of ``x`` ``[B, n]`` (``use_mad=false``)."""
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, min (``the_min`` ≥ 0) and codes of each row of ``x`` ``[B, n]``; the error is
+    ``Σ w |diff|`` with ``use_mad``, else ``Σ w diff²``."""
+
+    def dist(diff: torch.Tensor) -> torch.Tensor:
+        return diff.abs() if use_mad else diff * diff
+
     mn = torch.clamp(x.amin(-1), max=0.0)
     mx = x.amax(-1)
     sum_w = _seq_sum(w, from_zero=False)
@@ -69,7 +74,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     scale = torch.ones_like(iscale) / iscale
     L = torch.clamp(torch.round(iscale[:, None] * xm), 0, nmax)
     diff = (scale[:, None] * L + mn[:, None]) - x
-    best = _seq_sum(w * (diff * diff))
+    best = _seq_sum(w * dist(diff))
     cur_min = mn.clone()
     for step in range(nstep + 1):
         # llama.cpp keeps searching from the *accepted* min: an accepted candidate moves the
@@ -91,7 +96,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         s = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, torch.ones_like(sum_l2)), s)
         m = torch.where(pos, torch.zeros_like(m), m)
         d2 = (s[:, None] * lc + m[:, None]) - x
-        err = _seq_sum(w * (d2 * d2))
+        err = _seq_sum(w * dist(d2))
         take = ok & (err < best) & ~same
         L = torch.where(take[:, None], lc, L)
         best = torch.where(take, err, best)
@@ -135,6 +140,51 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)  # all-zero: L = 0 after the +nmax below
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, (L + nmax).to(torch.int32)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K's symmetric search (``do_rmse``): start from ``-nmax/max``, then 5 coordinate-descent
+    passes, sequential over positions. Scale and codes (``0..2*nmax-1``; 0 for an all-zero row)."""
+    first = x.abs().argmax(-1, keepdim=True)
+    mx = x.gather(-1, first).squeeze(-1)
+    zero = mx.abs() < EPS
+    iscale = _full(mx, float(-nmax)) / torch.where(zero, torch.ones_like(mx), mx)
+    L = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = _seq_sum(wx * L)
+    suml2 = _seq_sum((w * L) * L)
+    for _ in range(5):  # a pass that changes nothing leaves the state as it is, so no early exit is needed
+        for i in range(x.shape[1]):
+            li, wi, wxi, xi = L[:, i], w[:, i], wx[:, i], x[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            pos = slx > 0
+            new = torch.clamp(torch.round((xi * sl2) / torch.where(pos, slx, torch.ones_like(slx))), -nmax, nmax - 1)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + (wi * new) * new
+            take = pos & (new != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            L[:, i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(sumlx))
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, (L + nmax).to(torch.int32)
+
+
+def _pack_2bit(low: torch.Tensor) -> torch.Tensor:
+    """2-bit codes ``[..., 256]`` → ``qs[64]``: byte ``32h + l`` holds elements ``128h + 32q + l`` at bits ``2q``."""
+    c = low.to(torch.uint8).reshape(*low.shape[:-1], 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], device=low.device, dtype=torch.uint8).reshape(4, 1)
+    return (c << shifts).sum(dim=-2, dtype=torch.int32).to(torch.uint8).reshape(*low.shape[:-1], 64)
+
+
+def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.reshape(*qs.shape[:-1], 2, 1, 32).to(torch.int32)
+    shifts = torch.tensor([0, 2, 4, 6], device=qs.device, dtype=torch.int32).reshape(4, 1)
+    return ((q >> shifts) & 3).reshape(*qs.shape[:-1], QK_K)
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -345,4 +395,111 @@ class Q6_K(_KQuant):
         return (low | (high << 4)).reshape(*lead, QK_K)
 
 
-KQUANT_FORMATS: tuple[type[GGMLFormat], ...] = (Q4_K, Q5_K, Q6_K)
+class Q2_K(_KQuant):
+    name = "q2-k"
+    ggml_name = "Q2_K"
+    ggml_type = 10
+    block_bytes = 84
+    sub = 16
+    nmax = 3
+    fields = (("scales", torch.uint8, 16), ("packed", torch.uint8, 64), ("d", torch.float16, 1),
+              ("dmin", torch.float16, 1))
+    description = "GGML Q2_K: 2-bit codes, 4-bit scale and min per 16, fp16 d/dmin per 256 (2.625 bpw)"
+
+    def code_bits(self) -> int:
+        return 2
+
+    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+        rows, k, nsub, n = x.shape
+        flat = x.reshape(-1, n)
+        scales, mins, L = make_qkx2_quants(flat, flat.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
+        max_scale, max_min = _running_max(scales), _running_max(mins)
+        q4 = torch.tensor(15.0, device=x.device)
+        has_s, has_m = max_scale > 0, max_min > 0
+        iss = torch.where(has_s, q4 / torch.where(has_s, max_scale, 1.0), 0.0)
+        ism = torch.where(has_m, q4 / torch.where(has_m, max_min, 1.0), 0.0)
+        ls = torch.round(iss[..., None] * scales).to(torch.int64)
+        lm = torch.round(ism[..., None] * mins).to(torch.int64)
+        packed = ((ls & 0xFF) | ((lm << 4) & 0xFF)).to(torch.uint8)
+        d = torch.where(has_s, max_scale / q4, 0.0).to(torch.float16)
+        dmin = torch.where(has_m, max_min / q4, 0.0).to(torch.float16)
+        return {"d": d, "dmin": dmin, "scales": packed, "_L": L.reshape(rows, k * QK_K)}
+
+    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = params["scales"].to(torch.int32)
+        return params["d"].float()[..., None] * (b & 0xF).float(), params["dmin"].float()[..., None] * (b >> 4).float()
+
+    def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
+        return _pack_2bit(codes)
+
+    def _codes_of(self, raw: torch.Tensor) -> torch.Tensor:
+        return _unpack_2bit(raw)
+
+
+class Q3_K(_KQuant):
+    name = "q3-k"
+    ggml_name = "Q3_K"
+    ggml_type = 11
+    block_bytes = 110
+    sub = 16
+    nmax = 3
+    lo = -4
+    offset = 4
+    fields = (("packed", torch.uint8, 96), ("scales", torch.uint8, 12), ("d", torch.float16, 1))  # hmask, qs
+    description = "GGML Q3_K: 3-bit codes, 6-bit scale per 16, fp16 d per 256 (3.4375 bpw)"
+
+    def code_bits(self) -> int:
+        return 3
+
+    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+        rows, k, nsub, n = x.shape
+        scales, L = make_q3_quants(x.reshape(-1, n), 4)
+        scales = scales.reshape(rows, k, nsub)
+        first = scales.abs().argmax(-1, keepdim=True)
+        max_scale = scales.gather(-1, first).squeeze(-1)
+        has = max_scale != 0
+        iscale = _full(max_scale, -32.0) / torch.where(has, max_scale, torch.ones_like(max_scale))
+        q = torch.round(iscale[..., None] * scales).to(torch.int64)
+        q = ((q + 128) & 0xFF) - 128  # C's int -> int8_t
+        s6 = torch.where(has[..., None], torch.clamp(q, -32, 31) + 32, torch.zeros_like(q))
+        d = torch.where(has, torch.ones_like(iscale) / iscale, torch.zeros_like(iscale)).to(torch.float16)
+        return {"d": d, "scales": _pack_q3_scales(s6), "_L": L.reshape(rows, k * QK_K)}
+
+    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s6 = _unpack_q3_scales(params["scales"])
+        return params["d"].float()[..., None] * (s6 - 32).float(), None
+
+    def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.int32)
+        high = ((c >> 2) & 1).to(torch.uint8).reshape(*codes.shape[:-1], 8, 32)  # bit j/32 of hmask[j%32]
+        shifts = torch.arange(8, device=codes.device, dtype=torch.uint8).reshape(8, 1)
+        hmask = (high << shifts).sum(dim=-2, dtype=torch.int32).to(torch.uint8)
+        return torch.cat([hmask, _pack_2bit(c & 3)], dim=-1)
+
+    def _codes_of(self, raw: torch.Tensor) -> torch.Tensor:
+        hmask, qs = raw[..., :32], raw[..., 32:]
+        shifts = torch.arange(8, device=raw.device, dtype=torch.int32).reshape(8, 1)
+        high = ((hmask.to(torch.int32).unsqueeze(-2) >> shifts) & 1).reshape(*raw.shape[:-1], QK_K)
+        return _unpack_2bit(qs) | (high << 2)
+
+
+def _pack_q3_scales(s6: torch.Tensor) -> torch.Tensor:
+    """16 six-bit scales ``[..., 16]`` → 12 bytes as ``quantize_row_q3_K_ref``."""
+    s = s6.to(torch.int32)
+    low = (s[..., :8] & 0xF) | ((s[..., 8:] & 0xF) << 4)
+    hi = (s >> 4).reshape(*s.shape[:-1], 4, 4)  # [j // 4, j % 4]
+    shifts = torch.tensor([0, 2, 4, 6], device=s.device, dtype=torch.int32).reshape(4, 1)
+    top = (hi << shifts).sum(dim=-2)
+    return torch.cat([low, top], dim=-1).to(torch.uint8)
+
+
+def _unpack_q3_scales(b: torch.Tensor) -> torch.Tensor:
+    b = b.to(torch.int32)
+    low = torch.cat([b[..., :8] & 0xF, b[..., :8] >> 4], dim=-1)
+    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).reshape(4, 1)
+    top = ((b[..., 8:].unsqueeze(-2) >> shifts) & 3).reshape(*b.shape[:-1], 16)
+    return low | (top << 4)
+
+
+KQUANT_FORMATS: tuple[type[GGMLFormat], ...] = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
