@@ -133,3 +133,50 @@ def test_cuda_bytes_equal_cpu(spec: str) -> None:
     qw = fmt.quantize(w.cuda())
     assert qw.packed.is_cuda
     np.testing.assert_array_equal(fmt.ggml_bytes(qw).cpu().numpy(), raw)
+
+
+def importance(cols: int, seed: int) -> torch.Tensor:
+    """An imatrix row: mean squared activations, spread over orders of magnitude, some zeros."""
+    g = torch.Generator().manual_seed(seed)
+    imp = torch.rand(cols, generator=g) ** 4 * 10 + 1e-3
+    imp[::97] = 0.0
+    return imp
+
+
+def llama_cpp_bytes_with_imatrix(lib, ggml_type: int, w: torch.Tensor, row_bytes: int, imp: torch.Tensor) -> np.ndarray:
+    src = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+    qw = np.ascontiguousarray(imp.numpy(), dtype=np.float32)
+    dst = np.zeros((src.shape[0], row_bytes), dtype=np.uint8)
+    lib.ggml_quantize_chunk(ggml_type, src.ctypes.data, dst.ctypes.data, 0, src.shape[0], src.shape[1], qw.ctypes.data)
+    return dst
+
+
+@pytest.mark.parametrize("spec", TYPES)
+def test_imatrix_bytes_equal_llama_cpp(spec: str, llama_cpp) -> None:
+    """The importance-weighted encoders (llama.cpp's ``_impl`` paths; Q8_0 ignores an imatrix)."""
+    lib = ggml_library(llama_cpp)
+    fmt = qf.resolve_format(spec)
+    tensors = load_file(str(default_model_path() / "model.safetensors"))
+    real = [v.float() for k, v in sorted(tensors.items()) if v.ndim == 2 and "layers.2." in k]
+    for i, w in enumerate([weights(4), *real]):
+        imp = importance(w.shape[1], i)
+        qw = fmt.quantize(w, imp)
+        raw = fmt.ggml_bytes(qw).numpy()
+        want = llama_cpp_bytes_with_imatrix(lib, fmt.ggml_type, w, raw.shape[1], imp)
+        same = (raw.reshape(-1, fmt.block_bytes) == want.reshape(-1, fmt.block_bytes)).all(-1)
+        assert same.all(), f"tensor {i}: {(~same).sum()} of {same.size} blocks differ"
+        np.testing.assert_array_equal(qw.dequantize().numpy(), gguf_dequantize(raw, GGMLQuantizationType[spec]))
+    if spec != "Q8_0":  # the imatrix changes the encoding
+        w = weights(5)
+        assert not np.array_equal(fmt.ggml_bytes(fmt.quantize(w, importance(512, 9))).numpy(),
+                                  fmt.ggml_bytes(fmt.quantize(w)).numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
+@pytest.mark.parametrize("spec", TYPES)
+def test_cuda_imatrix_bytes_equal_cpu(spec: str) -> None:
+    w, imp = weights(6), importance(512, 3)
+    fmt = qf.resolve_format(spec)
+    cpu = fmt.ggml_bytes(fmt.quantize(w, imp)).numpy()
+    gpu = fmt.ggml_bytes(fmt.quantize(w.cuda(), imp.cuda())).cpu().numpy()
+    np.testing.assert_array_equal(gpu, cpu)

@@ -8,172 +8,37 @@ sequentially over candidates with llama.cpp's strict running-best tests.
 
 Per super-block the stored parameters are the fp16 ``d`` (and ``dmin``) and the integer
 sub-block scales in GGML's own packing (``scales``: 12 bytes of 6-bit scale/min pairs for
-Q4_K/Q5_K, 16 six-bit scales in 12 bytes for Q3_K, 16 nibble pairs for Q2_K, 16 int8 for Q6_K), so the bytes counted are the bytes written. Codes are rounded
-with ``fp16(d) × integer scale`` as llama.cpp re-derives them; a sub-block whose effective
-scale is 0 keeps the codes of the search (transient parameter ``_L``).
+Q4_K/Q5_K, 16 six-bit scales in 12 bytes for Q3_K, 16 nibble pairs for Q2_K, 16 int8 for Q6_K),
+so the bytes counted are the bytes written. ``round`` is the rule llama.cpp re-derives codes
+with (``fp16(d) × integer scale``); ``fit`` also returns the exact codes llama.cpp writes
+(transient ``_L``: sub-blocks whose effective scale is 0 keep the search's codes), which
+``quantize`` stores. With an importance vector (imatrix) ``fit`` runs the ``_impl`` encoders.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 from quantfoundry.roles.format import Params
 
 from .legacy import GGMLFormat
+from .search import (
+    EPS,
+    _full,
+    _running_max,
+    _seq_sum,
+    _sqrtf,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qp_quants,
+    make_qx_quants,
+)
 
 QK_K = 256
-EPS = 1e-15  # GROUP_MAX_EPS
 
 
-def _f32(v: float) -> float:
-    return float(np.float32(v))
-
-
-def _seq_sum(t: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
-    """Sum over the last dim one element at a time, in index order (C's ``for (...) s += t[i]``)."""
-    acc = torch.zeros_like(t[..., 0]) + t[..., 0] if from_zero else t[..., 0].clone()
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
-    return acc
-
-
-def _sqrtf(t: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (C ``sqrtf``). torch's vectorised CPU ``sqrt`` is off by
-    one ulp for about a fifth of inputs; the float64 root rounded to float32 is exact."""
-    return torch.sqrt(t.double()).float()
-
-
-def _running_max(t: torch.Tensor) -> torch.Tensor:
-    """C's ``m = 0; if (v > m) m = v`` over the last dim: +0.0 (never -0.0) when nothing is positive."""
-    mx = t.amax(-1)
-    return torch.where(mx > 0, mx, torch.zeros_like(mx))
-
-
-def _full(like: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full_like(like, value)
-
-
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                     use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale, min (``the_min`` ≥ 0) and codes of each row of ``x`` ``[B, n]``; the error is
-    ``Σ w |diff|`` with ``use_mad``, else ``Σ w diff²``."""
-
-    def dist(diff: torch.Tensor) -> torch.Tensor:
-        return diff.abs() if use_mad else diff * diff
-
-    mn = torch.clamp(x.amin(-1), max=0.0)
-    mx = x.amax(-1)
-    sum_w = _seq_sum(w, from_zero=False)
-    sum_x = _seq_sum(w * x, from_zero=False)
-    same = mx == mn
-    rng = torch.where(same, torch.ones_like(mx), mx - mn)
-    xm = x - mn[:, None]
-    iscale = _full(mx, float(nmax)) / rng
-    scale = torch.ones_like(iscale) / iscale
-    L = torch.clamp(torch.round(iscale[:, None] * xm), 0, nmax)
-    diff = (scale[:, None] * L + mn[:, None]) - x
-    best = _seq_sum(w * dist(diff))
-    cur_min = mn.clone()
-    for step in range(nstep + 1):
-        # llama.cpp keeps searching from the *accepted* min: an accepted candidate moves the
-        # origin and range of every later one (`min = this_min` inside the loop)
-        c = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * np.float32(step))) + np.float32(nmax))
-        rng = torch.where(same, torch.ones_like(mx), mx - cur_min)
-        isc = _full(mx, c) / rng
-        lc = torch.clamp(torch.round(isc[:, None] * (x - cur_min[:, None])), 0, nmax)
-        wl = w * lc
-        sum_l = _seq_sum(wl)
-        sum_l2 = _seq_sum(wl * lc)
-        sum_xl = _seq_sum(wl * x)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
-        Ds = torch.where(ok, D, torch.ones_like(D))
-        s = (sum_w * sum_xl - sum_x * sum_l) / Ds
-        m = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
-        pos = m > 0
-        s = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, torch.ones_like(sum_l2)), s)
-        m = torch.where(pos, torch.zeros_like(m), m)
-        d2 = (s[:, None] * lc + m[:, None]) - x
-        err = _seq_sum(w * dist(d2))
-        take = ok & (err < best) & ~same
-        L = torch.where(take[:, None], lc, L)
-        best = torch.where(take, err, best)
-        scale = torch.where(take, s, scale)
-        cur_min = torch.where(take, m, cur_min)
-    L = torch.where(same[:, None], torch.zeros_like(L), L)
-    scale = torch.where(same, torch.zeros_like(scale), scale)
-    return scale, -cur_min, L.to(torch.int32)
-
-
-def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric scale and codes (``L`` in ``0..2*nmax-1``) of each row of ``x`` (``rmse_type=1``,
-    weights ``x²``)."""
-    first = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, first).squeeze(-1)
-    zero = mx.abs() < EPS
-    den = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
-    wx = w * x
-
-    def attempt(c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        iscale = _full(mx, c) / den
-        lc = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
-        return lc, _seq_sum(wx * lc), _seq_sum((w * lc) * lc)
-
-    lc, sumlx, suml2 = attempt(float(-nmax))
-    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)),
-                        torch.zeros_like(sumlx))
-    best = scale * sumlx
-    L = lc
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        c = -_f32(np.float32(nmax) + _f32(np.float32(0.1) * np.float32(step)))
-        lc, sumlx, suml2 = attempt(c)
-        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(take[:, None], lc, L)
-        new_scale = sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2))
-        scale = torch.where(take, new_scale, scale)
-        best = torch.where(take, scale * sumlx, best)
-    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)  # all-zero: L = 0 after the +nmax below
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, (L + nmax).to(torch.int32)
-
-
-def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3_K's symmetric search (``do_rmse``): start from ``-nmax/max``, then 5 coordinate-descent
-    passes, sequential over positions. Scale and codes (``0..2*nmax-1``; 0 for an all-zero row)."""
-    first = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, first).squeeze(-1)
-    zero = mx.abs() < EPS
-    iscale = _full(mx, float(-nmax)) / torch.where(zero, torch.ones_like(mx), mx)
-    L = torch.clamp(torch.round(iscale[:, None] * x), -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = _seq_sum(wx * L)
-    suml2 = _seq_sum((w * L) * L)
-    for _ in range(5):  # a pass that changes nothing leaves the state as it is, so no early exit is needed
-        for i in range(x.shape[1]):
-            li, wi, wxi, xi = L[:, i], w[:, i], wx[:, i], x[:, i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - (wi * li) * li
-            pos = slx > 0
-            new = torch.clamp(torch.round((xi * sl2) / torch.where(pos, slx, torch.ones_like(slx))), -nmax, nmax - 1)
-            slx2 = slx + wxi * new
-            sl22 = sl2 + (wi * new) * new
-            take = pos & (new != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            L[:, i] = torch.where(take, new, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
-                        torch.zeros_like(sumlx))
-    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, (L + nmax).to(torch.int32)
-
-
+# -- packing ------------------------------------------------------------------------------------
 def _pack_2bit(low: torch.Tensor) -> torch.Tensor:
     """2-bit codes ``[..., 256]`` → ``qs[64]``: byte ``32h + l`` holds elements ``128h + 32q + l`` at bits ``2q``."""
     c = low.to(torch.uint8).reshape(*low.shape[:-1], 2, 4, 32)
@@ -187,7 +52,8 @@ def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     return ((q >> shifts) & 3).reshape(*qs.shape[:-1], QK_K)
 
 
-# -- packing ------------------------------------------------------------------------------------
+
+
 def pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """8 six-bit (scale, min) pairs ``[..., 8]`` → 12 bytes, as ``quantize_row_q4_K_ref``."""
     ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
@@ -219,14 +85,30 @@ class _KQuant(GGMLFormat):
         return QK_K
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """Grid parameters of every super-block, and (transient ``_L``) the codes llama.cpp writes:
+        the rounding rule's codes, except in sub-blocks whose effective scale is 0, which keep
+        the search's codes. With ``importance`` (an imatrix row, ``[cols]``) the ``_impl`` encoders run."""
         rows, cols = w.shape
         if cols % QK_K:
             raise ValueError(f"{self.ggml_name}: {cols} columns are not whole super-blocks of {QK_K}")
-        if importance is not None:
-            raise NotImplementedError(f"{self.ggml_name}: importance-weighted (imatrix) encoding is not "
-                                      "implemented yet; quantize without an imatrix")
-        x = w.to(torch.float32).reshape(rows, cols // QK_K, QK_K // self.sub, self.sub)
-        return self._fit_superblocks(x)
+        shape = (rows, cols // QK_K, QK_K // self.sub, self.sub)
+        x = w.to(torch.float32).reshape(shape)
+        qw = None if importance is None else importance.to(x.device, torch.float32).reshape(1, *shape[1:]).expand(shape)
+        params = self._fit_superblocks(x, qw)
+        rule = self.round(w, params)
+        dd, _ = self._scales(params)
+        blk, j = _sub_index(0, cols, self.sub, w.device)
+        params["_L"] = torch.where(dd[:, blk, j] != 0, rule, params["_L"].to(rule.dtype))
+        return params
+
+    @staticmethod
+    def _sigma2_weights(x: torch.Tensor, qw: torch.Tensor, factor: float) -> torch.Tensor:
+        """``qw * sqrtf(sigma2 + x²)`` with ``sigma2 = factor * Σx² / 256`` over each super-block."""
+        rows, k = x.shape[:2]
+        sb = x.reshape(rows, k, QK_K)
+        sum_x2 = _seq_sum(sb * sb)
+        sigma2 = (sum_x2 * factor) / _full(sum_x2, float(QK_K))
+        return qw * _sqrtf(sigma2[:, :, None, None] + x * x)
 
     def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective per-sub-block scale (and min) ``[rows, k, n_sub]`` in float32."""
@@ -240,9 +122,7 @@ class _KQuant(GGMLFormat):
         num = x if dm is None else x + dm[:, blk, j]
         safe = torch.where(dd != 0, dd, torch.ones_like(dd))
         q = torch.clamp(torch.round(num / safe), self.lo, self.nmax) + self.offset
-        keep = params.get("_L")
-        fallback = keep[:, col0: col0 + w.shape[1]] if keep is not None else torch.zeros_like(q)
-        return torch.where(dd != 0, q, fallback.to(q.dtype)).to(torch.int32)
+        return torch.where(dd != 0, q, torch.full_like(q, float(self.offset))).to(torch.int32)  # any code: value 0·q
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         blk, j = _sub_index(col0, codes.shape[1], self.sub, codes.device)
@@ -262,22 +142,33 @@ class _Q45K(_KQuant):
     rmin: ClassVar[float]
     nstep: ClassVar[int]
 
-    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+    def _fit_superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> Params:
         rows, k, nsub, n = x.shape
         flat = x.reshape(-1, n)
-        sum_x2 = _seq_sum(flat * flat)
-        av_x = _sqrtf(sum_x2 / _full(sum_x2, 32.0))
-        weights = av_x[:, None] + flat.abs()
-        scales, mins, L = make_qkx2_quants(flat, weights, self.nmax, self.rmin, 0.1, self.nstep)
-        scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
-        max_scale = _running_max(scales)
-        max_min = _running_max(mins)
-        inv_scale = torch.where(max_scale > 0, _full(max_scale, 63.0) / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
-        inv_min = torch.where(max_min > 0, _full(max_min, 63.0) / torch.where(max_min > 0, max_min, 1.0), 0.0)
-        ls = torch.clamp(torch.round(inv_scale[..., None] * scales).to(torch.int64) & 0xFF, max=63)
-        lm = torch.clamp(torch.round(inv_min[..., None] * mins).to(torch.int64) & 0xFF, max=63)
-        d = (max_scale / _full(max_scale, 63.0)).to(torch.float16)
-        dmin = (max_min / _full(max_min, 63.0)).to(torch.float16)
+        if qw is None:  # quantize_row_q{4,5}_K_ref
+            sum_x2 = _seq_sum(flat * flat)
+            av_x = _sqrtf(sum_x2 / _full(sum_x2, 32.0))
+            weights = av_x[:, None] + flat.abs()
+            scales, mins, L = make_qkx2_quants(flat, weights, self.nmax, self.rmin, 0.1, self.nstep)
+            scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
+            max_scale = _running_max(scales)
+            max_min = _running_max(mins)
+            inv_scale = torch.where(max_scale > 0, _full(max_scale, 63.0) / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
+            inv_min = torch.where(max_min > 0, _full(max_min, 63.0) / torch.where(max_min > 0, max_min, 1.0), 0.0)
+            ls = torch.clamp(torch.round(inv_scale[..., None] * scales).to(torch.int64) & 0xFF, max=63)
+            lm = torch.clamp(torch.round(inv_min[..., None] * mins).to(torch.int64) & 0xFF, max=63)
+            d = (max_scale / _full(max_scale, 63.0)).to(torch.float16)
+            dmin = (max_min / _full(max_min, 63.0)).to(torch.float16)
+        else:  # quantize_row_q{4,5}_K_impl with quant_weights
+            weights = self._sigma2_weights(x, qw, 2.0).reshape(-1, n)
+            sw = _seq_sum(weights).reshape(-1, nsub)
+            scales, mins, L = make_qkx2_quants(flat, weights, self.nmax, -0.9, 0.05, 36)
+            d_block, ls = make_qp_quants(scales.reshape(-1, nsub), 63, sw)
+            m_block, lm = make_qp_quants(mins.reshape(-1, nsub), 63, sw)
+            ls, lm = (ls & 0xFF).reshape(rows, k, nsub), (lm & 0xFF).reshape(rows, k, nsub)
+            if self.nmax == 31:  # Q5_K clamps, Q4_K does not
+                ls, lm = torch.clamp(ls, max=63), torch.clamp(lm, max=63)
+            d, dmin = d_block.reshape(rows, k).to(torch.float16), m_block.reshape(rows, k).to(torch.float16)
         return {"d": d, "dmin": dmin, "scales": pack_scale_min_k4(ls, lm), "_L": L.reshape(rows, k * QK_K)}
 
     def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -355,9 +246,10 @@ class Q6_K(_KQuant):
     def code_bits(self) -> int:
         return 6
 
-    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+    def _fit_superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> Params:
         rows, k, nsub, n = x.shape
-        scales, L = make_qx_quants(x.reshape(-1, n), 32)
+        # the _impl path weights the search with the raw imatrix values (its sigma2 variant is commented out)
+        scales, L = make_qx_quants(x.reshape(-1, n), 32, None if qw is None else qw.reshape(-1, n))
         scales = scales.reshape(rows, k, nsub)
         first = scales.abs().argmax(-1, keepdim=True)
         max_scale = scales.gather(-1, first).squeeze(-1)
@@ -409,21 +301,30 @@ class Q2_K(_KQuant):
     def code_bits(self) -> int:
         return 2
 
-    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+    def _fit_superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> Params:
         rows, k, nsub, n = x.shape
         flat = x.reshape(-1, n)
-        scales, mins, L = make_qkx2_quants(flat, flat.abs(), 3, -0.5, 0.1, 15, use_mad=True)
-        scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
-        max_scale, max_min = _running_max(scales), _running_max(mins)
-        q4 = torch.tensor(15.0, device=x.device)
-        has_s, has_m = max_scale > 0, max_min > 0
-        iss = torch.where(has_s, q4 / torch.where(has_s, max_scale, 1.0), 0.0)
-        ism = torch.where(has_m, q4 / torch.where(has_m, max_min, 1.0), 0.0)
-        ls = torch.round(iss[..., None] * scales).to(torch.int64)
-        lm = torch.round(ism[..., None] * mins).to(torch.int64)
+        if qw is None:  # quantize_row_q2_K_ref
+            scales, mins, L = make_qkx2_quants(flat, flat.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+            scales, mins = scales.reshape(rows, k, nsub), mins.reshape(rows, k, nsub)
+            max_scale, max_min = _running_max(scales), _running_max(mins)
+            q4 = torch.tensor(15.0, device=x.device)
+            has_s, has_m = max_scale > 0, max_min > 0
+            iss = torch.where(has_s, q4 / torch.where(has_s, max_scale, 1.0), 0.0)
+            ism = torch.where(has_m, q4 / torch.where(has_m, max_min, 1.0), 0.0)
+            ls = torch.round(iss[..., None] * scales).to(torch.int64)
+            lm = torch.round(ism[..., None] * mins).to(torch.int64)
+            d = torch.where(has_s, max_scale / q4, 0.0).to(torch.float16)
+            dmin = torch.where(has_m, max_min / q4, 0.0).to(torch.float16)
+        else:  # quantize_row_q2_K_impl: sigma2 without the factor 2, MSE search, make_qp_quants scales
+            weights = self._sigma2_weights(x, qw, 1.0).reshape(-1, n)
+            sw = _seq_sum(weights).reshape(-1, nsub)
+            scales, mins, L = make_qkx2_quants(flat, weights, 3, -0.9, 0.05, 36)
+            dm, ls = make_qp_quants(scales.reshape(-1, nsub), 15, sw)
+            mm, lm = make_qp_quants(mins.reshape(-1, nsub), 15, sw)
+            ls, lm = ls.reshape(rows, k, nsub), lm.reshape(rows, k, nsub)
+            d, dmin = dm.reshape(rows, k).to(torch.float16), mm.reshape(rows, k).to(torch.float16)
         packed = ((ls & 0xFF) | ((lm << 4) & 0xFF)).to(torch.uint8)
-        d = torch.where(has_s, max_scale / q4, 0.0).to(torch.float16)
-        dmin = torch.where(has_m, max_min / q4, 0.0).to(torch.float16)
         return {"d": d, "dmin": dmin, "scales": packed, "_L": L.reshape(rows, k * QK_K)}
 
     def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -452,18 +353,26 @@ class Q3_K(_KQuant):
     def code_bits(self) -> int:
         return 3
 
-    def _fit_superblocks(self, x: torch.Tensor) -> Params:
+    def _fit_superblocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> Params:
         rows, k, nsub, n = x.shape
-        scales, L = make_q3_quants(x.reshape(-1, n), 4)
-        scales = scales.reshape(rows, k, nsub)
-        first = scales.abs().argmax(-1, keepdim=True)
-        max_scale = scales.gather(-1, first).squeeze(-1)
-        has = max_scale != 0
-        iscale = _full(max_scale, -32.0) / torch.where(has, max_scale, torch.ones_like(max_scale))
-        q = torch.round(iscale[..., None] * scales).to(torch.int64)
-        q = ((q + 128) & 0xFF) - 128  # C's int -> int8_t
-        s6 = torch.where(has[..., None], torch.clamp(q, -32, 31) + 32, torch.zeros_like(q))
-        d = torch.where(has, torch.ones_like(iscale) / iscale, torch.zeros_like(iscale)).to(torch.float16)
+        if qw is None:  # quantize_row_q3_K_ref
+            scales, L = make_q3_quants(x.reshape(-1, n), 4)
+            scales = scales.reshape(rows, k, nsub)
+            first = scales.abs().argmax(-1, keepdim=True)
+            max_scale = scales.gather(-1, first).squeeze(-1)
+            has = max_scale != 0
+            iscale = _full(max_scale, -32.0) / torch.where(has, max_scale, torch.ones_like(max_scale))
+            q = torch.round(iscale[..., None] * scales).to(torch.int64)
+            q = ((q + 128) & 0xFF) - 128  # C's int -> int8_t
+            s6 = torch.where(has[..., None], torch.clamp(q, -32, 31) + 32, torch.zeros_like(q))
+            d = torch.where(has, torch.ones_like(iscale) / iscale, torch.zeros_like(iscale)).to(torch.float16)
+        else:  # quantize_row_q3_K_impl: weighted make_qx_quants for codes, then for the scales
+            weights = self._sigma2_weights(x, qw, 2.0).reshape(-1, n)
+            sw = _seq_sum(weights).reshape(-1, nsub)
+            scales, L = make_qx_quants(x.reshape(-1, n), 4, weights)
+            d_block, s6 = make_qx_quants(scales.reshape(-1, nsub), 32, sw)
+            s6 = s6.reshape(rows, k, nsub).to(torch.int64)
+            d = d_block.reshape(rows, k).to(torch.float16)
         return {"d": d, "scales": _pack_q3_scales(s6), "_L": L.reshape(rows, k * QK_K)}
 
     def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,6 +24,8 @@ import torch
 from quantfoundry import Format, Options, QuantizedWeight
 from quantfoundry.roles.format import Params
 
+from .search import _full, _seq_sum, _sqrtf, make_qkx2_quants, make_qx_quants
+
 BLOCK = 32
 
 
@@ -126,10 +128,32 @@ class GGMLFormat(Format):
         rows, cols = w.shape
         if cols % self.block:
             raise ValueError(f"{self.ggml_name}: {cols} columns are not whole blocks of {self.block}")
+        w32 = w.to(torch.float32)
         if importance is not None and self.uses_importance:
-            raise NotImplementedError(f"{self.ggml_name}: importance-weighted (imatrix) encoding is not "
-                                      "implemented yet; quantize without an imatrix")
-        return self._fit_blocks(w.to(torch.float32).reshape(rows, cols // self.block, self.block))
+            return self._fit_importance(w32, importance.to(w32.device, torch.float32))
+        return self._fit_blocks(w32.reshape(rows, cols // self.block, self.block))
+
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
+        """As llama.cpp writes it: the codes its encoder chose (``_L``) where ``fit`` returns them,
+        else the rounding rule's."""
+        reason = self.check_shape(tuple(w.shape))
+        if reason:
+            raise ValueError(f"format {self.spec} cannot store a {tuple(w.shape)} weight: {reason}")
+        w32 = w.detach().to(torch.float32)
+        params = self.fit(w32, importance)
+        codes = params["_L"] if "_L" in params else self.round(w32, params)
+        return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params)
+
+    def _fit_importance(self, w: torch.Tensor, importance: torch.Tensor) -> Params:
+        raise NotImplementedError(f"{self.ggml_name} has no importance-weighted encoder")
+
+    def _row_weights(self, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        """``qw * sqrtf(sigma2 + x²)`` per element, ``sigma2 = Σx² / n_per_row`` over the whole row
+        (the legacy ``_impl`` encoders), as ``[rows * blocks, 32]``."""
+        rows, cols = w.shape
+        sum_x2 = _seq_sum(w * w)
+        sigma2 = sum_x2 / _full(sum_x2, float(cols))
+        return (importance[None, :] * _sqrtf(sigma2[:, None] + w * w)).reshape(-1, self.block)
 
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         per_col = {k: _per_column(v, col0, w.shape[1]) for k, v in params.items()}
@@ -242,6 +266,13 @@ class _SymmetricNibble(GGMLFormat):
         d = mx / torch.tensor(-float(self.half), device=b.device)
         return {"d": _f16(d), "_id": _safe_reciprocal(d)}
 
+    def _fit_importance(self, w: torch.Tensor, importance: torch.Tensor) -> Params:
+        # quantize_row_q{4,5}_0_impl: weighted make_qx_quants; its codes are stored as they are
+        rows, cols = w.shape
+        scale, L = make_qx_quants(w.reshape(-1, self.block), self.half, self._row_weights(w, importance))
+        scale = scale.reshape(rows, cols // self.block)
+        return {"d": _f16(scale), "_id": _safe_reciprocal(scale), "_L": L.reshape(rows, cols)}
+
     def _round_columns(self, x: torch.Tensor, p: Params) -> torch.Tensor:
         v = x * p["_id"] + torch.tensor(self.half + 0.5, device=x.device)
         return torch.clamp(torch.trunc(v), max=2 * self.half - 1).to(torch.int32)
@@ -262,6 +293,15 @@ class _AffineNibble(GGMLFormat):
         mn, mx = b.amin(-1), b.amax(-1)
         d = (mx - mn) / torch.tensor(float(self.levels), device=b.device)
         return {"d": _f16(d), "m": _f16(mn), "_id": _safe_reciprocal(d), "_min": mn}
+
+    def _fit_importance(self, w: torch.Tensor, importance: torch.Tensor) -> Params:
+        # quantize_row_q{4,5}_1_impl: weighted make_qkx3_quants (as make_qkx2 with rmin -0.9, 36 steps)
+        rows, cols = w.shape
+        scale, the_min, L = make_qkx2_quants(w.reshape(-1, self.block), self._row_weights(w, importance),
+                                             self.levels, -0.9, 0.05, 36)
+        scale, mn = scale.reshape(rows, -1), (-the_min).reshape(rows, -1)
+        return {"d": _f16(scale), "m": _f16(mn), "_id": _safe_reciprocal(scale), "_min": mn,
+                "_L": L.reshape(rows, cols)}
 
     def _round_columns(self, x: torch.Tensor, p: Params) -> torch.Tensor:
         v = (x - p["_min"]) * p["_id"] + torch.tensor(0.5, device=x.device)
