@@ -101,6 +101,8 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--no-artifact-eval", is_flag=True,
               help="Evaluate only the in-memory model, not the written artifact as well.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
+@click.option("--imatrix", is_flag=True, default=None,
+              help="Collect an importance matrix from the calibration text and quantize with it (llama.cpp's imatrix).")
 @click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
 @click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -128,7 +130,7 @@ def run(**kw: Any) -> None:
                       ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
                       ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
-                      ("overwrite", "overwrite")):
+                      ("overwrite", "overwrite"), ("imatrix", "imatrix")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel"):

@@ -50,9 +50,12 @@ def run_blocks(
     exporter: Exporter | None, keep: bool, dtype: torch.dtype, kernel_name: str | None = None,
     kernel_options: dict[str, str] | None = None,
     on_block: Callable[[int, int, float], None] | None = None,
+    collect_importance: bool = False,
 ) -> BlockwiseResult:
     """Quantize every decoder block in order. Peak memory: one block plus calibration inputs
-    (plus the quantized blocks already done when ``keep`` is set for in-memory evaluation)."""
+    (plus the quantized blocks already done when ``keep`` is set for in-memory evaluation).
+    With ``collect_importance`` each block first runs in float on its calibration inputs and
+    ``ctx.importance`` gets every planned linear's mean squared input per channel."""
     arch = source.architecture
     layers: nn.ModuleList = model.get_submodule(arch.layers)
     result = BlockwiseResult()
@@ -71,6 +74,8 @@ def run_blocks(
         if hidden is not None and layer_kwargs is not None:
             block_inputs = BlockInputs(hidden=hidden, kwargs=layer_kwargs.get(index, []))
         block = Block(index, prefix, module, arch, formats, block_inputs)
+        if collect_importance and block_inputs is not None:
+            ctx.importance.update(collect_block_importance(block))
         out: dict[str, QuantizedWeight] = {}
         for stage in stages:
             with torch.no_grad():
@@ -96,6 +101,23 @@ def run_blocks(
         if on_block is not None:
             on_block(index, len(layers), result.seconds_per_block[-1])
     return result
+
+
+@torch.no_grad()
+def collect_block_importance(block: Block) -> dict[str, torch.Tensor]:
+    """Mean of the squared inputs, per input channel, of every planned linear of ``block``
+    over all calibration tokens (llama.cpp's imatrix: ``in_sum2 / counts``), in float32."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).double().square().sum(0)
+        sums[name] = sums[name] + x2 if name in sums else x2
+        counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
+
+    with block.capture_inputs(list(block.formats), add):
+        block.run()
+    return {block.full_name(n): (sums[n] / counts[n]).float() for n in sums}
 
 
 def run_whole_model(

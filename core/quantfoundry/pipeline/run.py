@@ -89,6 +89,7 @@ def run(
     keep_model: bool = False,
     artifact_eval: bool = True,
     cache: bool = True,
+    imatrix: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Quantize ``model`` (a folder or hub id; default: the embedded pycode-7m) and export it.
@@ -100,6 +101,9 @@ def run(
     (``artifact_eval``) and every metric it does not reproduce within the evaluator's bound is
     a ``MISMATCH`` note. ``cache`` keeps the original model's results on disk
     (``$QF_CACHE_DIR``), so comparing variants of one model runs the original once.
+    ``imatrix`` collects an importance matrix (mean squared input activation per input
+    channel of every planned linear) from the calibration text in the block pass and hands it
+    to the quantizer (``QuantContext.importance``), as llama.cpp's imatrix.
     """
     t_start = time.perf_counter()
     get_plugin_manager()
@@ -123,7 +127,9 @@ def run(
     exp: Exporter = make("exporter", exporter, exporter_options)
     spec = format or exp.default_format
     requested = resolve_format(spec, format_options) if spec else None
-    needs_calib = any(s.needs_calibration for s in stages)
+    needs_calib = any(s.needs_calibration for s in stages) or imatrix
+    if imatrix and any(s.scope == "model" for s in stages):
+        raise UsageError("an imatrix is collected block by block; a whole-model quantizer cannot use it")
     cal: Calibrator | None = None
     if needs_calib or calibrator or calibrator_options:
         cal = make("calibrator", calibrator or "text", calibrator_options)
@@ -147,6 +153,9 @@ def run(
     for line in summarize_plan(plan):
         ctx.note(line)
 
+    if imatrix:
+        ctx.note("imatrix: importance (mean squared input activation per channel) collected from the "
+                 "calibration text before each block is quantized")
     if cal is not None and not needs_calib:
         ctx.note(f"calibrator {cal.name!r} not used: {', '.join(s.name for s in stages)} needs no calibration")
         cal = None
@@ -186,6 +195,7 @@ def run(
         else:
             with Progress(enabled=progress, total=source.num_layers, label="quantizing") as bar:
                 run_blocks(model_obj, source, plan, stages, ctx, inputs=inputs, layer_kwargs=layer_kwargs,
+                           collect_importance=imatrix,
                            exporter=exp if tmp is not None else None, keep=keep, dtype=compute_dtype,
                            kernel_name=kernel, kernel_options=dict(kernel_options or {}),
                            on_block=lambda i, n, s: bar.advance())
