@@ -20,6 +20,7 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q4_0": ("Q4_0", 2), "Q8_0": ("Q8_0", 7), "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11),
     "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13), "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15),
     "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17), "Q6_K": ("Q6_K", 18),
+    "Q4_1": ("Q4_1", 3), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
 }
 BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
          "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
@@ -152,8 +153,8 @@ def _ffn_down(ft: str, new: str, i: int, n: int, ctx: MixContext) -> str:
         return "Q6_K" if use_more_bits(i, n) else new
     if ft == "Q4_K_S":
         return "Q5_K" if i < n // 8 else new
-    if ft == "Q4_0" and ctx.has_imatrix and i < n // 8:
-        return "Q4_1"
+    if ft in ("Q4_0", "Q5_0") and ctx.has_imatrix and i < n // 8:
+        return "Q4_1" if ft == "Q4_0" else "Q5_1"
     return new
 
 

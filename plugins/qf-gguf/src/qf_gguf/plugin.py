@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quantfoundry import hookimpl
 
+from .exporter import GGUFExporter
 from .kquants import KQUANT_FORMATS
 from .legacy import LEGACY_FORMATS
 
@@ -12,3 +13,8 @@ from .legacy import LEGACY_FORMATS
 def qf_register_formats(register):
     for cls in (*LEGACY_FORMATS, *KQUANT_FORMATS):
         register(cls)
+
+
+@hookimpl
+def qf_register_exporters(register):
+    register(GGUFExporter)

@@ -1,0 +1,284 @@
+"""Exporter ``gguf``: a GGUF v3 file that llama.cpp loads, written as llama.cpp's converter and
+``llama-quantize`` would write it (``docs/gguf-export-reference.md``).
+
+The exporter plans every tensor's GGML type before any quantization, by llama.cpp's file-type
+rules (:mod:`qf_gguf.mixes`), so the quantizer rounds block linears onto exactly the grid that
+is written. Tensors outside the decoder blocks are handled here as ``llama-quantize`` handles
+them: the token embedding (and an untied output) quantized round-to-nearest to their planned
+type, norms kept F32. Llama-family q/k rows are permuted into llama.cpp's interleaved-rope
+order (GGML blocks never straddle rows, so permuting quantized rows equals quantizing permuted
+rows). Tensor data is spilled to a temporary file as blocks stream in; :meth:`finish` writes
+the header, metadata and data in llama-quantize's tensor order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from quantfoundry import Exporter, Format, Options, QuantizedWeight, resolve_format
+from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
+from quantfoundry.roles.plan import QuantPlan, TensorPlan
+
+from .legacy import GGMLFormat
+from .mixes import FILE_TYPES, MixContext, choose_types
+from .vocab import add_vocab
+
+GGUF_FILE = "model.gguf"
+# --format T with the gguf exporter: a "pure" file of T, with llama.cpp's file-type id for T
+_PURE_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+                   "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LLAMA_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GGUFOptions(Options):
+    type: str = field(default="Q4_K_M", metadata={
+        "help": "llama.cpp file type: " + ", ".join(FILE_TYPES) + " (ignored when --format names a GGML type)"})
+    tensor_type: str = field(default="", metadata={
+        "help": "per-tensor overrides as llama-quantize's --tensor-type: REGEX=TYPE, several separated by ';'"})
+    pure: bool = field(default=False, metadata={"help": "one type for every tensor (no mix rules)"})
+    chat_template: Path | None = field(default=None, metadata={
+        "help": "a Jinja chat template file to write instead of the tokenizer's"})
+
+    def __post_init__(self) -> None:
+        if self.type.upper() not in FILE_TYPES:
+            raise ValueError(f"type must be one of {', '.join(FILE_TYPES)}, got {self.type!r}")
+        for item in self.overrides():
+            if item[1] not in _PURE_FILE_TYPE and item[1] not in ("F16", "F32"):
+                raise ValueError(f"tensor_type {item[0]}={item[1]}: unknown GGML type")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"chat_template file {self.chat_template} does not exist")
+
+    def overrides(self) -> list[tuple[str, str]]:
+        out = []
+        for part in filter(None, (p.strip() for p in self.tensor_type.split(";"))):
+            regex, eq, typ = part.rpartition("=")
+            if not eq or not regex:
+                raise ValueError(f"tensor_type {part!r}: write REGEX=TYPE")
+            out.append((regex, typ.strip().upper()))
+        return out
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of a Llama-family checkpoint tensor (``None``: not written)."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER.match(hf_name)
+    if m and m.group(2) in _LLAMA_NAMES:
+        return f"blk.{m.group(1)}.{_LLAMA_NAMES[m.group(2)]}"
+    return None
+
+
+def permute_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's llama arch expects for q/k: each head's two rope halves interleaved."""
+    hd = rows // heads
+    return torch.arange(rows).reshape(heads, 2, hd // 2).transpose(1, 2).reshape(rows)
+
+
+class GGUFExporter(Exporter):
+    name = "gguf"
+    description = "GGUF v3 for llama.cpp / Ollama: GGML types by llama.cpp's file-type rules"
+    Options = GGUFOptions
+    default_format: ClassVar[str | None] = None
+
+    options: GGUFOptions
+
+    # -- what it stores ----------------------------------------------------------------------
+    def check_format(self, fmt: Format) -> str | None:
+        return None if isinstance(fmt, GGMLFormat) else f"{fmt.spec} is not a GGML block type"
+
+    def storable(self) -> str:
+        return "GGML types (" + ", ".join(_PURE_FILE_TYPE) + ") and file types " + ", ".join(FILE_TYPES)
+
+    def _file_type(self, requested: Format | None) -> tuple[str, bool]:
+        if requested is None:
+            return self.options.type.upper(), self.options.pure
+        if not isinstance(requested, GGMLFormat):
+            raise IncompatiblePlanError(f"exporter 'gguf' cannot store {requested.spec}; choose a GGML type "
+                                        f"({', '.join(_PURE_FILE_TYPE)}) or --exporter-opt type=Q4_K_M")
+        return _PURE_FILE_TYPE[requested.ggml_name], True
+
+    def plan(self, source: Any, requested: Format | None) -> QuantPlan:
+        arch = SUPPORTED.get(source.hf_class)
+        if arch is None:
+            raise UsageError(f"the gguf exporter does not support {source.hf_class} yet; it writes "
+                             f"{', '.join(SUPPORTED)}")
+        cfg = source.config.get_text_config()
+        file_type, pure = self._file_type(requested)
+        shapes: dict[str, tuple[int, ...]] = {}
+        self._names: dict[str, str] = {}
+        for hf, (_, shape) in source.tensor_info.items():
+            g = gguf_name(hf)
+            if g is not None:
+                self._names[hf] = g
+                shapes[g] = tuple(reversed(shape))
+        ctx = MixContext(n_layer=int(cfg.num_hidden_layers), n_head=int(cfg.num_attention_heads),
+                         n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+                         overrides=self.options.overrides(), pure=pure)
+        self._types = choose_types(file_type, shapes, ctx)
+        self._file_type_name, self._arch, self._cfg = file_type, arch, cfg
+        plan = QuantPlan()
+        for name, shape in source.linear_shapes().items():
+            g = self._names.get(f"{name}.weight")
+            typ = self._types.get(g) if g else None
+            if not source.is_block_linear(name):
+                if g is None:  # tied: llama.cpp reads the token embedding
+                    typ = self._types.get("token_embd.weight")
+                    reason = f"tied to the token embedding, written once as token_embd ({typ or 'F32'})"
+                else:
+                    reason = f"written by the gguf exporter as {typ or 'F32'} (llama.cpp's rule, round-to-nearest)"
+                plan.add(TensorPlan(name, shape, None, reason=reason))
+            elif typ in (None, "F16", "F32"):
+                plan.add(TensorPlan(name, shape, None, reason=f"kept {typ or 'F32'} (llama.cpp's fallback)"))
+            else:
+                plan.add(TensorPlan(name, shape, resolve_format(typ)))
+        return plan
+
+    # -- writing -----------------------------------------------------------------------------
+    def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
+        if not hasattr(self, "_types"):
+            self.plan(source, None)
+        self._folder, self._source = Path(folder), source
+        self._spill_path = self._folder / ".tensors.spill"
+        self._spill = open(self._spill_path, "wb")
+        self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}  # name -> shape, type, offset, nbytes
+
+    def _permutation(self, g: str, rows: int) -> torch.Tensor | None:
+        cfg = self._cfg
+        if g.endswith("attn_q.weight") or g.endswith("attn_q.bias"):
+            return permute_rows(rows, int(cfg.num_attention_heads))
+        if g.endswith("attn_k.weight") or g.endswith("attn_k.bias"):
+            return permute_rows(rows, int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+        return None
+
+    def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+        g = self._names.get(name)
+        if g is None:
+            return
+        typ = self._types.get(g)
+        if isinstance(tensor, QuantizedWeight):
+            fmt = tensor.format
+            if not isinstance(fmt, GGMLFormat) or fmt.ggml_name != typ:
+                raise ArtifactError(f"{name} arrived as {fmt.spec}, but the plan wrote {typ}")
+            data = fmt.ggml_bytes(tensor)
+            shape = tuple(tensor.shape)
+        else:
+            t = tensor.detach().to(torch.float32)
+            shape = tuple(t.shape)
+            if typ in (None, "F32"):
+                data = t
+            elif typ == "F16":
+                data = t.to(torch.float16)
+            else:
+                fmt = resolve_format(typ)
+                data = fmt.ggml_bytes(fmt.quantize(t))  # llama-quantize's own round-to-nearest
+        perm = self._permutation(g, shape[0])
+        if perm is not None:
+            data = data[perm]
+        raw = data.contiguous().view(torch.uint8).numpy().tobytes() if data.dtype != torch.uint8 else \
+            data.contiguous().numpy().tobytes()
+        self._entries[g] = (shape, typ or "F32", self._spill.tell(), len(raw))
+        self._spill.write(raw)
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        import gguf
+
+        self._spill.close()
+        missing = sorted(set(self._types) - set(self._entries))
+        if missing:
+            raise ArtifactError(f"the gguf exporter never received {', '.join(missing[:3])}")
+        path = self._folder / GGUF_FILE
+        w = gguf.GGUFWriter(str(path), self._arch)
+        self._metadata(w)
+        order = sorted(self._entries, key=_weights_map_key)
+        for g in order:
+            shape, typ, _, nbytes = self._entries[g]
+            if typ in ("F32", "F16"):
+                w.add_tensor_info(g, shape, np.dtype(np.float32 if typ == "F32" else np.float16), nbytes)
+            else:  # quantized: the writer takes the byte shape and derives the logical one
+                rows = int(np.prod(shape[:-1]))
+                w.add_tensor_info(g, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+                                  raw_dtype=gguf.GGMLQuantizationType[typ])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with open(self._spill_path, "rb") as spill:
+            for g in order:
+                _, _, offset, nbytes = self._entries[g]
+                spill.seek(offset)
+                w.write_tensor_data(np.frombuffer(spill.read(nbytes), dtype=np.uint8))
+        w.close()
+        self._spill_path.unlink()
+        counts: dict[str, int] = {}
+        for _, typ, _, _ in self._entries.values():
+            counts[typ] = counts.get(typ, 0) + 1
+        return {"gguf": {"file": GGUF_FILE, "file_type": self._file_type_name, "tensor_types": counts,
+                         "bytes": path.stat().st_size}}
+
+    def _metadata(self, w: Any) -> None:
+        import gguf
+
+        cfg, src = self._cfg, self._source
+        w.add_type("model")
+        w.add_name(Path(str(src.path)).name)
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        w.add_block_count(int(cfg.num_hidden_layers))
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv)
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+        if theta is not None:
+            w.add_rope_freq_base(float(theta))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_file_type(FILE_TYPES[self._file_type_name][1])
+        w.add_vocab_size(int(cfg.vocab_size))
+        w.add_rope_dimension_count(head_dim)
+        rtype = rope.get("rope_type") or rope.get("type")
+        if rtype not in (None, "default"):
+            raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_vocab(w, Path(str(src.path)), int(cfg.vocab_size), chat_template=self.options.chat_template)
+
+    def verify(self, folder: Path) -> None:
+        from gguf import GGMLQuantizationType, GGUFReader
+
+        path = Path(folder) / GGUF_FILE
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as exc:
+            raise ArtifactError(f"{path} does not read back as GGUF: {exc}") from None
+        got = {t.name: GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
+        want = {g: e[1] for g, e in self._entries.items()}
+        if got != want:
+            diff = sorted(set(got.items()) ^ set(want.items()))[:3]
+            raise ArtifactError(f"{path}: tensors read back differ from what was written: {diff}")
+
+
+def _weights_map_key(name: str) -> tuple[int, str]:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
