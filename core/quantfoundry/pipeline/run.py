@@ -147,9 +147,17 @@ def run(
     # -- load, guard, plan -------------------------------------------------------------
     source = resolve_model(model if model is not None else default_model_path(),
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
+    exp.collects_importance = imatrix
     plan = exp.plan(source, requested)
     _check_plan(plan, stages, exp, dev, kernel, kernel_options)
     ctx = QuantContext(device=dev, source=source)
+    brought = exp.importance(source)
+    if brought:
+        if imatrix:
+            raise UsageError(f"exporter {exp.name!r} brings an importance matrix and --imatrix asks to collect "
+                             "one: choose one of them")
+        ctx.importance.update(brought)
+        ctx.note(f"importance of {len(brought)} linear(s) from exporter {exp.name!r}")
     for line in summarize_plan(plan):
         ctx.note(line)
 

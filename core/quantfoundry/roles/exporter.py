@@ -75,6 +75,16 @@ class Exporter(Component, ABC):
         """Rebuild the quantized model from an artifact this exporter wrote (optional)."""
         raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
 
+    #: set by the pipeline before :meth:`plan`: True when the run collects an importance matrix
+    #: from calibration (``--imatrix``), for exporters whose plan depends on it (llama.cpp's mixes)
+    collects_importance: bool = False
+
+    def importance(self, source: ModelSource) -> dict[str, torch.Tensor] | None:
+        """Importance vectors (mean squared input per channel) by linear module name, when the
+        exporter brings them (e.g. a llama.cpp imatrix file); the quantizer gets them through
+        ``QuantContext.importance``."""
+        return None
+
     def engine(self, folder: Path, device: torch.device) -> Engine | None:
         """Open the artifact in the engine that serves it (llama.cpp for GGUF, ...), if a plugin
         provides one; ``qf eval`` and the run's artifact check use it when :meth:`load` cannot."""

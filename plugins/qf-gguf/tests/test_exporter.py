@@ -127,3 +127,30 @@ def test_pure_ggml_format_and_default_text_scores_in_llama_cpp(llama_cpp, tmp_pa
     assert set(types) == {"Q6_K", "F32"}  # pure: every 2-D weight Q6_K, norms F32
     ppl = llama_perplexity(llama_cpp, tmp_path / "q6" / "model.gguf", text, 256)
     assert ppl == pytest.approx(r.metrics["perplexity"]["perplexity"]["quantized"], rel=0.01)
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q4_0"])
+def test_with_a_llama_imatrix_file_equals_llama_quantize(ftype, llama_cpp, converted, tmp_path) -> None:
+    """Same imatrix file, same file: the imatrix-weighted encoders and the quantize.imatrix.* keys
+    (the Q4_0 ffn_down rule an imatrix triggers needs 8+ layers: tests/test_mixes.py covers it)."""
+    f32 = converted(default_model_path())
+    text = tmp_path / "calib.txt"
+    text.write_text(default_eval_text().read_text()[:30_000])
+    imatrix = tmp_path / "imatrix.gguf"
+    r = subprocess.run([str(llama_cpp["bin"] / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "128",
+                        "--chunks", "10", "-t", "2", "-o", str(imatrix)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    qf.run(exporter="gguf", exporter_options={"type": ftype, "imatrix": str(imatrix)}, out=tmp_path / "ours",
+           evaluators=[], progress=False)
+    out = tmp_path / "theirs.gguf"
+    r = subprocess.run([str(llama_cpp["bin"] / "llama-quantize"), "--imatrix", str(imatrix), str(f32), str(out),
+                        ftype, "2"], capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert_same_file(tmp_path / "ours" / "model.gguf", out)  # tensors and metadata, quantize.imatrix.* included
+    assert "quantize.imatrix.entries_count" in GGUFReader(str(out)).fields
+    plain = qf.run(exporter="gguf", exporter_options={"type": ftype}, out=tmp_path / "plain", evaluators=[],
+                   progress=False)
+    assert plain.artifact is not None
+    a = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "plain" / "model.gguf")).tensors}
+    b = {t.name: np.asarray(t.data) for t in GGUFReader(str(out)).tensors}
+    assert not np.array_equal(a["blk.0.attn_q.weight"], b["blk.0.attn_q.weight"])  # the imatrix was used

@@ -24,6 +24,7 @@ from quantfoundry import Exporter, Format, Options, QuantizedWeight, resolve_for
 from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
 from quantfoundry.roles.plan import QuantPlan, TensorPlan
 
+from .imatrix import read_imatrix
 from .legacy import GGMLFormat
 from .mixes import FILE_TYPES, MixContext, choose_types
 from .vocab import add_vocab
@@ -56,6 +57,8 @@ class GGUFOptions(Options):
     pure: bool = field(default=False, metadata={"help": "one type for every tensor (no mix rules)"})
     chat_template: Path | None = field(default=None, metadata={
         "help": "a Jinja chat template file to write instead of the tokenizer's"})
+    imatrix: Path | None = field(default=None, metadata={
+        "help": "a llama.cpp importance matrix (GGUF or .dat, e.g. from llama-imatrix) to quantize with"})
 
     def __post_init__(self) -> None:
         if self.type.upper() not in FILE_TYPES:
@@ -65,6 +68,8 @@ class GGUFOptions(Options):
                 raise ValueError(f"tensor_type {item[0]}={item[1]}: unknown GGML type")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template file {self.chat_template} does not exist")
+        if self.imatrix is not None and not Path(self.imatrix).is_file():
+            raise ValueError(f"imatrix file {self.imatrix} does not exist")
 
     def overrides(self) -> list[tuple[str, str]]:
         out = []
@@ -129,9 +134,11 @@ class GGUFExporter(Exporter):
             if g is not None:
                 self._names[hf] = g
                 shapes[g] = tuple(reversed(shape))
+        self._imatrix = read_imatrix(self.options.imatrix) if self.options.imatrix is not None else None
         ctx = MixContext(n_layer=int(cfg.num_hidden_layers), n_head=int(cfg.num_attention_heads),
                          n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
-                         overrides=self.options.overrides(), pure=pure)
+                         overrides=self.options.overrides(), pure=pure,
+                         has_imatrix=self._imatrix is not None or self.collects_importance)
         self._types = choose_types(file_type, shapes, ctx)
         self._file_type_name, self._arch, self._cfg = file_type, arch, cfg
         plan = QuantPlan()
@@ -150,6 +157,23 @@ class GGUFExporter(Exporter):
             else:
                 plan.add(TensorPlan(name, shape, resolve_format(typ)))
         return plan
+
+    def importance(self, source: Any) -> dict[str, torch.Tensor] | None:
+        """The imatrix file's entries, by linear module name (llama.cpp looks them up by GGUF name;
+        an entry of the wrong width is an error there and here)."""
+        if self._imatrix is None:
+            return None
+        out = {}
+        for hf, g in self._names.items():
+            imp = self._imatrix.importance(g)
+            if imp is None or not hf.endswith(".weight"):
+                continue
+            width = source.tensor_info[hf][1][-1]
+            if imp.numel() != width:
+                raise UsageError(f"imatrix entry {g} has {imp.numel()} values, the tensor {width} columns: "
+                                 "the imatrix belongs to another model")
+            out[hf.removesuffix(".weight")] = imp
+        return out
 
     # -- writing -----------------------------------------------------------------------------
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
@@ -186,9 +210,10 @@ class GGUFExporter(Exporter):
                 data = t
             elif typ == "F16":
                 data = t.to(torch.float16)
-            else:
+            else:  # llama-quantize's own round-to-nearest (with the imatrix entry, if the file has one)
                 fmt = resolve_format(typ)
-                data = fmt.ggml_bytes(fmt.quantize(t))  # llama-quantize's own round-to-nearest
+                imp = self._imatrix.importance(g) if self._imatrix is not None else None
+                data = fmt.ggml_bytes(fmt.quantize(t, imp))
         perm = self._permutation(g, shape[0])
         if perm is not None:
             data = data[perm]
@@ -262,6 +287,13 @@ class GGUFExporter(Exporter):
             raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(w, Path(str(src.path)), int(cfg.vocab_size), chat_template=self.options.chat_template)
+        if self._imatrix is not None:  # the keys llama-quantize appends (tools/quantize/quantize.cpp)
+            w.add_string("quantize.imatrix.file", str(self.options.imatrix)[:127])
+            if self._imatrix.datasets:
+                w.add_string("quantize.imatrix.dataset", self._imatrix.datasets[0][:127])
+            w.add_uint32("quantize.imatrix.entries_count", len(self._imatrix.entries))
+            if self._imatrix.chunk_count > 0:
+                w.add_uint32("quantize.imatrix.chunks_count", int(self._imatrix.chunk_count))
 
     def verify(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
