@@ -306,7 +306,17 @@ def formats() -> None:
             fmt = resolve_format(spec)
             examples.append(f"{fmt.spec} {fmt.bits_per_weight((4096, 4096)):.3f}")
         table.add_row(entry.name, cls.spec_help(), ", ".join(examples), cls.description)
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    presets = [(e.name, name, text) for e in pm.registry("exporter").entries.values()
+               for name, text in e.component.presets()]
+    if presets:
+        table = Table(title="exporter presets (--exporter NAME --exporter-opt type=PRESET)")
+        for col in ("exporter", "preset", "description"):
+            table.add_column(col)
+        for row in presets:
+            table.add_row(*row)
+        console.print(table)
 
 
 @cli.command(name="eval")

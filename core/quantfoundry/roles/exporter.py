@@ -75,6 +75,12 @@ class Exporter(Component, ABC):
         """Rebuild the quantized model from an artifact this exporter wrote (optional)."""
         raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
 
+    @classmethod
+    def presets(cls) -> list[tuple[str, str]]:
+        """Named choices the exporter offers besides formats (e.g. llama.cpp file types), as
+        ``(name, description)``; ``qf formats`` lists them."""
+        return []
+
     #: set by the pipeline before :meth:`plan`: True when the run collects an importance matrix
     #: from calibration (``--imatrix``), for exporters whose plan depends on it (llama.cpp's mixes)
     collects_importance: bool = False

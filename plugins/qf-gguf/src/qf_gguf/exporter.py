@@ -105,6 +105,12 @@ class GGUFExporter(Exporter):
 
     options: GGUFOptions
 
+    @classmethod
+    def presets(cls) -> list[tuple[str, str]]:
+        """llama.cpp's file types with their bits per weight on Llama-2-7B's tensor shapes."""
+        return [(ft, f"llama.cpp file type {ft}: {bpw:.3f} bits per weight on Llama-2-7B shapes "
+                     f"(default type {FILE_TYPES[ft][0]})") for ft, bpw in file_type_bpw().items()]
+
     # -- what it stores ----------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:
         return None if isinstance(fmt, GGMLFormat) else f"{fmt.spec} is not a GGML block type"
@@ -308,6 +314,28 @@ class GGUFExporter(Exporter):
         if got != want:
             diff = sorted(set(got.items()) ^ set(want.items()))[:3]
             raise ArtifactError(f"{path}: tensors read back differ from what was written: {diff}")
+
+
+_BYTES = {"Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q5_0": 22 / 32, "Q5_1": 24 / 32, "Q8_0": 34 / 32, "Q2_K": 84 / 256,
+          "Q3_K": 110 / 256, "Q4_K": 144 / 256, "Q5_K": 176 / 256, "Q6_K": 210 / 256, "F16": 2.0, "F32": 4.0}
+
+
+def file_type_bpw(n_layer: int = 32, n_embd: int = 4096, n_ff: int = 11008, n_vocab: int = 32000) -> dict[str, float]:
+    """Whole-file bits per weight of every file type on a Llama-2-7B-shaped tensor list."""
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_embd, n_vocab), "output.weight": (n_embd, n_vocab),
+                                          "output_norm.weight": (n_embd,)}
+    for i in range(n_layer):
+        for t, shp in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_embd, n_embd)), ("attn_v", (n_embd, n_embd)),
+                       ("attn_output", (n_embd, n_embd)), ("ffn_gate", (n_embd, n_ff)), ("ffn_up", (n_embd, n_ff)),
+                       ("ffn_down", (n_ff, n_embd)), ("attn_norm", (n_embd,)), ("ffn_norm", (n_embd,))):
+            shapes[f"blk.{i}.{t}.weight"] = shp
+    out = {}
+    for ft in FILE_TYPES:
+        types = choose_types(ft, shapes, MixContext(n_layer=n_layer, n_head=32, n_head_kv=32))
+        n = sum(int(np.prod(s)) for s in shapes.values())
+        nbytes = sum(int(np.prod(shapes[k])) * _BYTES[t or "F32"] for k, t in types.items())
+        out[ft] = 8 * nbytes / n
+    return out
 
 
 def _weights_map_key(name: str) -> tuple[int, str]:
