@@ -43,9 +43,27 @@ _LLAMA_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How llama.cpp's converter writes one HF architecture (gguf-export-reference.md §2)."""
+
+    gguf: str
+    permute_qk: bool = False         # llama: rotate-half → interleaved rope rows
+    qk_norms: bool = False           # qwen3: per-head q/k RMSNorm weights
+    llama_keys: bool = False         # llama only: <arch>.vocab_size and rope.dimension_count
+
+
+SUPPORTED: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("llama", permute_qk=True, llama_keys=True),
+    "MistralForCausalLM": ArchSpec("llama", permute_qk=True, llama_keys=True),
+    "Qwen2ForCausalLM": ArchSpec("qwen2"),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", qk_norms=True),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,14 +99,15 @@ class GGUFOptions(Options):
         return out
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF tensor name of a Llama-family checkpoint tensor (``None``: not written)."""
+def gguf_name(hf_name: str, spec: ArchSpec | None = None) -> str | None:
+    """The GGUF tensor name of a checkpoint tensor (``None``: not written)."""
     if hf_name in _TOP:
         return _TOP[hf_name]
     m = _LAYER.match(hf_name)
-    if m and m.group(2) in _LLAMA_NAMES:
-        return f"blk.{m.group(1)}.{_LLAMA_NAMES[m.group(2)]}"
-    return None
+    if m is None:
+        return None
+    names = {**_LLAMA_NAMES, **(_QK_NORMS if spec is not None and spec.qk_norms else {})}
+    return f"blk.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
 
 
 def permute_rows(rows: int, heads: int) -> torch.Tensor:
@@ -127,8 +146,8 @@ class GGUFExporter(Exporter):
         return _PURE_FILE_TYPE[requested.ggml_name], True
 
     def plan(self, source: Any, requested: Format | None) -> QuantPlan:
-        arch = SUPPORTED.get(source.hf_class)
-        if arch is None:
+        spec = SUPPORTED.get(source.hf_class)
+        if spec is None:
             raise UsageError(f"the gguf exporter does not support {source.hf_class} yet; it writes "
                              f"{', '.join(SUPPORTED)}")
         cfg = source.config.get_text_config()
@@ -136,7 +155,7 @@ class GGUFExporter(Exporter):
         shapes: dict[str, tuple[int, ...]] = {}
         self._names: dict[str, str] = {}
         for hf, (_, shape) in source.tensor_info.items():
-            g = gguf_name(hf)
+            g = gguf_name(hf, spec)
             if g is not None:
                 self._names[hf] = g
                 shapes[g] = tuple(reversed(shape))
@@ -146,7 +165,7 @@ class GGUFExporter(Exporter):
                          overrides=self.options.overrides(), pure=pure,
                          has_imatrix=self._imatrix is not None or self.collects_importance)
         self._types = choose_types(file_type, shapes, ctx)
-        self._file_type_name, self._arch, self._cfg = file_type, arch, cfg
+        self._file_type_name, self._spec, self._cfg = file_type, spec, cfg
         plan = QuantPlan()
         for name, shape in source.linear_shapes().items():
             g = self._names.get(f"{name}.weight")
@@ -192,6 +211,8 @@ class GGUFExporter(Exporter):
 
     def _permutation(self, g: str, rows: int) -> torch.Tensor | None:
         cfg = self._cfg
+        if not self._spec.permute_qk:
+            return None
         if g.endswith("attn_q.weight") or g.endswith("attn_q.bias"):
             return permute_rows(rows, int(cfg.num_attention_heads))
         if g.endswith("attn_k.weight") or g.endswith("attn_k.bias"):
@@ -236,7 +257,7 @@ class GGUFExporter(Exporter):
         if missing:
             raise ArtifactError(f"the gguf exporter never received {', '.join(missing[:3])}")
         path = self._folder / GGUF_FILE
-        w = gguf.GGUFWriter(str(path), self._arch)
+        w = gguf.GGUFWriter(str(path), self._spec.gguf)
         self._metadata(w)
         order = sorted(self._entries, key=_weights_map_key)
         for g in order:
@@ -283,11 +304,13 @@ class GGUFExporter(Exporter):
         if theta is not None:
             w.add_rope_freq_base(float(theta))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+        if getattr(cfg, "head_dim", None) is not None:  # the converter writes them when the config has head_dim
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
         w.add_file_type(FILE_TYPES[self._file_type_name][1])
-        w.add_vocab_size(int(cfg.vocab_size))
-        w.add_rope_dimension_count(head_dim)
+        if self._spec.llama_keys:
+            w.add_vocab_size(int(cfg.vocab_size))
+            w.add_rope_dimension_count(head_dim)
         rtype = rope.get("rope_type") or rope.get("type")
         if rtype not in (None, "default"):
             raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
