@@ -204,6 +204,10 @@ def _print_plan(plan: Any) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v != 0 and abs(v) < 1e-3:
+        return f"{v:.4g}"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
     if isinstance(v, int):
@@ -363,6 +367,45 @@ def load(path: Path, device: str) -> None:
     console.print(table)
     console.print(f"reloaded {sum(isinstance(m, QuantLinear) for m in model.modules())} quantized linears, "
                   f"{total:,} bytes")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor.")
+def inspect(path: Path, show_tensors: bool) -> None:
+    """Describe an artifact: metadata, tensor types, bits per weight by tensor kind."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    pm = get_plugin_manager()
+    owners = [e.component for e in pm.registry("exporter").entries.values() if e.component.claims(path)]
+    if not owners:
+        raise UsageError(f"no installed exporter recognises {path}; `qf plugins` lists what is installed")
+    report = owners[0].inspect(path)
+    console = _console()
+    for title, rows in (("summary", report.get("summary", {})), ("metadata", report.get("metadata", {}))):
+        table = Table(title=f"{path.name}: {title}")
+        table.add_column("key")
+        table.add_column("value", overflow="fold")
+        for k, v in rows.items():
+            table.add_row(escape(str(k)), escape(_fmt(v)))
+        console.print(table)
+    table = Table(title="tensors by kind")
+    for col in ("kind", "tensors", "weights", "bytes", "bits/weight", "types"):
+        table.add_column(col, justify="left" if col in ("kind", "types") else "right")
+    for kind, k in report.get("kinds", {}).items():
+        table.add_row(kind, _fmt(k["tensors"]), _fmt(k["weights"]), _fmt(k["bytes"]), f"{k['bpw']:.3f}",
+                      ", ".join(f"{t} x{n}" for t, n in k["types"].items()))
+    console.print(table)
+    if show_tensors:
+        table = Table(title="tensors")
+        for col in ("name", "type", "shape", "bytes"):
+            table.add_column(col)
+        for row in report.get("tensors", []):
+            table.add_row(*(escape(str(c)) for c in row))
+        console.print(table)
 
 
 @cli.command()

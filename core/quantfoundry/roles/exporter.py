@@ -76,6 +76,18 @@ class Exporter(Component, ABC):
         raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
 
     @classmethod
+    def claims(cls, path: Path) -> bool:
+        """True if ``path`` is an artifact of this exporter's kind (``qf inspect`` dispatch)."""
+        return False
+
+    @classmethod
+    def inspect(cls, path: Path) -> dict[str, Any]:
+        """Describe an artifact for ``qf inspect``: ``{"summary": {...}, "metadata": {...},
+        "kinds": {kind: {"tensors", "weights", "bytes", "bpw", "types"}}, "tensors": [rows]}``;
+        a damaged file raises :class:`~quantfoundry.errors.ArtifactError` with one line."""
+        raise NotImplementedError(f"exporter {cls.name!r} cannot inspect artifacts")
+
+    @classmethod
     def presets(cls) -> list[tuple[str, str]]:
         """Named choices the exporter offers besides formats (e.g. llama.cpp file types), as
         ``(name, description)``; ``qf formats`` lists them."""

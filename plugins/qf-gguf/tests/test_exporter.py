@@ -184,3 +184,25 @@ def test_each_supported_architecture_equals_llama_cpp(arch, llama_cpp, converted
         llama_perplexity(llama_cpp, f32, text, 128)
     # qwen2: 3%, since llama.cpp and transformers already differ on that float model (see above)
     assert llama_ratio == pytest.approx(ppl["quantized"] / ppl["original"], rel=0.03 if arch == "qwen2" else 0.01)
+
+
+def test_inspect_reads_a_file_and_refuses_a_truncated_one(tmp_path) -> None:
+    from click.testing import CliRunner
+    from quantfoundry.cli import cli
+
+    qf.run(exporter="gguf", out=tmp_path / "a", evaluators=[], progress=False)
+    file = tmp_path / "a" / "model.gguf"
+    res = CliRunner().invoke(cli, ["inspect", str(file), "--tensors"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    reader = GGUFReader(str(file))
+    bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
+    assert f"{bpw:.4f}" in res.output and "Q4_K x" in res.output and "blk.0.attn_q.weight" in res.output
+    assert "bos=1 '<s>'" in res.output and "tokenizer.ggml.model" in res.output
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    res = CliRunner().invoke(cli, ["inspect", str(cut)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "truncated" in res.output
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(64))
+    res = CliRunner().invoke(cli, ["inspect", str(junk)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output

@@ -25,6 +25,7 @@ from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
 from quantfoundry.roles.plan import QuantPlan, TensorPlan
 
 from .imatrix import read_imatrix
+from .inspect import gguf_file, inspect_gguf
 from .legacy import GGMLFormat
 from .mixes import FILE_TYPES, MixContext, choose_types
 from .vocab import add_vocab
@@ -123,6 +124,14 @@ class GGUFExporter(Exporter):
     default_format: ClassVar[str | None] = None
 
     options: GGUFOptions
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return gguf_file(path) is not None
+
+    @classmethod
+    def inspect(cls, path: Path) -> dict[str, Any]:
+        return inspect_gguf(path)
 
     @classmethod
     def presets(cls) -> list[tuple[str, str]]:
