@@ -213,6 +213,10 @@ def run(
         manifest = build_manifest(source=source, stages=stages, requested=requested, exporter=exp, plan=plan,
                                   calibration=calibration, notes=ctx.notes, evaluation={})
         if tmp is not None:
+            if imatrix and ctx.importance and calibration is not None:
+                exp.collected_importance(dict(ctx.importance), {
+                    "source": calibration.source, "tokens": int(calibration.input_ids.numel()),
+                    "samples": int(calibration.input_ids.shape[0]), "seq_len": int(calibration.input_ids.shape[1])})
             manifest.update(exp.finish(manifest) or {})
             write_json_atomic(tmp / "quantfoundry.json", manifest)
             exp.verify(tmp)

@@ -103,6 +103,11 @@ class Exporter(Component, ABC):
         ``QuantContext.importance``."""
         return None
 
+    def collected_importance(self, importance: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Called before :meth:`finish` when the run collected an importance matrix (``--imatrix``):
+        means by linear module name and the calibration facts (``source``, ``tokens``,
+        ``samples``, ``seq_len``), for exporters that record or ship it."""
+
     def engine(self, folder: Path, device: torch.device) -> Engine | None:
         """Open the artifact in the engine that serves it (llama.cpp for GGUF, ...), if a plugin
         provides one; ``qf eval`` and the run's artifact check use it when :meth:`load` cannot."""

@@ -206,3 +206,23 @@ def test_inspect_reads_a_file_and_refuses_a_truncated_one(tmp_path) -> None:
     junk.write_bytes(b"GGUF" + bytes(64))
     res = CliRunner().invoke(cli, ["inspect", str(junk)])
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+
+
+def test_collected_imatrix_ships_beside_the_gguf_and_drives_the_encoders(tmp_path) -> None:
+    from qf_gguf.imatrix import read_imatrix
+
+    cal = {"n_samples": 4, "seq_len": 64}
+    r = qf.run(exporter="gguf", imatrix=True, calibrator_options=cal, out=tmp_path / "a", evaluators=[],
+               progress=False)
+    im = read_imatrix(tmp_path / "a" / "imatrix.gguf")
+    assert r.manifest["gguf"]["imatrix"] == "imatrix.gguf"
+    assert "blk.0.attn_q.weight" in im.entries and im.chunk_count == 4 and im.chunk_size == 64
+    fields = GGUFReader(str(tmp_path / "a" / "model.gguf")).fields
+    assert fields["quantize.imatrix.file"].contents() == "imatrix.gguf"
+    assert int(fields["quantize.imatrix.entries_count"].contents()) == len(im.entries) == 42
+    # the shipped file reproduces the run: exporting again with it gives the same bytes
+    qf.run(exporter="gguf", exporter_options={"imatrix": str(tmp_path / "a" / "imatrix.gguf")},
+           out=tmp_path / "b", evaluators=[], progress=False)
+    a = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "a" / "model.gguf")).tensors}
+    b = {t.name: np.asarray(t.data) for t in GGUFReader(str(tmp_path / "b" / "model.gguf")).tensors}
+    assert all(np.array_equal(a[n], b[n]) for n in a)

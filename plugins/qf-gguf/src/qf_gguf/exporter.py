@@ -24,13 +24,14 @@ from quantfoundry import Exporter, Format, Options, QuantizedWeight, resolve_for
 from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
 from quantfoundry.roles.plan import QuantPlan, TensorPlan
 
-from .imatrix import read_imatrix
+from .imatrix import Imatrix, read_imatrix, write_imatrix
 from .inspect import gguf_file, inspect_gguf
 from .legacy import GGMLFormat
 from .mixes import FILE_TYPES, MixContext, choose_types
 from .vocab import add_vocab
 
 GGUF_FILE = "model.gguf"
+IMATRIX_FILE = "imatrix.gguf"  # the run's collected imatrix, shipped beside the model
 # --format T with the gguf exporter: a "pure" file of T, with llama.cpp's file-type id for T
 _PURE_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
                    "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
@@ -209,12 +210,21 @@ class GGUFExporter(Exporter):
             out[hf.removesuffix(".weight")] = imp
         return out
 
+    def collected_importance(self, importance: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Ship the run's imatrix beside the GGUF (``imatrix.gguf``, llama.cpp's format, keyed by
+        GGUF names) and record it in the metadata as llama-quantize records an imatrix."""
+        by_gguf = {self._names[f"{n}.weight"]: m for n, m in importance.items() if f"{n}.weight" in self._names}
+        self._collected = Imatrix.from_means(by_gguf, tokens=int(info["tokens"]),
+                                             dataset=Path(str(info["source"])).name,
+                                             chunk_size=int(info["seq_len"]), chunk_count=int(info["samples"]))
+
     # -- writing -----------------------------------------------------------------------------
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         if not hasattr(self, "_types"):
             self.plan(source, None)
         self._folder, self._source = Path(folder), source
         self._spill_path = self._folder / ".tensors.spill"
+        self._collected: Imatrix | None = None
         self._spill = open(self._spill_path, "wb")
         self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}  # name -> shape, type, offset, nbytes
 
@@ -287,11 +297,14 @@ class GGUFExporter(Exporter):
                 w.write_tensor_data(np.frombuffer(spill.read(nbytes), dtype=np.uint8))
         w.close()
         self._spill_path.unlink()
+        if self._collected is not None:
+            write_imatrix(self._collected, self._folder / IMATRIX_FILE)
         counts: dict[str, int] = {}
         for _, typ, _, _ in self._entries.values():
             counts[typ] = counts.get(typ, 0) + 1
         return {"gguf": {"file": GGUF_FILE, "file_type": self._file_type_name, "tensor_types": counts,
-                         "bytes": path.stat().st_size}}
+                         "bytes": path.stat().st_size,
+                         "imatrix": IMATRIX_FILE if self._collected is not None else self.options.imatrix}}
 
     def _metadata(self, w: Any) -> None:
         import gguf
@@ -325,13 +338,15 @@ class GGUFExporter(Exporter):
             raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(w, Path(str(src.path)), int(cfg.vocab_size), chat_template=self.options.chat_template)
-        if self._imatrix is not None:  # the keys llama-quantize appends (tools/quantize/quantize.cpp)
-            w.add_string("quantize.imatrix.file", str(self.options.imatrix)[:127])
-            if self._imatrix.datasets:
-                w.add_string("quantize.imatrix.dataset", self._imatrix.datasets[0][:127])
-            w.add_uint32("quantize.imatrix.entries_count", len(self._imatrix.entries))
-            if self._imatrix.chunk_count > 0:
-                w.add_uint32("quantize.imatrix.chunks_count", int(self._imatrix.chunk_count))
+        im, im_file = (self._imatrix, str(self.options.imatrix)) if self._imatrix is not None else \
+            (self._collected, IMATRIX_FILE)
+        if im is not None:  # the keys llama-quantize appends (tools/quantize/quantize.cpp)
+            w.add_string("quantize.imatrix.file", im_file[:127])
+            if im.datasets:
+                w.add_string("quantize.imatrix.dataset", im.datasets[0][:127])
+            w.add_uint32("quantize.imatrix.entries_count", len(im.entries))
+            if im.chunk_count > 0:
+                w.add_uint32("quantize.imatrix.chunks_count", int(im.chunk_count))
 
     def verify(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
