@@ -102,9 +102,12 @@ def test_smollm2_bpe_tied_file_equals_llama_and_scores_like_qf(llama_cpp, conver
     assert llama_perplexity(llama_cpp, tmp_path / "ours" / "model.gguf", text, 128) == pytest.approx(ours_ppl, rel=0.01)
 
 
-def test_unsupported_architecture_fails_before_any_work(tiny_model, tmp_path) -> None:
+def test_unsupported_architecture_fails_before_any_work(tiny_model, tmp_path, monkeypatch) -> None:
+    from qf_gguf import exporter
     from quantfoundry.errors import UsageError
 
+    # every architecture the core maps is exported today; take one away to see the refusal
+    monkeypatch.delitem(exporter.SUPPORTED, "Gemma2ForCausalLM")
     with pytest.raises(UsageError, match="does not support Gemma2ForCausalLM"):
         qf.run(tiny_model("gemma2"), exporter="gguf", out=tmp_path / "x", evaluators=[], progress=False)
     assert not (tmp_path / "x").exists()
@@ -156,10 +159,11 @@ def test_with_a_llama_imatrix_file_equals_llama_quantize(ftype, llama_cpp, conve
     assert not np.array_equal(a["blk.0.attn_q.weight"], b["blk.0.attn_q.weight"])  # the imatrix was used
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_each_supported_architecture_equals_llama_cpp(arch, llama_cpp, converted, tiny_model, tmp_path) -> None:
     """Config-built models of every architecture the exporter writes: byte-identical to llama.cpp's
-    convert + quantize (llama/mistral permuted q/k, qwen2 q/k/v biases, qwen3 q/k norms), and loaded
+    convert + quantize (llama/mistral permuted q/k, qwen2 q/k/v biases, qwen3 q/k norms, gemma norms
+    +1 and tied output, gemma2/3 extra norms, softcapping and sliding-window keys), and loaded
     by llama.cpp with the same quantization damage as qf measures: llama.cpp's perplexity ratio
     (our file / its own F32 conversion) equals qf's (quantized / original) within 1%. The token
     embedding and output are kept F16 (llama-quantize --tensor-type, our tensor_type): qf's in-memory

@@ -50,14 +50,20 @@ _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "
         "lm_head.weight": "output.weight"}
 
 
+_GEMMA2_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """How llama.cpp's converter writes one HF architecture (gguf-export-reference.md §2)."""
 
     gguf: str
     permute_qk: bool = False         # llama: rotate-half → interleaved rope rows
-    qk_norms: bool = False           # qwen3: per-head q/k RMSNorm weights
+    qk_norms: bool = False           # qwen3, gemma3: per-head q/k RMSNorm weights
     llama_keys: bool = False         # llama only: <arch>.vocab_size and rope.dimension_count
+    gemma: str = ""                  # gemma / gemma2 / gemma3: norms +1, their own keys and names
 
 
 SUPPORTED: dict[str, ArchSpec] = {
@@ -65,6 +71,9 @@ SUPPORTED: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec("llama", permute_qk=True, llama_keys=True),
     "Qwen2ForCausalLM": ArchSpec("qwen2"),
     "Qwen3ForCausalLM": ArchSpec("qwen3", qk_norms=True),
+    "GemmaForCausalLM": ArchSpec("gemma", gemma="gemma"),
+    "Gemma2ForCausalLM": ArchSpec("gemma2", gemma="gemma2"),
+    "Gemma3ForCausalLM": ArchSpec("gemma3", qk_norms=True, gemma="gemma3"),
 }
 
 
@@ -104,11 +113,14 @@ class GGUFOptions(Options):
 def gguf_name(hf_name: str, spec: ArchSpec | None = None) -> str | None:
     """The GGUF tensor name of a checkpoint tensor (``None``: not written)."""
     if hf_name in _TOP:
+        if hf_name == "lm_head.weight" and spec is not None and spec.gemma in ("gemma", "gemma2"):
+            return None  # llama.cpp's gemma/gemma2 always read the token embedding as the output
         return _TOP[hf_name]
     m = _LAYER.match(hf_name)
     if m is None:
         return None
-    names = {**_LLAMA_NAMES, **(_QK_NORMS if spec is not None and spec.qk_norms else {})}
+    names = {**_LLAMA_NAMES, **(_QK_NORMS if spec is not None and spec.qk_norms else {}),
+             **(_GEMMA2_NORMS if spec is not None and spec.gemma in ("gemma2", "gemma3") else {})}
     return f"blk.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
 
 
@@ -251,6 +263,8 @@ class GGUFExporter(Exporter):
             shape = tuple(tensor.shape)
         else:
             t = tensor.detach().to(torch.float32)
+            if self._spec.gemma and name.endswith("norm.weight"):
+                t = t + 1  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w, in float32
             shape = tuple(t.shape)
             if typ in (None, "F32"):
                 data = t
@@ -315,29 +329,13 @@ class GGUFExporter(Exporter):
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        w.add_block_count(int(cfg.num_hidden_layers))
-        w.add_context_length(int(cfg.max_position_embeddings))
-        w.add_embedding_length(int(cfg.hidden_size))
-        w.add_feed_forward_length(int(cfg.intermediate_size))
-        w.add_head_count(heads)
-        w.add_head_count_kv(kv)
-        rope = dict(getattr(cfg, "rope_parameters", None) or {})
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
-        if theta is not None:
-            w.add_rope_freq_base(float(theta))
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        if getattr(cfg, "head_dim", None) is not None:  # the converter writes them when the config has head_dim
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_file_type(FILE_TYPES[self._file_type_name][1])
-        if self._spec.llama_keys:
-            w.add_vocab_size(int(cfg.vocab_size))
-            w.add_rope_dimension_count(head_dim)
-        rtype = rope.get("rope_type") or rope.get("type")
-        if rtype not in (None, "default"):
-            raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
+        if self._spec.gemma in ("gemma", "gemma2"):
+            self._gemma_keys(w, cfg, heads, kv, head_dim)
+        else:
+            self._common_keys(w, cfg, heads, kv, head_dim)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(w, Path(str(src.path)), int(cfg.vocab_size), chat_template=self.options.chat_template)
+        add_vocab(w, Path(str(src.path)), int(cfg.vocab_size), chat_template=self.options.chat_template,
+                  arch=self._spec.gemma or self._spec.gguf)
         im, im_file = (self._imatrix, str(self.options.imatrix)) if self._imatrix is not None else \
             (self._collected, IMATRIX_FILE)
         if im is not None:  # the keys llama-quantize appends (tools/quantize/quantize.cpp)
@@ -347,6 +345,58 @@ class GGUFExporter(Exporter):
             w.add_uint32("quantize.imatrix.entries_count", len(im.entries))
             if im.chunk_count > 0:
                 w.add_uint32("quantize.imatrix.chunks_count", int(im.chunk_count))
+
+    def _common_keys(self, w: Any, cfg: Any, heads: int, kv: int, head_dim: int) -> None:
+        """``TextModel.set_gguf_parameters`` (llama, qwen2, qwen3, gemma3) plus the arch's own keys."""
+        w.add_block_count(int(cfg.num_hidden_layers))
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv)
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        full = rope.get("full_attention", rope)
+        rtype = full.get("rope_type") or full.get("type")
+        if rtype == "linear" and full.get("factor"):
+            w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(full["factor"]))
+        elif rtype not in (None, "default"):
+            raise UsageError(f"rope scaling {rtype!r} is not exported by qf's gguf exporter yet")
+        theta = full.get("rope_theta", getattr(cfg, "rope_theta", None))
+        if theta is not None:
+            w.add_rope_freq_base(float(theta))
+        if "sliding_attention" in rope and rope["sliding_attention"].get("rope_theta") is not None:
+            w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        if getattr(cfg, "head_dim", None) is not None:  # the converter writes them when the config has head_dim
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_file_type(FILE_TYPES[self._file_type_name][1])
+        if self._spec.llama_keys:
+            w.add_vocab_size(int(cfg.vocab_size))
+            w.add_rope_dimension_count(head_dim)
+        if self._spec.gemma == "gemma3":
+            if getattr(cfg, "final_logit_softcapping", None):
+                w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+            if getattr(cfg, "sliding_window", None) is not None:
+                w.add_sliding_window(int(cfg.sliding_window))
+
+    def _gemma_keys(self, w: Any, cfg: Any, heads: int, kv: int, head_dim: int) -> None:
+        """Gemma and Gemma 2 write their own list (no rope base, no vocab size)."""
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_block_count(int(cfg.num_hidden_layers))
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv)
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_file_type(FILE_TYPES[self._file_type_name][1])
+        if self._spec.gemma == "gemma2":
+            w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+            w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+            w.add_sliding_window(int(cfg.sliding_window))
 
     def verify(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader

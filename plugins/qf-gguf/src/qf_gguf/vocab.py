@@ -31,12 +31,14 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | None = None) -> list[str]:
-    """Write the tokenizer keys of the model in ``folder``; returns warnings for the run summary."""
+def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | None = None,
+              arch: str = "llama") -> list[str]:
+    """Write the tokenizer keys of the model in ``folder`` as the converter does for ``arch``
+    (llama, qwen2, qwen3, gemma, gemma2, gemma3); returns warnings for the run summary."""
     import gguf
 
     config = _json(folder / "tokenizer_config.json")
-    if config.get("add_prefix_space") is not None:
+    if arch == "llama" and config.get("add_prefix_space") is not None:
         w.add_add_space_prefix(bool(config["add_prefix_space"]))
     if (folder / "tokenizer.model").is_file():
         _sentencepiece(w, folder, vocab_size, config)
@@ -49,9 +51,19 @@ def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | No
             special.add_special_token.setdefault("eos", False)
     else:
         raise UsageError(f"{folder} has neither tokenizer.model nor tokenizer.json; the GGUF needs a vocabulary")
-    if vocab_size == 49152:  # llama.cpp's converter: SmolLM-family vocabularies never add BOS
+    if arch == "llama" and vocab_size == 49152:  # llama.cpp's converter: SmolLM vocabularies never add BOS
         special.add_special_token["bos"] = False
     special.add_to_gguf(w)
+    spm = (folder / "tokenizer.model").is_file()
+    if arch == "gemma":  # CodeGemma's ids, written for every Gemma by the converter (only eot has a key)
+        extra = gguf.SpecialVocab(folder, load_merges=False,
+                                  special_token_types=["prefix", "suffix", "middle", "fsep", "eot"])
+        for typ, i in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
+            extra._set_special_token(typ, i)
+        extra.chat_template = None
+        extra.add_to_gguf(w)
+    if arch in ("gemma", "gemma2") or (arch == "gemma3" and spm):
+        w.add_add_space_prefix(False)
     warnings = []
     if chat_template is not None:
         w.add_chat_template(Path(chat_template).read_text(encoding="utf-8"))
