@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,3 +18,11 @@ def core_version() -> dict[str, Any]:
     diff = git("diff", "HEAD", "--", "core")
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "core_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
+
+
+def cpu_name() -> str:
+    """The CPU model, for the machine line of a benchmark."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import quantfoundry
-from _common import core_version
+from _common import core_version, cpu_name
 from quantfoundry.evaluation.compare import plot
-from rtn_sweep import TEXTS, cpu_name, model_folder
+from rtn_sweep import TEXTS, model_folder
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "eval_sweep.json"

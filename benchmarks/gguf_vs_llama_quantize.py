@@ -51,7 +51,7 @@ import gguf
 import numpy as np
 import quantfoundry
 import torch
-from _common import core_version
+from _common import core_version, cpu_name
 from qf_gguf.exporter import gguf_name, permute_rows
 from quantfoundry.data import default_model_path
 from safetensors.torch import load_file, save_file
@@ -90,13 +90,6 @@ def model_folder(name: str) -> Path:
         return Path(default_model_path())
     out = subprocess.run(["bash", str(SMOLLM2_BUILD)], check=True, capture_output=True, text=True).stdout
     return Path(out.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load1() -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import core_version
+from _common import core_version, cpu_name
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.builtin.size import SizeEvaluator
 from quantfoundry.pipeline.materialize import load_full_model
@@ -64,13 +64,6 @@ def model_folder(name: str) -> Path:
         return Path(MODELS[name])
     out = subprocess.run(["bash", str(SMOLLM2_BUILD)], check=True, capture_output=True, text=True).stdout
     return Path(out.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load_json(path: Path) -> dict[str, Any]:
