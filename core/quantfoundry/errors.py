@@ -53,3 +53,8 @@ class NonFiniteWeightsError(ModelLoadError):
 
 class ArtifactError(QFError):
     """A written artifact is missing, truncated or inconsistent with its manifest."""
+
+
+class EngineUnavailable(QFError):
+    """The engine that serves an artifact is not installed or cannot start (its message says how
+    to install it); ``qf run`` notes it and skips the artifact check, ``qf eval`` stops."""

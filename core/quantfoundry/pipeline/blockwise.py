@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -130,7 +130,7 @@ def run_whole_model(
     materialize(model, model, "", source, dtype=dtype, device=device)
     out = stage.quantize_model(model, plan, calibration, ctx) or {}
     want = plan.quantized()
-    missing = sorted(set(want) - set(out))
+    missing = sorted(n for n in set(want) - set(out) if source.block_index(n) is not None)
     if missing:
         raise QFError(f"quantizer {stage.name!r} returned no weight for {missing[0]} (and {len(missing) - 1} more)")
     for name, qw in out.items():
@@ -139,14 +139,71 @@ def run_whole_model(
                           f"but the plan wants {want[name].format.spec if name in want else 'float'}")
         qw = qw.to(device)
         swap_in(model, name, qw, select_kernel(qw.format, device, kernel_name, kernel_options))
+    rest = QuantPlan({n: e for n, e in want.items() if n not in out})  # outside the blocks
+    outside = quantize_outside_blocks(model, source, rest, ctx, kernel_name=kernel_name,
+                                      kernel_options=kernel_options)
     if exporter is not None:
-        _export_block(exporter, model, "", source)
+        _export_block(exporter, model, "", source, outside)
     return out
 
 
-def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: ModelSource) -> None:
+@torch.no_grad()
+def quantize_outside_blocks(
+    model: nn.Module | None, source: ModelSource, plan: QuantPlan, ctx: QuantContext, *,
+    kernel_name: str | None = None, kernel_options: dict[str, str] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest, in its planned format, every tensor outside the decoder blocks that the
+    plan quantizes (an exporter's rule such as llama.cpp's Q6_K ``output.weight`` / Q4_K
+    ``token_embd``), with its importance when there is one. Quantizers work on blocks; these
+    tensors get the format's own rounding, once, and the in-memory ``model`` (when its outside
+    parameters are materialized) gets the same values: a linear becomes a ``QuantLinear``, an
+    embedding keeps its ``nn.Parameter`` (and so its ties) with the dequantized values.
+    Returns the quantized weights by tensor name (``lm_head.weight``) for the exporter."""
+    out: dict[str, QuantizedWeight] = {}
+    linears = source.linear_shapes()
+    entries = {n: e for n, e in plan.quantized().items() if source.block_index(n) is None}
+    if entries:
+        ctx.note("outside the decoder blocks, rounded to nearest in the planned format: " +
+                 ", ".join(f"{n} {e.format.spec}" for n, e in entries.items() if e.format is not None))
+    for name, entry in entries.items():
+        weight_name = f"{name}.weight"
+        module = _materialized(model, name)
+        if module is not None:
+            w = module.weight.detach()
+        elif source.has_tensor(weight_name):
+            w = source.read([weight_name])[weight_name]
+        else:
+            raise QFError(f"the plan quantizes {name}, but the checkpoint has no {weight_name}")
+        fmt = entry.format
+        assert fmt is not None
+        qw = replace(fmt.quantize(w.to(ctx.device, torch.float32), ctx.importance.get(name)),
+                     dtype=_stored_dtype(source, weight_name))
+        out[weight_name] = qw
+        if module is None:
+            continue
+        if name in linears:
+            swap_in(model, name, qw, select_kernel(fmt, ctx.device, kernel_name, kernel_options))
+        else:  # an embedding: same Parameter object, so a tied output head follows
+            module.weight.data = qw.dequantize(module.weight.dtype).to(module.weight.device)
+    return out
+
+
+def _materialized(model: nn.Module | None, name: str) -> nn.Module | None:
+    if model is None:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    weight = getattr(module, "weight", None)
+    return module if isinstance(weight, torch.Tensor) and weight.device.type != "meta" else None
+
+
+def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: ModelSource,
+                  quantized: dict[str, QuantizedWeight] | None = None) -> None:
     from ..roles.kernel import QuantLinear
 
+    quantized = quantized or {}
     for name, sub in module.named_modules():
         full = ".".join(p for p in (prefix, name) if p)
         if isinstance(sub, QuantLinear):
@@ -157,6 +214,9 @@ def _export_block(exporter: Exporter, module: nn.Module, prefix: str, source: Mo
         for pname, p in sub.named_parameters(recurse=False):
             key = f"{full}.{pname}" if full else pname
             if key not in source.tensor_info:  # a tied alias (lm_head of tied embeddings)
+                continue
+            if key in quantized:
+                exporter.write(key, quantized[key].to("cpu"))
                 continue
             exporter.write(key, p.detach().to("cpu", _stored_dtype(source, key)))
 

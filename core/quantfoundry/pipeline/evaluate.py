@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArtifactError, UsageError
+from ..errors import ArtifactError, EngineUnavailable, UsageError
 from ..evaluation.reference import Reference, cache_root
 from ..options import options_to_dict
 from ..roles.evaluator import Engine, EvalTarget, Evaluator
@@ -30,6 +30,20 @@ from ..roles.plan import QuantPlan, TensorPlan
 from .manifest import read_manifest, write_json_atomic
 
 Metrics = dict[str, dict[str, dict[str, Any]]]
+
+#: strings tokenized by an engine and by the source tokenizer in the artifact check: prose,
+#: code, whitespace runs, digits, accents and scripts that byte-level BPE and SentencePiece
+#: split differently when a vocabulary or pre-tokenizer is exported wrong. None starts with a
+#: space: there transformers' SentencePiece-Llama tokenizers and SentencePiece itself (which
+#: llama.cpp follows) disagree about the dummy prefix, whatever the export.
+TOKENIZER_PROBES: tuple[str, ...] = (
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "two  spaces,\ttabs\t and\n\n\n  indented newlines    trailing   ",
+    "Numbers: 3.14159, 1,000,000 and 2026-11-24; 12345678901234567890",
+    "Accents and scripts: café naïve Ελληνικά русский 日本語 中文 한국어 🤖👍",
+    "camelCase snake_case SCREAMING_CASE don't we'll I'm <tag attr=\"x\">&amp;</tag>",
+)
 
 
 @dataclass
@@ -41,6 +55,9 @@ class Evaluation:
     metrics: Metrics = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     artifact: dict[str, Any] | None = None
+    #: the engine's tokenizer against the source's (``check_tokenizer``)
+    tokenizer_mismatches: list[str] = field(default_factory=list)
+    used_bounds: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, evals: Sequence[Evaluator]) -> Evaluation:
@@ -87,11 +104,45 @@ class Evaluation:
                 values = ev.evaluate(reference.target())
             self.record(key, "original", values)
 
-    def check_artifact(self) -> list[str]:
-        """Metrics where the artifact strays from the in-memory model beyond the bound."""
-        out = []
+    def check_tokenizer(self, engine: Engine, tokenizer: Any) -> dict[str, Any] | None:
+        """Tokenize :data:`TOKENIZER_PROBES` with the engine's tokenizer and the source's; every
+        string where the ids differ becomes a mismatch. ``None`` when the engine takes ids only."""
+        agree = 0
+        for text in TOKENIZER_PROBES:
+            theirs = engine.tokenize(text)
+            if theirs is None:
+                return None
+            ours = [int(i) for i in tokenizer(text)["input_ids"]]
+            if theirs == ours:
+                agree += 1
+                continue
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                      min(len(ours), len(theirs)))
+            self.tokenizer_mismatches.append(
+                f"tokenizer: {text[:24]!r}... source ids {ours[at:at + 4]}, {engine.name} ids "
+                f"{theirs[at:at + 4]} from token {at} ({len(ours)} vs {len(theirs)} tokens)")
+        return {"probes": len(TOKENIZER_PROBES), "identical": agree}
+
+    def bounds(self, engine: Engine | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+        """Per evaluator key, the ``(rtol, atol)`` the artifact must meet for each metric: the
+        evaluator's :attr:`~Evaluator.agreement`, widened where the serving engine's own
+        arithmetic moves that metric (:attr:`Engine.agreement`)."""
+        wide = engine.agreement if engine is not None else {}
+        out: dict[str, dict[str, tuple[float, float]]] = {}
         for key, ev in self.evaluators.items():
+            out[key] = {}
             for metric, (rtol, atol) in ev.agreement.items():
+                r2, a2 = wide.get(metric, (0.0, 0.0))
+                out[key][metric] = (max(rtol, r2), max(atol, a2))
+        return out
+
+    def check_artifact(self, engine: Engine | None = None) -> list[str]:
+        """Metrics where the artifact strays from the in-memory model beyond the bound (and
+        tokenizer probes the engine splits differently)."""
+        out = list(self.tokenizer_mismatches)
+        self.used_bounds = self.bounds(engine)
+        for key in self.evaluators:
+            for metric, (rtol, atol) in self.used_bounds[key].items():
                 col = self.metrics.get(key, {}).get(metric, {})
                 a, b = col.get("quantized"), col.get("artifact")
                 if not isinstance(a, int | float) or not isinstance(b, int | float):
@@ -116,8 +167,8 @@ class Evaluation:
             "artifact": self.artifact,
             "artifact_check": None if self.artifact is None else {
                 "ok": not self.mismatches, "mismatches": self.mismatches,
-                "bounds": {f"{k}.{m}": {"rtol": r, "atol": a} for k, e in self.evaluators.items()
-                           for m, (r, a) in e.agreement.items()}},
+                "bounds": {f"{k}.{m}": {"rtol": r, "atol": a} for k, bs in self.used_bounds.items()
+                           for m, (r, a) in bs.items()}},
         }
 
 
@@ -135,14 +186,21 @@ def make_reference(source: Any, tokenizer: Any, device: torch.device, *, cache: 
 
 
 def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel: str | None,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module | None, Engine | None, str]:
-    """The artifact as a torch model (through our kernels) or an engine, and how it was opened."""
+                  dtype: torch.dtype = torch.float32, *,
+                  strict: bool = False) -> tuple[torch.nn.Module | None, Engine | None, str]:
+    """The artifact as a torch model (through our kernels) or an engine, and how it was opened
+    (or why it could not be: a missing engine raises :class:`EngineUnavailable` when ``strict``)."""
     try:
         model = exporter.load(folder, device, kernel, dtype)
         return model, None, f"exporter {exporter.name!r} reloaded through quantfoundry kernels"
     except NotImplementedError:
         pass
-    engine = exporter.engine(folder, device)
+    try:
+        engine = exporter.engine(folder, device)
+    except EngineUnavailable as e:
+        if strict:
+            raise
+        return None, None, str(e)
     if engine is None:
         return None, None, f"exporter {exporter.name!r} can neither reload nor serve its artifact"
     return None, engine, f"served by {engine.name} {engine.version or ''}".strip()
@@ -178,7 +236,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     exp: Exporter = make("exporter", manifest["exporter"]["name"], manifest["exporter"].get("options", {}))
     if dtype != "float32":
         raise UsageError("evaluation runs in float32; drop --dtype")
-    model, engine, how = open_artifact(folder, exp, dev, kernel)
+    model, engine, how = open_artifact(folder, exp, dev, kernel, strict=True)
     if model is None and engine is None:
         raise UsageError(f"{how}; install the plugin that provides its engine")
     plan = quantized_linears(model) if model is not None else QuantPlan()
@@ -188,17 +246,20 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
     target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,
                         info=info, engine=engine, reference=reference)
+    evaluation.artifact = {"path": str(folder), "opened": how}
     try:
         evaluation.measure(target, "artifact")
+        if engine is not None and (tok := evaluation.check_tokenizer(engine, tokenizer)):
+            evaluation.artifact["tokenizer"] = tok
         del target, model
         evaluation.measure_original(reference)
     finally:
         reference.release()
         if engine is not None:
             engine.close()
-    evaluation.artifact = {"path": str(folder), "opened": how}
     result = evaluation.to_json(dev, reference)
     result.pop("artifact_check")
+    result["tokenizer_mismatches"] = list(evaluation.tokenizer_mismatches)
     if update_manifest:
         manifest["artifact_evaluation"] = result
         write_json_atomic(folder / "quantfoundry.json", manifest)

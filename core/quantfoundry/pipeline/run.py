@@ -20,9 +20,10 @@ from ..plugins import get_plugin_manager
 from ..roles.calibrator import CalibrationSet, Calibrator
 from ..roles.evaluator import EvalTarget, Evaluator
 from ..roles.exporter import Exporter
+from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import QuantContext, Quantizer
-from .blockwise import run_blocks, run_whole_model
+from .blockwise import quantize_outside_blocks, run_blocks, run_whole_model
 from .capture import capture_inputs
 from .evaluate import Evaluation, make_reference, open_artifact
 from .kernels import select_kernel
@@ -207,8 +208,10 @@ def run(
                            exporter=exp if tmp is not None else None, keep=keep, dtype=compute_dtype,
                            kernel_name=kernel, kernel_options=dict(kernel_options or {}),
                            on_block=lambda i, n, s: bar.advance())
+            outside = quantize_outside_blocks(model_obj, source, plan, ctx, kernel_name=kernel,
+                                              kernel_options=dict(kernel_options or {}))
             if tmp is not None:
-                _export_outside_blocks(exp, source)
+                _export_outside_blocks(exp, source, outside)
         del inputs, layer_kwargs
         manifest = build_manifest(source=source, stages=stages, requested=requested, exporter=exp, plan=plan,
                                   calibration=calibration, notes=ctx.notes, evaluation={})
@@ -232,7 +235,8 @@ def run(
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     if evals:
         evaluation = Evaluation.of(evals)
-        info = {"quantized_linears": list(plan.quantized()), "calibration": manifest.get("calibration"),
+        linears = source.linear_shapes()
+        info = {"quantized_linears": [n for n in plan.quantized() if n in linears], "calibration": manifest.get("calibration"),
                 "progress": progress}
         reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
         _float_params_to_float32(model_obj)  # evaluation runs in float32 whatever the block dtype was
@@ -255,7 +259,9 @@ def run(
                                                   engine=engine, reference=reference), "artifact", which="artifact")
                     del art_model
                     evaluation.artifact = {"path": str(out_path), "opened": how}
-                    for line in evaluation.check_artifact():
+                    if engine is not None and (tok := evaluation.check_tokenizer(engine, tokenizer)):
+                        evaluation.artifact["tokenizer"] = tok
+                    for line in evaluation.check_artifact(engine):
                         ctx.note(f"MISMATCH between the artifact and the in-memory model: {line}; "
                                  "the export lost something")
             evaluation.measure_original(reference)
@@ -304,11 +310,11 @@ def _check_plan(plan: QuantPlan, stages: list[Quantizer], exp: Exporter, dev: to
                                     "(see the reasons with `qf run ... --dry-run`)")
 
 
-def _export_outside_blocks(exp: Exporter, source: ModelSource) -> None:
+def _export_outside_blocks(exp: Exporter, source: ModelSource, quantized: dict[str, QuantizedWeight]) -> None:
     prefix = source.architecture.layers + "."
     for name in sorted(source.tensor_info):
         if not name.startswith(prefix):
-            exp.write(name, source.read([name])[name])
+            exp.write(name, quantized[name].to("cpu") if name in quantized else source.read([name])[name])
 
 
 def _float_params_to_float32(model: torch.nn.Module) -> None:

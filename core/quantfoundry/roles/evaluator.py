@@ -46,6 +46,11 @@ class Engine(ABC):
     #: the engine's name and version, recorded in the manifest beside its results
     name: str = "engine"
     version: str | None = None
+    #: ``(rtol, atol)`` by metric name (``kl_mean``, ``perplexity``, ...) where the engine's own
+    #: arithmetic moves the artifact's figures away from the in-memory model's (llama.cpp
+    #: quantizes activations to 8 bits): the artifact check uses the wider of this and the
+    #: evaluator's :attr:`Evaluator.agreement`
+    agreement: ClassVar[dict[str, tuple[float, float]]] = {}
 
     @abstractmethod
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,13 @@ class Engine(ABC):
 
     def artifact_bytes(self) -> int | None:
         """Bytes of the artifact on disk, if the engine knows them."""
+        return None
+
+    def tokenize(self, text: str) -> list[int] | None:
+        """The ids the engine's own tokenizer gives ``text`` (special tokens parsed, BOS added as
+        the artifact says), or ``None`` when the engine takes ids only. The run's artifact check
+        compares them with the source tokenizer's: evaluators feed the engine the source
+        tokenizer's ids, so a tokenizer lost in the export would go unseen otherwise."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to free by default

@@ -110,7 +110,9 @@ class Exporter(Component, ABC):
 
     def engine(self, folder: Path, device: torch.device) -> Engine | None:
         """Open the artifact in the engine that serves it (llama.cpp for GGUF, ...), if a plugin
-        provides one; ``qf eval`` and the run's artifact check use it when :meth:`load` cannot."""
+        provides one; ``qf eval`` and the run's artifact check use it when :meth:`load` cannot.
+        Raise :class:`~quantfoundry.errors.EngineUnavailable` (saying how to install it) when the
+        engine is known but missing: the run notes it instead of checking the artifact."""
         return None
 
 

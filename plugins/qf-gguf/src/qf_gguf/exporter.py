@@ -24,6 +24,7 @@ from quantfoundry import Exporter, Format, Options, QuantizedWeight, resolve_for
 from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
 from quantfoundry.roles.plan import QuantPlan, TensorPlan
 
+from .engine import LlamaCppEngine
 from .imatrix import Imatrix, read_imatrix, write_imatrix
 from .inspect import gguf_file, inspect_gguf
 from .legacy import GGMLFormat
@@ -189,16 +190,25 @@ class GGUFExporter(Exporter):
         self._types = choose_types(file_type, shapes, ctx)
         self._file_type_name, self._spec, self._cfg = file_type, spec, cfg
         plan = QuantPlan()
-        for name, shape in source.linear_shapes().items():
+        linears = source.linear_shapes()
+        for name in source.architecture.embeddings:
+            g = self._names.get(f"{name}.weight")
+            typ = self._types.get(g) if g else None
+            if g is not None and name not in linears and typ not in (None, "F16", "F32"):
+                # llama.cpp quantizes the token embedding too (round-to-nearest, its file-type rule)
+                plan.add(TensorPlan(name, tuple(source.tensor_info[f"{name}.weight"][1]), resolve_format(typ)))
+        for name, shape in linears.items():
             g = self._names.get(f"{name}.weight")
             typ = self._types.get(g) if g else None
             if not source.is_block_linear(name):
                 if g is None:  # tied: llama.cpp reads the token embedding
                     typ = self._types.get("token_embd.weight")
-                    reason = f"tied to the token embedding, written once as token_embd ({typ or 'F32'})"
-                else:
-                    reason = f"written by the gguf exporter as {typ or 'F32'} (llama.cpp's rule, round-to-nearest)"
-                plan.add(TensorPlan(name, shape, None, reason=reason))
+                    plan.add(TensorPlan(name, shape, None, reason=f"tied to the token embedding, written once "
+                                                                  f"as token_embd ({typ or 'F32'})"))
+                elif typ in (None, "F16", "F32"):
+                    plan.add(TensorPlan(name, shape, None, reason=f"kept {typ or 'F32'} (llama.cpp's rule)"))
+                else:  # llama.cpp's output.weight rule (Q6_K for most file types), round-to-nearest
+                    plan.add(TensorPlan(name, shape, resolve_format(typ)))
             elif typ in (None, "F16", "F32"):
                 plan.add(TensorPlan(name, shape, None, reason=f"kept {typ or 'F32'} (llama.cpp's fallback)"))
             else:
@@ -397,6 +407,10 @@ class GGUFExporter(Exporter):
             w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
             w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
             w.add_sliding_window(int(cfg.sliding_window))
+
+    def engine(self, folder: Path, device: torch.device) -> LlamaCppEngine:
+        """The GGUF in llama.cpp (llama-cpp-python): ``qf eval`` and the run's artifact check."""
+        return LlamaCppEngine(Path(folder) / GGUF_FILE, device)
 
     def verify(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
