@@ -43,6 +43,24 @@ def llama_cpp(shared) -> dict[str, Path]:  # the built tools: llama-quantize, ll
 
 
 @pytest.fixture(scope="session")
+def llama_cpp_python(llama_cpp):
+    """The ``llama_cpp`` module (llama-cpp-python, the GGUF engine). CI installs the package
+    without compiling it (``CMAKE_ARGS=-DLLAMA_BUILD=OFF``): it then has no libllama of its own
+    and loads the one built by build-llama-cpp.sh, through ``LLAMA_CPP_LIB_PATH``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        pytest.fail("llama-cpp-python is not installed: see .ci/run (CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install "
+                    "llama-cpp-python==0.3.36)")
+    if not (Path(spec.origin).parent / "lib" / "libllama.so").exists():
+        os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(llama_cpp["bin"]))
+    import llama_cpp as module
+
+    return module
+
+
+@pytest.fixture(scope="session")
 def smollm2(shared) -> Path:
     """SmolLM2-135M-Instruct (Q4_1-dequantized), built by its shared build.sh (a no-op when built)."""
     script = shared / "models" / "smollm2-135m-instruct-q4_1-dequant" / "build.sh"

@@ -17,9 +17,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"]},
     "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
     "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]},
-    "gemma": {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]},
-    "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]},
-    "gemma3": {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+    # Gemma checkpoints tie the output to the embedding, and llama.cpp's Gemma graphs assume it
+    "gemma": {"model_type": "gemma", "architectures": ["GemmaForCausalLM"], "tie_word_embeddings": True},
+    "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "tie_word_embeddings": True},
+    "gemma3": {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True},
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -38,6 +39,10 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     )
     fields.update(base)
     fields.update(overrides)
+    if model_type in ("gemma2", "gemma3_text"):
+        # as in Gemma 2 2B/9B and Gemma 3 (not 27B): queries scaled by 1/sqrt(head_dim), which
+        # llama.cpp assumes for every size but 27B's
+        fields.setdefault("query_pre_attn_scalar", fields["head_dim"])
     return AutoConfig.for_model(model_type, **fields)
 
 
