@@ -52,6 +52,7 @@ class QFExporter(Exporter):
     description = "QuantFoundry's own safetensors checkpoint (codes + grid parameters), reloadable by qf load"
     Options = QFExporterOptions
     default_format = "int4-g128"
+    stores_permutation = True
 
     options: QFExporterOptions
 

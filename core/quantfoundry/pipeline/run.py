@@ -305,6 +305,12 @@ def _check_plan(plan: QuantPlan, stages: list[Quantizer], exp: Exporter, dev: to
             raise IncompatiblePlanError(
                 f"exporter {exp.name!r} cannot store {fmt.spec}: {reason}; it stores {exp.storable()}")
         select_kernel(fmt, dev, kernel, dict(kernel_options or {}))
+    for s in stages:
+        avoid = s.permutes_columns()
+        if avoid and not exp.stores_permutation:
+            raise IncompatiblePlanError(
+                f"quantizer {s.name!r} stores weights in a permuted column order, which exporter "
+                f"{exp.name!r} cannot hold; {avoid}")
     if not plan.quantized():
         raise IncompatiblePlanError("the plan quantizes no tensor: every linear was kept in float "
                                     "(see the reasons with `qf run ... --dry-run`)")

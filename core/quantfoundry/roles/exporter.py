@@ -35,6 +35,9 @@ class Exporter(Component, ABC):
 
     #: the format used when the user asks for none (a spec, e.g. ``int4-g128``)
     default_format: ClassVar[str | None] = None
+    #: True if it stores a weight's input-column permutation (``QuantizedWeight.perm``, GPTQ's
+    #: act-order ``g_idx``); a quantizer that permutes columns is refused before any work otherwise
+    stores_permutation: ClassVar[bool] = False
 
     # -- planning ------------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:

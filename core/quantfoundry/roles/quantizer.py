@@ -125,6 +125,12 @@ class Quantizer(Component, ABC):
         """``None`` if this quantizer can round onto ``fmt``, else the reason it cannot."""
         return None
 
+    def permutes_columns(self) -> str | None:
+        """``None`` if the weights it returns keep the input-column order, else how to avoid
+        the permutation (an option to pass): exporters that cannot store one refuse the run
+        before any work with that advice."""
+        return None
+
     def quantize_tensor(self, name: str, weight: torch.Tensor, fmt: Format, ctx: QuantContext) -> QuantizedWeight:
         raise NotImplementedError(f"quantizer {self.name!r} does not work tensor by tensor")
 

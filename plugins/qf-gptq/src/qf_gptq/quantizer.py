@@ -1,0 +1,145 @@
+"""Quantizer ``gptq``: Hessian-guided rounding (Frantar et al. 2022) onto any planned format.
+
+Per decoder block, true-sequentially: for each input group of the architecture map in order
+(q/k/v → o → gate/up → down), run the block on its calibration inputs with the groups before
+already quantized, accumulate the Hessian of the group's input, and round the group's
+linears column by column with error feedback (:func:`~qf_gptq.solver.gptq_solve`). Linears
+that read one input share one Hessian and one column loop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
+
+from .hessian import collect_hessians
+from .solver import HessianError, Segment, gptq_solve
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQOptions(Options):
+    damp_percent: float = field(default=0.01, metadata={
+        "help": "dampening added to H's diagonal, as a fraction of its mean"})
+    damp_max: float = field(default=1.0, metadata={
+        "help": "when the Cholesky factorisation fails, double the dampening up to this fraction"})
+    block_size: int = field(default=128, metadata={
+        "help": "columns per lazy batch update (adjusted so that groups do not straddle batches)"})
+    desc_act: bool = field(default=False, metadata={
+        "help": "act-order: quantize columns by decreasing H diagonal (codes stored permuted, with g_idx)"})
+    static_groups: bool = field(default=False, metadata={
+        "help": "fit every group's grid before the column loop (with desc_act: stored in the original order)"})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "quantize a block's input groups in order, each on the inputs of the already-quantized ones"})
+    fit_importance: bool = field(default=True, metadata={
+        "help": "fit grids weighted by H's diagonal where the format uses importance (GGUF imatrix encoders)"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent <= self.damp_max:
+            raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+class GPTQQuantizer(Quantizer):
+    name = "gptq"
+    description = "GPTQ: column-by-column rounding with Hessian error feedback, onto any scalar format"
+    Options = GPTQOptions
+    scope = "block"
+    needs_calibration = True
+
+    options: GPTQOptions
+
+    def check_format(self, fmt: Format) -> str | None:
+        if fmt.block_width != 1:
+            return f"GPTQ rounds one column at a time; {fmt.spec} rounds {fmt.block_width} columns jointly"
+        return None
+
+    def permutes_columns(self) -> str | None:
+        if self.options.desc_act and not self.options.static_groups:
+            return ("pass --quantizer-opt static_groups=true (act-order with grids fitted before the loop, "
+                    "codes in the original order) or desc_act=false")
+        return None
+
+    def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        if block.inputs is None:
+            raise QFError("gptq needs calibration inputs; the run has none (use --calibrator text)")
+        out: dict[str, QuantizedWeight] = {}
+        for names in self._stages(block):
+            hessians = collect_hessians(block, names, ctx.device)
+            for owner, members in hessians.sharing().items():
+                if len(members) > 1:
+                    ctx.note("gptq: linears reading one input share one Hessian and one column loop: "
+                             + " + ".join(members))
+                if hessians.counts[owner] == 0:
+                    ctx.note(f"gptq: {block.full_name(owner)} saw no calibration token: rounded to nearest")
+                    for n in members:
+                        out[n] = block.formats[n].quantize(block.linear(n).weight.float(), None)
+                    continue
+                out.update(self._solve(block, members, hessians.hessian(owner), ctx))
+            for n in names:  # later groups see this group's quantized outputs
+                lin = block.linear(n)
+                lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
+        return out
+
+    def _stages(self, block: Block) -> list[list[str]]:
+        planned = list(block.formats)
+        if not self.options.true_sequential:
+            return [planned]
+        stages, done = [], set()
+        for patterns in block.architecture.order:
+            names = [n for n in planned if n not in done and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            done.update(names)
+            if names:
+                stages.append(names)
+        rest = [n for n in planned if n not in done]
+        return stages + ([rest] if rest else [])
+
+    def _solve(self, block: Block, members: list[str], hessian: torch.Tensor,
+               ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        o = self.options
+        members = sorted(members, key=lambda n: block.formats[n].spec)  # same format → one segment
+        weights = [block.linear(n).weight for n in members]
+        segments: list[Segment] = []
+        start = 0
+        for n, w in zip(members, weights, strict=True):
+            fmt = block.formats[n]
+            if segments and segments[-1].fmt == fmt:
+                segments[-1].stop += w.shape[0]
+            else:
+                segments.append(Segment(start, start + w.shape[0], fmt))
+            start += w.shape[0]
+        importance = None
+        if o.fit_importance:
+            brought = ctx.importance.get(block.full_name(members[0]))
+            importance = brought if brought is not None else torch.diagonal(hessian) / 2
+        stacked = torch.cat([w.detach().to(ctx.device, torch.float32) for w in weights])
+        try:
+            res = gptq_solve(stacked, hessian, segments, block_size=o.block_size, desc_act=o.desc_act,
+                             static_groups=o.static_groups, damp_percent=o.damp_percent,
+                             damp_max=o.damp_max, importance=importance)
+        except HessianError as exc:
+            raise QFError(f"gptq: {block.full_name(members[0])}: {exc}; raise --quantizer-opt damp_max "
+                          "or calibrate on more (or more varied) text") from None
+        if res.damp_tries > 1:
+            ctx.note(f"gptq: {block.full_name(members[0])}: Cholesky failed at damp_percent={o.damp_percent:g}, "
+                     f"succeeded at {res.damp:g}")
+        if res.dead_columns:
+            ctx.note(f"gptq: {block.full_name(members[0])}: {res.dead_columns} input channel(s) never active "
+                     "in calibration: rounded to nearest, no error feedback")
+        out = {}
+        row = 0
+        for n, w in zip(members, weights, strict=True):
+            s = next(i for i, seg in enumerate(segments) if seg.start <= row < seg.stop)
+            seg = segments[s]
+            r0, r1 = row - seg.start, row - seg.start + w.shape[0]
+            codes = res.codes[s][r0:r1]
+            params = {k: v[r0:r1].contiguous() for k, v in res.params[s].items()}
+            out[n] = QuantizedWeight(seg.fmt, tuple(w.shape), w.dtype, seg.fmt.pack(codes), params,
+                                     perm=None if res.perm is None else res.perm.clone(),
+                                     meta={"gptq": {"damp": res.damp}})
+            row += w.shape[0]
+        return out

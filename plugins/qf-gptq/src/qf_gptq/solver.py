@@ -1,0 +1,206 @@
+"""GPTQ's column loop (Frantar et al. 2022, Algorithm 1) over the core Format interface.
+
+One call quantizes the rows of every linear that shares one Hessian ``H = 2 X Xᵀ / n`` (q/k/v,
+gate/up): the rows are stacked and rounded together, each row segment onto its own format, so
+the Cholesky factorisation and the column loop run once per shared input.
+
+For each column ``j`` (in act-order when asked): round ``w_j`` onto the grid of its group →
+``q_j``; ``e = (w_j − q_j) / U_jj``; every later column ``k`` gets ``w_k −= e · U_jk``, where ``U``
+is the upper Cholesky factor of ``H⁻¹`` (the paper's equations (3)–(4) with the Cholesky
+reformulation of section 3.3). Updates are *lazy*: inside a block of ``block_size`` columns they
+go to the block only, and the block's accumulated error reaches the columns after it in one
+matmul. A group's grid parameters are fitted when the loop reaches the group's first column,
+on the weights as they are then (all earlier errors applied) — or all before the loop with
+``static_groups``. The block size is adjusted so that no group straddles a block boundary
+unless it starts one, which keeps the fitted weights exactly up to date: the lazy loop gives
+the result of the plain column-by-column loop, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from quantfoundry import Format
+from quantfoundry.roles.format import Params
+
+
+class HessianError(RuntimeError):
+    """The Cholesky factorisation failed at every damping tried."""
+
+
+@dataclass
+class Segment:
+    """Rows ``[start, stop)`` of the stacked weight, rounded onto ``fmt``."""
+
+    start: int
+    stop: int
+    fmt: Format
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass
+class SolveResult:
+    """Per segment: codes ``[rows, cols]`` and grid parameters ``[rows, groups, ...]`` in the
+    stored column order; ``perm`` (stored column ``i`` = original column ``perm[i]``) when the
+    codes are stored in act-order; the damping that made ``H`` factorisable."""
+
+    codes: list[torch.Tensor]
+    params: list[Params]
+    perm: torch.Tensor | None
+    damp: float
+    damp_tries: int
+    dead_columns: int
+    values: torch.Tensor = field(repr=False)  # dequantized weights, original column order
+
+
+def prepare_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy of ``h`` with every dead input channel (``H_jj = 0``: never active in calibration)
+    given ``H_jj = 1``; its row and column are zero, so that channel is rounded to nearest and
+    neither gives nor takes error. Returns ``(H, dead mask)``."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
+def inverse_cholesky(h: torch.Tensor, damp_percent: float, damp_max: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, trying
+    ``damp_percent``, then doubling it up to ``damp_max`` while a factorisation fails.
+    Returns ``(U, damp used, tries)``."""
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp, tries = damp_percent, 0
+    while True:
+        tries += 1
+        hd = h + (damp * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp, tries
+        if damp >= damp_max:
+            raise HessianError(f"Cholesky factorisation failed up to damp_percent={damp:g}")
+        damp = min(damp * 2, damp_max)
+
+
+def lazy_block_size(block_size: int, groups: list[int]) -> int:
+    """The block size nearest ``block_size`` such that every group either fits inside blocks
+    (the block size is a multiple of it) or starts on a block boundary (it is a multiple of the
+    block size)."""
+    def ok(b: int) -> bool:
+        return all(b % g == 0 or g % b == 0 for g in groups)
+
+    if ok(block_size):
+        return block_size
+    for b in sorted({g * max(1, round(block_size / g)) for g in groups} | set(groups)):
+        if ok(b):
+            return b
+    return math.lcm(*groups)
+
+
+def _keep_group_params(params: Params, n_groups: int) -> Params:
+    """The fitted parameters indexed by group along dim 1 (transient per-column extras that a
+    format's own encoder uses, such as chosen codes, are dropped: GPTQ chooses the codes)."""
+    kept = {}
+    for k, v in params.items():
+        if v.dim() >= 2 and v.shape[1] == n_groups:
+            kept[k] = v
+        elif not k.startswith("_"):
+            raise ValueError(f"format parameter {k!r} of shape {tuple(v.shape)} is not indexed by group")
+    return kept
+
+
+def _slice_group(params: Params, g: int) -> Params:
+    return {k: v[:, g:g + 1] for k, v in params.items()}
+
+
+@torch.no_grad()
+def gptq_solve(
+    weight: torch.Tensor, hessian: torch.Tensor, segments: list[Segment], *,
+    block_size: int = 128, desc_act: bool = False, static_groups: bool = False,
+    damp_percent: float = 0.01, damp_max: float = 1.0, importance: torch.Tensor | None = None,
+) -> SolveResult:
+    """Quantize ``weight`` ``[rows, cols]`` (float32) with the Hessian ``[cols, cols]``.
+
+    :param segments: row ranges covering ``weight`` and the format of each.
+    :param importance: per-column weights for fitting grid parameters (formats that use them,
+        e.g. GGUF's imatrix encoders); default none.
+    """
+    w = weight.to(torch.float32).clone()
+    rows, cols = w.shape
+    h, dead = prepare_hessian(hessian.to(device=w.device, dtype=torch.float32))
+    groups = [seg.fmt.group_size(cols) for seg in segments]
+
+    static: list[Params] = []
+    if static_groups:
+        for seg in segments:
+            imp = importance if importance is None else importance.to(w.device)
+            fitted = seg.fmt.fit(w[seg.rows], imp)
+            static.append(_keep_group_params(fitted, cols // seg.fmt.group_size(cols)))
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        if importance is not None:
+            importance = importance.to(w.device)[perm]
+    order = perm.tolist() if perm is not None else None
+
+    u, damp, tries = inverse_cholesky(h, damp_percent, damp_max)
+    del h
+    bsz = lazy_block_size(block_size, groups)
+    codes = [torch.empty(seg.stop - seg.start, cols, dtype=torch.int32, device=w.device) for seg in segments]
+    fitted: list[list[Params]] = [[] for _ in segments]
+    current: list[Params] = [{} for _ in segments]
+
+    wt = w.T.contiguous()  # [cols, rows]: a column is one contiguous row, updates are row-major
+    del w
+    valt = torch.empty_like(wt)
+    for i1 in range(0, cols, bsz):
+        i2 = min(i1 + bsz, cols)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            for s, seg in enumerate(segments):
+                g = groups[s]
+                if static_groups:
+                    src = order[col] if order is not None else col
+                    p, col0 = _slice_group(static[s], src // g), src % g
+                else:
+                    if col % g == 0:
+                        tile = w1[i:i + g, seg.rows] if i + g <= i2 - i1 else wt[col:col + g, seg.rows]
+                        imp = None if importance is None else importance[col:col + g].to(wt.device)
+                        current[s] = _keep_group_params(seg.fmt.fit(tile.T, imp), 1)
+                        fitted[s].append(current[s])
+                    p, col0 = current[s], col % g
+                q = seg.fmt.round(w1[i, seg.rows].unsqueeze(1), p, col0)
+                codes[s][:, col] = q[:, 0].to(torch.int32)
+                valt[col, seg.rows] = seg.fmt.decode(q, p, col0)[:, 0]
+            err = (w1[i] - valt[col]) / u1[i, i]
+            w1[i:].addr_(u1[i, i:], err, alpha=-1.0)
+            err1[i] = err
+        if i2 < cols:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+    values = valt.T
+
+    if static_groups:
+        params = static
+    else:
+        params = [{k: torch.cat([p[k] for p in fs], dim=1) for k in fs[0]} for fs in fitted]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        values = values[:, inv]
+        if static_groups:  # groups are in the original order: store the codes there too
+            codes = [c[:, inv] for c in codes]
+            perm = None
+    return SolveResult(codes, params, perm, damp, tries, int(dead.sum()), values)
