@@ -4,11 +4,10 @@ awkward Hessians."""
 from __future__ import annotations
 
 import pytest
-import torch
-from reference import fit_int, gptq_reference, quant_int
-
 import quantfoundry as qf
+import torch
 from qf_gptq.solver import Segment, gptq_solve, lazy_block_size
+from reference import fit_int, gptq_reference, quant_int
 
 CASES = [("int4-g32", 4, 32, False), ("int4-g64-sym", 4, 64, True), ("int3-g32", 3, 32, False),
          ("int2-g64", 2, 64, False), ("int4", 4, 256, False)]

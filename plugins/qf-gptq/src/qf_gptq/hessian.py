@@ -10,8 +10,8 @@ Once every wanted linear has run in a batch, the rest of the block is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import torch
 
+import torch
 from quantfoundry import Block
 
 

@@ -13,7 +13,6 @@ import fnmatch
 from dataclasses import dataclass, field
 
 import torch
-
 from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
 
 from .hessian import collect_hessians

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
 from quantfoundry import Format
 from quantfoundry.roles.format import Params
 
