@@ -69,3 +69,49 @@ class StreamingSafetensorsWriter:
         for p in (self._data_path, self.path):
             if p.exists():
                 p.unlink()
+
+
+class ShardedSafetensorsWriter:
+    """Tensors streamed into ``shard-NNNNN.safetensors`` files of about ``shard_mb`` each;
+    :meth:`finish` names them as Hugging Face does (``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``) and returns the
+    file names. Exporters of safetensors checkpoints share it."""
+
+    def __init__(self, folder: Path, shard_mb: int = 4096):
+        self.folder = Path(folder)
+        self.shard_bytes = shard_mb * (1 << 20)
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._writer: StreamingSafetensorsWriter | None = None
+        self._keys: list[str] = []
+        self.names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
+        if self._writer is not None and self._writer.nbytes >= self.shard_bytes:
+            self._close_shard()
+        if self._writer is None:
+            self._writer = StreamingSafetensorsWriter(self.folder / f"shard-{len(self._shards):05d}.safetensors")
+        self._writer.add(name, tensor)
+        self._keys.append(name)
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close({"format": "pt"})
+        self._shards.append((self._writer.path, self._keys))
+        self._writer, self._keys = None, []
+
+    def finish(self) -> list[str]:
+        self._close_shard()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (path, keys) in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        return sorted(set(weight_map.values()))

@@ -30,7 +30,7 @@ from ..options import Options
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
-from ..safetensors_stream import StreamingSafetensorsWriter
+from ..safetensors_stream import ShardedSafetensorsWriter
 
 _COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja", "vocab.*",
                "merges.txt", "added_tokens.json", "*.tiktoken", "chat_template.json")
@@ -59,16 +59,12 @@ class QFExporter(Exporter):
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder = folder
         self.source = source
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.writer: StreamingSafetensorsWriter | None = None
-        self.keys: list[str] = []
+        self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
         self.tensors: dict[str, dict[str, Any]] = {}
-        self.names: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
-        if name in self.names:
+        if name in self.writer.names or f"{name}{QF}packed" in self.writer.names:
             raise ArtifactError(f"tensor {name} written twice to the qf artifact")
-        self.names.add(name)
         if isinstance(tensor, QuantizedWeight):
             entries = {f"{name}{QF}packed": tensor.packed}
             entries.update({f"{name}{QF}{k}": v for k, v in tensor.params.items()})
@@ -81,44 +77,19 @@ class QFExporter(Exporter):
             }
         else:
             entries = {name: tensor}
-        if self.writer is not None and self.writer.nbytes >= self.options.shard_mb * (1 << 20):
-            self._close_shard()
-        if self.writer is None:
-            path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
-            self.writer = StreamingSafetensorsWriter(path)
         for key, value in entries.items():
             self.writer.add(key, value)
-            self.keys.append(key)
-
-    def _close_shard(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close({"format": "pt"})
-        self.shards.append((self.writer.path, self.keys))
-        self.writer, self.keys = None, []
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self._close_shard()
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, (path, keys) in enumerate(self.shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update({k: final for k in keys})
-        if n > 1:
-            (self.folder / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        files = self.writer.finish()
         config = json.loads((self.source.path / "config.json").read_text())
         config["quantization_config"] = {
             "quant_method": "quantfoundry",
             "note": "QuantFoundry checkpoint: load it with quantfoundry.load() or `qf load`",
         }
         (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for pattern in _COPY_GLOBS:
-            for f in self.source.path.glob(pattern):
-                if f.is_file() and not (self.folder / f.name).exists():
-                    shutil.copy2(f, self.folder / f.name)
-        return {"tensors": self.tensors, "files": sorted({*weight_map.values()})}
+        copy_tokenizer_files(self.source.path, self.folder)
+        return {"tensors": self.tensors, "files": files}
 
     def verify(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -143,25 +114,23 @@ class QFExporter(Exporter):
         return load_qf_artifact(folder, device=device, kernel=kernel, dtype=dtype)
 
 
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """Copy the tokenizer, chat template and generation config files of a model folder."""
+    for pattern in _COPY_GLOBS:
+        for f in source.glob(pattern):
+            if f.is_file() and not (folder / f.name).exists():
+                shutil.copy2(f, folder / f.name)
+
+
 def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None = None,
                      dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model written by the ``qf`` exporter, quantized linears as QuantLinear."""
-    from transformers import AutoConfig
-
     from ..formats import format_from_json
     from ..pipeline.kernels import select_kernel, swap_in
     from ..pipeline.manifest import read_manifest
-    from ..pipeline.materialize import set_parameter, tied_source
-    from ..pipeline.source import ModelSource, _weight_files, find_architecture
 
     manifest = read_manifest(folder)
-    config = AutoConfig.from_pretrained(str(folder))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    arch = find_architecture(config.architectures[0])
-    weight_map, _ = _weight_files(folder, allow_pickle=False)
-    source = ModelSource(folder, config, arch, weight_map)
-    model = source.skeleton(dtype)
+    model, source = artifact_skeleton(folder, dtype)
     tensors: dict[str, dict[str, Any]] = manifest.get("tensors", {})
     for name, info in tensors.items():
         keys = [f"{name}{QF}packed", *[f"{name}{QF}{p}" for p in info["params"]]]
@@ -176,13 +145,36 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))
+    return load_float_parameters(model, source, device, dtype)
+
+
+def artifact_skeleton(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """An empty (meta) model from an artifact folder's ``config.json`` (its
+    ``quantization_config`` ignored) and a :class:`ModelSource` over its safetensors files."""
+    from transformers import AutoConfig
+
+    from ..pipeline.source import ModelSource, _weight_files, find_architecture
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = find_architecture(config.architectures[0])
+    weight_map, _ = _weight_files(folder, allow_pickle=False)
+    source = ModelSource(folder, config, arch, weight_map)
+    return source.skeleton(dtype), source
+
+
+def load_float_parameters(model: nn.Module, source: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Fill every parameter still on the meta device from the artifact (tied names share one)."""
+    from ..pipeline.materialize import set_parameter, tied_source
+
     loaded: dict[str, nn.Parameter] = {}
     for pname, p in list(model.named_parameters(remove_duplicate=False)):
         if p.device.type != "meta":
             continue
         key = pname if source.has_tensor(pname) else tied_source(model, source, pname)
         if key is None:
-            raise ArtifactError(f"{pname} is missing from {folder}; the artifact is incomplete: re-run `qf run`")
+            raise ArtifactError(f"{pname} is missing from {source.path}; the artifact is incomplete: re-run `qf run`")
         if key not in loaded:  # tied names share one Parameter
             loaded[key] = nn.Parameter(source.read([key])[key].to(device=device, dtype=dtype), requires_grad=False)
         set_parameter(model, pname, loaded[key])

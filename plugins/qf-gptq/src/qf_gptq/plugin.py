@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from quantfoundry import hookimpl
 
+from .exporter import HFGPTQExporter
 from .quantizer import GPTQQuantizer
 
 
 @hookimpl
 def qf_register_quantizers(register):
     register(GPTQQuantizer)
+
+
+@hookimpl
+def qf_register_exporters(register):
+    register(HFGPTQExporter)

@@ -1,0 +1,217 @@
+"""Exporter ``hf-gptq``: a Hugging Face folder in the GPTQ checkpoint layout (see
+:mod:`qf_gptq.checkpoint`), loadable by transformers (GPTQModel/optimum), vLLM and TGI.
+
+Decoder-block linears become ``qweight``/``qzeros``/``scales``/``g_idx``; everything else
+(embeddings, norms, the output head) stays in the checkpoint's float dtype. ``config.json``
+gets ``quantization_config`` (``quant_method: gptq``, bits, group_size, desc_act, sym,
+``checkpoint_format: gptq``) and ``quantize_config.json`` is written for AutoGPTQ-era loaders.
+
+A GPTQ checkpoint has one ``group_size`` for all linears, so when a width is not a multiple
+of the requested group (SmolLM2's 576 columns at g128) the plan uses the largest group, halving
+down to 32, that divides every quantized linear (else per-channel) and says so; qf's own
+exporter keeps a per-tensor fallback instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantfoundry import Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan
+from quantfoundry.builtin.int_format import MIN_FALLBACK_GROUP, IntFormat
+from quantfoundry.builtin.qf_exporter import artifact_skeleton, copy_tokenizer_files, load_float_parameters
+from quantfoundry.errors import ArtifactError, UsageError
+from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
+
+from .checkpoint import GPTQ_BITS, from_gptq, to_gptq
+
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFGPTQOptions(Options):
+    shard_mb: int = field(default=4096, metadata={
+        "help": "start a new safetensors file once the current one holds this many MB"})
+
+    def __post_init__(self) -> None:
+        if self.shard_mb < 1:
+            raise ValueError(f"shard_mb must be >= 1, got {self.shard_mb}")
+
+
+class HFGPTQExporter(Exporter):
+    name = "hf-gptq"
+    description = "GPTQ checkpoint (qweight/qzeros/scales/g_idx, quant_method gptq) for transformers, vLLM, TGI"
+    Options = HFGPTQOptions
+    default_format = "int4-g128"
+    stores_permutation = True
+
+    options: HFGPTQOptions
+
+    # -- planning ------------------------------------------------------------------------
+    def storable(self) -> str:
+        return "int grids of 2, 3, 4 or 8 bits with float16 scales (e.g. int4-g128, int4-g128-sym, int8)"
+
+    def check_format(self, fmt: Format) -> str | None:
+        if not isinstance(fmt, IntFormat):
+            return f"a GPTQ checkpoint holds integer grids, not {fmt.spec}"
+        if fmt.options.bits not in GPTQ_BITS:
+            return f"GPTQ kernels read 2, 3, 4 or 8 bits, not {fmt.options.bits}"
+        if fmt.options.scale_dtype != "float16":
+            return f"GPTQ scales are float16, not {fmt.options.scale_dtype}"
+        return None
+
+    def plan(self, source: Any, requested: Format | None) -> QuantPlan:
+        requested = requested or IntFormat(IntFormat.Options())
+        reason = self.check_format(requested)
+        if reason:
+            raise UsageError(f"exporter hf-gptq cannot store {requested.spec}: {reason}; "
+                             f"it stores {self.storable()}")
+        assert isinstance(requested, IntFormat)
+        bits = requested.options.bits
+        linears = {n: s for n, s in source.linear_shapes().items() if source.is_block_linear(n)}
+        packable = {n: s for n, s in linears.items() if (s[0] * bits) % 32 == 0 and (s[1] * bits) % 32 == 0}
+        g = requested.options.group_size
+        while g and any(s[1] % g for s in packable.values()):
+            g = g // 2 if g // 2 >= MIN_FALLBACK_GROUP else 0
+        fmt = IntFormat(IntFormat.Options(bits=bits, group_size=g, sym=requested.options.sym))
+        plan = QuantPlan()
+        for name, shape in source.linear_shapes().items():
+            if name not in linears:
+                plan.add(TensorPlan(name, shape, None, reason="outside the decoder blocks (kept in float)"))
+            elif name not in packable:
+                plan.add(TensorPlan(name, shape, None, reason=f"{shape} at {bits} bits does not fill whole "
+                                    "32-bit words (kept in float)"))
+            elif fmt != requested:
+                plan.add(TensorPlan(name, shape, fmt, requested=requested,
+                                    reason=f"one group size for every linear of a GPTQ checkpoint: "
+                                           f"fallback {fmt.spec}"))
+            else:
+                plan.add(TensorPlan(name, shape, fmt))
+        self.format = fmt
+        return plan
+
+    # -- writing -------------------------------------------------------------------------
+    def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
+        self.folder = folder
+        self.source = source
+        self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
+        self.quantized: list[str] = []
+        self.desc_act = False
+
+    def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+        if not isinstance(tensor, QuantizedWeight):
+            self.writer.add(name, tensor)
+            return
+        prefix = name.removesuffix(".weight")
+        try:
+            parts = to_gptq(tensor)
+        except ValueError as exc:
+            raise ArtifactError(f"{prefix}: {exc}") from None
+        self.desc_act |= tensor.perm is not None
+        for part in PARTS:
+            self.writer.add(f"{prefix}.{part}", parts[part])
+        self.quantized.append(prefix)
+
+    def quantization_config(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        o = self.format.options
+        stage = next((s for s in manifest.get("quantizer", []) if s.get("name") == "gptq"), None)
+        qopts = stage["options"] if stage else {}
+        return {
+            "quant_method": "gptq",
+            "bits": o.bits,
+            "group_size": o.group_size or -1,
+            "desc_act": self.desc_act,
+            "sym": o.sym,
+            "static_groups": bool(qopts.get("static_groups", False)),
+            "true_sequential": bool(qopts.get("true_sequential", True)),
+            "damp_percent": float(qopts.get("damp_percent", 0.01)),
+            "lm_head": False,
+            "checkpoint_format": "gptq",
+            "meta": {"quantizer": [f"quantfoundry:{_qf_version()}"],
+                     "method": [s.get("name") for s in manifest.get("quantizer", [])]},
+        }
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        files = self.writer.finish()
+        qcfg = self.quantization_config(manifest)
+        config = json.loads((self.source.path / "config.json").read_text())
+        config["quantization_config"] = qcfg
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        legacy = {k: v for k, v in qcfg.items() if k not in ("lm_head", "meta")}
+        legacy.update(model_name_or_path=None, model_file_base_name="model")
+        (self.folder / "quantize_config.json").write_text(json.dumps(legacy, indent=2) + "\n")
+        copy_tokenizer_files(self.source.path, self.folder)
+        return {"files": files, "gptq_linears": list(self.quantized)}
+
+    def verify(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        from quantfoundry.pipeline.manifest import read_manifest
+
+        manifest = read_manifest(folder)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in manifest.get("files") or []:
+            try:
+                with safe_open(str(folder / name), framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as exc:
+                raise ArtifactError(f"{folder / name} cannot be read back ({exc}); the write failed") from None
+        o = json.loads((folder / "config.json").read_text())["quantization_config"]
+        for prefix in manifest.get("gptq_linears", []):
+            missing = [p for p in PARTS if f"{prefix}.{p}" not in shapes]
+            if missing:
+                raise ArtifactError(f"{prefix}.{missing[0]} is missing from {folder}")
+            in_f = shapes[f"{prefix}.g_idx"][0]
+            if shapes[f"{prefix}.qweight"][0] * 32 != in_f * o["bits"]:
+                raise ArtifactError(f"{prefix}.qweight has shape {shapes[f'{prefix}.qweight']} for {in_f} inputs")
+
+    # -- reading back ----------------------------------------------------------------------
+    def load(self, folder: Path, device: torch.device, kernel: str | None = None,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+        return load_gptq_checkpoint(folder, device=device, kernel=kernel, dtype=dtype)
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        cfg = Path(path) / "config.json"
+        if not cfg.is_file():
+            return False
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+        return q.get("quant_method") == "gptq"
+
+
+def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | None = None,
+                         dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model from a GPTQ (v1) checkpoint folder, quantized linears as QuantLinear with the
+    int format (any GPTQ writer's, not only ours: act-order ``g_idx`` becomes ``perm``)."""
+    from quantfoundry.pipeline.kernels import select_kernel, swap_in
+
+    q = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    if q.get("quant_method") != "gptq" or q.get("checkpoint_format", "gptq") != "gptq":
+        raise ArtifactError(f"{folder} is not a GPTQ (v1) checkpoint: quantization_config is {q}")
+    model, source = artifact_skeleton(Path(folder), dtype)
+    group = int(q.get("group_size", 128))
+    fmt = IntFormat(IntFormat.Options(bits=int(q["bits"]), group_size=0 if group < 0 else group,
+                                      sym=bool(q.get("sym", True))))
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not source.has_tensor(f"{name}.qweight"):
+            continue
+        parts = source.read([f"{name}.{p}" for p in PARTS])
+        tensors = {p: parts[f"{name}.{p}"] for p in PARTS}
+        shape = (module.out_features, module.in_features)
+        try:
+            qw = from_gptq(tensors, fmt, shape, source.storage_dtype)
+        except ValueError as exc:
+            raise ArtifactError(f"{folder}: {name}: {exc}") from None
+        swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
+    return load_float_parameters(model, source, device, dtype)
+
+
+def _qf_version() -> str:
+    import quantfoundry
+
+    return quantfoundry.__version__
