@@ -1,0 +1,152 @@
+"""The gptq quantizer on real decoder blocks: Hessians, sharing, true-sequential order,
+K-quant grids, calibration edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import quantfoundry as qf
+from quantfoundry.errors import UsageError
+from quantfoundry.pipeline.capture import capture_inputs
+from quantfoundry.pipeline.source import resolve_model
+from qf_gptq.hessian import collect_hessians
+from qf_gptq.quantizer import GPTQOptions, GPTQQuantizer
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def first_block(folder, spec="int4-g32", n=4, seq=48):
+    source = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(0))
+    layers = model.model.layers
+    inputs, kwargs = capture_inputs(model, layers, model.model.norm, list(ids.split(2)))
+    fmt = qf.resolve_format(spec)
+    block = qf.Block(0, "model.layers.0", layers[0], source.architecture, {n: fmt for n in LINEARS},
+                     qf.BlockInputs(inputs.hidden, kwargs[0]))
+    return block
+
+
+def inputs_of(block, name):
+    """Every calibration input of one linear, as the block runs now (float64 rows)."""
+    xs = []
+    with block.capture_inputs([name], lambda _n, x: xs.append(x.reshape(-1, x.shape[-1]).double())):
+        block.run()
+    return torch.cat(xs)
+
+
+def test_hessians_are_2xxt_over_n_and_shared_by_linears_reading_one_input(tiny_model):
+    block = first_block(tiny_model("llama"))
+    hs = collect_hessians(block, list(LINEARS), torch.device("cpu"))
+    assert hs.sharing() == {
+        "self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "self_attn.o_proj": ["self_attn.o_proj"],
+        "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
+        "mlp.down_proj": ["mlp.down_proj"],
+    }
+    for owner in hs.sharing():
+        x = inputs_of(block, owner)
+        expected = 2 * x.T @ x / x.shape[0]
+        torch.testing.assert_close(hs.hessian(owner).double(), expected, rtol=1e-5, atol=1e-6)
+        assert hs.counts[owner] == 4 * 48
+
+
+def test_true_sequential_each_group_sees_the_quantized_groups_before_it(tiny_model, monkeypatch):
+    """o_proj's Hessian comes from attention outputs computed with q/k/v already quantized,
+    down_proj's from an MLP whose gate/up are quantized; without true_sequential every
+    Hessian comes from the float block."""
+    folder = tiny_model("llama")
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(self, block, members, hessian, ctx):
+        seen[members[0]] = hessian.clone()
+        return original(self, block, members, hessian, ctx)
+
+    original = GPTQQuantizer._solve
+    monkeypatch.setattr(GPTQQuantizer, "_solve", record)
+    for sequential in (True, False):
+        seen.clear()
+        block = first_block(folder)
+        float_block = first_block(folder)
+        out = GPTQQuantizer(GPTQOptions(true_sequential=sequential)).quantize_block(
+            block, qf.QuantContext(torch.device("cpu")))
+        # expected: the float block with the groups before each one replaced by their result
+        for owner, before in [("self_attn.o_proj", LINEARS[:3]), ("mlp.down_proj", LINEARS[:6])]:
+            if sequential:
+                for n in before:
+                    float_block.linear(n).weight.data = out[n].dequantize()
+            x = inputs_of(float_block, owner)
+            torch.testing.assert_close(seen[owner].double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+        if not sequential:
+            x = inputs_of(float_block, "mlp.down_proj")
+            assert seen["mlp.down_proj"].shape == (x.shape[1], x.shape[1])
+
+
+def test_block_error_below_rtn(tiny_model):
+    """On a real block, each linear's output error on its calibration inputs is below RTN's."""
+    folder = tiny_model("llama")
+    block = first_block(folder, "int3-g32", n=8, seq=64)
+    ref = first_block(folder, "int3-g32", n=8, seq=64)
+    out = GPTQQuantizer(GPTQOptions(true_sequential=False)).quantize_block(
+        block, qf.QuantContext(torch.device("cpu")))
+    fmt = qf.resolve_format("int3-g32")
+    for name in LINEARS:
+        w = ref.linear(name).weight.data.double()
+        x = inputs_of(ref, name)
+        gptq = ((x @ (w - out[name].dequantize(torch.float64)).T) ** 2).sum()
+        rtn = ((x @ (w - fmt.quantize(w.float()).dequantize(torch.float64)).T) ** 2).sum()
+        assert gptq < rtn, name
+
+
+def test_kquant_superblocks_are_fitted_when_the_loop_reaches_them():
+    """On a Q4_K grid the first super-block's parameters are exactly what the format fits on the
+    untouched weights (with the Hessian diagonal as importance); the stored codes decode to the
+    values the loop fed back, and the output error is below llama.cpp-style RTN's."""
+    pytest.importorskip("qf_gguf")
+    from qf_gptq.solver import Segment, gptq_solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512 ** 0.5)
+    h = (2 * x.T @ x / x.shape[0]).float()
+    w = torch.randn(64, 512, generator=g) * 0.02
+    for spec in ("Q4_K", "Q6_K", "Q3_K", "Q2_K"):
+        fmt = qf.resolve_format(spec)
+        imp = torch.diagonal(h) / 2
+        res = gptq_solve(w, h, [Segment(0, 64, fmt)], importance=imp)
+        first = {k: v for k, v in fmt.fit(w[:, :256], imp[:256]).items() if not k.startswith("_")}
+        for k, v in first.items():
+            assert torch.equal(res.params[0][k][:, :1], v), (spec, k)
+        qw = qf.QuantizedWeight(fmt, (64, 512), torch.float32, fmt.pack(res.codes[0]), res.params[0])
+        torch.testing.assert_close(qw.dequantize(), res.values, rtol=0, atol=0)
+        err = ((x.double() @ (w - res.values).double().T) ** 2).sum()
+        rtn = ((x.double() @ (w - fmt.quantize(w, imp).dequantize()).double().T) ** 2).sum()
+        assert err < rtn, spec
+
+
+def test_short_calibration_text_is_a_warning_with_the_token_count(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    result = qf.run(quantizer="gptq", calibrator_options={"path": str(text), "n_samples": 4, "seq_len": 512},
+                    progress=False)
+    notes = " ".join(result.notes)
+    assert "short.txt has" in notes and "tokens" in notes and "fewer than the 4 x 512" in notes
+
+
+def test_empty_calibration_text_is_an_error_before_any_work(tmp_path):
+    text = tmp_path / "empty.txt"
+    text.write_text("  \n")
+    with pytest.raises(UsageError, match="empty"):
+        qf.run(quantizer="gptq", calibrator_options={"path": str(text)}, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_options_are_one_line_errors():
+    from quantfoundry.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="damp_percent"):
+        qf.run(quantizer="gptq", quantizer_options={"damp_percent": "0"}, progress=False)
+    with pytest.raises(OptionsError, match="desc_act"):
+        qf.run(quantizer="gptq", quantizer_options={"desc_act": "maybe"}, progress=False)
