@@ -4,15 +4,14 @@ K-quant grids, calibration edge cases."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
 import quantfoundry as qf
+import torch
+from qf_gptq.hessian import collect_hessians
+from qf_gptq.quantizer import GPTQOptions, GPTQQuantizer
 from quantfoundry.errors import UsageError
 from quantfoundry.pipeline.capture import capture_inputs
 from quantfoundry.pipeline.source import resolve_model
-from qf_gptq.hessian import collect_hessians
-from qf_gptq.quantizer import GPTQOptions, GPTQQuantizer
+from transformers import AutoModelForCausalLM
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import quantfoundry as qf
 import torch
 from gptq_reader import read_gptq
-
-import quantfoundry as qf
 from quantfoundry.errors import IncompatiblePlanError, QFError, UsageError
 from quantfoundry.roles.kernel import QuantLinear
 

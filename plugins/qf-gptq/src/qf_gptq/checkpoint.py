@@ -22,7 +22,6 @@ weight is refused with the fix to use.
 from __future__ import annotations
 
 import torch
-
 from quantfoundry import QuantizedWeight
 from quantfoundry.roles.format import pack_bits, unpack_bits
 

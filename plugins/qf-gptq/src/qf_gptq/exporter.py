@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from quantfoundry import Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan
 from quantfoundry.builtin.int_format import MIN_FALLBACK_GROUP, IntFormat
 from quantfoundry.builtin.qf_exporter import artifact_skeleton, copy_tokenizer_files, load_float_parameters
 from quantfoundry.errors import ArtifactError, UsageError
 from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
+from torch import nn
 
 from .checkpoint import GPTQ_BITS, from_gptq, to_gptq
 
@@ -149,9 +148,8 @@ class HFGPTQExporter(Exporter):
         return {"files": files, "gptq_linears": list(self.quantized)}
 
     def verify(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         from quantfoundry.pipeline.manifest import read_manifest
+        from safetensors import safe_open
 
         manifest = read_manifest(folder)
         shapes: dict[str, tuple[int, ...]] = {}
