@@ -149,6 +149,16 @@ class IntFormat(Format):
             z = z_src.to(torch.float32).unsqueeze(-1)
         return s32, z, g
 
+    def affine(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        scale = params["scale"]
+        g = self.options.group_size or ncols
+        idx = torch.zeros(ncols, dtype=torch.long, device=scale.device) if self.options.group_size == 0 else \
+            torch.div(torch.arange(col0, col0 + ncols, device=scale.device), g, rounding_mode="floor")
+        a = scale.index_select(1, idx).to(torch.float32)
+        z = params["zero"].index_select(1, idx).to(torch.float32) if "zero" in params else \
+            torch.full_like(a, float(1 << (self.options.bits - 1)))
+        return a, -z * a, 0, self.maxq
+
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         rows, ncols = w.shape
         s, z, g = self._grid(params, col0, ncols)

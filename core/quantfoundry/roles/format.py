@@ -105,6 +105,15 @@ class Format(Component, ABC):
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         """Values (float32) of ``codes`` for columns starting at ``col0`` of the tile of ``params``."""
 
+    def affine(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """For grids whose value is ``a · code + b`` with integer codes in ``[cmin, cmax]``:
+        ``(a, b, cmin, cmax)``, ``a`` and ``b`` float32 ``[rows, ncols]`` for columns
+        ``[col0, col0 + ncols)`` of the tile of ``params`` (the nearest code is
+        ``clamp(round((w − b) / a), cmin, cmax)``; where ``a = 0`` every code decodes to ``b``).
+        Lets a quantizer run a fused kernel instead of calling :meth:`round`/:meth:`decode` per
+        column. ``None`` (the default) when the grid is not of that form."""
+        return None
+
     def quantize_dequantize(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         return self.decode(self.round(w, params, col0), params, col0)
 

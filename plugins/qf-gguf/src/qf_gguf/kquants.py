@@ -124,6 +124,16 @@ class _KQuant(GGMLFormat):
         q = torch.clamp(torch.round(num / safe), self.lo, self.nmax) + self.offset
         return torch.where(dd != 0, q, torch.full_like(q, float(self.offset))).to(torch.int32)  # any code: value 0·q
 
+    def affine(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``value = dd·(code − offset) − dm`` = ``a·code + b``; the rounding rule's codes."""
+        dd, dm = self._scales(params)
+        blk, j = _sub_index(col0, ncols, self.sub, dd.device)
+        a = dd[:, blk, j]
+        b = -a * float(self.offset)
+        if dm is not None:
+            b = b - dm[:, blk, j]
+        return a, b, self.lo + self.offset, self.nmax + self.offset
+
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         blk, j = _sub_index(col0, codes.shape[1], self.sub, codes.device)
         dd, dm = self._scales(params)

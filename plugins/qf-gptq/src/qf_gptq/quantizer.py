@@ -35,6 +35,8 @@ class GPTQOptions(Options):
         "help": "quantize a block's input groups in order, each on the inputs of the already-quantized ones"})
     fit_importance: bool = field(default=True, metadata={
         "help": "fit grids weighted by H's diagonal where the format uses importance (GGUF imatrix encoders)"})
+    fused: bool = field(default=True, metadata={
+        "help": "on CUDA, run each lazy batch as one Triton kernel (affine grids, groups fitted in the loop)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.damp_percent <= self.damp_max:
@@ -119,7 +121,7 @@ class GPTQQuantizer(Quantizer):
         try:
             res = gptq_solve(stacked, hessian, segments, block_size=o.block_size, desc_act=o.desc_act,
                              static_groups=o.static_groups, damp_percent=o.damp_percent,
-                             damp_max=o.damp_max, importance=importance)
+                             damp_max=o.damp_max, importance=importance, fused=o.fused)
         except HessianError as exc:
             raise QFError(f"gptq: {block.full_name(members[0])}: {exc}; raise --quantizer-opt damp_max "
                           "or calibrate on more (or more varied) text") from None

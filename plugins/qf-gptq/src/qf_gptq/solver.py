@@ -25,6 +25,8 @@ import torch
 from quantfoundry import Format
 from quantfoundry.roles.format import Params
 
+from . import fused as fuse
+
 
 class HessianError(RuntimeError):
     """The Cholesky factorisation failed at every damping tried."""
@@ -83,7 +85,7 @@ def inverse_cholesky(h: torch.Tensor, damp_percent: float, damp_max: float) -> t
             hinv = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp, tries
+                return upper.contiguous(), damp, tries
         if damp >= damp_max:
             raise HessianError(f"Cholesky factorisation failed up to damp_percent={damp:g}")
         damp = min(damp * 2, damp_max)
@@ -125,12 +127,15 @@ def gptq_solve(
     weight: torch.Tensor, hessian: torch.Tensor, segments: list[Segment], *,
     block_size: int = 128, desc_act: bool = False, static_groups: bool = False,
     damp_percent: float = 0.01, damp_max: float = 1.0, importance: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> SolveResult:
     """Quantize ``weight`` ``[rows, cols]`` (float32) with the Hessian ``[cols, cols]``.
 
     :param segments: row ranges covering ``weight`` and the format of each.
     :param importance: per-column weights for fitting grid parameters (formats that use them,
         e.g. GGUF's imatrix encoders); default none.
+    :param fused: on CUDA, run each lazy batch as one Triton kernel when every segment's grid
+        is affine (:meth:`Format.affine`) and groups are fitted in the loop.
     """
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
@@ -155,14 +160,82 @@ def gptq_solve(
 
     u, damp, tries = inverse_cholesky(h, damp_percent, damp_max)
     del h
-    bsz = lazy_block_size(block_size, groups)
+    use_fused = fused and not static_groups and fuse.available(w.device) and all(
+        type(seg.fmt).affine is not Format.affine for seg in segments)
+    bsz = math.gcd(block_size, *groups) if use_fused else lazy_block_size(block_size, groups)
+    if use_fused and bsz < 16:  # tiny batches: the kernel would not pay off
+        use_fused, bsz = False, lazy_block_size(block_size, groups)
     codes = [torch.empty(seg.stop - seg.start, cols, dtype=torch.int32, device=w.device) for seg in segments]
     fitted: list[list[Params]] = [[] for _ in segments]
-    current: list[Params] = [{} for _ in segments]
 
     wt = w.T.contiguous()  # [cols, rows]: a column is one contiguous row, updates are row-major
     del w
     valt = torch.empty_like(wt)
+    if use_fused:
+        _fused_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted)
+    else:
+        _plain_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted,
+                    static if static_groups else None, order)
+
+    if use_fused:  # the kernel's values are a·q + b; store exactly what the codes decode to
+        valt = torch.cat([torch.cat(fitted_decode(seg, codes[s], fitted[s]), dim=1)
+                          for s, seg in enumerate(segments)]).T.contiguous()
+    values = valt.T
+    if static_groups:
+        params = static
+    else:
+        params = [{k: torch.cat([p[k] for p in fs], dim=1) for k in fs[0]} for fs in fitted]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        values = values[:, inv]
+        if static_groups:  # groups are in the original order: store the codes there too
+            codes = [c[:, inv] for c in codes]
+            perm = None
+    return SolveResult(codes, params, perm, damp, tries, int(dead.sum()), values)
+
+
+def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
+                importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
+                fitted: list[list[Params]]) -> None:
+    """The column loop with one Triton kernel per lazy batch (every group starts a batch)."""
+    cols, rows = wt.shape
+    lo = torch.empty(rows, device=wt.device)
+    hi = torch.empty(rows, device=wt.device)
+    current: list[Params] = [{} for _ in segments]
+    for i1 in range(0, cols, bsz):
+        i2 = min(i1 + bsz, cols)
+        a = torch.empty(i2 - i1, rows, device=wt.device)
+        b = torch.empty_like(a)
+        for s, seg in enumerate(segments):
+            g = groups[s]
+            if i1 % g == 0:
+                imp = None if importance is None else importance[i1:i1 + g].to(wt.device)
+                current[s] = _keep_group_params(seg.fmt.fit(wt[i1:i1 + g, seg.rows].T, imp), 1)
+                fitted[s].append(current[s])
+            aff = seg.fmt.affine(current[s], i1 % g, i2 - i1)
+            assert aff is not None
+            a[:, seg.rows], b[:, seg.rows] = aff[0].T, aff[1].T
+            lo[seg.rows], hi[seg.rows] = float(aff[2]), float(aff[3])
+        q, v, e = fuse.gptq_batch(wt[i1:i2], u[i1:i2, i1:i2], a, b, lo, hi)
+        for s, seg in enumerate(segments):
+            codes[s][:, i1:i2] = q[:, seg.rows].T
+        valt[i1:i2] = v
+        if i2 < cols:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, e, alpha=-1.0)
+
+
+def fitted_decode(seg: Segment, codes: torch.Tensor, fitted: list[Params]) -> list[torch.Tensor]:
+    """The values ``codes`` decode to, group by group (``[rows, g]`` pieces)."""
+    g = codes.shape[1] // len(fitted)
+    return [seg.fmt.decode(codes[:, k * g:(k + 1) * g], p, 0) for k, p in enumerate(fitted)]
+
+
+def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
+                importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
+                fitted: list[list[Params]], static: list[Params] | None, order: list[int] | None) -> None:
+    """The column loop through the Format interface (any scalar grid, any device)."""
+    cols = wt.shape[0]
+    current: list[Params] = [{} for _ in segments]
     for i1 in range(0, cols, bsz):
         i2 = min(i1 + bsz, cols)
         w1 = wt[i1:i2].clone()
@@ -172,7 +245,7 @@ def gptq_solve(
             col = i1 + i
             for s, seg in enumerate(segments):
                 g = groups[s]
-                if static_groups:
+                if static is not None:
                     src = order[col] if order is not None else col
                     p, col0 = _slice_group(static[s], src // g), src % g
                 else:
@@ -190,16 +263,3 @@ def gptq_solve(
             err1[i] = err
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
-    values = valt.T
-
-    if static_groups:
-        params = static
-    else:
-        params = [{k: torch.cat([p[k] for p in fs], dim=1) for k in fs[0]} for fs in fitted]
-    if perm is not None:
-        inv = torch.argsort(perm)
-        values = values[:, inv]
-        if static_groups:  # groups are in the original order: store the codes there too
-            codes = [c[:, inv] for c in codes]
-            perm = None
-    return SolveResult(codes, params, perm, damp, tries, int(dead.sum()), values)
