@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import Block, BlockInputs, QuantContext, Quantizer
 from .kernels import select_kernel, swap_in
-from .materialize import materialize, release
+from .materialize import materialize, release, stored_names
 from .source import ModelSource
 
 
@@ -53,19 +54,47 @@ def run_blocks(
     collect_importance: bool = False,
 ) -> BlockwiseResult:
     """Quantize every decoder block in order. Peak memory: one block plus calibration inputs
-    (plus the quantized blocks already done when ``keep`` is set for in-memory evaluation).
+    (plus the quantized blocks already done when ``keep`` is set for in-memory evaluation),
+    and the next block's stored tensors on the CPU, read while this one is quantized.
     With ``collect_importance`` each block first runs in float on its calibration inputs and
     ``ctx.importance`` gets every planned linear's mean squared input per channel."""
     arch = source.architecture
     layers: nn.ModuleList = model.get_submodule(arch.layers)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qf-prefetch") as pool:
+        def prefetch(i: int) -> Future[dict[str, torch.Tensor]]:
+            names = sorted(stored_names(model, layers[i], source.layer_prefix(i), source))
+            return pool.submit(source.read, names)
+
+        return _run_blocks(model, source, plan, stages, ctx, layers, prefetch, inputs=inputs,
+                           layer_kwargs=layer_kwargs, exporter=exporter, keep=keep, dtype=dtype,
+                           kernel_name=kernel_name, kernel_options=kernel_options, on_block=on_block,
+                           collect_importance=collect_importance)
+
+
+def _run_blocks(
+    model: nn.Module, source: ModelSource, plan: QuantPlan, stages: list[Quantizer], ctx: QuantContext,
+    layers: nn.ModuleList, prefetch: Callable[[int], Future[dict[str, torch.Tensor]]], *,
+    inputs: BlockInputs | None, layer_kwargs: dict[int, list[dict[str, Any]]] | None,
+    exporter: Exporter | None, keep: bool, dtype: torch.dtype, kernel_name: str | None,
+    kernel_options: dict[str, str] | None, on_block: Callable[[int, int, float], None] | None,
+    collect_importance: bool,
+) -> BlockwiseResult:
+    """The loop of :func:`run_blocks`; the next block's tensors are read from the checkpoint
+    (CPU) in a background thread while this one is quantized."""
+    arch = source.architecture
     result = BlockwiseResult()
     device = ctx.device
     hidden = inputs.hidden if inputs is not None else None
+    pending = prefetch(0) if len(layers) else None
     for index in range(len(layers)):
         t0 = time.perf_counter()
         prefix = source.layer_prefix(index)
         module = layers[index]
-        materialize(model, module, prefix, source, dtype=dtype, device=device)
+        assert pending is not None
+        tensors = pending.result()
+        pending = prefetch(index + 1) if index + 1 < len(layers) else None
+        materialize(model, module, prefix, source, dtype=dtype, device=device, tensors=tensors)
+        del tensors
         formats = {}
         for full, entry in plan.quantized().items():
             if full.startswith(prefix + "."):

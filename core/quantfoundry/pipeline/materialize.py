@@ -29,14 +29,9 @@ def set_parameter(module: nn.Module, name: str, value: torch.Tensor | nn.Paramet
     parent._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
-def materialize(
-    model: nn.Module, module: nn.Module, prefix: str, source: ModelSource, *,
-    dtype: torch.dtype, device: torch.device, skip_prefix: str | None = None,
-) -> None:
-    """Load every parameter of ``module`` (named ``prefix.*`` in the checkpoint) onto ``device``.
-
-    :param skip_prefix: leave parameters whose relative name starts with it on ``meta``.
-    """
+def stored_names(model: nn.Module, module: nn.Module, prefix: str, source: ModelSource,
+                 skip_prefix: str | None = None) -> dict[str, list[str]]:
+    """Checkpoint tensor name → the relative parameter names of ``module`` it fills."""
     rel_names = [n for n, _ in module.named_parameters(remove_duplicate=False)
                  if not (skip_prefix and n.startswith(skip_prefix))]
     full = {rel: f"{prefix}.{rel}" if prefix else rel for rel in rel_names}
@@ -52,7 +47,22 @@ def materialize(
     users: dict[str, list[str]] = {}
     for rel, name in wanted.items():
         users.setdefault(name, []).append(rel)
-    for name, tensor in source.iter_read(sorted(users)):  # one stored tensor at a time
+    return users
+
+
+def materialize(
+    model: nn.Module, module: nn.Module, prefix: str, source: ModelSource, *,
+    dtype: torch.dtype, device: torch.device, skip_prefix: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Load every parameter of ``module`` (named ``prefix.*`` in the checkpoint) onto ``device``.
+
+    :param skip_prefix: leave parameters whose relative name starts with it on ``meta``.
+    :param tensors: the stored tensors, already read (a prefetch); else read one at a time.
+    """
+    users = stored_names(model, module, prefix, source, skip_prefix)
+    stream = ((n, tensors[n]) for n in sorted(users)) if tensors is not None else source.iter_read(sorted(users))
+    for name, tensor in stream:  # one stored tensor at a time
         param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
         del tensor
         for rel in users[name]:  # tied names (lm_head of tied embeddings) share one Parameter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ def run(
     # -- load, guard, plan -------------------------------------------------------------
     source = resolve_model(model if model is not None else default_model_path(),
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
+    # the manifest's model hash reads every weight file once: in the background, while the
+    # blocks are quantized (hashlib and file reads release the GIL)
+    hashing = threading.Thread(target=_warm_hash, args=(source,), name="qf-sha256", daemon=True)
+    hashing.start()
     exp.collects_importance = imatrix
     plan = exp.plan(source, requested)
     _check_plan(plan, stages, exp, dev, kernel, kernel_options)
@@ -213,6 +218,7 @@ def run(
             if tmp is not None:
                 _export_outside_blocks(exp, source, outside)
         del inputs, layer_kwargs
+        hashing.join()
         manifest = build_manifest(source=source, stages=stages, requested=requested, exporter=exp, plan=plan,
                                   calibration=calibration, notes=ctx.notes, evaluation={})
         if tmp is not None:
@@ -277,6 +283,14 @@ def run(
     seconds = time.perf_counter() - t_start
     return RunResult(out_path, plan, metrics, ctx.notes, manifest, seconds,
                      model=model_obj if keep_model else None)
+
+
+def _warm_hash(source: ModelSource) -> None:
+    """Compute (and cache) the source's hash; a failure is left for the manifest to raise."""
+    try:
+        _ = source.sha256
+    except Exception:  # noqa: BLE001 - re-raised by the main thread's own access
+        pass
 
 
 def summarize_plan(plan: QuantPlan, show: int = 3) -> list[str]:
