@@ -15,14 +15,18 @@ exporter keeps a per-tensor fallback instead.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from quantfoundry import Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan
+from quantfoundry import Exporter, Format, QuantizedWeight, QuantPlan, TensorPlan
 from quantfoundry.builtin.int_format import MIN_FALLBACK_GROUP, IntFormat
-from quantfoundry.builtin.qf_exporter import artifact_skeleton, copy_tokenizer_files, load_float_parameters
+from quantfoundry.builtin.qf_exporter import (
+    QFExporterOptions,
+    artifact_skeleton,
+    copy_tokenizer_files,
+    load_float_parameters,
+)
 from quantfoundry.errors import ArtifactError, UsageError
 from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
 from torch import nn
@@ -32,14 +36,8 @@ from .checkpoint import GPTQ_BITS, from_gptq, to_gptq
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-@dataclass(frozen=True, kw_only=True)
-class HFGPTQOptions(Options):
-    shard_mb: int = field(default=4096, metadata={
-        "help": "start a new safetensors file once the current one holds this many MB"})
-
-    def __post_init__(self) -> None:
-        if self.shard_mb < 1:
-            raise ValueError(f"shard_mb must be >= 1, got {self.shard_mb}")
+#: the same option as the qf exporter's: ``shard_mb``
+HFGPTQOptions = QFExporterOptions
 
 
 class HFGPTQExporter(Exporter):
