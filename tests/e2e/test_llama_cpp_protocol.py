@@ -32,8 +32,10 @@ def to_f32_gguf(llama_cpp, model_dir, out):
 
 def llama_perplexity(llama_cpp, gguf, text_file, ctx: int) -> tuple[float, int]:
     """llama-perplexity's final PPL and chunk count. Its logger runs on a thread and now and then
-    loses the last lines at exit, so a run without the final line is repeated (at most 3 times)."""
-    for _ in range(3):
+    loses the last lines at exit (more often on a busy machine): the running estimate printed
+    after the last chunk (``[N]ppl``, the same exp(mean NLL) to 4 decimals) stands in for the
+    final line, and a run that lost both is repeated (at most 6 times)."""
+    for _ in range(6):
         r = subprocess.run([str(llama_cpp["bin"] / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file),
                             "-c", str(ctx), "-b", str(ctx), "-t", "2"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -42,7 +44,10 @@ def llama_perplexity(llama_cpp, gguf, text_file, ctx: int) -> tuple[float, int]:
         chunks = re.search(r"calculating perplexity over (\d+) chunks", log)
         if final and chunks:
             return float(final.group(1)), int(chunks.group(1))
-    pytest.fail(f"llama-perplexity printed no final estimate in 3 runs:\n{log[-2000:]}")
+        last = chunks and re.search(rf"\[{chunks.group(1)}\]([0-9.]+)", log)
+        if last:
+            return float(last.group(1)), int(chunks.group(1))
+    pytest.fail(f"llama-perplexity printed no final estimate in 6 runs:\n{log[-2000:]}")
 
 
 def test_llama_cpp_protocol_matches_llama_perplexity(llama_cpp, tmp_path) -> None:
