@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import quantfoundry as qf
 
-pytest.importorskip("qf_gguf")
-
 
 def test_gptq_q4_k_m_runs_in_llama_cpp_and_beats_rtn(tmp_path, llama_cpp_python):
     common = dict(exporter="gguf", exporter_options={"type": "Q4_K_M"}, evaluators=["kl"], progress=False,
