@@ -1,5 +1,5 @@
 """Does GPTQModel read qf's ``hf-gptq`` checkpoints? Export pycode-7m with ``gptq`` + ``hf-gptq``,
-load the folder with GPTQModel (its own virtualenv, CPU, ``peers/gptqmodel_dequant.py``) and
+(``checkpoint_format`` gptq = v1, and gptq_v2), load the folder with GPTQModel (its own virtualenv, CPU, ``peers/gptqmodel_dequant.py``) and
 compare its dequantized weights with the codes and scales qf wrote, dequantized the way
 GPTQModel's torch kernel does (``(q − zero) · scale`` in the model's dtype, bf16 here).
 
@@ -29,16 +29,20 @@ def main() -> None:
     ap.add_argument("--gptqmodel-python", default="/work/venvs/gptqmodel-try/bin/python")
     args = ap.parse_args()
     rows = {}
-    for fmt, opts in (("int4-g128-sym", {"desc_act": True}), ("int3-g128-sym", {}), ("int4-g128", {})):
-        folder = WORK / fmt
+    for fmt, opts, ckpt in (("int4-g128-sym", {"desc_act": True}, "gptq"), ("int3-g128-sym", {}, "gptq"),
+                            ("int4-g128", {}, "gptq"), ("int4-g128", {}, "gptq_v2"),
+                            ("int3-g128", {"desc_act": True}, "gptq_v2")):
+        label = f"{fmt}{'-act' if opts else ''}|{ckpt}"
+        folder = WORK / label.replace("|", "-")
         qf.run(quantizer="gptq", quantizer_options=opts, format=fmt, exporter="hf-gptq", out=folder, overwrite=True,
-               calibrator_options={"n_samples": 8, "seq_len": 256}, artifact_eval=False, progress=False)
-        dump = WORK / f"{fmt}.pt"
+               exporter_options={"checkpoint_format": ckpt}, calibrator_options={"n_samples": 8, "seq_len": 256},
+               artifact_eval=False, progress=False)
+        dump = folder.with_suffix(".pt")
         r = subprocess.run([args.gptqmodel_python, str(HERE / "peers" / "gptqmodel_dequant.py"), str(folder), str(dump)],
                            capture_output=True, text=True, env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"))
         if r.returncode != 0:
-            rows[fmt] = {"loaded": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-            print(fmt, rows[fmt], flush=True)
+            rows[label] = {"loaded": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+            print(label, rows[label], flush=True)
             continue
         theirs = torch.load(dump)
         dtype = getattr(torch, theirs["dtype"].removeprefix("torch."))
@@ -58,9 +62,9 @@ def main() -> None:
                 w = w[:, torch.argsort(qw.perm)]
             equal += int((w.float() == theirs["weights"][name]).sum())
             total += w.numel()
-        rows[fmt] = {"loaded": True, "kernel": theirs["kernel"], "dtype": theirs["dtype"],
-                     "weights_equal": equal, "weights": total, "options": opts}
-        print(fmt, rows[fmt], flush=True)
+        rows[label] = {"loaded": True, "kernel": theirs["kernel"], "dtype": theirs["dtype"],
+                       "weights_equal": equal, "weights": total, "options": opts}
+        print(label, rows[label], flush=True)
     RESULTS.write_text(json.dumps(rows, indent=1))
 
 

@@ -11,9 +11,10 @@ import torch
 from gptqmodel import GPTQModel
 
 model = GPTQModel.load(sys.argv[1], device="cpu")
-out = {}
+out, kernels = {}, set()
 for name, mod in model.model.named_modules():
     if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+        kernels.add(type(mod).__name__)
         w = mod.dequantize_weight()
         out[name] = (w.T if w.shape[0] == mod.in_features else w).float().contiguous()
-torch.save({"weights": out, "dtype": str(model.model.dtype), "kernel": type(mod).__name__}, sys.argv[2])
+torch.save({"weights": out, "dtype": str(model.model.dtype), "kernel": ",".join(sorted(kernels))}, sys.argv[2])

@@ -6,7 +6,8 @@ the int32 words one code at a time with explicit word/shift arithmetic.
 ``qweight`` ``[in·b/32, out]``: input row ``k`` of output column ``o`` is at bit ``k·b`` of the
 column's bitstream (word ``k·b // 32``, shift ``k·b % 32``; at 3 bits a code may straddle two
 words, as AutoGPTQ's ``pack`` splits codes 10 and 21 of every 32). ``qzeros`` is packed the
-same way along outputs and holds ``zero − 1``. ``W[o, k] = scales[g_idx[k], o] ·
+same way along outputs and holds ``zero − 1`` (GPTQModel's ``checkpoint_format: gptq_v2``:
+``zero`` itself). ``W[o, k] = scales[g_idx[k], o] ·
 (q[k, o] − zero[g_idx[k], o])``.
 """
 
@@ -38,7 +39,8 @@ def read_gptq(folder: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.n
     """``(quantization_config, dequantized weights [out, in] float64 by module, float tensors)``."""
     folder = Path(folder)
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_method"] == "gptq" and qcfg.get("checkpoint_format", "gptq") == "gptq"
+    assert qcfg["quant_method"] == "gptq"
+    zero_offset = {"gptq": 1, "gptq_v2": 0}[qcfg.get("checkpoint_format", "gptq")]
     bits = qcfg["bits"]
     tensors: dict[str, np.ndarray] = {}
     index = folder / "model.safetensors.index.json"
@@ -53,7 +55,7 @@ def read_gptq(folder: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.n
         scales, g_idx = tensors[f"{prefix}.scales"].astype(np.float64), tensors[f"{prefix}.g_idx"].astype(np.int64)
         n_in, n_out = g_idx.shape[0], scales.shape[1]
         q = unpack_along_first(qweight, bits, n_in)                       # [in, out]
-        zeros = unpack_along_first(qzeros.T, bits, n_out).T + 1           # [groups, out]
+        zeros = unpack_along_first(qzeros.T, bits, n_out).T + zero_offset          # [groups, out]
         w = scales[g_idx] * (q - zeros[g_idx])                            # [in, out]
         weights[prefix] = w.T
     floats = {k: v for k, v in tensors.items()

@@ -14,9 +14,10 @@ from quantfoundry.roles.kernel import QuantLinear
 CALIB = {"n_samples": 8, "seq_len": 128}
 
 
-def run_gptq(out, fmt: str, model=None, **qopts):
+def run_gptq(out, fmt: str, model=None, exporter_options=None, **qopts):
     return qf.run(model, quantizer="gptq", quantizer_options=qopts, format=fmt, exporter="hf-gptq",
-                  calibrator_options=CALIB, out=out, keep_model=True, progress=False)
+                  exporter_options=exporter_options, calibrator_options=CALIB, out=out, keep_model=True,
+                  progress=False)
 
 
 def float_model(folder, weights):
@@ -99,15 +100,47 @@ def test_zero_point_zero_is_refused_without_leaving_a_folder(tmp_path, monkeypat
 
     real = checkpoint.to_gptq
 
-    def with_a_zero(qw):
+    def with_a_zero(qw, checkpoint_format="gptq"):
         qw.params["zero"][0, 0] = 0
-        return real(qw)
+        return real(qw, checkpoint_format)
 
     monkeypatch.setattr("qf_gptq.exporter.to_gptq", with_a_zero)
-    with pytest.raises(QFError, match="zero point 0.*-sym"):
+    with pytest.raises(QFError, match="zero point 0.*gptq_v2.*-sym"):
         run_gptq(tmp_path / "out", "int4-g128")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_gptq_v2_stores_zero_points_as_they_are(tmp_path, monkeypatch):
+    """checkpoint_format=gptq_v2: qzeros hold the zero points (no − 1), so a zero point of 0 is
+    written, read back by the independent reader and by qf's loader, and the run's check passes."""
+    from qf_gptq import checkpoint
+
+    real = checkpoint.to_gptq
+    planted = {}
+
+    def with_a_zero(qw, checkpoint_format="gptq"):
+        if not planted:  # one weight: the first group of the first row (the in-memory model too)
+            qw.params["zero"][0, 0] = 0
+            planted["done"] = True
+        return real(qw, checkpoint_format)
+
+    monkeypatch.setattr("qf_gptq.exporter.to_gptq", with_a_zero)
+    out = tmp_path / "out"
+    result = qf.run(quantizer="gptq", format="int3-g64", exporter="hf-gptq", calibrator_options=CALIB,
+                    exporter_options={"checkpoint_format": "gptq_v2"}, out=out, evaluators=["kl"],
+                    keep_model=True, progress=False)
+    assert planted
+    qcfg, weights, _ = read_gptq(out)
+    assert qcfg["checkpoint_format"] == "gptq_v2" and qcfg["sym"] is False
+    quantized = {n: m for n, m in result.model.named_modules() if isinstance(m, QuantLinear)}
+    assert any((m.qweight.params["zero"] == 0).any() for m in quantized.values())
+    for name, module in quantized.items():
+        assert (weights[name] == module.qweight.dequantize(torch.float64).numpy()).all(), name
+    assert result.manifest["evaluation"]["artifact_check"]["ok"]
+    with pytest.raises(UsageError, match="checkpoint_format must be one of gptq, gptq_v2"):
+        qf.run(quantizer="gptq", exporter="hf-gptq", exporter_options={"checkpoint_format": "v3"},
+               out=tmp_path / "bad", progress=False)
 
 
 def test_act_order_without_static_groups_is_refused_for_gguf(tmp_path):

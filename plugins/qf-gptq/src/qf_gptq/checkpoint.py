@@ -17,6 +17,10 @@ For a linear ``W`` ``[out, in]`` with ``b``-bit codes ``q``, groups of ``g`` inp
 A symmetric grid stores every zero point as ``2^(b−1)`` (so ``qzeros`` holds ``2^(b−1) − 1``).
 A zero point of 0 cannot be stored (``−1`` wraps to ``2^b − 1``, read back as ``2^b``): such a
 weight is refused with the fix to use.
+
+GPTQModel's ``checkpoint_format: gptq_v2`` is the same layout with ``qzeros`` holding the zero
+points themselves (no ``− 1``), so every zero point is storable; GPTQModel loads asymmetric
+v2 checkpoints from any writer, while it refuses asymmetric v1 ones not written by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from quantfoundry import QuantizedWeight
 from quantfoundry.roles.format import pack_bits, unpack_bits
 
 GPTQ_BITS = (2, 3, 4, 8)
+#: ``checkpoint_format`` → what ``qzeros`` holds relative to the zero point
+ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
 
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -42,8 +48,10 @@ def _unpack_rows(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return unpack_bits(flat, bits, n * k).view(n, k)
 
 
-def to_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """``qweight``, ``qzeros``, ``scales``, ``g_idx`` of an int-format weight."""
+def to_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """``qweight``, ``qzeros``, ``scales``, ``g_idx`` of an int-format weight (``gptq`` = v1, or
+    ``gptq_v2``)."""
+    offset = ZERO_OFFSET[checkpoint_format]
     o = qw.format.options
     out_f, in_f = qw.shape
     g = o.group_size or in_f
@@ -54,9 +62,9 @@ def to_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         zero = torch.full((out_f, n_groups), 1 << (o.bits - 1), dtype=torch.int32, device=codes.device)
     else:
         zero = qw.params["zero"].to(torch.int32)
-        if bool((zero == 0).any()):
+        if offset and bool((zero == 0).any()):
             raise ValueError("a group has zero point 0, which a GPTQ (v1) checkpoint cannot store; "
-                             "use a symmetric grid (-sym) or the qf exporter")
+                             "use checkpoint_format=gptq_v2, a symmetric grid (-sym) or the qf exporter")
     g_idx = torch.arange(in_f, device=codes.device, dtype=torch.int32) // g
     if qw.perm is not None:  # stored column i is original column perm[i], quantized in group i // g
         original = torch.empty_like(codes)
@@ -66,20 +74,22 @@ def to_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
                                                                             dtype=torch.int32) // g)
     return {
         "qweight": _pack_rows(codes, o.bits).T.contiguous(),
-        "qzeros": _pack_rows((zero - 1).T.contiguous(), o.bits),
+        "qzeros": _pack_rows((zero - offset).T.contiguous(), o.bits),
         "scales": scale.T.contiguous(),
         "g_idx": g_idx,
     }
 
 
-def from_gptq(tensors: dict[str, torch.Tensor], fmt, shape: tuple[int, int], dtype: torch.dtype) -> QuantizedWeight:
+def from_gptq(tensors: dict[str, torch.Tensor], fmt, shape: tuple[int, int], dtype: torch.dtype,
+              checkpoint_format: str = "gptq") -> QuantizedWeight:
     """The :class:`QuantizedWeight` of a GPTQ linear (inverse of :func:`to_gptq`); a
     non-monotone ``g_idx`` becomes ``perm`` (codes regrouped into contiguous groups)."""
     o = fmt.options
     out_f, in_f = shape
     g = o.group_size or in_f
     codes = _unpack_rows(tensors["qweight"].T, o.bits, in_f)  # [out, in]
-    zero = (_unpack_rows(tensors["qzeros"], o.bits, out_f).to(torch.int32) + 1).T  # [out, n_groups]
+    zero = (_unpack_rows(tensors["qzeros"], o.bits, out_f).to(torch.int32)
+            + ZERO_OFFSET[checkpoint_format]).T  # [out, n_groups]
     scale = tensors["scales"].T.contiguous().to(torch.float16)
     g_idx = tensors["g_idx"].to(torch.int64)
     perm = None

@@ -4,7 +4,11 @@
 Decoder-block linears become ``qweight``/``qzeros``/``scales``/``g_idx``; everything else
 (embeddings, norms, the output head) stays in the checkpoint's float dtype. ``config.json``
 gets ``quantization_config`` (``quant_method: gptq``, bits, group_size, desc_act, sym,
-``checkpoint_format: gptq``) and ``quantize_config.json`` is written for AutoGPTQ-era loaders.
+``checkpoint_format``) and ``quantize_config.json`` is written for AutoGPTQ-era loaders.
+
+``checkpoint_format=gptq`` (default, v1) is what every GPTQ loader reads; ``gptq_v2`` stores the
+zero points without v1's ``− 1`` — GPTQModel reads it (and, through it, transformers), and it is
+the way to ship an asymmetric grid to GPTQModel, which refuses asymmetric v1 from other writers.
 
 A GPTQ checkpoint has one ``group_size`` for all linears, so when a width is not a multiple
 of the requested group (SmolLM2's 576 columns at g128) the plan uses the largest group, halving
@@ -15,6 +19,7 @@ exporter keeps a per-tensor fallback instead.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +36,22 @@ from quantfoundry.errors import ArtifactError, UsageError
 from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
 from torch import nn
 
-from .checkpoint import GPTQ_BITS, from_gptq, to_gptq
+from .checkpoint import GPTQ_BITS, ZERO_OFFSET, from_gptq, to_gptq
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
-#: the same option as the qf exporter's: ``shard_mb``
-HFGPTQOptions = QFExporterOptions
+@dataclass(frozen=True, kw_only=True)
+class HFGPTQOptions(QFExporterOptions):
+    checkpoint_format: str = field(default="gptq", metadata={
+        "help": "gptq (v1: zero points stored minus one; every GPTQ loader) or gptq_v2 (GPTQModel; "
+                "asymmetric grids for GPTQModel)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.checkpoint_format not in ZERO_OFFSET:
+            raise ValueError(f"checkpoint_format must be one of {', '.join(ZERO_OFFSET)}, "
+                             f"got {self.checkpoint_format!r}")
 
 
 class HFGPTQExporter(Exporter):
@@ -106,7 +120,7 @@ class HFGPTQExporter(Exporter):
             return
         prefix = name.removesuffix(".weight")
         try:
-            parts = to_gptq(tensor)
+            parts = to_gptq(tensor, self.options.checkpoint_format)
         except ValueError as exc:
             raise ArtifactError(f"{prefix}: {exc}") from None
         self.desc_act |= tensor.perm is not None
@@ -128,7 +142,7 @@ class HFGPTQExporter(Exporter):
             "true_sequential": bool(qopts.get("true_sequential", True)),
             "damp_percent": float(qopts.get("damp_percent", 0.01)),
             "lm_head": False,
-            "checkpoint_format": "gptq",
+            "checkpoint_format": self.options.checkpoint_format,
             "meta": {"quantizer": [f"quantfoundry:{_qf_version()}"],
                      "method": [s.get("name") for s in manifest.get("quantizer", [])]},
         }
@@ -182,13 +196,14 @@ class HFGPTQExporter(Exporter):
 
 def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | None = None,
                          dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model from a GPTQ (v1) checkpoint folder, quantized linears as QuantLinear with the
-    int format (any GPTQ writer's, not only ours: act-order ``g_idx`` becomes ``perm``)."""
+    """A model from a GPTQ (v1 or v2) checkpoint folder, quantized linears as QuantLinear with
+    the int format (any GPTQ writer's, not only ours: act-order ``g_idx`` becomes ``perm``)."""
     from quantfoundry.pipeline.kernels import select_kernel, swap_in
 
     q = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
-    if q.get("quant_method") != "gptq" or q.get("checkpoint_format", "gptq") != "gptq":
-        raise ArtifactError(f"{folder} is not a GPTQ (v1) checkpoint: quantization_config is {q}")
+    checkpoint_format = q.get("checkpoint_format", "gptq")
+    if q.get("quant_method") != "gptq" or checkpoint_format not in ZERO_OFFSET:
+        raise ArtifactError(f"{folder} is not a GPTQ (v1 or v2) checkpoint: quantization_config is {q}")
     model, source = artifact_skeleton(Path(folder), dtype)
     group = int(q.get("group_size", 128))
     fmt = IntFormat(IntFormat.Options(bits=int(q["bits"]), group_size=0 if group < 0 else group,
@@ -200,7 +215,7 @@ def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | No
         tensors = {p: parts[f"{name}.{p}"] for p in PARTS}
         shape = (module.out_features, module.in_features)
         try:
-            qw = from_gptq(tensors, fmt, shape, source.storage_dtype)
+            qw = from_gptq(tensors, fmt, shape, source.storage_dtype, checkpoint_format)
         except ValueError as exc:
             raise ArtifactError(f"{folder}: {name}: {exc}") from None
         swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
