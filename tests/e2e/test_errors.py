@@ -55,13 +55,17 @@ def test_already_quantized(tiny_model, tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights(tiny_model, tmp_path, bad: float) -> None:
+@pytest.mark.parametrize("bad,tensor", [(float("nan"), "model.layers.1.mlp.up_proj.weight"),
+                                        (float("inf"), "model.layers.1.mlp.up_proj.weight"),
+                                        (float("nan"), "model.embed_tokens.weight"),
+                                        (float("-inf"), "model.norm.weight")])
+def test_non_finite_weights(tiny_model, tmp_path, bad: float, tensor: str) -> None:
+    """Outside the blocks checked before any work; a block's tensors as the loop reads them."""
     folder = tiny_model("llama")
     state = load_file(str(folder / "model.safetensors"))
-    state["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    state[tensor].view(-1)[5] = bad
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(NonFiniteWeightsError, match="model.layers.1.mlp.up_proj.weight .* holds 1 NaN/Inf"):
+    with pytest.raises(NonFiniteWeightsError, match=f"{tensor} .* holds 1 NaN/Inf"):
         qf.run(str(folder), out=tmp_path / "o", progress=False)
     code, out = run_cli("--model", str(folder), "--out", str(tmp_path / "o"))
     assert_one_line(out, "NaN/Inf")

@@ -61,9 +61,15 @@ def run_blocks(
     arch = source.architecture
     layers: nn.ModuleList = model.get_submodule(arch.layers)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qf-prefetch") as pool:
+        pin = ctx.device.type == "cuda"
+
+        def read(names: list[str]) -> dict[str, torch.Tensor]:
+            tensors = source.read(names, check_finite=True)
+            # page-locked, so the copy to the GPU runs asynchronously, not through a bounce buffer
+            return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
+
         def prefetch(i: int) -> Future[dict[str, torch.Tensor]]:
-            names = sorted(stored_names(model, layers[i], source.layer_prefix(i), source))
-            return pool.submit(source.read, names)
+            return pool.submit(read, sorted(stored_names(model, layers[i], source.layer_prefix(i), source)))
 
         return _run_blocks(model, source, plan, stages, ctx, layers, prefetch, inputs=inputs,
                            layer_kwargs=layer_kwargs, exporter=exporter, keep=keep, dtype=dtype,
@@ -107,19 +113,23 @@ def _run_blocks(
             ctx.importance.update(collect_block_importance(block))
         out: dict[str, QuantizedWeight] = {}
         for stage in stages:
+            block.outputs = None  # only the last (rounding) stage's run counts
             with torch.no_grad():
                 out = stage.quantize_block(block, ctx) or {}
             if not stage.rounds and out:
                 raise QFError(f"transform stage {stage.name!r} returned quantized weights; only the last stage rounds")
         if stages:
             _check_result(stages[-1], block, out)
+        out = {rel: qw.to(device) for rel, qw in out.items()}
+        if block_inputs is not None and index + 1 < len(layers):
+            if block.outputs is not None and len(block.outputs) != len(block_inputs.hidden):
+                raise QFError(f"quantizer {stages[-1].name!r} gave {len(block.outputs)} output batches for "
+                              f"{len(block_inputs.hidden)} input batches of {prefix}")
+            hidden = block.outputs if block.outputs is not None else _propagate(block, out)
         for rel, qw in out.items():
-            qw = qw.to(device)
             kernel = select_kernel(qw.format, device, kernel_name, kernel_options)
             swap_in(module, rel, qw, kernel)
             result.quantized[f"{prefix}.{rel}"] = qw
-        if block_inputs is not None and index + 1 < len(layers):
-            hidden = block.run()
         if exporter is not None:
             _export_block(exporter, module, prefix, source)
         if not keep:
@@ -130,6 +140,16 @@ def _run_blocks(
         if on_block is not None:
             on_block(index, len(layers), result.seconds_per_block[-1])
     return result
+
+
+@torch.no_grad()
+def _propagate(block: Block, out: dict[str, QuantizedWeight]) -> list[torch.Tensor]:
+    """The next block's inputs: this block run with every quantized linear holding its
+    dequantized weights (once per block, rather than once per batch inside a kernel)."""
+    for rel, qw in out.items():
+        lin = block.linear(rel)
+        lin.weight.data = qw.dequantize(lin.weight.dtype).to(lin.weight.device)
+    return block.run()
 
 
 @torch.no_grad()

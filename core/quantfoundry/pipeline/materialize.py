@@ -58,12 +58,15 @@ def materialize(
     """Load every parameter of ``module`` (named ``prefix.*`` in the checkpoint) onto ``device``.
 
     :param skip_prefix: leave parameters whose relative name starts with it on ``meta``.
-    :param tensors: the stored tensors, already read (a prefetch); else read one at a time.
+    :param tensors: the stored tensors, already read (a prefetch, whose reader checks them for
+        NaN/Inf); else read one at a time, and any NaN/Inf raises ``NonFiniteWeightsError``.
     """
     users = stored_names(model, module, prefix, source, skip_prefix)
-    stream = ((n, tensors[n]) for n in sorted(users)) if tensors is not None else source.iter_read(sorted(users))
+    stream = ((n, tensors[n]) for n in sorted(users)) if tensors is not None else \
+        source.iter_read(sorted(users), check_finite=True)
     for name, tensor in stream:  # one stored tensor at a time
-        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype, non_blocking=tensor.is_pinned()),
+                             requires_grad=False)
         del tensor
         for rel in users[name]:  # tied names (lm_head of tied embeddings) share one Parameter
             set_parameter(module, rel, param)

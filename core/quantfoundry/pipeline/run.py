@@ -147,8 +147,12 @@ def run(
         raise UsageError(f"{out_path} already exists; pass --overwrite or choose another --out")
 
     # -- load, guard, plan -------------------------------------------------------------
-    source = resolve_model(model if model is not None else default_model_path(),
-                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
+    source = resolve_model(model if model is not None else default_model_path(), allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, revision=revision, check_weights=False)
+    # NaN/Inf guard: the tensors outside the decoder blocks now; each block's as the block loop
+    # reads them (in its prefetch thread), so the checkpoint is read once, not twice
+    source.check_finite([n for n, (dt, _shape) in source.tensor_info.items()
+                         if dt.is_floating_point and source.block_index(n) is None])
     # the manifest's model hash reads every weight file once: in the background, while the
     # blocks are quantized (hashlib and file reads release the GIL)
     hashing = threading.Thread(target=_warm_hash, args=(source,), name="qf-sha256", daemon=True)

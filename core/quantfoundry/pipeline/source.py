@@ -156,12 +156,19 @@ class ModelSource:
     def has_tensor(self, name: str) -> bool:
         return name in self.weight_map
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], *, check_finite: bool = False) -> dict[str, torch.Tensor]:
         """Read tensors by name from the checkpoint (a copy each; files are not kept open)."""
-        return dict(self.iter_read(names))
+        return dict(self.iter_read(names, check_finite=check_finite))
 
-    def iter_read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` one at a time, opening each file once (bounded memory)."""
+    def iter_read(self, names: list[str], *, check_finite: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, opening each file once (bounded memory);
+        with ``check_finite``, a float tensor holding NaN/Inf raises :class:`NonFiniteWeightsError`."""
+        for name, t in self._iter_read(names):
+            if check_finite:
+                self._refuse_non_finite(name, t)
+            yield name, t
+
+    def _iter_read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if self.pickle:
             state = self._load_pickles()
             for n in names:
@@ -179,19 +186,24 @@ class ModelSource:
                 for k in keys:
                     yield k, f.get_tensor(k).clone()
 
-    def check_finite(self) -> None:
-        """Refuse weights with NaN/Inf (streamed, one tensor at a time)."""
-        floats = [name for name, (dtype, _shape) in self.tensor_info.items() if dtype.is_floating_point]
-        for name, t in self.iter_read(floats):
-            if not torch.isfinite(t).all():
-                bad = int((~torch.isfinite(t)).sum())
-                raise NonFiniteWeightsError(
-                    f"weight {name} of {self.path} holds {bad} NaN/Inf value(s); the checkpoint is broken: "
-                    "re-export it from a good training state")
+    def check_finite(self, names: list[str] | None = None) -> None:
+        """Refuse weights with NaN/Inf (streamed, one tensor at a time): every float tensor, or
+        those of ``names``. (A run checks the decoder blocks' tensors as it reads them to
+        quantize, and only the rest up front: one read of the checkpoint instead of two.)"""
+        if names is None:
+            names = [name for name, (dtype, _shape) in self.tensor_info.items() if dtype.is_floating_point]
+        for _name, t in self.iter_read(names, check_finite=True):
             del t
         from .materialize import trim_memory
 
         trim_memory()
+
+    def _refuse_non_finite(self, name: str, t: torch.Tensor) -> None:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteWeightsError(
+                f"weight {name} of {self.path} holds {bad} NaN/Inf value(s); the checkpoint is broken: "
+                "re-export it from a good training state")
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer

@@ -76,6 +76,10 @@ class Block:
     architecture: Architecture
     formats: dict[str, Format]
     inputs: BlockInputs | None = None
+    #: the next block's inputs, when the rounding stage already ran this block with its final
+    #: weights (every quantized linear computing with exactly its dequantized weight, as the
+    #: block loop would run it); left ``None``, the loop runs the block itself
+    outputs: list[torch.Tensor] | None = None
 
     def linear(self, name: str) -> nn.Linear:
         mod = self.module.get_submodule(name)
@@ -87,12 +91,15 @@ class Block:
         return f"{self.prefix}.{name}"
 
     @torch.no_grad()
-    def run(self) -> list[torch.Tensor]:
-        """Run the block (with its current weights) on every calibration batch."""
+    def run(self, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Run the block (with its current weights) on every calibration batch (calling
+        ``on_batch(i)`` before batch ``i``)."""
         if self.inputs is None:
             raise RuntimeError("this run has no calibration inputs; set needs_calibration = True")
         outs = []
-        for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs, strict=True):
+        for i, (hidden, kwargs) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs, strict=True)):
+            if on_batch is not None:
+                on_batch(i)
             out = self.module(hidden, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
