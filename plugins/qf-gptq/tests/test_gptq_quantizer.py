@@ -84,6 +84,39 @@ def test_true_sequential_each_group_sees_the_quantized_groups_before_it(tiny_mod
             assert seen["mlp.down_proj"].shape == (x.shape[1], x.shape[1])
 
 
+def test_replaying_finished_linears_changes_nothing(tiny_model, monkeypatch):
+    """True-sequential forwards replay the outputs of linears that are already final (q/k/v in
+    the o, gate/up and output forwards; o in the latter two; gate/up in the last) instead of
+    recomputing them: the weights, and the block outputs handed to the next block, are those
+    of a run that recomputes everything."""
+    from qf_gptq import quantizer as qmod
+
+    made = []
+
+    class Spy(qmod.OutputReplay):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(qmod, "OutputReplay", Spy)
+    folder = tiny_model("llama")
+    ctx = qf.QuantContext(torch.device("cpu"))
+    plain, replayed = first_block(folder), first_block(folder)
+    want = GPTQQuantizer(GPTQOptions(replay_mb=0)).quantize_block(plain, ctx)
+    got = GPTQQuantizer(GPTQOptions()).quantize_block(replayed, ctx)
+    assert made[0].replayed == 0 and plain.outputs is None
+    n_batches = len(replayed.inputs.hidden)
+    assert made[1].replayed == n_batches * (3 + 4 + 6)
+    for name in LINEARS:
+        assert torch.equal(want[name].codes(), got[name].codes()), name
+        for k, v in want[name].params.items():
+            assert torch.equal(v, got[name].params[k]), (name, k)
+    expected = plain.run()  # the block loop's own run: every linear holds its dequantized weight
+    assert len(replayed.outputs) == n_batches
+    for x, y in zip(expected, replayed.outputs, strict=True):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
 def test_block_error_below_rtn(tiny_model):
     """On a real block, each linear's output error on its calibration inputs is below RTN's."""
     folder = tiny_model("llama")
@@ -149,3 +182,5 @@ def test_bad_options_are_one_line_errors():
         qf.run(quantizer="gptq", quantizer_options={"damp_percent": "0"}, progress=False)
     with pytest.raises(OptionsError, match="desc_act"):
         qf.run(quantizer="gptq", quantizer_options={"desc_act": "maybe"}, progress=False)
+    with pytest.raises(OptionsError, match="replay_mb"):
+        qf.run(quantizer="gptq", quantizer_options={"replay_mb": "-5"}, progress=False)

@@ -9,6 +9,7 @@ Once every wanted linear has run in a batch, the rest of the block is skipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +42,11 @@ class Hessians:
 
 
 @torch.no_grad()
-def collect_hessians(block: Block, names: list[str], device: torch.device) -> Hessians:
+def collect_hessians(block: Block, names: list[str], device: torch.device,
+                     on_batch: Callable[[int], None] | None = None) -> Hessians:
     """Run ``block`` on its calibration inputs and accumulate the Hessian of every linear in
-    ``names`` (block-relative), sharing one among linears that read the same tensor."""
+    ``names`` (block-relative), sharing one among linears that read the same tensor
+    (``on_batch(i)`` is called before batch ``i``)."""
     assert block.inputs is not None
     group_of = {n: block.architecture.group_of(n) for n in names}
     hs = Hessians()
@@ -74,7 +77,9 @@ def collect_hessians(block: Block, names: list[str], device: torch.device) -> He
             raise _Done
 
     with block.capture_inputs(names, add):
-        for hidden, kwargs in zip(block.inputs.hidden, block.inputs.kwargs, strict=True):
+        for i, (hidden, kwargs) in enumerate(zip(block.inputs.hidden, block.inputs.kwargs, strict=True)):
+            if on_batch is not None:
+                on_batch(i)
             seen.clear()
             pending.clear()
             pending.update(names)

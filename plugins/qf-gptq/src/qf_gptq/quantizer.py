@@ -16,6 +16,7 @@ import torch
 from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
 
 from .hessian import collect_hessians
+from .replay import OutputReplay, default_budget
 from .solver import HessianError, Segment, gptq_solve
 
 
@@ -37,12 +38,17 @@ class GPTQOptions(Options):
         "help": "fit grids weighted by H's diagonal where the format uses importance (GGUF imatrix encoders)"})
     fused: bool = field(default=True, metadata={
         "help": "on CUDA, run each lazy batch as one Triton kernel (affine grids, groups fitted in the loop)"})
+    replay_mb: int = field(default=-1, metadata={
+        "help": "true-sequential: memory (MB) for replaying finished linears' outputs in the block's later "
+                "forwards instead of recomputing them; -1 = a quarter of the free memory, 0 = off"})
 
     def __post_init__(self) -> None:
         if not 0 < self.damp_percent <= self.damp_max:
             raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.replay_mb < -1:
+            raise ValueError(f"replay_mb must be -1 (auto), 0 (off) or a size in MB, got {self.replay_mb}")
 
 
 class GPTQQuantizer(Quantizer):
@@ -69,8 +75,11 @@ class GPTQQuantizer(Quantizer):
         if block.inputs is None:
             raise QFError("gptq needs calibration inputs; the run has none (use --calibrator text)")
         out: dict[str, QuantizedWeight] = {}
-        for names in self._stages(block):
-            hessians = collect_hessians(block, names, ctx.device)
+        stages = self._stages(block)
+        replay = OutputReplay(block, self._replay_budget(ctx) if len(stages) > 1 else 0)
+        for names in stages:
+            with replay.active():
+                hessians = collect_hessians(block, names, ctx.device, on_batch=replay.start_batch)
             for owner, members in hessians.sharing().items():
                 if len(members) > 1:
                     ctx.note("gptq: linears reading one input share one Hessian and one column loop: "
@@ -84,7 +93,15 @@ class GPTQQuantizer(Quantizer):
             for n in names:  # later groups see this group's quantized outputs
                 lin = block.linear(n)
                 lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
+            replay.finalize(names)
+        if replay.used:  # the next block's inputs, replaying what is recorded (one forward saved)
+            with replay.active(record=False):
+                block.outputs = block.run(on_batch=replay.start_batch)
         return out
+
+    def _replay_budget(self, ctx: QuantContext) -> int:
+        mb = self.options.replay_mb
+        return default_budget(ctx.device) if mb < 0 else mb * 2**20
 
     def _stages(self, block: Block) -> list[list[str]]:
         planned = list(block.formats)

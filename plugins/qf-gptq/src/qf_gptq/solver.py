@@ -201,11 +201,13 @@ def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
     cols, rows = wt.shape
     lo = torch.empty(rows, device=wt.device)
     hi = torch.empty(rows, device=wt.device)
+    a_buf = torch.empty(bsz, rows, device=wt.device)
+    b_buf = torch.empty_like(a_buf)
+    codes_t = torch.empty(cols, rows, dtype=torch.int32, device=wt.device)  # one copy per batch
     current: list[Params] = [{} for _ in segments]
     for i1 in range(0, cols, bsz):
         i2 = min(i1 + bsz, cols)
-        a = torch.empty(i2 - i1, rows, device=wt.device)
-        b = torch.empty_like(a)
+        a, b = a_buf[:i2 - i1], b_buf[:i2 - i1]
         for s, seg in enumerate(segments):
             g = groups[s]
             if i1 % g == 0:
@@ -215,13 +217,15 @@ def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
             aff = seg.fmt.affine(current[s], i1 % g, i2 - i1)
             assert aff is not None
             a[:, seg.rows], b[:, seg.rows] = aff[0].T, aff[1].T
-            lo[seg.rows], hi[seg.rows] = float(aff[2]), float(aff[3])
+            if i1 % g == 0:  # code bounds: per fitted group
+                lo[seg.rows], hi[seg.rows] = float(aff[2]), float(aff[3])
         q, v, e = fuse.gptq_batch(wt[i1:i2], u[i1:i2, i1:i2], a, b, lo, hi)
-        for s, seg in enumerate(segments):
-            codes[s][:, i1:i2] = q[:, seg.rows].T
+        codes_t[i1:i2] = q
         valt[i1:i2] = v
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, e, alpha=-1.0)
+    for s, seg in enumerate(segments):
+        codes[s].copy_(codes_t[:, seg.rows].T)
 
 
 def fitted_decode(seg: Segment, codes: torch.Tensor, fitted: list[Params]) -> list[torch.Tensor]:
