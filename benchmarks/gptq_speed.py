@@ -3,7 +3,8 @@
 shapes, random weights: only the time means anything) and on pycode-7m.
 
 Same calibration ids for both (128 × 512 tokens of the embedded Python text, drawn by qf's
-``text`` calibrator), int4-g128 asymmetric, no act-order, damping 0.01, block 128. qf's time is
+``text`` calibrator), int4-g128 asymmetric, no act-order, damping 0.01, block 128; the model in
+float32 (qf's default compute dtype), then both again in bfloat16 (``--dtype``). qf's time is
 its whole ``run`` without export or evaluation (model load from safetensors included); the
 peer's is its ``oneshot`` call (model load excluded), run in a subprocess with
 ``--peer-pythonpath`` prepended (llm-compressor and what it needs beyond the machine's packages;
@@ -41,20 +42,20 @@ def calibration(folder: Path, path: Path) -> Path:
     return path
 
 
-def time_qf(folder: Path, device: str, **options: bool) -> float:
+def time_qf(folder: Path, device: str, dtype: str = "float32", **options: bool) -> float:
     t0 = time.perf_counter()
     qf.run(str(folder), quantizer="gptq", quantizer_options=options, format="int4-g128", out=None, progress=False,
-           device=device, calibrator_options={"n_samples": 128, "seq_len": 512})
+           device=device, dtype=dtype, calibrator_options={"n_samples": 128, "seq_len": 512})
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def time_peer(folder: Path, ids: Path, device: str, pythonpath: str, out: Path) -> dict:
+def time_peer(folder: Path, ids: Path, device: str, pythonpath: str, out: Path, dtype: str = "float32") -> dict:
     paths = [str(Path(p).resolve()) for p in pythonpath.split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(HERE / "peers" / "llmc_gptq.py"), "--model", str(folder), "--calib-ids", str(ids),
-           "--bits", "4", "--group-size", "128", "--asym", "--device", device, "--out", str(out)]
+           "--bits", "4", "--group-size", "128", "--asym", "--device", device, "--out", str(out), "--dtype", dtype]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}
@@ -88,6 +89,14 @@ def main() -> None:
         row["peer"] = peer
         if "seconds" in peer:
             row["ratio_qf_over_peer"] = row["qf_seconds"] / peer["seconds"]
+        # both in bfloat16, the dtype real checkpoints ship in (block forwards in bf16; both
+        # accumulate Hessians and solve in float32)
+        row["qf_seconds_bf16"] = time_qf(folder, args.device, dtype="bfloat16")
+        peer16 = time_peer(folder, ids, args.device, args.peer_pythonpath, work / f"{name}.peer16.safetensors",
+                           dtype="bfloat16")
+        row["peer_bf16"] = peer16
+        if "seconds" in peer16:
+            row["ratio_qf_over_peer_bf16"] = row["qf_seconds_bf16"] / peer16["seconds"]
         results["rows"][name] = row
         print(name, json.dumps(row)[:400], flush=True)
         args.out.write_text(json.dumps(results, indent=1))
