@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quantfoundry import Exporter, Format, QuantizedWeight, QuantPlan, TensorPlan
-from quantfoundry.builtin.int_format import MIN_FALLBACK_GROUP, IntFormat
+from quantfoundry import Exporter, Format, QuantizedWeight, QuantPlan
+from quantfoundry.builtin.checkpoint_plan import one_group_plan
+from quantfoundry.builtin.int_format import IntFormat
 from quantfoundry.builtin.qf_exporter import (
     QFExporterOptions,
     artifact_skeleton,
@@ -84,25 +85,13 @@ class HFGPTQExporter(Exporter):
                              f"it stores {self.storable()}")
         assert isinstance(requested, IntFormat)
         bits = requested.options.bits
-        linears = {n: s for n, s in source.linear_shapes().items() if source.is_block_linear(n)}
-        packable = {n: s for n, s in linears.items() if (s[0] * bits) % 32 == 0 and (s[1] * bits) % 32 == 0}
-        g = requested.options.group_size
-        while g and any(s[1] % g for s in packable.values()):
-            g = g // 2 if g // 2 >= MIN_FALLBACK_GROUP else 0
-        fmt = IntFormat(IntFormat.Options(bits=bits, group_size=g, sym=requested.options.sym))
-        plan = QuantPlan()
-        for name, shape in source.linear_shapes().items():
-            if name not in linears:
-                plan.add(TensorPlan(name, shape, None, reason="outside the decoder blocks (kept in float)"))
-            elif name not in packable:
-                plan.add(TensorPlan(name, shape, None, reason=f"{shape} at {bits} bits does not fill whole "
-                                    "32-bit words (kept in float)"))
-            elif fmt != requested:
-                plan.add(TensorPlan(name, shape, fmt, requested=requested,
-                                    reason=f"one group size for every linear of a GPTQ checkpoint: "
-                                           f"fallback {fmt.spec}"))
-            else:
-                plan.add(TensorPlan(name, shape, fmt))
+
+        def unfit(shape: tuple[int, int]) -> str | None:
+            if (shape[0] * bits) % 32 or (shape[1] * bits) % 32:
+                return f"{shape} at {bits} bits does not fill whole 32-bit words"
+            return None
+
+        plan, fmt = one_group_plan(source, requested, unfit)
         self.format = fmt
         return plan
 
