@@ -1,0 +1,83 @@
+"""Folding AWQ's per-channel scales so the full-precision model is unchanged.
+
+A group of linears reading ``X`` gets its weight columns multiplied by ``s`` and ``X`` divided
+by ``s`` at its source: the norm before it (``weight' = (offset + weight)/s − offset``; the bias
+``/ s``) or the linear before it (output rows and bias ``/ s``: ``v_proj`` → ``o_proj`` under
+GQA divides each KV channel by the scale its query heads share; ``up_proj`` → ``down_proj``,
+since ``down``'s input is ``act(gate) · up``, linear in ``up``'s output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from quantfoundry import Block
+from quantfoundry.roles.architecture import InputGroup
+from torch import nn
+
+from .search import Tie
+
+
+@dataclass
+class FoldPoint:
+    """Where a group's scale goes: the module before it, and the tie its channels need."""
+
+    prev: nn.Module
+    kind: str  # "norm" | "linear"
+    tie: Tie | None = None
+
+
+def fold_point(block: Block, group: InputGroup, n_in: int, config, allow_gqa: bool) -> FoldPoint | str:
+    """The group's fold point, or the reason it has none (the group is then left unscaled)."""
+    if group.prev is None or group.prev_kind == "none":
+        return "nothing before it can absorb a per-channel scale (no fold point in the architecture map)"
+    try:
+        prev = block.module.get_submodule(group.prev)
+    except AttributeError:
+        return f"its fold point {group.prev} is not in this block"
+    if group.prev_kind == "norm":
+        w = getattr(prev, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.shape != (n_in,):
+            return f"{group.prev} has no per-channel weight of {n_in} to absorb a scale"
+        return FoldPoint(prev, "norm")
+    if not isinstance(prev, nn.Linear):
+        return f"{group.prev} is a {type(prev).__name__}, not a linear"
+    if prev.out_features == n_in:
+        return FoldPoint(prev, "linear")
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if heads and kv and head_dim and n_in == heads * head_dim and prev.out_features == kv * head_dim:
+        if not allow_gqa:
+            return f"{group.prev} → GQA ({heads} query heads over {kv} KV heads) and fold_gqa=false"
+        return FoldPoint(prev, "linear", Tie(head_dim, heads // kv))
+    return (f"{group.prev} has {prev.out_features} outputs for {n_in} inputs and no known head layout "
+            "to tie them")
+
+
+def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to the checkpoint's dtype (what the artifact will hold), kept in its own."""
+    return t.to(dtype).to(t.dtype)
+
+
+@torch.no_grad()
+def apply_fold(point: FoldPoint, linears: list[nn.Linear], scale: torch.Tensor, searched: torch.Tensor,
+               norm_offset: float, stored: torch.dtype, quantized_prev: bool) -> None:
+    """Scale the group's columns by ``scale`` and divide the fold point by ``searched``.
+
+    The norm (and a float-kept previous linear) is rounded to the checkpoint's dtype, so the
+    in-memory model is the one the artifact holds; weights that will be quantized stay exact.
+    """
+    for lin in linears:
+        lin.weight.mul_(scale.to(lin.weight.dtype).unsqueeze(0))
+    prev = point.prev
+    s = searched.to(prev.weight.dtype)
+    if point.kind == "norm":
+        new = (norm_offset + prev.weight.float()) / searched.float() - norm_offset
+        prev.weight.copy_(_as_stored(new.to(prev.weight.dtype), stored))
+    else:
+        new_w = prev.weight / s.unsqueeze(1)
+        prev.weight.copy_(new_w if quantized_prev else _as_stored(new_w, stored))
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_(_as_stored(bias / s, stored))

@@ -1,0 +1,147 @@
+"""AWQ's two searches, on the planned format's own quantize-dequantize (Lin et al. 2023).
+
+Both minimise the paper's objective, the output error of the linears on the calibration
+inputs ``X`` (Eq. 4: ``‖Q(W·diag(s)) (diag(s)⁻¹ X) − W X‖²``), computed exactly over every
+calibration token from the Gram matrix ``H = XᵀX``: for an error ``E = W − Ŵ`` it is
+``tr(E H Eᵀ)``. So a grid point costs one quantize-dequantize and one ``[rows, in] × [in, in]``
+product, whatever the number of tokens.
+
+* scale: ``s = mean|x|^α`` (``duo_scaling``: ``mean|x|^α / mean|ŵ|^(1−α)``, AutoAWQ's default),
+  normalised so ``max(s)·min(s) = 1``, for α on ``n_grid`` points in ``[0, 1)`` — α = 0 is
+  ``s = 1``, plain round-to-nearest, so the chosen scale never does worse than RTN on the
+  objective;
+* clipping: per output row and fitting unit (the format's group: an int group, a 256-wide
+  K-quant super-block), the largest magnitude shrunk by ``1 − i/n_grid`` for ``i <
+  max_shrink·n_grid``, each unit's loss ``e H_gg eᵀ`` on its own columns (as AutoAWQ), the
+  best ratio kept per unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from quantfoundry import Format
+
+
+def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """What ``fmt.quantize(w, importance)`` decodes to (float32), without packing."""
+    return fmt.quantize_dequantize(w, fmt.fit(w, importance))
+
+
+def output_error(e: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``tr(E H Eᵀ)`` (float64 scalar)."""
+    return ((e @ gram) * e).sum(dtype=torch.float64)
+
+
+def weight_magnitude(weights: list[torch.Tensor], formats: list[Format]) -> torch.Tensor:
+    """AutoAWQ's ``w_mean``: |w| normalised by its group's largest |w|, averaged over rows."""
+    parts = []
+    for w, fmt in zip(weights, formats, strict=True):
+        rows, cols = w.shape
+        g = fmt.group_size(cols)
+        a = w.abs().view(rows, cols // g, g)
+        parts.append((a / (a.amax(-1, keepdim=True) + 1e-6)).view(rows, cols))
+    return torch.cat(parts).mean(0)
+
+
+def candidate_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    s = x_mean.pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Input channels ``c`` of a linear that must share a scale: those with the same
+    ``c // (heads_per_kv · head_dim) · head_dim + c % head_dim`` (the KV channel they read
+    under grouped-query attention)."""
+
+    head_dim: int
+    heads_per_kv: int
+
+    def index(self, n_in: int, device: torch.device) -> torch.Tensor:
+        c = torch.arange(n_in, device=device)
+        return c // (self.heads_per_kv * self.head_dim) * self.head_dim + c % self.head_dim
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        idx = self.index(v.numel(), v.device)
+        out = torch.zeros(v.numel() // self.heads_per_kv, dtype=v.dtype, device=v.device)
+        return out.index_add_(0, idx, v) / self.heads_per_kv
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.index(v.numel() * self.heads_per_kv, v.device)]
+
+
+@dataclass
+class ScaleResult:
+    scale: torch.Tensor      # [in] float32, per input channel of the group's linears
+    searched: torch.Tensor   # the scale per searched channel (a KV channel under GQA ties)
+    alpha: float
+    loss: float              # objective at the chosen scale
+    loss_rtn: float          # objective at s = 1
+
+
+@torch.no_grad()
+def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_mean: torch.Tensor,
+                 gram: torch.Tensor, importance: torch.Tensor | None, *, n_grid: int, duo_scaling: bool,
+                 tie: Tie | None = None) -> ScaleResult:
+    """The per-input-channel scale minimising the group's output error.
+
+    :param weights: float32 ``[rows, in]`` weights of the group's linears (a ``None`` format:
+        kept in float, exact at any scale, not counted).
+    :param x_mean: mean |x| of the ``in`` input channels.
+    :param tie: channels that must share one scale (GQA: an o_proj input channel of every
+        query head reading one KV head); statistics are averaged over each tied set.
+    """
+    planned = [(w, f) for w, f in zip(weights, formats, strict=True) if f is not None]
+    w_mean = weight_magnitude([w for w, _ in planned], [f for _, f in planned]) if duo_scaling else None
+    if tie is not None:
+        x_mean = tie.reduce(x_mean)
+        w_mean = None if w_mean is None else tie.reduce(w_mean)
+    best: ScaleResult | None = None
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = candidate_scale(x_mean, w_mean, alpha)
+        s_in = tie.expand(s) if tie is not None else s
+        imp = None if importance is None else importance / s_in.square()
+        loss = torch.zeros((), dtype=torch.float64, device=gram.device)
+        for w, fmt in planned:
+            q = quant_dequant(fmt, w * s_in, imp) / s_in
+            loss += output_error(w - q, gram)
+        value = float(loss)
+        if best is None or value < best.loss:
+            best = ScaleResult(s_in, s, alpha, value, best.loss_rtn if best else value)
+    assert best is not None
+    return best
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: torch.Tensor | None, *,
+                n_grid: int, max_shrink: float) -> tuple[torch.Tensor, float, float]:
+    """``(clipped w, objective before, objective after)``: per row and fitting unit, the
+    shrink of the largest magnitude that minimises the unit's own output error."""
+    rows, cols = w.shape
+    g = fmt.group_size(cols)
+    n_units = cols // g
+    blocks = gram.view(n_units, g, n_units, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
+    w3 = w.view(rows, n_units, g)
+    top = w3.abs().amax(-1, keepdim=True)
+    best_loss = torch.full((rows, n_units), float("inf"), dtype=torch.float64, device=w.device)
+    best_top = top.clone()
+    first = None
+    for i in range(max(1, int(max_shrink * n_grid))):
+        m = top * (1 - i / n_grid)
+        wc = torch.maximum(torch.minimum(w3, m), -m).reshape(rows, cols)
+        e = (w - quant_dequant(fmt, wc, importance)).view(rows, n_units, g)
+        loss = torch.einsum("rgi,gij,rgj->rg", e, blocks, e).double()
+        if first is None:
+            first = loss
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_top = torch.where(better.unsqueeze(-1), m, best_top)
+    clipped = torch.maximum(torch.minimum(w3, best_top), -best_top).reshape(rows, cols)
+    assert first is not None
+    return clipped, float(first.sum()), float(best_loss.sum())

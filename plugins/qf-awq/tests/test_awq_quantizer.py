@@ -1,0 +1,142 @@
+"""awq on real decoder blocks: folding is exact in float64 for every built-in architecture,
+salient channels are protected (block output error below RTN's), groups without a fold point
+are skipped with a note."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import quantfoundry as qf
+import torch
+from qf_awq.fold import apply_fold, fold_point
+from qf_awq.quantizer import AWQOptions, AWQQuantizer
+from qf_awq.search import search_scale
+from quantfoundry.pipeline.capture import capture_inputs
+from quantfoundry.pipeline.source import resolve_model
+from quantfoundry.roles.architecture import InputGroup
+from quantfoundry.testing.tiny import TINY_CONFIGS
+from transformers import AutoModelForCausalLM
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_folding_leaves_the_float_model_unchanged(tiny_model, arch):
+    """Every fold point of every built-in architecture (norms with Gemma's 1 + w, v → o under
+    GQA with one scale per KV channel, up → down, q/k/v biases of Qwen2): random scales folded
+    into every group of every layer, float64 logits unchanged."""
+    folder = tiny_model(arch)
+    source = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    archmap = source.architecture
+    gen = torch.Generator().manual_seed(1)
+    folded = 0
+    for i, layer in enumerate(model.model.layers):
+        block = qf.Block(i, f"model.layers.{i}", layer, archmap, {})
+        for group in archmap.groups:
+            lins = [block.linear(n) for n in group.linears]
+            point = fold_point(block, group, lins[0].in_features, source.config, allow_gqa=True)
+            assert not isinstance(point, str), point
+            n = lins[0].in_features // (point.tie.heads_per_kv if point.tie else 1)
+            searched = torch.exp(torch.randn(n, generator=gen, dtype=torch.float64))
+            scale = point.tie.expand(searched) if point.tie else searched
+            apply_fold(point, lins, scale, searched, archmap.norm_weight_offset, torch.float64, quantized_prev=True)
+            folded += 1
+    with torch.no_grad():
+        after = model(ids).logits
+    assert folded == 4 * len(model.model.layers)
+    # transformers' RMSNorms normalise in float32 even in a float64 model, so a 1e-16 change of
+    # the residual stream can flip a float32 rounding: agreement to float32 round-off (a wrong
+    # fold is off by O(1)); the folds themselves are float64 arithmetic
+    torch.testing.assert_close(after, before, rtol=2e-6, atol=2e-6)
+
+
+def _first_block(folder, spec="int3-g32", n=8, seq=64, salient=()):
+    source = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():  # planted salient input channels: the norms amplify them 20×
+        for idx in salient:
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[idx] *= 20
+                layer.post_attention_layernorm.weight[idx] *= 20
+    ids = torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(0))
+    layers = model.model.layers
+    inputs, kwargs = capture_inputs(model, layers, model.model.norm, list(ids.split(2)))
+    fmt = qf.resolve_format(spec)
+    return qf.Block(0, "model.layers.0", layers[0], source.architecture, {n: fmt for n in LINEARS},
+                    qf.BlockInputs(inputs.hidden, kwargs[0])), source
+
+
+def _output_error(block, reference_outputs, out):
+    for name, qw in out.items():
+        block.linear(name).weight.data = qw.dequantize(torch.float32)
+    got = block.run()
+    return sum(float(((g.double() - r.double()) ** 2).sum()) for g, r in zip(got, reference_outputs, strict=True))
+
+
+def test_salient_channels_block_error_below_rtn(tiny_model):
+    """With a few input channels 20× larger than the rest, AWQ's quantized block is closer to
+    the float block (squared error of its outputs on the calibration inputs) than RTN's on the
+    same grid, with and without clipping."""
+    folder = tiny_model("llama")
+    for clip in (False, True):
+        block, source = _first_block(folder, salient=(3, 17, 40))
+        reference = block.run()
+        ctx = qf.QuantContext(torch.device("cpu"), source=source)
+        rtn = {n: block.formats[n].quantize(block.linear(n).weight.float()) for n in LINEARS}
+        rtn_error = _output_error(block, reference, rtn)
+        block, _ = _first_block(folder, salient=(3, 17, 40))
+        out = AWQQuantizer(AWQOptions(clip=clip)).quantize_block(block, ctx)
+        awq_error = _output_error(block, reference, out)
+        assert awq_error < 0.8 * rtn_error, (clip, awq_error, rtn_error)
+        assert any(qw.meta["awq"].get("alpha", 0) > 0 for qw in out.values())
+
+
+def test_search_objective_is_the_output_error_on_the_tokens():
+    """The objective the search minimises, tr(E H Eᵀ) from the Gram matrix, equals the output
+    error computed from the tokens themselves (float64), and the chosen scale beats s = 1."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen)
+    x[:, [5, 9]] *= 30
+    w = torch.randn(48, 64, generator=gen) * 0.05
+    fmt = qf.resolve_format("int3-g32")
+    gram = x.T @ x / x.shape[0]
+    res = search_scale([w], [fmt], x.abs().mean(0), gram, None, n_grid=20, duo_scaling=False)
+    s = res.scale
+    w_hat = fmt.quantize(w * s).dequantize(torch.float64) / s.double()
+    direct = float(((x.double() @ (w.double() - w_hat).T) ** 2).sum() / x.shape[0])
+    assert res.loss == pytest.approx(direct, rel=1e-4)
+    rtn = float(((x.double() @ (w.double() - fmt.quantize(w).dequantize(torch.float64)).T) ** 2).sum() / x.shape[0])
+    assert res.loss_rtn == pytest.approx(rtn, rel=1e-4)
+    assert res.alpha > 0 and res.loss < 0.8 * rtn
+
+
+def test_group_without_fold_point_is_skipped_with_a_note(tiny_model):
+    """An architecture map whose o_proj group has no fold point: that group is rounded
+    without scaling, the run notes it, every other group is scaled."""
+    block, source = _first_block(tiny_model("llama"))
+    arch = block.architecture
+    groups = list(arch.groups)
+    groups[1] = InputGroup(("self_attn.o_proj",), None, "none")
+    block.architecture = dataclasses.replace(arch, groups=tuple(groups))
+    ctx = qf.QuantContext(torch.device("cpu"), source=source)
+    out = AWQQuantizer(AWQOptions()).quantize_block(block, ctx)
+    assert set(out) == set(LINEARS)
+    assert any("self_attn.o_proj not scaled: nothing before it" in n for n in ctx.notes), ctx.notes
+    assert "alpha" not in out["self_attn.o_proj"].meta["awq"]
+    assert "alpha" in out["mlp.down_proj"].meta["awq"]
+
+
+def test_run_end_to_end_and_bad_options(tmp_path):
+    r = qf.run(quantizer="awq", format="int4-g64", out=tmp_path / "out", progress=False, evaluators=["kl"],
+               calibrator_options={"n_samples": 8, "seq_len": 128})
+    assert r.manifest["evaluation"]["artifact_check"]["ok"]
+    from quantfoundry.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="max_shrink"):
+        qf.run(quantizer="awq", quantizer_options={"max_shrink": "1.5"}, progress=False)
