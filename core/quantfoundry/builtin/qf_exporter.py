@@ -122,6 +122,39 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
                 shutil.copy2(f, folder / f.name)
 
 
+def stored_shapes(folder: Path, files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the written safetensors ``files`` (a file that cannot be read
+    back is an :class:`ArtifactError`: the write failed)."""
+    from safetensors import safe_open
+
+    from ..errors import ArtifactError
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as exc:
+            raise ArtifactError(f"{folder / name} cannot be read back ({exc}); the write failed") from None
+    return shapes
+
+
+def quant_method_of(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a Hugging Face folder's ``config.json``, if any."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    return (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method")
+
+
+def write_hf_config(source: Path, folder: Path, quantization_config: dict[str, Any]) -> None:
+    """The source's ``config.json`` with ``quantization_config``, and its tokenizer files."""
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_tokenizer_files(source, folder)
+
+
 def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None = None,
                      dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model written by the ``qf`` exporter, quantized linears as QuantLinear."""

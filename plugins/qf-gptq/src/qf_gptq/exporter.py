@@ -30,8 +30,10 @@ from quantfoundry.builtin.int_format import IntFormat
 from quantfoundry.builtin.qf_exporter import (
     QFExporterOptions,
     artifact_skeleton,
-    copy_tokenizer_files,
     load_float_parameters,
+    quant_method_of,
+    stored_shapes,
+    write_hf_config,
 )
 from quantfoundry.errors import ArtifactError, UsageError
 from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
@@ -139,27 +141,17 @@ class HFGPTQExporter(Exporter):
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         files = self.writer.finish()
         qcfg = self.quantization_config(manifest)
-        config = json.loads((self.source.path / "config.json").read_text())
-        config["quantization_config"] = qcfg
-        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_hf_config(self.source.path, self.folder, qcfg)
         legacy = {k: v for k, v in qcfg.items() if k not in ("lm_head", "meta")}
         legacy.update(model_name_or_path=None, model_file_base_name="model")
         (self.folder / "quantize_config.json").write_text(json.dumps(legacy, indent=2) + "\n")
-        copy_tokenizer_files(self.source.path, self.folder)
         return {"files": files, "gptq_linears": list(self.quantized)}
 
     def verify(self, folder: Path) -> None:
         from quantfoundry.pipeline.manifest import read_manifest
-        from safetensors import safe_open
 
         manifest = read_manifest(folder)
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name in manifest.get("files") or []:
-            try:
-                with safe_open(str(folder / name), framework="pt") as f:
-                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-            except Exception as exc:
-                raise ArtifactError(f"{folder / name} cannot be read back ({exc}); the write failed") from None
+        shapes = stored_shapes(folder, manifest.get("files") or [])
         o = json.loads((folder / "config.json").read_text())["quantization_config"]
         for prefix in manifest.get("gptq_linears", []):
             missing = [p for p in PARTS if f"{prefix}.{p}" not in shapes]
@@ -176,11 +168,7 @@ class HFGPTQExporter(Exporter):
 
     @classmethod
     def claims(cls, path: Path) -> bool:
-        cfg = Path(path) / "config.json"
-        if not cfg.is_file():
-            return False
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-        return q.get("quant_method") == "gptq"
+        return quant_method_of(path) == "gptq"
 
 
 def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | None = None,
