@@ -9,7 +9,7 @@ scores every file on the held-out part (ctx 512, first 40 chunks). Rows per file
 (the same mix: the same type for every tensor, hence the same size; the token embedding and
 output are RTN-rounded by the pipeline, with the Hessian diagonal's imatrix absent).
 
-    python benchmarks/gptq_gguf.py [--models pycode-7m] [--types Q4_K_M Q3_K_M Q2_K]
+    python benchmarks/gptq_gguf.py [--models pycode-7m] [--types Q4_K_M Q3_K_M Q2_K] [--quantizers gptq awq]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["pycode-7m"])
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--quantizers", nargs="+", default=["gptq"], choices=["gptq", "awq"],
+                    help="qf quantizers to add to each row (llama.cpp's rows are measured once)")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--redo", action="store_true", help="measure rows already in the results again")
     args = ap.parse_args()
@@ -83,19 +85,24 @@ def main() -> None:
                                      "--kl-divergence", *PPL_ARGS], KLD_LINES)}
 
             for ftype in args.types:
-                if f"{model}|{ftype}" in data["rows"] and not args.redo:
-                    continue
-                row = {"base_ppl": base_ppl}
-                for tag, extra in (("llama.cpp", []), ("llama.cpp imatrix", ["--imatrix", imat])):
-                    out = work / f"{ftype}-{tag.replace(' ', '-').replace('.', '')}.gguf"
-                    run_cmd([bin_dir / "llama-quantize", *extra, base, out, ftype, str(THREADS)])
-                    row[tag] = score(out)
-                out = work / f"qf-gptq-{ftype}"
-                r = quantfoundry.run(str(folder), quantizer="gptq", exporter="gguf", exporter_options={"type": ftype},
-                                     calibrator_options={"path": str(calib), "n_samples": 128, "seq_len": 512},
-                                     evaluators=[], out=str(out), overwrite=True, progress=False)
-                row["qf gptq"] = {**score(out / "model.gguf"), "seconds": round(r.seconds, 1)}
-                data["rows"][f"{model}|{ftype}"] = row
+                key = f"{model}|{ftype}"
+                row = data["rows"].get(key) if not args.redo else None
+                if row is None:
+                    row = {"base_ppl": base_ppl}
+                    for tag, extra in (("llama.cpp", []), ("llama.cpp imatrix", ["--imatrix", imat])):
+                        out = work / f"{ftype}-{tag.replace(' ', '-').replace('.', '')}.gguf"
+                        run_cmd([bin_dir / "llama-quantize", *extra, base, out, ftype, str(THREADS)])
+                        row[tag] = score(out)
+                for quantizer in args.quantizers:
+                    if f"qf {quantizer}" in row:
+                        continue
+                    out = work / f"qf-{quantizer}-{ftype}"
+                    r = quantfoundry.run(str(folder), quantizer=quantizer, exporter="gguf",
+                                         exporter_options={"type": ftype},
+                                         calibrator_options={"path": str(calib), "n_samples": 128, "seq_len": 512},
+                                         evaluators=[], out=str(out), overwrite=True, progress=False)
+                    row[f"qf {quantizer}"] = {**score(out / "model.gguf"), "seconds": round(r.seconds, 1)}
+                data["rows"][key] = row
                 print(model, ftype, json.dumps(row), flush=True)
                 data.update(machine=cpu_name(), **core_version())
                 RESULTS.write_text(json.dumps(data, indent=1))
@@ -106,7 +113,9 @@ def table(data: dict) -> str:
     lines = ["| model | type | method | bpw | PPL | KLD mean | same top-1 % |", "|---|---|---|---:|---:|---:|---:|"]
     for key, row in data["rows"].items():
         model, ftype = key.split("|")
-        for method in ("llama.cpp", "llama.cpp imatrix", "qf gptq"):
+        for method in ("llama.cpp", "llama.cpp imatrix", "qf gptq", "qf awq"):
+            if method not in row:
+                continue
             q = row[method]
             lines.append(f"| {model} | {ftype} | {method} | {q['bpw']:.3f} | {q['ppl_q_kld_run']:.4f} "
                          f"({row['base_ppl']:.4f}) | {q['kld_mean']:.5f} | {q['same_top_p_pct']:.2f} |")
