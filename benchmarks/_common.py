@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -26,3 +27,16 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def load_rows(path: Path) -> dict[str, Any]:
+    """The ``rows`` of a resumable results file (empty when it does not exist yet)."""
+    return json.loads(path.read_text())["rows"] if path.exists() else {}
+
+
+def save_rows(path: Path, rows: dict[str, Any]) -> None:
+    """Write ``rows`` with the machine, torch version and commit they were measured at."""
+    import torch
+
+    path.write_text(json.dumps({"machine": cpu_name(), "torch": torch.__version__, **core_version(),
+                                "rows": rows}, indent=1))

@@ -11,15 +11,13 @@ clipping) are rows of their own.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import quantfoundry as qf
-import torch
-from _common import core_version, cpu_name
+from _common import load_rows, save_rows
 from gptq_vs_peer import evaluate, split_text
 from rtn_sweep import TEXTS, model_folder
 
@@ -44,11 +42,10 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS))
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows: dict[str, Any] = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
+    rows: dict[str, Any] = load_rows(RESULTS)
 
     def save() -> None:
-        RESULTS.write_text(json.dumps({"machine": cpu_name(), "torch": torch.__version__, **core_version(),
-                                       "rows": rows}, indent=1))
+        save_rows(RESULTS, rows)
 
     if not args.table_only:
         for model in args.models:

@@ -36,7 +36,7 @@ from typing import Any
 
 import quantfoundry as qf
 import torch
-from _common import core_version, cpu_name
+from _common import load_rows, save_rows
 from quantfoundry.pipeline.evaluate import Evaluation, make_reference
 from quantfoundry.pipeline.source import resolve_model
 from quantfoundry.roles.evaluator import EvalTarget
@@ -139,11 +139,10 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows: dict[str, Any] = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
+    rows: dict[str, Any] = load_rows(RESULTS)
 
     def save() -> None:
-        RESULTS.write_text(json.dumps({"machine": cpu_name(), "torch": torch.__version__, **core_version(),
-                                       "rows": rows}, indent=1))
+        save_rows(RESULTS, rows)
 
     if not args.table_only:
         for model in args.models:
