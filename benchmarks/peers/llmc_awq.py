@@ -130,7 +130,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -145,7 +144,7 @@ from llmc_gptq import (  # noqa: E402  (stdlib-only at import: torch still unloa
     group_size_violations,
     load_calib_ids,
     patch_cpu_pin_memory,
-    versions,
+    save_and_describe,
 )
 
 if TYPE_CHECKING:  # imported lazily: --device cpu must act before torch loads
@@ -332,7 +331,6 @@ def run(a: argparse.Namespace) -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from loguru import logger
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -409,25 +407,8 @@ def run(a: argparse.Namespace) -> int:
         "targets": ["Linear"], "ignore": [LM_HEAD], "model_dtype": a.dtype,
         "pipeline": "sequential", "batch_size": 1,
     }
-    save_file(tensors, str(a.out), metadata={"producer": "llmc_awq.py",
-                                              "settings": json.dumps(settings)})
-    from llmcompressor.utils.dev import get_main_device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_device = str(get_main_device())
     result: dict[str, Any] = {
-        "seconds": round(seconds, 4),
-        "timed": "llmcompressor.oneshot(...) call only (model already loaded)",
-        "settings": settings,
-        "versions": versions(),
-        "n_samples": n_samples, "seq_len": seq_len,
-        "calib_ids": str(a.calib_ids.resolve()),
-        "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-        "model": str(a.model.resolve()),
-        "device": a.device, "execution_device": main_device,
-        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        **save_and_describe(a, tensors, settings, seconds, ids, "llmc_awq.py"),
         "quantized_layers": len(dequant),
         "saved_tensors": len(tensors),
         "skipped_linear_layers": report["skipped_linear_layers"],

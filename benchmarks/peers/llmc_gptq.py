@@ -294,7 +294,6 @@ def run(a: argparse.Namespace) -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from loguru import logger
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -350,26 +349,9 @@ def run(a: argparse.Namespace) -> int:
         "targets": ["Linear"], "ignore": [LM_HEAD], "model_dtype": a.dtype,
         "pipeline": "sequential", "batch_size": 1, "propagate_error": True,
     }
-    save_file(tensors, str(a.out), metadata={"producer": "llmc_gptq.py",
-                                              "settings": json.dumps(settings)})
     from compressed_tensors.utils.triton import HAS_TRITON
-    from llmcompressor.utils.dev import get_main_device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_device = str(get_main_device())
     result: dict[str, Any] = {
-        "seconds": round(seconds, 4),
-        "timed": "llmcompressor.oneshot(...) call only (model already loaded)",
-        "settings": settings,
-        "versions": versions(),
-        "n_samples": n_samples, "seq_len": seq_len,
-        "calib_ids": str(a.calib_ids.resolve()),
-        "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-        "model": str(a.model.resolve()),
-        "device": a.device, "execution_device": main_device,
-        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        **save_and_describe(a, tensors, settings, seconds, ids, "llmc_gptq.py"),
         "triton_available": bool(HAS_TRITON) and a.device == "cuda",
         "triton_disabled_by_env": os.environ.get("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "0") == "1",
         "quantized_layers": len(tensors),
@@ -386,6 +368,34 @@ def run(a: argparse.Namespace) -> int:
     print(f"oneshot {seconds:.2f} s; {len(tensors)} layers -> {a.out} "
           f"(forward check max abs diff {report['checks']['forward_max_abs_diff']:.2e})")
     return 0
+
+
+def save_and_describe(a: argparse.Namespace, tensors: dict, settings: dict[str, Any], seconds: float,
+                      ids: Any, producer: str) -> dict[str, Any]:
+    """Write ``tensors`` to ``a.out`` (settings in the metadata) and return the run record both
+    peer runners share: time, settings, versions, calibration ids, model, machine."""
+    import torch
+    from llmcompressor.utils.dev import get_main_device
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(a.out), metadata={"producer": producer, "settings": json.dumps(settings)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_device = str(get_main_device())
+    return {
+        "seconds": round(seconds, 4),
+        "timed": "llmcompressor.oneshot(...) call only (model already loaded)",
+        "settings": settings,
+        "versions": versions(),
+        "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+        "calib_ids": str(a.calib_ids.resolve()),
+        "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+        "model": str(a.model.resolve()),
+        "device": a.device, "execution_device": main_device,
+        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
