@@ -131,8 +131,6 @@ import hashlib
 import json
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,10 +139,10 @@ from llmc_gptq import (  # noqa: E402  (stdlib-only at import: torch still unloa
     DTYPES,
     LM_HEAD,
     extract_dequantized,
-    group_size_violations,
-    load_calib_ids,
+    load_model_and_ids,
     patch_cpu_pin_memory,
     save_and_describe,
+    timed_oneshot,
 )
 
 if TYPE_CHECKING:  # imported lazily: --device cpu must act before torch loads
@@ -328,57 +326,26 @@ def split_log(records: list[tuple[str, str]]) -> list[str]:
 def run(a: argparse.Namespace) -> int:
     """Load, calibrate + smooth + quantize (timed), extract, save. Returns the exit status."""
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from loguru import logger
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     patches = patch_cpu_pin_memory()
     seen, instrumentation = instrument_awq()
 
-    ids = load_calib_ids(a.calib_ids)
-    n_samples, seq_len = map(int, ids.shape)
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
-    model.eval()
-    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
-        raise SystemExit(f"{a.calib_ids}: ids outside [0, {model.config.vocab_size})")
-    bad = group_size_violations(model, a.group_size)
-    if bad:
-        shown = "\n  ".join(bad[:6]) + (f"\n  ... and {len(bad) - 6} more" if len(bad) > 6 else "")
-        print(f"error: --group-size {a.group_size} does not divide in_features of {len(bad)} "
-              f"Linear layer(s); llm-compressor refuses group quantization there (use a group "
-              f"size that divides them, or 0 for per channel):\n  {shown}", file=sys.stderr)
+    loaded = load_model_and_ids(a)
+    if loaded is None:
         return 2
+    ids, tok, model = loaded
 
     names = list(model.state_dict().keys())
     targets = {f"{n}.weight" for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != LM_HEAD}
     before = snapshot(model, targets)
 
-    ds = Dataset.from_dict({"input_ids": ids.tolist(),
-                            "attention_mask": torch.ones_like(ids).tolist()})
     recipe = build_recipe(a)
     awq = recipe[0]
     grid = awq._get_grid_search_params()
-
-    records: list[tuple[str, str]] = []
-    sink = logger.add(lambda msg: records.append((msg.record["level"].name, msg.record["message"])),
-                      level="DEBUG")
-    with warnings.catch_warnings(record=True) as py_warnings:
-        warnings.simplefilter("default")
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
-                num_calibration_samples=n_samples, max_seq_length=seq_len,
-                shuffle_calibration_samples=False, batch_size=1, pipeline="sequential")
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    logger.remove(sink)
+    seconds, records, py_warnings = timed_oneshot(a, model, tok, ids, recipe, log_level="DEBUG")
 
     dequant, report = extract_dequantized(model)
     if not dequant:

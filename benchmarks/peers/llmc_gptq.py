@@ -291,49 +291,18 @@ def versions() -> dict[str, str]:
 def run(a: argparse.Namespace) -> int:
     """Load, calibrate + quantize (timed), extract, save. Returns the exit status."""
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from loguru import logger
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     patches = patch_cpu_pin_memory()
 
-    ids = load_calib_ids(a.calib_ids)
-    n_samples, seq_len = map(int, ids.shape)
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
-    model.eval()
-    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
-        raise SystemExit(f"{a.calib_ids}: ids outside [0, {model.config.vocab_size})")
-    bad = group_size_violations(model, a.group_size)
-    if bad:
-        shown = "\n  ".join(bad[:6]) + (f"\n  ... and {len(bad) - 6} more" if len(bad) > 6 else "")
-        print(f"error: --group-size {a.group_size} does not divide in_features of {len(bad)} "
-              f"Linear layer(s); llm-compressor refuses group quantization there (use a group "
-              f"size that divides them, or 0 for per channel):\n  {shown}", file=sys.stderr)
+    loaded = load_model_and_ids(a)
+    if loaded is None:
         return 2
+    ids, tok, model = loaded
 
-    ds = Dataset.from_dict({"input_ids": ids.tolist(),
-                            "attention_mask": torch.ones_like(ids).tolist()})
     modifier = build_modifier(a)
-
-    records: list[tuple[str, str]] = []
-    sink = logger.add(lambda msg: records.append((msg.record["level"].name, msg.record["message"])),
-                      level="INFO")
-    with warnings.catch_warnings(record=True) as py_warnings:
-        warnings.simplefilter("default")
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        oneshot(model=model, processor=tok, dataset=ds, recipe=[modifier],
-                num_calibration_samples=n_samples, max_seq_length=seq_len,
-                shuffle_calibration_samples=False, batch_size=1, pipeline="sequential")
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    logger.remove(sink)
+    seconds, records, py_warnings = timed_oneshot(a, model, tok, ids, [modifier], log_level="INFO")
 
     gptq_layers, logged = split_log(records)
     tensors, report = extract_dequantized(model)
@@ -368,6 +337,58 @@ def run(a: argparse.Namespace) -> int:
     print(f"oneshot {seconds:.2f} s; {len(tensors)} layers -> {a.out} "
           f"(forward check max abs diff {report['checks']['forward_max_abs_diff']:.2e})")
     return 0
+
+
+def load_model_and_ids(a: argparse.Namespace) -> tuple[Any, Any, Any] | None:
+    """``(ids, tokenizer, model)`` for the run, or ``None`` (after printing why) when the group
+    size does not divide some linear's inputs, which llm-compressor refuses."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = load_calib_ids(a.calib_ids)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
+    model.eval()
+    if int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0:
+        raise SystemExit(f"{a.calib_ids}: ids outside [0, {model.config.vocab_size})")
+    bad = group_size_violations(model, a.group_size)
+    if bad:
+        shown = "\n  ".join(bad[:6]) + (f"\n  ... and {len(bad) - 6} more" if len(bad) > 6 else "")
+        print(f"error: --group-size {a.group_size} does not divide in_features of {len(bad)} "
+              f"Linear layer(s); llm-compressor refuses group quantization there (use a group "
+              f"size that divides them, or 0 for per channel):\n  {shown}", file=sys.stderr)
+        return None
+    return ids, tok, model
+
+
+def timed_oneshot(a: argparse.Namespace, model: Any, tok: Any, ids: Any, recipe: list, *, log_level: str
+                  ) -> tuple[float, list[tuple[str, str]], list]:
+    """Run ``oneshot`` on the calibration ids (one row per sample, in order, batch 1, the
+    sequential pipeline) and time that call alone. Returns ``(seconds, llm-compressor's log
+    records at log_level and above, Python warnings)``."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from loguru import logger
+
+    n_samples, seq_len = map(int, ids.shape)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    records: list[tuple[str, str]] = []
+    sink = logger.add(lambda msg: records.append((msg.record["level"].name, msg.record["message"])),
+                      level=log_level)
+    with warnings.catch_warnings(record=True) as py_warnings:
+        warnings.simplefilter("default")
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        oneshot(model=model, processor=tok, dataset=ds, recipe=recipe,
+                num_calibration_samples=n_samples, max_seq_length=seq_len,
+                shuffle_calibration_samples=False, batch_size=1, pipeline="sequential")
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    logger.remove(sink)
+    return seconds, records, list(py_warnings)
 
 
 def save_and_describe(a: argparse.Namespace, tensors: dict, settings: dict[str, Any], seconds: float,
