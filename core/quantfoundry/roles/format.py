@@ -94,7 +94,9 @@ class Format(Component, ABC):
         """Fit grid parameters to ``w`` ``[rows, k * group]`` → tensors shaped ``[rows, k, ...]``.
 
         :param importance: optional per-column weights ``[cols]`` (an importance matrix
-            diagonal: mean squared activation per input channel) for weighted fitting.
+            diagonal: mean squared activation per input channel) for weighted fitting, or
+            ``[rows, cols]``: one such vector per row (e.g. several candidate weights stacked
+            along the rows, each with its own importance). Rows are fitted independently.
         """
 
     @abstractmethod

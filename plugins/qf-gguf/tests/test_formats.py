@@ -172,6 +172,22 @@ def test_imatrix_bytes_equal_llama_cpp(spec: str, llama_cpp) -> None:
                                   fmt.ggml_bytes(fmt.quantize(w)).numpy())
 
 
+@pytest.mark.parametrize("spec", TYPES)
+def test_per_row_importance_bytes_equal_llama_cpp(spec: str, llama_cpp) -> None:
+    """An importance per row (``[rows, cols]``: candidates stacked along the rows, as AWQ's
+    search fits them) encodes each row as llama.cpp does with that row's imatrix."""
+    lib = ggml_library(llama_cpp)
+    fmt = qf.resolve_format(spec)
+    w = weights(7)
+    parts = [slice(0, 5), slice(5, 17), slice(17, w.shape[0])]
+    imps = [importance(w.shape[1], 20 + i) for i in range(len(parts))]
+    per_row = torch.cat([imp.expand(p.stop - p.start, -1) for imp, p in zip(imps, parts, strict=True)])
+    raw = fmt.ggml_bytes(fmt.quantize(w, per_row)).numpy()
+    want = np.concatenate([llama_cpp_bytes_with_imatrix(lib, fmt.ggml_type, w[p], raw.shape[1], imp)
+                           for imp, p in zip(imps, parts, strict=True)])
+    np.testing.assert_array_equal(raw, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
 @pytest.mark.parametrize("spec", TYPES)
 def test_cuda_imatrix_bytes_equal_cpu(spec: str) -> None:

@@ -87,13 +87,15 @@ class _KQuant(GGMLFormat):
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         """Grid parameters of every super-block, and (transient ``_L``) the codes llama.cpp writes:
         the rounding rule's codes, except in sub-blocks whose effective scale is 0, which keep
-        the search's codes. With ``importance`` (an imatrix row, ``[cols]``) the ``_impl`` encoders run."""
+        the search's codes. With ``importance`` (an imatrix row ``[cols]``, or one per row ``[rows, cols]``) the
+        ``_impl`` encoders run."""
         rows, cols = w.shape
         if cols % QK_K:
             raise ValueError(f"{self.ggml_name}: {cols} columns are not whole super-blocks of {QK_K}")
         shape = (rows, cols // QK_K, QK_K // self.sub, self.sub)
         x = w.to(torch.float32).reshape(shape)
-        qw = None if importance is None else importance.to(x.device, torch.float32).reshape(1, *shape[1:]).expand(shape)
+        # importance [cols] (one for every row) or [rows, cols]
+        qw = None if importance is None else importance.to(x.device, torch.float32).reshape(-1, *shape[1:]).expand(shape)
         params = self._fit_superblocks(x, qw)
         rule = self.round(w, params)
         dd, _ = self._scales(params)

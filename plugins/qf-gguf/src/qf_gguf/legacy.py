@@ -149,11 +149,13 @@ class GGMLFormat(Format):
 
     def _row_weights(self, w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
         """``qw * sqrtf(sigma2 + x²)`` per element, ``sigma2 = Σx² / n_per_row`` over the whole row
-        (the legacy ``_impl`` encoders), as ``[rows * blocks, 32]``."""
+        (the legacy ``_impl`` encoders), as ``[rows * blocks, 32]``; ``importance`` ``[cols]`` or
+        ``[rows, cols]``."""
         rows, cols = w.shape
         sum_x2 = _seq_sum(w * w)
         sigma2 = sum_x2 / _full(sum_x2, float(cols))
-        return (importance[None, :] * _sqrtf(sigma2[:, None] + w * w)).reshape(-1, self.block)
+        # importance [cols] (one for every row) or [rows, cols]
+        return (importance.expand(rows, cols) * _sqrtf(sigma2[:, None] + w * w)).reshape(-1, self.block)
 
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         per_col = {k: _per_column(v, col0, w.shape[1]) for k, v in params.items()}
