@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 import quantfoundry as qf
 import torch
+from qf_awq import search
 from qf_awq.fold import apply_fold, fold_point
 from qf_awq.quantizer import AWQOptions, AWQQuantizer
-from qf_awq.search import search_scale
+from qf_awq.search import search_clip, search_scale
 from quantfoundry.pipeline.capture import capture_inputs
 from quantfoundry.pipeline.source import resolve_model
 from quantfoundry.roles.architecture import InputGroup
@@ -114,6 +115,58 @@ def test_search_objective_is_the_output_error_on_the_tokens():
     rtn = float(((x.double() @ (w.double() - fmt.quantize(w).dequantize(torch.float64)).T) ** 2).sum() / x.shape[0])
     assert res.loss_rtn == pytest.approx(rtn, rel=1e-4)
     assert res.alpha > 0 and res.loss < 0.8 * rtn
+
+
+@pytest.mark.parametrize("spec", ["int4-g32", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("batch", [1 << 23, 3000])
+def test_batched_searches_equal_one_candidate_at_a_time(spec, batch, monkeypatch):
+    """The searches score grid points in batches stacked along the rows (per-row importance for
+    the K-quants); the chosen α, clipping and losses are those of fitting each candidate on its
+    own with ``quantize`` and scoring it from the tokens in float64 — whether every candidate
+    fits in one batch or each batch holds one."""
+    monkeypatch.setattr(search, "BATCH_ELEMENTS", batch)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 256, generator=gen)
+    x[:, [3, 100, 200]] *= 20
+    ws = [torch.randn(16, 256, generator=gen) * 0.05, torch.randn(8, 256, generator=gen) * 0.05]
+    ws[0][:, ::7] *= 4  # heavy tails: clipping pays, even at 6 bits
+    fmt = qf.resolve_format(spec)
+    gram = x.T @ x / x.shape[0]
+    imp = torch.diagonal(gram).clone()
+    res = search_scale(ws, [fmt, fmt], x.abs().mean(0), gram, imp, n_grid=10, duo_scaling=False)
+
+    def error(w, w_hat):
+        return float(((x.double() @ (w.double() - w_hat).T) ** 2).sum() / x.shape[0])
+
+    losses = []
+    for i in range(10):
+        s = x.abs().mean(0).pow(i / 10).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        losses.append(sum(error(w, fmt.quantize(w * s, imp / s.square()).dequantize(torch.float64) / s.double())
+                          for w in ws))
+    assert res.alpha == losses.index(min(losses)) / 10
+    assert res.loss == pytest.approx(min(losses), rel=1e-4)
+    assert res.loss_rtn == pytest.approx(losses[0], rel=1e-4)
+
+    w = ws[0]
+    clipped, before, after = search_clip(w, fmt, gram, imp, n_grid=10, max_shrink=0.5)
+    g = fmt.group_size(256)
+    top = w.view(16, -1, g).abs().amax(-1, keepdim=True)
+    unit_losses = []
+    for i in range(5):
+        m = top * (1 - i / 10)
+        e = (w.double() - fmt.quantize(torch.maximum(torch.minimum(w.view(16, -1, g), m), -m).view(16, 256),
+                                       imp).dequantize(torch.float64)).view(16, -1, g)
+        xs = x.double().view(300, -1, g)
+        unit_losses.append(torch.einsum("rgi,tgi->rgt", e, xs).square().sum(-1) / x.shape[0])
+    stacked = torch.stack(unit_losses)
+    assert before == pytest.approx(float(stacked[0].sum()), rel=1e-4)
+    assert after == pytest.approx(float(stacked.amin(0).sum()), rel=1e-4)
+    # each unit clipped at one of the grid's magnitudes, the one of least loss (to float32 ties)
+    chosen = torch.round((1 - clipped.view(16, -1, g).abs().amax(-1) / top.squeeze(-1)) * 10).long()
+    picked = stacked.gather(0, chosen[None]).squeeze(0)
+    assert (picked <= stacked.amin(0) * (1 + 1e-5)).all()
+    assert chosen.max() > 0, "nothing clipped: the test would not see a wrong choice"
 
 
 def test_group_without_fold_point_is_skipped_with_a_note(tiny_model):

@@ -14,14 +14,26 @@ product, whatever the number of tokens.
   K-quant super-block), the largest magnitude shrunk by ``1 − i/n_grid`` for ``i <
   max_shrink·n_grid``, each unit's loss ``e H_gg eᵀ`` on its own columns (as AutoAWQ), the
   best ratio kept per unit.
+
+Candidates are scored in batches: the scaled (or clipped) weights of several grid points are
+stacked along the rows and fitted in one call of the format (with a per-row importance when the
+format weights its fit), so a format whose fit is a sequence of small vectorised steps — the
+llama.cpp-exact K-quant searches — runs those steps once per batch instead of once per grid
+point. A batch holds at most :data:`BATCH_ELEMENTS` weights; every row's fit is independent
+of the others', so batching changes no value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from quantfoundry import Format
+
+#: most weights fitted in one batch of candidates (a format's fit holds a few temporaries of
+#: this many float32 values: 32 MiB each)
+BATCH_ELEMENTS = 1 << 23
 
 
 def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -30,8 +42,27 @@ def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None)
 
 
 def output_error(e: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``tr(E H Eᵀ)`` (float64 scalar)."""
-    return ((e @ gram) * e).sum(dtype=torch.float64)
+    """``tr(E H Eᵀ)`` (float64) of each ``E`` in a stack ``[k, rows, in]`` → ``[k]``."""
+    k, rows, n_in = e.shape
+    flat = e.reshape(k * rows, n_in)
+    return ((flat @ gram) * flat).view(k, rows * n_in).sum(1, dtype=torch.float64)
+
+
+def batches(n: int, elements_each: int) -> Iterator[slice]:
+    """Slices of ``range(n)`` holding at most :data:`BATCH_ELEMENTS` elements (at least one)."""
+    step = max(1, BATCH_ELEMENTS // max(1, elements_each))
+    for i in range(0, n, step):
+        yield slice(i, min(n, i + step))
+
+
+def quant_dequant_stack(fmt: Format, ws: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """:func:`quant_dequant` of each weight of a stack ``[k, rows, in]`` in one fit;
+    ``importance`` ``[in]`` (shared) or ``[k, in]`` (one per weight)."""
+    k, rows, n_in = ws.shape
+    imp = importance
+    if imp is not None and imp.ndim == 2:
+        imp = imp[:, None, :].expand(k, rows, n_in).reshape(k * rows, n_in)
+    return quant_dequant(fmt, ws.reshape(k * rows, n_in), imp).view(k, rows, n_in)
 
 
 def weight_magnitude(weights: list[torch.Tensor], formats: list[Format]) -> torch.Tensor:
@@ -72,7 +103,8 @@ class Tie:
         return out.index_add_(0, idx, v) / self.heads_per_kv
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
-        return v[self.index(v.numel() * self.heads_per_kv, v.device)]
+        """Per searched channel → per input channel, along the last dim."""
+        return v[..., self.index(v.shape[-1] * self.heads_per_kv, v.device)]
 
 
 @dataclass
@@ -101,21 +133,18 @@ def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_me
     if tie is not None:
         x_mean = tie.reduce(x_mean)
         w_mean = None if w_mean is None else tie.reduce(w_mean)
-    best: ScaleResult | None = None
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = candidate_scale(x_mean, w_mean, alpha)
-        s_in = tie.expand(s) if tie is not None else s
-        imp = None if importance is None else importance / s_in.square()
-        loss = torch.zeros((), dtype=torch.float64, device=gram.device)
-        for w, fmt in planned:
-            q = quant_dequant(fmt, w * s_in, imp) / s_in
-            loss += output_error(w - q, gram)
-        value = float(loss)
-        if best is None or value < best.loss:
-            best = ScaleResult(s_in, s, alpha, value, best.loss_rtn if best else value)
-    assert best is not None
-    return best
+    alphas = [i / n_grid for i in range(n_grid)]
+    searched = torch.stack([candidate_scale(x_mean, w_mean, a) for a in alphas])  # [n_grid, n]
+    scales = tie.expand(searched) if tie is not None else searched                  # [n_grid, in]
+    imps = None if importance is None else importance / scales.square()
+    losses = torch.zeros(n_grid, dtype=torch.float64, device=gram.device)
+    for w, fmt in planned:
+        for b in batches(n_grid, w.numel()):
+            s = scales[b, None, :]
+            q = quant_dequant_stack(fmt, w * s, None if imps is None else imps[b]) / s
+            losses[b] += output_error(w - q, gram)
+    best = int(torch.argmin(losses))  # the first of equal minima: α = 0 (RTN) wins a tie
+    return ScaleResult(scales[best], searched[best], alphas[best], float(losses[best]), float(losses[0]))
 
 
 @torch.no_grad()
@@ -129,19 +158,16 @@ def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: to
     blocks = gram.view(n_units, g, n_units, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
     w3 = w.view(rows, n_units, g)
     top = w3.abs().amax(-1, keepdim=True)
-    best_loss = torch.full((rows, n_units), float("inf"), dtype=torch.float64, device=w.device)
-    best_top = top.clone()
-    first = None
-    for i in range(max(1, int(max_shrink * n_grid))):
-        m = top * (1 - i / n_grid)
-        wc = torch.maximum(torch.minimum(w3, m), -m).reshape(rows, cols)
-        e = (w - quant_dequant(fmt, wc, importance)).view(rows, n_units, g)
-        loss = torch.einsum("rgi,gij,rgj->rg", e, blocks, e).double()
-        if first is None:
-            first = loss
-        better = loss < best_loss
-        best_loss = torch.where(better, loss, best_loss)
-        best_top = torch.where(better.unsqueeze(-1), m, best_top)
+    shrinks = torch.tensor([1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))],
+                           device=w.device)
+    tops = top * shrinks[:, None, None, None]                                   # [k, rows, G, 1]
+    losses = torch.empty(len(shrinks), rows, n_units, dtype=torch.float64, device=w.device)
+    for b in batches(len(shrinks), w.numel()):
+        m = tops[b]
+        wc = torch.maximum(torch.minimum(w3, m), -m).view(-1, rows, cols)
+        e = (w - quant_dequant_stack(fmt, wc, importance)).view(-1, rows, n_units, g)
+        losses[b] = torch.einsum("krgi,gij,krgj->krg", e, blocks, e).double()
+    best = losses.argmin(0)                                                     # first of equal minima
+    best_top = tops.gather(0, best[None, :, :, None]).squeeze(0)
     clipped = torch.maximum(torch.minimum(w3, best_top), -best_top).reshape(rows, cols)
-    assert first is not None
-    return clipped, float(first.sum()), float(best_loss.sum())
+    return clipped, float(losses[0].sum()), float(losses.gather(0, best[None]).sum())
