@@ -42,20 +42,23 @@ def calibration(folder: Path, path: Path) -> Path:
     return path
 
 
-def time_qf(folder: Path, device: str, dtype: str = "float32", **options: bool) -> float:
+def time_qf(folder: Path, device: str, dtype: str = "float32", quantizer: str = "gptq",
+            fmt: str = "int4-g128", **options: bool) -> float:
     t0 = time.perf_counter()
-    qf.run(str(folder), quantizer="gptq", quantizer_options=options, format="int4-g128", out=None, progress=False,
+    qf.run(str(folder), quantizer=quantizer, quantizer_options=options, format=fmt, out=None, progress=False,
            device=device, dtype=dtype, calibrator_options={"n_samples": 128, "seq_len": 512})
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def time_peer(folder: Path, ids: Path, device: str, pythonpath: str, out: Path, dtype: str = "float32") -> dict:
+def time_peer(folder: Path, ids: Path, device: str, pythonpath: str, out: Path, dtype: str = "float32",
+              script: str = "llmc_gptq.py", group_size: int = 128) -> dict:
     paths = [str(Path(p).resolve()) for p in pythonpath.split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(HERE / "peers" / "llmc_gptq.py"), "--model", str(folder), "--calib-ids", str(ids),
-           "--bits", "4", "--group-size", "128", "--asym", "--device", device, "--out", str(out), "--dtype", dtype]
+    cmd = [sys.executable, str(HERE / "peers" / script), "--model", str(folder), "--calib-ids", str(ids),
+           "--bits", "4", "--group-size", str(group_size), "--asym", "--device", device, "--out", str(out),
+           "--dtype", dtype]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}

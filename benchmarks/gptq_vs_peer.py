@@ -109,26 +109,31 @@ def run_qf(model: str, fmt: str, act_order: bool, method: str, calib: Path, devi
     return time.perf_counter() - t0, r.model
 
 
-def run_peer(model: str, fmt: str, act_order: bool, ids: Path, peer_python: str, device: str
+def run_peer(model: str, fmt: str, ids: Path, peer_python: str, device: str, *,
+             script: str = "llmc_gptq.py", args: tuple[str, ...] = (), tag: str = "gptq"
              ) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Run a peer script in its own venv; its saved weights loaded into the original architecture.
+
+    The script writes ``OUT.safetensors`` (state-dict names: the quantized linears' dequantized
+    weights, and — AWQ — every other tensor it changed, e.g. folded norms) and ``OUT.json``.
+    """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     spec = qf.resolve_format(fmt).options
-    out = CACHE / f"peer-{model}-{fmt}{'-act' if act_order else ''}.safetensors"
-    cmd = [peer_python, str(HERE / "peers" / "llmc_gptq.py"), "--model", str(model_folder(model)),
+    out = CACHE / f"peer-{tag}-{model}-{fmt}{''.join(args).replace('--', '-')}.safetensors"
+    cmd = [peer_python, str(HERE / "peers" / script), "--model", str(model_folder(model)),
            "--calib-ids", str(ids), "--bits", str(spec.bits), "--group-size", str(spec.group_size),
-           "--sym" if spec.sym else "--asym", "--device", device, "--out", str(out)]
-    if act_order:
-        cmd.append("--act-order")
+           "--sym" if spec.sym else "--asym", "--device", device, "--out", str(out), *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"peer failed: {r.stderr[-3000:]}")
     info = json.loads(out.with_suffix(".json").read_text())
-    model_obj = AutoModelForCausalLM.from_pretrained(str(model_folder(model)), dtype=torch.float32).eval().to(device)
-    for name, w in load_file(str(out)).items():
-        model_obj.get_submodule(name.removesuffix(".weight")).weight.data = w.to(device, torch.float32)
-    return info, model_obj
+    model_obj = AutoModelForCausalLM.from_pretrained(str(model_folder(model)), dtype=torch.float32).eval()
+    result = model_obj.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()}, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"peer weights not in the model: {result.unexpected_keys[:5]}")
+    return info, model_obj.to(device)
 
 
 def main() -> None:
@@ -161,7 +166,8 @@ def main() -> None:
                         continue
                     print(key, flush=True)
                     if method == "llm-compressor":
-                        info, m = run_peer(model, fmt, a, ids, args.peer_python, args.device)
+                        info, m = run_peer(model, fmt, ids, args.peer_python, args.device,
+                                           args=("--act-order",) if a else ())
                         seconds, extra = info["seconds"], {"peer": info.get("versions")}
                     else:
                         seconds, m = run_qf(model, fmt, a, method, calib, args.device)

@@ -38,7 +38,8 @@ from quantfoundry.roles.evaluator import EvalTarget
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+#: ``../shared`` beside the project (``QF_SHARED`` names another copy, e.g. on a machine without it)
+SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 SMOLLM2_BUILD = SHARED / "models/smollm2-135m-instruct-q4_1-dequant/build.sh"
 
 MODELS: dict[str, str] = {

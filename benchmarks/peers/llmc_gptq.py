@@ -213,6 +213,7 @@ def extract_dequantized(model: PreTrainedModel) -> tuple[dict[str, torch.Tensor]
     """
     import torch
     import torch.nn.functional as F
+    from compressed_tensors.offload import remove_dispatch
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
@@ -220,6 +221,11 @@ def extract_dequantized(model: PreTrainedModel) -> tuple[dict[str, torch.Tensor]
     tensors: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     notes: list[str] = []
+    # with --device cuda, the sequential pipeline leaves every module offloaded (weights on the
+    # CPU, onloaded per forward); read the offloaded copies — what save_pretrained writes — with
+    # the onloading removed, so the forward check below runs on exactly those tensors
+    remove_dispatch(model)
+    notes.append("compressed_tensors.offload.remove_dispatch(model) before extraction")
     worst = {"forward_max_abs_diff": 0.0, "forward_max_rel_diff": 0.0,
              "requantize_max_abs_change": 0.0, "stored_weight_max_abs_diff": 0.0}
     with torch.no_grad():
