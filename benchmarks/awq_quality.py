@@ -41,6 +41,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "awq-duo": ("awq", {"duo_scaling": True}),
     "awq-noclip": ("awq", {"clip": False}),
     "awq-duo-noclip": ("awq", {"duo_scaling": True, "clip": False}),  # the peer's settings
+    "awq-duo-noclip-nogqa": ("awq", {"duo_scaling": True, "clip": False, "fold_gqa": False}),  # + its mappings
     PEER: ("", {}),
 }
 
@@ -93,13 +94,15 @@ def main() -> None:
 
 
 def table(rows: dict[str, Any]) -> str:
-    lines = ["| model | format | method | KL in-domain (held out) | top-1 % | KL other text | top-1 % | time s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | format | method | KL in-domain (held out) | top-1 % | ppl (orig.) | KL other text | top-1 % "
+             "| ppl (orig.) | time s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in sorted(rows.items()):
         model, fmt, method = key.split("|")
         a, b = r["in_domain"], r["other"]
         lines.append(f"| {model} | {fmt} | {method} | {a['kl_mean']:.4f} | {a['same_top1_pct']:.2f} | "
-                     f"{b['kl_mean']:.4f} | {b['same_top1_pct']:.2f} | {r['seconds']:.1f} |")
+                     f"{a['ppl_quantized']:.3f} ({a['ppl_original']:.3f}) | {b['kl_mean']:.4f} | "
+                     f"{b['same_top1_pct']:.2f} | {b['ppl_quantized']:.2f} ({b['ppl_original']:.2f}) | "
+                     f"{r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
