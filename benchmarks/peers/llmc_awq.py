@@ -136,13 +136,17 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llmc_gptq import (  # noqa: E402  (stdlib-only at import: torch still unloaded)
-    DTYPES,
     LM_HEAD,
+    OBSERVER,
+    add_run_args,
+    base_parser,
+    check_common,
     extract_dequantized,
     load_model_and_ids,
     patch_cpu_pin_memory,
     save_and_describe,
     timed_oneshot,
+    weight_scheme,
 )
 
 if TYPE_CHECKING:  # imported lazily: --device cpu must act before torch loads
@@ -150,25 +154,13 @@ if TYPE_CHECKING:  # imported lazily: --device cpu must act before torch loads
     from llmcompressor.modifiers import Modifier
     from transformers import PreTrainedModel
 
-OBSERVER = "memoryless_minmax"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    p = argparse.ArgumentParser(
-        description="Run llm-compressor's AWQModifier + QuantizationModifier and save the "
-                    "dequantized model.",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
-    p.add_argument("--calib-ids", required=True, type=Path,
-                   help="torch.save'd int64 tensor [n_samples, seq_len] of token ids")
-    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
-    p.add_argument("--group-size", type=int, default=128, help="columns per group; 0 = per channel")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True,
-                     help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="symmetric", action="store_false",
-                     help="asymmetric grid with an integer zero point (W4A16_ASYM at 4 bits, g128)")
+    p = base_parser("Run llm-compressor's AWQModifier + QuantizationModifier and save the "
+                    "dequantized model.", __doc__,
+                    "asymmetric grid with an integer zero point (W4A16_ASYM at 4 bits, g128)")
     duo = p.add_mutually_exclusive_group()
     duo.add_argument("--duo-scaling", dest="duo_scaling", action="store_const", const=True,
                      default=None, help="duo_scaling=True (activations and weights)")
@@ -176,31 +168,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="duo_scaling=False (activations only)")
     p.add_argument("--n-grid", type=int, default=None,
                    help="grid points of AWQ's scale search (default: llm-compressor's)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="dtype the model is loaded in")
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    add_run_args(p, "dtype the model is loaded in")
     a = p.parse_args(argv)
-    if a.group_size < 0:
-        p.error("--group-size must be >= 0")
+    check_common(p, a)
     if a.n_grid is not None and a.n_grid < (2 if a.duo_scaling is False else 3):
         p.error("--n-grid must be >= 3 (>= 2 with --no-duo-scaling)")
-    if a.out.suffix != ".safetensors":
-        p.error("--out must end in .safetensors")
     return a
 
 
 def build_recipe(a: argparse.Namespace) -> list[Modifier]:
     """[AWQModifier, QuantizationModifier] for the requested integer weight-only scheme."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
-    weights = QuantizationArgs(
-        num_bits=a.bits, type="int", symmetric=a.symmetric,
-        strategy="channel" if a.group_size == 0 else "group",
-        group_size=None if a.group_size == 0 else a.group_size,
-        observer=OBSERVER)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    scheme = weight_scheme(a)
     awq_kwargs: dict[str, Any] = {}
     if a.duo_scaling is not None:
         awq_kwargs["duo_scaling"] = a.duo_scaling

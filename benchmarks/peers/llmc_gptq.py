@@ -124,13 +124,14 @@ if TYPE_CHECKING:  # imported lazily: --device cpu must act before torch loads
 LM_HEAD = "lm_head"
 FORWARD_ATOL = 1e-5
 DTYPES = ("float32", "bfloat16", "float16")
+OBSERVER = "memoryless_minmax"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (see the module docstring)."""
-    p = argparse.ArgumentParser(
-        description="Run llm-compressor's GPTQModifier and save dequantized Linear weights.",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(description: str, epilog: str | None,
+                asym_help: str = "asymmetric grid with an integer zero point") -> argparse.ArgumentParser:
+    """The options both peer runners take first: model, calibration ids, the integer grid."""
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
     p.add_argument("--calib-ids", required=True, type=Path,
                    help="torch.save'd int64 tensor [n_samples, seq_len] of token ids")
@@ -139,23 +140,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=True,
                      help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="symmetric", action="store_false",
-                     help="asymmetric grid with an integer zero point")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help=asym_help)
+    return p
+
+
+def add_run_args(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    """The options both peer runners take last: device, dtype, output file."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help=dtype_help)
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+
+
+def check_common(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refusals both peer runners share."""
+    if a.group_size < 0:
+        p.error("--group-size must be >= 0")
+    if a.out.suffix != ".safetensors":
+        p.error("--out must end in .safetensors")
+
+
+def weight_scheme(a: argparse.Namespace):  # noqa: ANN201  (compressed_tensors loads lazily)
+    """The integer weight-only ``QuantizationScheme`` both runners quantize with."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    weights = QuantizationArgs(
+        num_bits=a.bits, type="int", symmetric=a.symmetric,
+        strategy="channel" if a.group_size == 0 else "group",
+        group_size=None if a.group_size == 0 else a.group_size,
+        observer=OBSERVER)
+    return QuantizationScheme(targets=["Linear"], weights=weights)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = base_parser("Run llm-compressor's GPTQModifier and save dequantized Linear weights.", __doc__)
     p.add_argument("--act-order", action="store_true",
                    help='actorder="static" (desc_act with static groups); default actorder=None')
     p.add_argument("--damp", type=float, default=0.01, help="dampening_frac (of mean diag(H))")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block size")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="dtype the model is loaded in (GPTQ itself runs in float32)")
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    add_run_args(p, "dtype the model is loaded in (GPTQ itself runs in float32)")
     a = p.parse_args(argv)
-    if a.group_size < 0:
-        p.error("--group-size must be >= 0")
+    check_common(p, a)
     if a.block_size <= 0 or a.damp < 0:
         p.error("--block-size must be > 0 and --damp >= 0")
-    if a.out.suffix != ".safetensors":
-        p.error("--out must end in .safetensors")
     return a
 
 
@@ -181,15 +207,8 @@ def group_size_violations(model: torch.nn.Module, group_size: int) -> list[str]:
 
 def build_modifier(a: argparse.Namespace) -> GPTQModifier:
     """The GPTQModifier for the requested integer weight-only scheme."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
-    weights = QuantizationArgs(
-        num_bits=a.bits, type="int", symmetric=a.symmetric,
-        strategy="channel" if a.group_size == 0 else "group",
-        group_size=None if a.group_size == 0 else a.group_size,
-        observer="memoryless_minmax")
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    return GPTQModifier(config_groups={"group_0": scheme}, targets=["Linear"], ignore=[LM_HEAD],
+    return GPTQModifier(config_groups={"group_0": weight_scheme(a)}, targets=["Linear"], ignore=[LM_HEAD],
                         block_size=a.block_size, dampening_frac=a.damp,
                         actorder="static" if a.act_order else None)
 
