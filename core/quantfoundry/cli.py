@@ -69,7 +69,7 @@ class QFGroup(click.Group):
 
 @click.group(cls=QFGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "plugin_flags", multiple=True, metavar="no:NAME",
-              help="Block a plugin by name (repeatable), e.g. -p no:qf-gptq.")
+              help="Block a plugin by plugin or distribution name (repeatable), e.g. -p no:qf-gptq.")
 @click.version_option(package_name="quantfoundry", prog_name="qf")
 def cli(plugin_flags: tuple[str, ...]) -> None:
     """QuantFoundry: quantize a causal LM with any method, export it for any engine."""
@@ -252,6 +252,7 @@ def _print_summary(result: Any) -> None:
 @click.option("--options", "options_of", default=None, metavar="NAME", help="Show the options of one component.")
 def plugins(options_of: str | None) -> None:
     """List installed plugins, their versions, what each registers, and load errors."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .registry import ROLES
@@ -287,6 +288,8 @@ def plugins(options_of: str | None) -> None:
         table.add_row(f"[red]{failure.name}[/red]", f"{failure.distribution or '?'} {failure.version or ''}",
                       f"[red]failed to {failure.stage}: {failure.error}[/red]")
     console.print(table)
+    for notice in pm.notices:
+        console.print(f"[yellow]note: {escape(notice)}[/yellow]", highlight=False)
     for role in ROLES:
         names = pm.registry(role).names()
         console.print(f"{role}s: {', '.join(names) or '-'}")

@@ -14,6 +14,7 @@ reported by ``qf plugins`` and as a warning, and the rest keep working.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -77,9 +78,13 @@ class QFPluginManager(pluggy.PluginManager):
         super().__init__(PROJECT)
         self.add_hookspecs(hookspecs)
         self.load_errors: list[PluginLoadFailure] = []
+        #: things loading skipped that the user should hear about (shadowed or duplicate entry
+        #: points, blocked names that match no plugin); each is also a ``RuntimeWarning``
+        self.notices: list[str] = []
         self._dists: dict[str, tuple[str | None, str | None]] = {}
         self._registries: dict[str, tuple[tuple[int, ...], Registry]] = {}
         self._loaded = False
+        self._trace = False
 
     # -- loading -------------------------------------------------------------------------
     def load(self, blocked: list[str] | tuple[str, ...] = ()) -> QFPluginManager:
@@ -89,48 +94,101 @@ class QFPluginManager(pluggy.PluginManager):
                 self.block(name)
             return self
         self._loaded = True
-        for name in [*_env_list("QF_DISABLED_PLUGINS"), *blocked]:
+        asked = [*_env_list("QF_DISABLED_PLUGINS"), *blocked]
+        for name in asked:
             self.set_blocked(name)
         for name, module in DEFAULT_PLUGINS:
             if self.is_blocked(name):
                 continue
             self.register(importlib.import_module(module), name=name)
-        if os.environ.get("QF_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0"):
-            pass
-        else:
-            self.load_entry_points()
-        self.check_pending()
-        if os.environ.get("QF_TRACE_PLUGINS"):
+        known = {name for name, _ in DEFAULT_PLUGINS}
+        if os.environ.get("QF_DISABLE_PLUGIN_AUTOLOAD", "").strip() in ("", "0"):
+            known |= self.load_entry_points()
+        self._isolate_unknown_hooks()
+        for name in dict.fromkeys(asked):
+            if name not in known:
+                self._notice(f"no plugin is named {name!r}, so blocking it does nothing; plugin and "
+                             f"distribution names: {', '.join(sorted(known))}")
+        self._trace = bool(os.environ.get("QF_TRACE_PLUGINS"))
+        if self._trace:
             self.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
             self.enable_tracing()
         return self
 
-    def load_entry_points(self) -> None:
+    def load_entry_points(self) -> set[str]:
+        """Register the entry points of the group ``quantfoundry``; returns every plugin and
+        distribution name seen (loaded or not), for the check of blocked names."""
         allow = set(_env_list("QF_LOAD_PLUGINS"))
-        seen: set[str] = set()
+        seen: dict[str, str | None] = {}
+        known: set[str] = set()
         for dist in importlib.metadata.distributions():
+            dist_name = dist.metadata["Name"] if dist.metadata else None
             for ep in dist.entry_points:
-                if ep.group != ENTRY_POINT_GROUP or ep.name in seen:
+                if ep.group != ENTRY_POINT_GROUP:
                     continue
-                seen.add(ep.name)
-                if (allow and ep.name not in allow) or self.is_blocked(ep.name):
+                known.update(n for n in (ep.name, dist_name) if n)
+                if ep.name in seen:
+                    if seen[ep.name] != dist_name:
+                        self._notice(f"entry point {ep.name!r} of {dist_name} is not loaded: {seen[ep.name]} "
+                                     "provides one of that name (uninstall one of them)")
+                    continue
+                seen[ep.name] = dist_name
+                if (allow and ep.name not in allow) or self.is_blocked(ep.name) or \
+                        (dist_name is not None and self.is_blocked(dist_name)):
                     continue
                 if self.get_plugin(ep.name) is not None:
+                    self._notice(f"entry point {ep.name!r} of {dist_name} is not loaded: a built-in plugin "
+                                 "has that name (rename the entry point)")
                     continue
-                dist_name = dist.metadata["Name"] if dist.metadata else None
                 try:
                     plugin = ep.load()
-                    self.register(plugin, name=ep.name)
                 except Exception as exc:
                     self._fail(ep.name, "import", exc, (dist_name, dist.version))
                     continue
+                try:
+                    self.register(plugin, name=ep.name)
+                except Exception as exc:  # e.g. a hook implementation with wrong argument names
+                    self._fail(ep.name, "register", exc, (dist_name, dist.version))
+                    continue
                 self._dists[ep.name] = (dist_name, dist.version)
+        return known
+
+    def _isolate_unknown_hooks(self) -> None:
+        """pluggy's ``check_pending``, one plugin at a time: a plugin implementing a hook that
+        has no spec (a misspelled ``qf_register_quantizer``) is unregistered and reported as a
+        load error; the others keep working."""
+        specs = [n for n in dir(hookspecs) if n.startswith("qf_")]
+        bad: dict[str, list[str]] = {}
+        for name in list(self.hook.__dict__):
+            if name[0] == "_":
+                continue
+            caller = getattr(self.hook, name)
+            if caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if not impl.optionalhook:
+                    bad.setdefault(impl.plugin_name, []).append(name)
+        for plugin, hooks in bad.items():
+            close = difflib.get_close_matches(hooks[0], specs, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            exc = pluggy.PluginValidationError(self.get_plugin(plugin), f"unknown hook {hooks[0]!r}{hint}")
+            self.unregister(name=plugin)
+            self._fail(plugin, "register", exc, self.distribution_of(plugin))
+        self.check_pending()  # nothing left to find; kept as the contract's last word
 
     def block(self, name: str) -> None:
         """Block (and unregister if present) a plugin by name, like ``-p no:NAME``."""
         if self.get_plugin(name) is not None:
             self.unregister(name=name)
+        for plugin, (dist, _version) in list(self._dists.items()):
+            if dist == name and self.get_plugin(plugin) is not None:
+                self.unregister(name=plugin)
         self.set_blocked(name)
+
+    def _notice(self, message: str) -> None:
+        if message not in self.notices:
+            self.notices.append(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _fail(self, name: str, stage: str, exc: BaseException, dist: tuple[str | None, str | None]) -> None:
         failure = PluginLoadFailure(
@@ -157,8 +215,9 @@ class QFPluginManager(pluggy.PluginManager):
         cached = self._registries.get(role)
         if cached is not None and cached[0] == key:
             return cached[1]
+        trace = (lambda line: sys.stderr.write(line + "\n")) if self._trace else None
         entries = collect(self, role, on_error=lambda plugin, exc: self._fail(
-            plugin, "register", exc, self.distribution_of(plugin)))
+            plugin, "register", exc, self.distribution_of(plugin)), trace=trace)
         registry = Registry(role, entries)
         self._registries[role] = (key, registry)
         return registry

@@ -130,9 +130,11 @@ class Registry:
         return self.entry(name).component
 
 
-def collect(pm: QFPluginManager, role: str, on_error: Callable[[str, BaseException], None]) -> list[Entry]:
+def collect(pm: QFPluginManager, role: str, on_error: Callable[[str, BaseException], None],
+            trace: Callable[[str], None] | None = None) -> list[Entry]:
     """Call one registration hook on every plugin, one plugin at a time, so that each entry is
-    attributed to its plugin and a plugin that raises is reported without stopping the rest."""
+    attributed to its plugin and a plugin that raises is reported without stopping the rest.
+    ``trace`` (``QF_TRACE_PLUGINS=1``) gets one line per call: hook, plugin, what it registered."""
     hook = getattr(pm.hook, ROLES[role])
     entries: list[Entry] = []
     for impl in hook.get_hookimpls():  # registration order: built-ins first
@@ -141,7 +143,12 @@ def collect(pm: QFPluginManager, role: str, on_error: Callable[[str, BaseExcepti
         try:
             impl.function(register=registrar)
         except Exception as exc:  # a plugin's bug must not take the others down
+            if trace is not None:
+                trace(f"qf trace: {ROLES[role]}(register) [plugin {impl.plugin_name}] raised {type(exc).__name__}")
             on_error(impl.plugin_name, exc)
             continue
+        if trace is not None:
+            names = ", ".join(e.name for e in registrar.entries) or "nothing"
+            trace(f"qf trace: {ROLES[role]}(register) [plugin {impl.plugin_name}] -> {role} {names}")
         entries.extend(registrar.entries)
     return entries

@@ -164,6 +164,76 @@ def test_misspelled_hook_fails_loudly(register_plugin, qf_plugin_manager) -> Non
         qf_plugin_manager.check_pending()
 
 
+def test_a_misspelled_hook_in_an_entry_point_is_isolated(fake_distributions, monkeypatch) -> None:
+    """pluggy's check_pending raises for the whole manager; one bad plugin must not stop the rest."""
+    typo = types.ModuleType("qf_fake_typo")
+    typo.qf_register_quantizer = hookimpl(lambda register: None)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "qf_fake_typo", typo)
+    fake_distributions.append(DummyDist("qf-fake-typo", "0.1", [DummyEntryPoint("fake-typo", "qf_fake_typo")]))
+    pm = QFPluginManager()
+    with pytest.warns(RuntimeWarning, match=r"plugin 'fake-typo' \(qf-fake-typo 0.1\) failed to register: "
+                      r"PluginValidationError: unknown hook 'qf_register_quantizer' "
+                      r"\(did you mean 'qf_register_quantizers'\?\)"):
+        pm.load()
+    assert pm.get_plugin("fake-typo") is None
+    assert pm.registry("quantizer").get("doubler-test") is Doubler  # the other entry point loaded
+    assert pm.registry("quantizer").get("rtn")
+    pm.check_pending()  # nothing pending is left
+
+
+def test_trace_plugins_prints_every_registration_call(monkeypatch, capfd) -> None:
+    monkeypatch.setenv("QF_TRACE_PLUGINS", "1")
+    monkeypatch.setenv("QF_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = QFPluginManager().load()
+    pm.registry("quantizer")
+    pm.registry("format")
+    err = capfd.readouterr().err
+    assert "qf_register_quantizers(register) [plugin rtn] -> quantizer rtn" in err
+    assert "qf_register_formats(register) [plugin int-format] -> format int" in err
+
+
+def test_skipped_entry_points_and_unknown_blocks_are_warned(fake_distributions, monkeypatch) -> None:
+    fake_distributions.append(DummyDist("qf-fake-shadow", "2.0", [DummyEntryPoint("rtn", "qf_fake_good")]))
+    fake_distributions.append(DummyDist("qf-fake-good-fork", "9.9", [DummyEntryPoint("fake-good", "qf_fake_good")]))
+    pm = QFPluginManager()
+    with pytest.warns(RuntimeWarning) as record:
+        pm.load(blocked=["no-such-plugin"])
+    messages = [str(w.message) for w in record]
+    assert any("entry point 'rtn' of qf-fake-shadow is not loaded: a built-in plugin has that name" in m
+               for m in messages)
+    assert any("entry point 'fake-good' of qf-fake-good-fork is not loaded: qf-fake-good provides one" in m
+               for m in messages)
+    assert any("no plugin is named 'no-such-plugin', so blocking it does nothing" in m for m in messages)
+    assert len(pm.notices) == 3
+    assert pm.registry("quantizer").entry("doubler-test").distribution == "qf-fake-good"
+
+
+def test_blocking_by_distribution_name(fake_distributions) -> None:
+    pm = QFPluginManager().load(blocked=["qf-fake-good"])
+    assert "doubler-test" not in pm.registry("quantizer")
+    assert not pm.notices  # a distribution name is a known name
+
+
+def test_cli_help_example_blocks_the_gptq_plugin() -> None:
+    """The -p help says `-p no:qf-gptq`: it must block qf-gptq (entry point `gptq`)."""
+    from click.testing import CliRunner
+    from quantfoundry import plugins
+    from quantfoundry.cli import cli
+
+    assert "-p no:qf-gptq" in " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+    plugins.reset_plugin_manager()
+    try:
+        result = CliRunner().invoke(cli, ["plugins"], catch_exceptions=False)
+        assert "gptq" in result.output.split("quantizers:")[1].splitlines()[0]
+        plugins.reset_plugin_manager()
+        result = CliRunner().invoke(cli, ["-p", "no:qf-gptq", "plugins"], catch_exceptions=False)
+        quantizers = result.output.split("quantizers:")[1].splitlines()[0]
+        assert "gptq" not in quantizers and "rtn" in quantizers
+        assert "hf-gptq" not in result.output.split("exporters:")[1].splitlines()[0]
+    finally:
+        plugins.reset_plugin_manager()
+
+
 def test_cli_plugins_lists_versions_and_errors(fake_distributions) -> None:
     from click.testing import CliRunner
     from quantfoundry import plugins
