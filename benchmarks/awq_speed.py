@@ -23,8 +23,8 @@ from pathlib import Path
 import quantfoundry as qf
 import torch
 from gptq_speed import LLAMA_1B, calibration, time_peer, time_qf
+from quantfoundry import resolve_model
 from quantfoundry.data import default_model_path
-from quantfoundry.pipeline.source import resolve_model
 from quantfoundry.testing.tiny import build_tiny_model
 
 

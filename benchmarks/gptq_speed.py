@@ -26,8 +26,8 @@ from pathlib import Path
 
 import quantfoundry as qf
 import torch
+from quantfoundry import resolve_model
 from quantfoundry.data import default_model_path
-from quantfoundry.pipeline.source import resolve_model
 from quantfoundry.testing.tiny import build_tiny_model
 
 HERE = Path(__file__).resolve().parent

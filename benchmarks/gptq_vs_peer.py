@@ -37,10 +37,8 @@ from typing import Any
 import quantfoundry as qf
 import torch
 from _common import load_rows, save_rows
+from quantfoundry import EvalTarget, QuantLinear, resolve_model
 from quantfoundry.pipeline.evaluate import Evaluation, make_reference
-from quantfoundry.pipeline.source import resolve_model
-from quantfoundry.roles.evaluator import EvalTarget
-from quantfoundry.roles.kernel import QuantLinear
 from rtn_sweep import TEXTS, model_folder
 
 HERE = Path(__file__).resolve().parent

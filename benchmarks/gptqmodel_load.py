@@ -17,7 +17,7 @@ from pathlib import Path
 import quantfoundry as qf
 import torch
 from qf_gptq.exporter import load_gptq_checkpoint
-from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry import QuantLinear
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".cache" / "gptqmodel"

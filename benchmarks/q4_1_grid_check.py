@@ -17,8 +17,8 @@ import subprocess
 from pathlib import Path
 
 import torch
+from quantfoundry import resolve_model
 from quantfoundry.formats import resolve_format
-from quantfoundry.pipeline.source import resolve_model
 
 BUILD = str(Path(__file__).resolve().parent.parent.parent / "shared/models/smollm2-135m-instruct-q4_1-dequant/build.sh")
 

@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 from _common import core_version, cpu_name
+from quantfoundry import EvalTarget, ModelSource, resolve_model
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.builtin.size import SizeEvaluator
-from quantfoundry.pipeline.materialize import load_full_model
 from quantfoundry.pipeline.run import run
-from quantfoundry.pipeline.source import ModelSource, resolve_model
-from quantfoundry.roles.evaluator import EvalTarget
+from quantfoundry.toolkit import load_full_model
 from torch import nn
 
 HERE = Path(__file__).resolve().parent

@@ -33,27 +33,29 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import QFError
 from .hookspecs import hookimpl, hookspec
+from .model.source import ModelSource, resolve_model
 from .options import Options
 from .plugins import get_component, get_plugin_manager
 from .roles.architecture import Architecture, InputGroup
+from .roles.block import Block, BlockInputs, QuantContext
 from .roles.calibrator import CalibrationSet, Calibrator
-from .roles.evaluator import Engine, EvalTarget, Evaluator
+from .roles.evaluator import Engine, EvalTarget, Evaluator, ReferenceModel
 from .roles.exporter import Exporter
-from .roles.format import Format, QuantizedWeight
+from .roles.format import Format, Params, QuantizedWeight
 from .roles.kernel import Kernel, QuantLinear
 from .roles.plan import QuantPlan, TensorPlan
-from .roles.quantizer import Block, BlockInputs, QuantContext, Quantizer
+from .roles.quantizer import Quantizer, Transform
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline.run import RunResult
+    from .pipeline.result import RunResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
-    "Exporter", "Format", "InputGroup", "Kernel", "Options", "QFError", "QuantContext", "QuantLinear",
-    "QuantPlan", "QuantizedWeight", "Quantizer", "TensorPlan", "get_component", "get_plugin_manager",
-    "hookimpl", "hookspec", "load", "resolve_format", "run",
+    "Exporter", "Format", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "QFError", "QuantContext",
+    "QuantLinear", "QuantPlan", "QuantizedWeight", "Quantizer", "ReferenceModel", "TensorPlan", "Transform",
+    "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
 ]
 
 

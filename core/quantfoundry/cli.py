@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -54,9 +55,14 @@ def _evaluator_specs(names: tuple[str, ...], pairs: tuple[str, ...],
 
 
 class QFClickError(click.ClickException):
-    """A QFError shown as one line (``Error: ...``) with exit code 2."""
+    """A QFError shown as one line (``Error: ...``) with exit code 2 (or the error's own:
+    130 for a run stopped by a signal)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class QFGroup(click.Group):
@@ -64,7 +70,7 @@ class QFGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QFError as exc:
-            raise QFClickError(str(exc)) from None
+            raise QFClickError(str(exc), getattr(exc, "exit_code", 2)) from None
 
 
 @click.group(cls=QFGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,7 +120,10 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--allow-pickle", is_flag=True, default=None, help="Allow loading pickled .bin weights.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out folder.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace an existing --out folder (only once the new artifact is complete).")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue an interrupted run from its journal (the same command and inputs).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and stop before any quantization.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run(**kw: Any) -> None:
@@ -130,7 +139,7 @@ def run(**kw: Any) -> None:
                       ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
                       ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
-                      ("overwrite", "overwrite"), ("imatrix", "imatrix")):
+                      ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel"):
@@ -154,13 +163,21 @@ def run(**kw: Any) -> None:
     if "out" not in args:
         args["out"] = _default_out(args)
     args["progress"] = not kw["no_progress"] and sys.stderr.isatty()
-    result = run_pipeline(**args)
+    from .pipeline.interrupt import RunInterrupted
+
+    try:
+        result = run_pipeline(**args)
+    except RunInterrupted as exc:
+        again = [a for a in sys.argv[1:] if a != "--resume"]
+        if "--out" not in again and "out" in args:  # the default folder was chosen for this run
+            again += ["--out", str(args["out"])]
+        raise QFClickError(f"{exc}; resume: qf {shlex.join([*again, '--resume'])}", exc.exit_code) from None
     _print_summary(result)
 
 
 def _default_out(args: dict[str, Any]) -> Path:
     from .formats import resolve_format
-    from .pipeline.run import make
+    from .pipeline.components import make
 
     model = Path(str(args.get("model") or "pycode-7m")).name or "model"
     quant = "+".join(n for n, _ in args["quantizer"])
@@ -175,20 +192,12 @@ def _default_out(args: dict[str, Any]) -> Path:
 
 
 def _dry_run(args: dict[str, Any]) -> None:
-    from .data import default_model_path
-    from .formats import resolve_format
-    from .pipeline.run import make
-    from .pipeline.source import resolve_model
+    """The run's first two stages without reading weights: every check, then the plan."""
+    from .pipeline.stages import RunRequest, load_and_plan, resolve
 
-    exp = make("exporter", args.get("exporter", "qf"), args.get("exporter_options"))
-    for name, opts in args["quantizer"]:
-        make("quantizer", name, opts)
-    spec = args.get("format") or exp.default_format
-    requested = resolve_format(spec, args.get("format_options")) if spec else None
-    source = resolve_model(args.get("model") or default_model_path(), allow_pickle=bool(args.get("allow_pickle")),
-                           trust_remote_code=bool(args.get("trust_remote_code")), check_weights=False)
-    plan = exp.plan(source, requested)
-    _print_plan(plan)
+    state = resolve(RunRequest(**{k: v for k, v in args.items() if k not in ("out", "overwrite")}))
+    load_and_plan(state, dry_run=True)
+    _print_plan(state.plan)
 
 
 def _print_plan(plan: Any) -> None:

@@ -11,12 +11,17 @@ import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import DuplicateComponentError, UnknownComponentError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .plugins import QFPluginManager
+
+class PluginHooks(Protocol):
+    """What :func:`collect` needs of the plugin manager (:class:`quantfoundry.plugins.QFPluginManager`)."""
+
+    hook: Any
+
+    def distribution_of(self, plugin_name: str) -> tuple[str | None, str | None]: ...
 
 ROLES: dict[str, str] = {
     "format": "qf_register_formats",
@@ -130,7 +135,7 @@ class Registry:
         return self.entry(name).component
 
 
-def collect(pm: QFPluginManager, role: str, on_error: Callable[[str, BaseException], None],
+def collect(pm: PluginHooks, role: str, on_error: Callable[[str, BaseException], None],
             trace: Callable[[str], None] | None = None) -> list[Entry]:
     """Call one registration hook on every plugin, one plugin at a time, so that each entry is
     attributed to its plugin and a plugin that raises is reported without stopping the rest.

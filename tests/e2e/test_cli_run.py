@@ -11,9 +11,9 @@ import pytest
 import quantfoundry as qf
 import torch
 from click.testing import CliRunner
+from quantfoundry import QuantLinear
 from quantfoundry.cli import cli
 from quantfoundry.data import default_eval_text
-from quantfoundry.roles.kernel import QuantLinear
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_run_ends_with_the_metric_table(default_run) -> None:
 def test_manifest_records_the_run(default_run) -> None:
     out, _ = default_run
     m = json.loads((out / "quantfoundry.json").read_text())
-    assert m["quantizer"] == [{"name": "rtn", "options": {}}]
+    assert m["quantizer"] == [{"name": "rtn", "options": {}, "role": "quantizer"}]
     assert m["format"]["spec"] == "int4-g128"
     assert m["source"]["sha256"] == "5e02a8b9d73bf72ca3af2699379e5423a3a3de3749436a88ad5d73b48f501c4a"
     assert m["plan"]["lm_head"]["format"] is None and "kept in float" in m["plan"]["lm_head"]["reason"]

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from quantfoundry.cli import cli
 from quantfoundry.errors import (
     AlreadyQuantizedError,
+    ArtifactError,
     ModelLoadError,
     NonFiniteWeightsError,
     UnsupportedArchitectureError,
@@ -141,7 +142,11 @@ def test_existing_output_needs_overwrite(tmp_path) -> None:
     assert_one_line(out, "already exists; pass --overwrite")
 
 
-def test_a_failed_export_leaves_nothing_behind(register_plugin, tmp_path) -> None:
+def test_a_failed_export_leaves_no_artifact_and_resumes(register_plugin, tmp_path) -> None:
+    """A crash while writing (disk full) leaves no half-written artifact; the quantized blocks
+    stay in the run's journal, which the same run with resume=True writes out."""
+    full = {"disk": True}
+
     class Failing(qf.Exporter):
         name = "failing"
         default_format = "int8"
@@ -150,7 +155,7 @@ def test_a_failed_export_leaves_nothing_behind(register_plugin, tmp_path) -> Non
             (folder / "partial.bin").write_bytes(b"x")
 
         def write(self, name, tensor):
-            if "layers.3" in name:
+            if "layers.3" in name and full["disk"]:
                 raise OSError("disk full")
 
         def finish(self, manifest):
@@ -162,8 +167,41 @@ def test_a_failed_export_leaves_nothing_behind(register_plugin, tmp_path) -> Non
             register(Failing)
 
     register_plugin(P(), "failing")
+    lines: list[str] = []
     with pytest.raises(OSError, match="disk full"):
-        qf.run(exporter="failing", out=tmp_path / "out", progress=False)
+        qf.run(exporter="failing", out=tmp_path / "out", progress=False, report=lines.append)
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".out.partial"]  # no artifact, no temporary
+    assert "keeps 6 finished block(s)" in lines[-1] and "--resume" in lines[-1]
+    full["disk"] = False
+    qf.run(exporter="failing", out=tmp_path / "out", progress=False, resume=True, report=lines.append)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_refused_export_leaves_nothing_behind(register_plugin, tmp_path) -> None:
+    """An error of the inputs (the exporter refuses a tensor) fails the same way on a rerun:
+    nothing is kept, not even the journal."""
+    class Refusing(qf.Exporter):
+        name = "refusing"
+        default_format = "int8"
+
+        def begin(self, folder, source, plan):
+            pass
+
+        def write(self, name, tensor):
+            if "layers.3" in name:
+                raise ArtifactError(f"{name} cannot be stored")
+
+        def finish(self, manifest):
+            return {}
+
+    class P:
+        @qf.hookimpl
+        def qf_register_exporters(self, register):
+            register(Refusing)
+
+    register_plugin(P(), "refusing")
+    with pytest.raises(ArtifactError, match="cannot be stored"):
+        qf.run(exporter="refusing", out=tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,12 +10,11 @@ import pytest
 import quantfoundry as qf
 import torch
 from click.testing import CliRunner
+from quantfoundry import Engine, QuantLinear
 from quantfoundry.builtin.qf_exporter import QFExporter
 from quantfoundry.cli import cli
 from quantfoundry.data import default_eval_text
 from quantfoundry.hookspecs import hookimpl
-from quantfoundry.roles.evaluator import Engine
-from quantfoundry.roles.kernel import QuantLinear
 
 SMALL = {"ctx": 64, "max_tokens": 600}
 
@@ -103,12 +102,19 @@ class TorchEngine(Engine):
 
 class EngineExporter(QFExporter):
     name = "engine-qf"
-
-    def load(self, folder, device, kernel=None, dtype=torch.float32):
-        raise NotImplementedError("served by an engine only")
+    can_load = False  # served by an engine only
 
     def engine(self, folder, device):
         return TorchEngine(folder, device)
+
+
+class BuggyLoader(QFExporter):
+    """Says it can load, and its loader has a bug that raises NotImplementedError deep inside."""
+
+    name = "buggy-loader"
+
+    def load(self, folder, device, kernel=None, dtype=torch.float32):
+        raise NotImplementedError("a helper the loader calls is unfinished")
 
 
 class _Plugin:
@@ -116,6 +122,7 @@ class _Plugin:
     def qf_register_exporters(self, register):
         register(LossyExporter)
         register(EngineExporter)
+        register(BuggyLoader)
 
 
 def test_a_lossy_export_is_flagged(tiny_model, tmp_path, register_plugin) -> None:
@@ -179,3 +186,12 @@ def test_compare_writes_a_table_and_a_png(tiny_model, tmp_path) -> None:
 def test_compare_needs_a_quality_evaluator(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["compare", "-f", "int8", "--evaluator", "size", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "needs a quality evaluator" in r.output
+
+
+def test_a_loader_bug_is_not_taken_for_cannot_load(tiny_model, tmp_path, register_plugin) -> None:
+    """Whether an exporter can reload is its ``can_load`` flag: a NotImplementedError raised
+    inside a real loader is a bug to report, not a reason to skip the artifact check quietly."""
+    register_plugin(_Plugin(), "test-exporters")
+    with pytest.raises(NotImplementedError, match="a helper the loader calls is unfinished"):
+        qf.run(tiny_model("llama"), format="int4-g32", exporter="buggy-loader", out=tmp_path / "o",
+               evaluators=[("kl", SMALL)], progress=False)

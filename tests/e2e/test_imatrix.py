@@ -5,7 +5,7 @@ from __future__ import annotations
 import quantfoundry as qf
 import torch
 from quantfoundry.hookspecs import hookimpl
-from quantfoundry.pipeline.run import make
+from quantfoundry.pipeline.components import make
 
 CAL = {"n_samples": 6, "seq_len": 48}
 seen: dict[str, torch.Tensor | None] = {}
@@ -31,7 +31,7 @@ class _Plugin:
 
 def float64_importance(folder, layer: int) -> dict[str, torch.Tensor]:
     """Mean squared input per channel of layer ``layer``'s linears, float model, float64 sums."""
-    from quantfoundry.pipeline.source import resolve_model
+    from quantfoundry import resolve_model
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(folder)

@@ -11,11 +11,10 @@ import pytest
 import quantfoundry as qf
 import quantfoundry.evaluation.reference as reference_mod
 import torch
+from quantfoundry import EvalTarget, resolve_model
 from quantfoundry.builtin.kl import KLEvaluator, KLOptions
 from quantfoundry.data import default_eval_text
 from quantfoundry.evaluation.reference import Reference
-from quantfoundry.pipeline.source import resolve_model
-from quantfoundry.roles.evaluator import EvalTarget
 from safetensors.torch import load_file, save_file
 
 CPU = torch.device("cpu")

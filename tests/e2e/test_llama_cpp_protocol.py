@@ -14,11 +14,10 @@ import sys
 
 import pytest
 import torch
+from quantfoundry import EvalTarget, resolve_model
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.data import default_eval_text, default_model_path
-from quantfoundry.pipeline.materialize import load_full_model
-from quantfoundry.pipeline.source import resolve_model
-from quantfoundry.roles.evaluator import EvalTarget
+from quantfoundry.toolkit import load_full_model
 
 CTX = 256
 

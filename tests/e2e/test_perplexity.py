@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from quantfoundry import EvalTarget, resolve_model
 from quantfoundry.builtin.perplexity import PerplexityEvaluator, PerplexityOptions
 from quantfoundry.data import default_eval_text, default_model_path
-from quantfoundry.pipeline.materialize import load_full_model
-from quantfoundry.pipeline.source import resolve_model
-from quantfoundry.roles.evaluator import EvalTarget
+from quantfoundry.toolkit import load_full_model
 
 
 def direct_perplexity(model_dir, text: str, window: int, max_tokens: int) -> tuple[float, int]:

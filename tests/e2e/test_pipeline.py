@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import quantfoundry as qf
 import torch
-from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry import QuantLinear
 from quantfoundry.testing.tiny import TINY_CONFIGS
 from torch import nn
 

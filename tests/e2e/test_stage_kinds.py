@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import quantfoundry as qf
 import torch
-from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry import QuantLinear
 from safetensors.torch import load_file
 
 
-class FoldScale(qf.Quantizer):
+class FoldScale(qf.Transform):
     """A transform stage in the AWQ/SmoothQuant mould: per input channel, divide the norm
     before q/k/v by s and multiply q/k/v's columns by s (the float model is unchanged)."""
 
     name = "fold-scale"
-    rounds = False
-    scope = "block"
 
-    def quantize_block(self, block, ctx):
+    def transform_block(self, block, ctx):
         group = block.architecture.groups[0]
         norm = block.module.get_submodule(group.prev)
         s = torch.linspace(0.5, 2.0, norm.weight.numel(), dtype=norm.weight.dtype)
@@ -24,7 +22,6 @@ class FoldScale(qf.Quantizer):
         norm.weight.data = (offset + norm.weight.data) / s - offset
         for name in group.linears:
             block.linear(name).weight.data *= s
-        return {}
 
 
 class WholeModelRTN(qf.Quantizer):
@@ -86,3 +83,17 @@ def test_whole_model_quantizer(register_plugin, tiny_model, tmp_path) -> None:
         if isinstance(mod, QuantLinear):
             assert torch.equal(mod.qweight.packed, rtn.get_submodule(name).qweight.packed)
     assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))  # tied: stored once
+
+
+def test_recipe_order_is_checked_before_any_work(register_plugin, tmp_path) -> None:
+    """A transform last, or a rounding quantizer that offers no transform before another
+    quantizer, is a one-line error naming the fix — before the model is read."""
+    from quantfoundry.errors import UsageError
+
+    _register(register_plugin)
+    import pytest
+
+    with pytest.raises(UsageError, match="the last stage 'fold-scale' only transforms; add a rounding quantizer"):
+        qf.run(quantizer=[("rtn", {}), ("fold-scale", {})], model=str(tmp_path / "no-such-model"))
+    with pytest.raises(UsageError, match="quantizer 'rtn' rounds weights and offers no transform"):
+        qf.run(quantizer=[("rtn", {}), ("rtn", {})], model=str(tmp_path / "no-such-model"))

@@ -7,7 +7,7 @@ import quantfoundry as qf
 import torch
 from quantfoundry.builtin.architectures import BUILTIN_ARCHITECTURES
 from quantfoundry.errors import UnsupportedArchitectureError
-from quantfoundry.pipeline.source import find_architecture
+from quantfoundry.model.source import find_architecture
 from quantfoundry.testing.tiny import TINY_CONFIGS, tiny_config
 from torch import nn
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import quantfoundry as qf
 import torch
-from quantfoundry.builtin.int_format import IntFormat, IntOptions
-from quantfoundry.roles.format import pack_bits, unpack_bits
+from quantfoundry.toolkit import IntFormat, IntOptions, pack_bits, unpack_bits
 
 
 def reference(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import quantfoundry as qf
 import torch
-from quantfoundry.safetensors_stream import StreamingSafetensorsWriter
+from quantfoundry.toolkit.safetensors_stream import StreamingSafetensorsWriter
 from safetensors import safe_open
 from safetensors.torch import load_file
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..hookspecs import hookimpl
+from ..roles.block import QuantContext
 from ..roles.format import Format, QuantizedWeight
-from ..roles.quantizer import QuantContext, Quantizer
+from ..roles.quantizer import Quantizer
 
 
 class RTNQuantizer(Quantizer):

@@ -76,7 +76,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            from ..pipeline.materialize import trim_memory
+            from ..memory import trim_memory
 
             trim_memory()  # hand freed heap back first, so growth is new memory, not reuse
             try:

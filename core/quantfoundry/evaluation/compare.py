@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..pipeline.manifest import write_json_atomic
+from ..files import write_json_atomic
 
 Spec = tuple[str, Mapping[str, Any]]
 
@@ -161,7 +161,8 @@ def compare(model: str | Path | None, variants: list[Variant], *, evaluators: li
             out: Path, device: str = "cpu", artifacts: bool = False, cache: bool = True,
             on_variant: Callable[[int, int, str], None] | None = None, **run_kwargs: Any) -> CompareResult:
     """Run every variant, then write ``compare.md``, ``compare.json`` and ``compare.png`` into ``out``."""
-    from ..pipeline.run import make, run
+    from ..pipeline.components import make
+    from ..pipeline.run import run
 
     evals = list(evaluators)
     names = [n for n, _ in evals]

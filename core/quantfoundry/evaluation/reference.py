@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from ..pipeline.manifest import write_json_atomic
-from ..pipeline.materialize import load_full_model
+from ..files import write_json_atomic
+from ..memory import trim_memory
+from ..model.materialize import load_full_model
 from ..roles.evaluator import EvalTarget, Metric
 
 _TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -94,8 +95,6 @@ class Reference:
     def release(self) -> None:
         """Drop the original model (the cache stays)."""
         self._target = None
-        from ..pipeline.materialize import trim_memory
-
         trim_memory()
 
     # -- identity -------------------------------------------------------------------------

@@ -23,11 +23,14 @@ import torch
 
 from ..errors import ArtifactError, EngineUnavailable, UsageError
 from ..evaluation.reference import Reference, cache_root
+from ..files import read_manifest, write_json_atomic
+from ..model.source import resolve_model
 from ..options import options_to_dict
 from ..roles.evaluator import Engine, EvalTarget, Evaluator
 from ..roles.exporter import Exporter
 from ..roles.plan import QuantPlan, TensorPlan
-from .manifest import read_manifest, write_json_atomic
+from .components import device_of, make
+from .result import RunResult
 
 Metrics = dict[str, dict[str, dict[str, Any]]]
 
@@ -190,11 +193,9 @@ def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel
                   strict: bool = False) -> tuple[torch.nn.Module | None, Engine | None, str]:
     """The artifact as a torch model (through our kernels) or an engine, and how it was opened
     (or why it could not be: a missing engine raises :class:`EngineUnavailable` when ``strict``)."""
-    try:
+    if exporter.can_load:
         model = exporter.load(folder, device, kernel, dtype)
         return model, None, f"exporter {exporter.name!r} reloaded through quantfoundry kernels"
-    except NotImplementedError:
-        pass
     try:
         engine = exporter.engine(folder, device)
     except EngineUnavailable as e:
@@ -219,11 +220,8 @@ def quantized_linears(model: torch.nn.Module) -> QuantPlan:
 def evaluate_artifact(path: str | Path, *, original: str | None = None,
                       evaluators: list[tuple[str, dict[str, Any]]], kernel: str | None = None,
                       device: str = "cpu", dtype: str = "float32", update_manifest: bool = True,
-                      cache: bool = True, progress: bool = False) -> Any:
+                      cache: bool = True, progress: bool = False) -> RunResult:
     """``qf eval``: open the artifact at ``path`` and evaluate it beside its original model."""
-    from .run import RunResult, _device, make
-    from .source import resolve_model
-
     t0 = time.perf_counter()
     folder = Path(path)
     manifest = read_manifest(folder)
@@ -232,7 +230,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     if not source_path:
         raise ArtifactError(f"{folder}'s manifest names no source model; pass --original")
     source = resolve_model(source_path, check_weights=False)
-    dev = _device(device)
+    dev = device_of(device)
     exp: Exporter = make("exporter", manifest["exporter"]["name"], manifest["exporter"].get("options", {}))
     if dtype != "float32":
         raise UsageError("evaluation runs in float32; drop --dtype")

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
-import os
 import platform
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..options import options_to_dict
+from ..roles.quantizer import Quantizer, Transform
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..model.source import ModelSource
     from ..roles.calibrator import CalibrationSet
     from ..roles.exporter import Exporter
     from ..roles.format import Format
     from ..roles.plan import QuantPlan
-    from ..roles.quantizer import Quantizer
-    from .source import ModelSource
 
-MANIFEST = "quantfoundry.json"
 SCHEMA_VERSION = 1
 
 
@@ -44,9 +40,11 @@ def plugin_versions() -> dict[str, str | None]:
     return out
 
 
-def build_manifest(*, source: ModelSource, stages: list[Quantizer], requested: Format | None,
-                   exporter: Exporter, plan: QuantPlan, calibration: CalibrationSet | None,
-                   notes: list[str], evaluation: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(*, source: ModelSource, stages: list[Quantizer | Transform], stage_specs: list[tuple[str, Any]],
+                   requested: Format | None, exporter: Exporter, plan: QuantPlan,
+                   calibration: CalibrationSet | None, notes: list[str], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a run (``quantfoundry.json``); ``quantizer`` lists the recipe's stages as
+    named, each with its options and whether it ran as a transform or as the rounding stage."""
     return {
         "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -57,7 +55,9 @@ def build_manifest(*, source: ModelSource, stages: list[Quantizer], requested: F
             "sha256": source.sha256,
             "dtype": str(source.storage_dtype).removeprefix("torch."),
         },
-        "quantizer": [{"name": s.name, "options": options_to_dict(s.options)} for s in stages],
+        "quantizer": [{"name": name, "options": options_to_dict(s.options),
+                       "role": "transform" if isinstance(s, Transform) else "quantizer"}
+                      for (name, _), s in zip(stage_specs, stages, strict=True)],
         "format": requested.to_json() if requested else None,
         "exporter": {"name": exporter.name, "options": options_to_dict(exporter.options)},
         "calibration": None if calibration is None else {
@@ -74,22 +74,3 @@ def build_manifest(*, source: ModelSource, stages: list[Quantizer], requested: F
         },
         "plugins": plugin_versions(),
     }
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    from ..errors import ArtifactError
-
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{folder} has no {MANIFEST}; pass a folder written by `qf run`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged: re-run `qf run`") from None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -18,11 +18,11 @@ and work on both.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -30,8 +30,7 @@ from torch import nn
 from .component import Component
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..evaluation.reference import Reference
-    from ..pipeline.source import ModelSource
+    from ..model.source import ModelSource
 
 Metric = float | int | str
 
@@ -71,6 +70,28 @@ class Engine(ABC):
         """Free the engine's memory."""
 
 
+class ReferenceModel(Protocol):
+    """The original model behind a comparison, as comparing evaluators see it
+    (``target.reference``; the pipeline's is :class:`quantfoundry.evaluation.reference.Reference`):
+    loaded at most once, with a disk cache of what was computed on it."""
+
+    device: torch.device
+
+    def target(self) -> EvalTarget:
+        """The original model in float32 (loaded on first use)."""
+        ...
+
+    def tensors(self, kind: str, key: dict[str, Any],
+                compute: Callable[[EvalTarget], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``compute(original)``'s tensors, from the cache when ``key`` was computed before."""
+        ...
+
+    def metrics(self, kind: str, key: dict[str, Any],
+                compute: Callable[[EvalTarget], dict[str, Metric]]) -> dict[str, Metric]:
+        """``compute(original)``'s metrics, from the cache when ``key`` was computed before."""
+        ...
+
+
 @dataclass
 class EvalTarget:
     """The model an evaluator measures.
@@ -94,7 +115,7 @@ class EvalTarget:
     float_dtype: torch.dtype = torch.bfloat16
     info: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None
-    reference: Reference | None = None
+    reference: ReferenceModel | None = None
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -131,22 +152,15 @@ class Evaluator(Component, ABC):
         """What a result on the original depends on besides the model and the device: the
         evaluator, its options, and the content of every file they name (the evaluation
         text, also when it is the embedded default)."""
+        from ..files import sha256_file
         from ..options import options_to_dict
 
         files: dict[str, str] = {}
         for f in dataclasses.fields(self.options):
             value = getattr(self.options, f.name)
             if isinstance(value, Path) and value.is_file():
-                files[f.name] = _sha256_file(value)
+                files[f.name] = sha256_file(value)
         text_path = getattr(self.options, "text_path", None)
         if callable(text_path):
-            files["text"] = _sha256_file(Path(text_path()))
+            files["text"] = sha256_file(Path(text_path()))
         return {"evaluator": self.name, "options": options_to_dict(self.options), "files": files}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -26,7 +26,7 @@ from .plan import QuantPlan, TensorPlan
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from ..pipeline.source import ModelSource
+    from ..model.source import ModelSource
     from .evaluator import Engine
 
 
@@ -38,6 +38,9 @@ class Exporter(Component, ABC):
     #: True if it stores a weight's input-column permutation (``QuantizedWeight.perm``, GPTQ's
     #: act-order ``g_idx``); a quantizer that permutes columns is refused before any work otherwise
     stores_permutation: ClassVar[bool] = False
+    #: True if :meth:`load` rebuilds its artifacts as a torch model (``qf load``, and the run's
+    #: artifact check through quantfoundry kernels); otherwise :meth:`engine` serves them, if any
+    can_load: ClassVar[bool] = False
 
     # -- planning ------------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:
@@ -48,10 +51,13 @@ class Exporter(Component, ABC):
         """Human description of what it stores (for error messages)."""
         return "any registered format"
 
-    def plan(self, source: ModelSource, requested: Format | None) -> QuantPlan:
+    def plan(self, source: ModelSource, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         """Choose a format per tensor. Default: every decoder-block linear gets ``requested``
         (or its documented fallback when the shape does not fit); embeddings, the output head
-        and everything else stay in float, each with its reason."""
+        and everything else stay in float, each with its reason.
+
+        :param collects_importance: the run collects an importance matrix from calibration
+            (``--imatrix``), for exporters whose plan depends on it (llama.cpp's mixes)."""
         if requested is None:
             raise UsageError(f"exporter {self.name!r} has no default format; choose one with --format")
         return default_plan(source, requested)
@@ -66,8 +72,9 @@ class Exporter(Component, ABC):
         """Write one tensor by its full parameter name (``...q_proj.weight``)."""
 
     @abstractmethod
-    def finish(self, manifest: dict[str, Any]) -> None:
-        """Flush everything; ``manifest`` is what ``quantfoundry.json`` will hold."""
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Flush everything. ``manifest`` is what ``quantfoundry.json`` will hold; the entries of
+        the returned dict are added to it (files written, tensor tables), ``None`` adds nothing."""
 
     def verify(self, folder: Path) -> None:
         """Check the written files (reopen, count tensors); raise ArtifactError if wrong."""
@@ -75,8 +82,9 @@ class Exporter(Component, ABC):
     # -- reading back ----------------------------------------------------------------------
     def load(self, folder: Path, device: torch.device, kernel: str | None = None,
              dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Rebuild the quantized model from an artifact this exporter wrote (optional)."""
-        raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python")
+        """Rebuild the quantized model from an artifact this exporter wrote (optional: set
+        :attr:`can_load` when implemented)."""
+        raise NotImplementedError(f"exporter {self.name!r} cannot reload its artifacts in Python (can_load is False)")
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -95,10 +103,6 @@ class Exporter(Component, ABC):
         """Named choices the exporter offers besides formats (e.g. llama.cpp file types), as
         ``(name, description)``; ``qf formats`` lists them."""
         return []
-
-    #: set by the pipeline before :meth:`plan`: True when the run collects an importance matrix
-    #: from calibration (``--imatrix``), for exporters whose plan depends on it (llama.cpp's mixes)
-    collects_importance: bool = False
 
     def importance(self, source: ModelSource) -> dict[str, torch.Tensor] | None:
         """Importance vectors (mean squared input per channel) by linear module name, when the

@@ -37,5 +37,6 @@ def test_never_worse_than_rtn_and_usually_better(spec: str) -> None:
 def test_runs_end_to_end(tmp_path) -> None:
     result = qf.run(quantizer="mse-rtn", quantizer_options={"grid": "5"}, format="int3-g128",
                     evaluators=["size"], out=tmp_path / "o", progress=False)
-    assert result.manifest["quantizer"] == [{"name": "mse-rtn", "options": {"grid": 5, "min_ratio": 0.7}}]
+    assert result.manifest["quantizer"] == [{"name": "mse-rtn", "options": {"grid": 5, "min_ratio": 0.7},
+                                          "role": "quantizer"}]
     assert result.metrics["size"]["linear_bpw"]["quantized"] == pytest.approx(3 + 24 / 128)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import quantfoundry as qf
 import torch
-from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry import QuantLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
 

@@ -8,8 +8,8 @@ import pytest
 import quantfoundry as qf
 import torch
 from awq_reader import read_awq
+from quantfoundry import QuantLinear
 from quantfoundry.errors import IncompatiblePlanError, UsageError
-from quantfoundry.roles.kernel import QuantLinear
 
 CALIB = {"n_samples": 8, "seq_len": 128}
 

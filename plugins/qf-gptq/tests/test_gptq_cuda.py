@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import quantfoundry as qf
 import torch
-from qf_gptq.solver import Segment, gptq_solve
-from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry import QuantLinear
+from quantfoundry.toolkit import Segment, ldlq_solve
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device machine)")
 
@@ -22,9 +22,9 @@ def test_solver_on_cuda_matches_cpu(spec):
     w = torch.randn(256, 1024, generator=g) * 0.02
     fmt = qf.resolve_format(spec)
     for desc_act, static in ((False, False), (True, True)):
-        a = gptq_solve(w, h, [Segment(0, 256, fmt)], desc_act=desc_act, static_groups=static,
+        a = ldlq_solve(w, h, [Segment(0, 256, fmt)], desc_act=desc_act, static_groups=static,
                        importance=torch.diagonal(h) / 2)
-        b = gptq_solve(w.cuda(), h.cuda(), [Segment(0, 256, fmt)], desc_act=desc_act, static_groups=static,
+        b = ldlq_solve(w.cuda(), h.cuda(), [Segment(0, 256, fmt)], desc_act=desc_act, static_groups=static,
                        importance=torch.diagonal(h).cuda() / 2)
         assert b.values.is_cuda
         assert (a.codes[0] == b.codes[0].cpu()).double().mean() > 0.995
@@ -62,8 +62,8 @@ def test_fused_kernel_matches_the_plain_loop(specs):
     if len(specs) == 1:
         segs = [Segment(0, 300, qf.resolve_format(specs[0]))]
     for desc_act in (False, True):
-        a = gptq_solve(w, h, segs, fused=False, desc_act=desc_act, importance=torch.diagonal(h) / 2)
-        b = gptq_solve(w, h, segs, fused=True, desc_act=desc_act, importance=torch.diagonal(h) / 2)
+        a = ldlq_solve(w, h, segs, fused=False, desc_act=desc_act, importance=torch.diagonal(h) / 2)
+        b = ldlq_solve(w, h, segs, fused=True, desc_act=desc_act, importance=torch.diagonal(h) / 2)
         same = sum(int((ca == cb).sum()) for ca, cb in zip(a.codes, b.codes, strict=True)) / w.numel()
         assert same > 0.995
         xc = x.cuda().double()

@@ -8,8 +8,8 @@ import pytest
 import quantfoundry as qf
 import torch
 from gptq_reader import read_gptq
+from quantfoundry import QuantLinear
 from quantfoundry.errors import IncompatiblePlanError, QFError, UsageError
-from quantfoundry.roles.kernel import QuantLinear
 
 CALIB = {"n_samples": 8, "seq_len": 128}
 
@@ -114,18 +114,19 @@ def test_zero_point_zero_is_refused_without_leaving_a_folder(tmp_path, monkeypat
 def test_gptq_v2_stores_zero_points_as_they_are(tmp_path, monkeypatch):
     """checkpoint_format=gptq_v2: qzeros hold the zero points (no − 1), so a zero point of 0 is
     written, read back by the independent reader and by qf's loader, and the run's check passes."""
-    from qf_gptq import checkpoint
+    from qf_gptq.quantizer import GPTQQuantizer
 
-    real = checkpoint.to_gptq
+    real = GPTQQuantizer.quantize_block
     planted = {}
 
-    def with_a_zero(qw, checkpoint_format="gptq"):
-        if not planted:  # one weight: the first group of the first row (the in-memory model too)
-            qw.params["zero"][0, 0] = 0
+    def with_a_zero(self, block, ctx):
+        out = real(self, block, ctx)
+        if not planted:  # one weight: the first group of the first row, as quantized (memory and artifact)
+            next(iter(out.values())).params["zero"][0, 0] = 0
             planted["done"] = True
-        return real(qw, checkpoint_format)
+        return out
 
-    monkeypatch.setattr("qf_gptq.exporter.to_gptq", with_a_zero)
+    monkeypatch.setattr(GPTQQuantizer, "quantize_block", with_a_zero)
     out = tmp_path / "out"
     result = qf.run(quantizer="gptq", format="int3-g64", exporter="hf-gptq", calibrator_options=CALIB,
                     exporter_options={"checkpoint_format": "gptq_v2"}, out=out, evaluators=["kl"],

@@ -18,18 +18,21 @@ from typing import Any
 
 import torch
 from quantfoundry import Exporter, Format, QuantizedWeight, QuantPlan
-from quantfoundry.builtin.checkpoint_plan import one_group_plan
-from quantfoundry.builtin.int_format import IntFormat
-from quantfoundry.builtin.qf_exporter import (
-    QFExporterOptions,
+from quantfoundry.errors import ArtifactError, UsageError
+from quantfoundry.toolkit import (
+    CheckpointOptions,
+    IntFormat,
+    ShardedSafetensorsWriter,
     artifact_skeleton,
     load_float_parameters,
+    one_group_plan,
     quant_method_of,
+    read_manifest,
+    select_kernel,
     stored_shapes,
+    swap_in,
     write_hf_config,
 )
-from quantfoundry.errors import ArtifactError, UsageError
-from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
 from torch import nn
 
 from .checkpoint import from_awq, to_awq
@@ -40,10 +43,11 @@ PARTS = ("qweight", "qzeros", "scales")
 class HFAWQExporter(Exporter):
     name = "hf-awq"
     description = "AutoAWQ GEMM checkpoint (qweight/qzeros/scales, quant_method awq) for transformers, vLLM, TGI"
-    Options = QFExporterOptions
+    Options = CheckpointOptions
     default_format = "int4-g128"
+    can_load = True
 
-    options: QFExporterOptions
+    options: CheckpointOptions
 
     # -- planning ------------------------------------------------------------------------
     def storable(self) -> str:
@@ -60,12 +64,11 @@ class HFAWQExporter(Exporter):
             return "AWQ kernels need a group size (per-channel int4 is not an AWQ layout)"
         return None
 
-    def plan(self, source: Any, requested: Format | None) -> QuantPlan:
+    def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         requested = requested or IntFormat(IntFormat.Options())
         reason = self.check_format(requested)
-        if reason:
+        if reason or not isinstance(requested, IntFormat):
             raise UsageError(f"exporter hf-awq cannot store {requested.spec}: {reason}; it stores {self.storable()}")
-        assert isinstance(requested, IntFormat)
 
         def unfit(shape: tuple[int, int]) -> str | None:
             return f"{shape[0]} outputs are not a multiple of 8 (AWQ packs 8 outputs per word)" if shape[0] % 8 \
@@ -109,8 +112,6 @@ class HFAWQExporter(Exporter):
         return {"files": files, "awq_linears": list(self.quantized)}
 
     def verify(self, folder: Path) -> None:
-        from quantfoundry.pipeline.manifest import read_manifest
-
         manifest = read_manifest(folder)
         shapes = stored_shapes(folder, manifest.get("files") or [])
         for prefix in manifest.get("awq_linears", []):
@@ -135,8 +136,6 @@ def load_awq_checkpoint(folder: Path, *, device: torch.device, kernel: str | Non
                         dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model from an AWQ GEMM checkpoint folder (any writer's), quantized linears as
     QuantLinear with the asymmetric int4 format."""
-    from quantfoundry.pipeline.kernels import select_kernel, swap_in
-
     q = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
     if q.get("quant_method") != "awq" or str(q.get("version", "gemm")).lower() != "gemm" or q.get("bits", 4) != 4:
         raise ArtifactError(f"{folder} is not a 4-bit AWQ GEMM checkpoint: quantization_config is {q}")

@@ -1,11 +1,15 @@
-"""Quantizer ``awq``: activation-aware weight quantization (Lin et al. 2023) onto any format.
+"""Quantizer ``awq``: activation-aware weight quantization (Lin et al. 2023) onto any format,
+and its first half alone, the transform ``awq-scale``.
 
 Per decoder block: one float forward collects, for every input group of the architecture map
 (input norm → q/k/v; v → o; post-attention norm → gate/up; up → down), the mean |x| per
-input channel and the Gram matrix of the group's input (:mod:`qf_awq.stats`). For each group
-in order, the scale ``s = mean|x|^α`` minimising the group's output error on the *planned*
-format (an int grid, a K-quant of a GGUF mix, …) is searched and folded into the group's
-source (:mod:`qf_awq.fold`); then each linear's per-group clipping is searched on the scaled
+input channel and the Gram matrix of the group's input
+(:func:`quantfoundry.toolkit.collect_input_stats`). For each group in order, the scale
+``s = mean|x|^α`` minimising the group's output error on the *planned* format (an int grid, a
+K-quant of a GGUF mix, …) is searched and folded into the group's source
+(:func:`quantfoundry.toolkit.apply_fold`) — that much is the transform ``awq-scale``, which a
+recipe may put before another quantizer (``--quantizer awq --quantizer gptq`` runs it, then
+GPTQ). ``awq`` itself goes on: each linear's per-group clipping is searched on the scaled
 weights, and the linear is rounded to nearest on its planned format — the values the search
 scored are the values stored.
 """
@@ -16,20 +20,31 @@ import fnmatch
 from dataclasses import dataclass, field
 
 import torch
-from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
+from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer, Transform
+from quantfoundry.toolkit import FoldPoint, apply_fold, collect_input_stats, fold_point
 from torch import nn
 
-from .fold import FoldPoint, apply_fold, fold_point
 from .search import search_clip, search_scale
-from .stats import collect_stats
 
 
 @dataclass(frozen=True, kw_only=True)
-class AWQOptions(Options):
+class AWQScaleOptions(Options):
     n_grid: int = field(default=20, metadata={
         "help": "scale exponents α searched: n_grid points in [0, 1) (α = 0 is plain round-to-nearest)"})
     duo_scaling: bool = field(default=False, metadata={
         "help": "s = mean|x|^α / mean|w|^(1-α) (AutoAWQ's default) instead of the paper's mean|x|^α"})
+    fold_gqa: bool = field(default=True, metadata={
+        "help": "fold v_proj → o_proj under grouped-query attention, one scale per KV channel"})
+    fit_importance: bool = field(default=True, metadata={
+        "help": "fit grids weighted by mean x² of the (scaled) inputs where the format uses importance (GGUF)"})
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1:
+            raise ValueError(f"n_grid must be >= 1, got {self.n_grid}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWQOptions(AWQScaleOptions):
     clip: bool = field(default=True, metadata={
         "help": "search each group's clipping range (largest magnitude shrunk) after scaling"})
     clip_grid: int = field(default=20, metadata={"help": "clipping steps of 1/clip_grid"})
@@ -37,12 +52,9 @@ class AWQOptions(Options):
         "help": "clip at most this fraction off a group's largest magnitude"})
     no_clip: str = field(default="*q_proj,*k_proj", metadata={
         "help": "comma-separated patterns of linears never clipped (q/k: their error passes through softmax)"})
-    fold_gqa: bool = field(default=True, metadata={
-        "help": "fold v_proj → o_proj under grouped-query attention, one scale per KV channel"})
-    fit_importance: bool = field(default=True, metadata={
-        "help": "fit grids weighted by mean x² of the (scaled) inputs where the format uses importance (GGUF)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_grid < 1 or self.clip_grid < 1:
             raise ValueError(f"n_grid and clip_grid must be >= 1, got {self.n_grid} and {self.clip_grid}")
         if not 0 < self.max_shrink < 1:
@@ -56,6 +68,38 @@ class _Group:
     planned: list[str]
 
 
+@dataclass
+class _Scaled:
+    """Per linear of a block after the scale search: the Gram matrix and importance of its
+    (scaled) input, and what the search chose."""
+
+    grams: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    imps: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    meta: dict[str, dict] = field(default_factory=dict)
+    groups: list[_Group] = field(default_factory=list)
+
+
+def _check_scalar(fmt: Format) -> str | None:
+    if fmt.block_width != 1:
+        return f"AWQ scales input channels one by one; {fmt.spec} rounds {fmt.block_width} columns jointly"
+    return None
+
+
+class AWQScale(Transform):
+    name = "awq-scale"
+    description = "AWQ's scale search alone: activation-aware per-channel scales folded into the model, no rounding"
+    Options = AWQScaleOptions
+    needs_calibration = True
+
+    options: AWQScaleOptions
+
+    def check_format(self, fmt: Format) -> str | None:
+        return _check_scalar(fmt)
+
+    def transform_block(self, block: Block, ctx: QuantContext) -> None:
+        scale_block(block, ctx, self.options, "awq-scale")
+
+
 class AWQQuantizer(Quantizer):
     name = "awq"
     description = "AWQ: activation-aware per-channel scales folded into the model, clipping, then rounding"
@@ -66,92 +110,101 @@ class AWQQuantizer(Quantizer):
     options: AWQOptions
 
     def check_format(self, fmt: Format) -> str | None:
-        if fmt.block_width != 1:
-            return f"AWQ scales input channels one by one; {fmt.spec} rounds {fmt.block_width} columns jointly"
-        return None
+        return _check_scalar(fmt)
+
+    def as_transform(self) -> Transform:
+        """Before another quantizer: the scale search and fold only (``awq-scale``)."""
+        o = self.options
+        return AWQScale(AWQScaleOptions(n_grid=o.n_grid, duo_scaling=o.duo_scaling, fold_gqa=o.fold_gqa,
+                                        fit_importance=o.fit_importance))
 
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
-        if block.inputs is None:
-            raise QFError("awq needs calibration inputs; the run has none (use --calibrator text)")
         o = self.options
-        groups = self._groups(block)
-        stats = collect_stats(block, {g.key: g.members[0] for g in groups}, ctx.device)
-        config = ctx.source.config if ctx.source is not None else None
-        stored = ctx.source.storage_dtype if ctx.source is not None else torch.float32
-        grams: dict[str, torch.Tensor] = {}
-        imps: dict[str, torch.Tensor | None] = {}
-        meta: dict[str, dict] = {}
-        for g in groups:
-            st = stats.get(g.key)
-            group = block.architecture.group_of(g.members[0])
-            if st is None or st.count == 0:
-                ctx.note(f"awq: {g.members[0]} saw no calibration token: its group is rounded to nearest")
-                gram, imp = None, None
-            else:
-                gram = st.gram / st.count
-                brought = ctx.importance.get(block.full_name(g.members[0]))
-                imp = (brought if brought is not None else torch.diagonal(gram).clone()) if o.fit_importance else None
-                n_in = block.linear(g.members[0]).in_features
-                point = fold_point(block, group, n_in, config, o.fold_gqa)
-                if isinstance(point, str):
-                    ctx.note(f"awq: group {', '.join(group.linears)} not scaled: {point}")
-                else:
-                    gram, imp, info = self._scale(block, g, point, st.abs_mean, gram, imp, stored)
-                    meta.update({m: info for m in g.members})
-            for m in g.members:
-                grams[m], imps[m] = gram, imp
+        scaled = scale_block(block, ctx, o, "awq")
         out: dict[str, QuantizedWeight] = {}
         no_clip = [p.strip() for p in o.no_clip.split(",") if p.strip()]
-        for g in groups:
+        for g in scaled.groups:
             for m in g.planned:
                 fmt = block.formats[m]
                 lin = block.linear(m)
                 w = lin.weight.detach().to(ctx.device, torch.float32)
-                info = dict(meta.get(m, {}))
-                gram = grams[m]
+                info = dict(scaled.meta.get(m, {}))
+                gram = scaled.grams[m]
                 if o.clip and gram is not None and not any(fnmatch.fnmatchcase(m, p) for p in no_clip):
-                    w, before, after = search_clip(w, fmt, gram, imps[m], n_grid=o.clip_grid,
+                    w, before, after = search_clip(w, fmt, gram, scaled.imps[m], n_grid=o.clip_grid,
                                                    max_shrink=o.max_shrink)
                     info.update(clip_loss_before=before, clip_loss_after=after)
-                qw = fmt.quantize(w, imps[m])
+                qw = fmt.quantize(w, scaled.imps[m])
                 qw.meta = {**(qw.meta or {}), "awq": info}
                 out[m] = qw
         return out
 
-    # -- pieces --------------------------------------------------------------------------
-    def _groups(self, block: Block) -> list[_Group]:
-        """The architecture's input groups present in this block, with their planned linears."""
-        arch = block.architecture
-        linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
-        groups = []
-        for i, group in enumerate(arch.groups):
-            members = [n for pat in group.linears for n in arch.match(pat, linears)]
-            planned = [n for n in members if n in block.formats]
-            if planned:
-                groups.append(_Group(str(i), members, planned))
-        missing = sorted(set(block.formats) - {n for g in groups for n in g.planned})
-        if missing:
-            raise QFError(f"awq: {block.full_name(missing[0])} is in no input group of the "
-                          f"{arch.name!r} architecture map, so AWQ cannot scale it")
-        return groups
 
-    def _scale(self, block: Block, g: _Group, point: FoldPoint, x_mean: torch.Tensor, gram: torch.Tensor,
-               imp: torch.Tensor | None, stored: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """Search the group's scale, fold it; the Gram matrix and importance of the scaled input."""
-        o = self.options
-        lins = [block.linear(m) for m in g.members]
-        weights = [lin.weight.detach().to(gram.device, torch.float32) for lin in lins]
-        formats = [block.formats.get(m) for m in g.members]
-        res = search_scale(weights, formats, x_mean, gram, imp, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
-                           tie=point.tie)
-        prev_name = block.architecture.group_of(g.members[0]).prev
-        apply_fold(point, lins, res.scale.to(lins[0].weight.device), res.searched.to(lins[0].weight.device),
-                   block.architecture.norm_weight_offset, stored, quantized_prev=prev_name in block.formats)
-        for m, lin in zip(g.members, lins, strict=True):
-            if m not in block.formats:  # kept in float: what the artifact holds
-                lin.weight.copy_(lin.weight.to(stored).to(lin.weight.dtype))
-        s = res.scale.to(gram.device)
-        gram = gram / (s.unsqueeze(1) * s.unsqueeze(0))
-        imp = None if imp is None else imp / s.square()
-        return gram, imp, {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.loss_rtn}
+def scale_block(block: Block, ctx: QuantContext, o: AWQScaleOptions, who: str) -> _Scaled:
+    """Search and fold every input group's scale, in order; the statistics of the scaled inputs."""
+    if block.inputs is None:
+        raise QFError(f"{who} needs calibration inputs; the run has none (use --calibrator text)")
+    groups = _groups(block, who)
+    stats = collect_input_stats(block, [g.members[0] for g in groups], want=("gram", "abs_sum"),
+                                device=ctx.device, share=False)
+    config = ctx.source.config if ctx.source is not None else None
+    stored = ctx.source.storage_dtype if ctx.source is not None else torch.float32
+    out = _Scaled(groups=groups)
+    for g in groups:
+        st = stats[g.members[0]]
+        group = block.architecture.group_of(g.members[0])
+        if st.count == 0:
+            ctx.note(f"{who}: {g.members[0]} saw no calibration token: its group is rounded to nearest")
+            gram, imp = None, None
+        else:
+            gram = st.gram / st.count
+            brought = ctx.importance.get(block.full_name(g.members[0]))
+            imp = (brought if brought is not None else torch.diagonal(gram).clone()) if o.fit_importance else None
+            n_in = block.linear(g.members[0]).in_features
+            point = fold_point(block, group, n_in, config, o.fold_gqa)
+            if isinstance(point, str):
+                ctx.note(f"{who}: group {', '.join(group.linears)} not scaled: {point}")
+            else:
+                gram, imp, info = _scale(block, g, point, st.abs_mean, gram, imp, stored, o)
+                out.meta.update({m: info for m in g.members})
+        for m in g.members:
+            out.grams[m], out.imps[m] = gram, imp
+    return out
+
+
+def _groups(block: Block, who: str) -> list[_Group]:
+    """The architecture's input groups present in this block, with their planned linears."""
+    arch = block.architecture
+    linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
+    groups = []
+    for i, group in enumerate(arch.groups):
+        members = [n for pat in group.linears for n in arch.match(pat, linears)]
+        planned = [n for n in members if n in block.formats]
+        if planned:
+            groups.append(_Group(str(i), members, planned))
+    missing = sorted(set(block.formats) - {n for g in groups for n in g.planned})
+    if missing:
+        raise QFError(f"{who}: {block.full_name(missing[0])} is in no input group of the "
+                      f"{arch.name!r} architecture map, so AWQ cannot scale it")
+    return groups
+
+
+def _scale(block: Block, g: _Group, point: FoldPoint, x_mean: torch.Tensor, gram: torch.Tensor,
+       imp: torch.Tensor | None, stored: torch.dtype, o: AWQScaleOptions
+       ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Search the group's scale, fold it; the Gram matrix and importance of the scaled input."""
+    lins = [block.linear(m) for m in g.members]
+    weights = [lin.weight.detach().to(gram.device, torch.float32) for lin in lins]
+    formats = [block.formats.get(m) for m in g.members]
+    res = search_scale(weights, formats, x_mean, gram, imp, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
+                       tie=point.tie)
+    prev_name = block.architecture.group_of(g.members[0]).prev
+    apply_fold(point, lins, res.scale.to(lins[0].weight.device), res.searched.to(lins[0].weight.device),
+               block.architecture.norm_weight_offset, stored, quantized_prev=prev_name in block.formats)
+    for m, lin in zip(g.members, lins, strict=True):
+        if m not in block.formats:  # kept in float: what the artifact holds
+            lin.weight.copy_(lin.weight.to(stored).to(lin.weight.dtype))
+    s = res.scale.to(gram.device)
+    gram = gram / (s.unsqueeze(1) * s.unsqueeze(0))
+    imp = None if imp is None else imp / s.square()
+    return gram, imp, {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.loss_rtn}

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from quantfoundry import Format
+from quantfoundry.toolkit import Tie
 
 #: most weights fitted in one batch of candidates (a format's fit holds a few temporaries of
 #: this many float32 values: 32 MiB each)
@@ -82,29 +83,6 @@ def candidate_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: fl
         s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
     s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
-
-
-@dataclass(frozen=True)
-class Tie:
-    """Input channels ``c`` of a linear that must share a scale: those with the same
-    ``c // (heads_per_kv · head_dim) · head_dim + c % head_dim`` (the KV channel they read
-    under grouped-query attention)."""
-
-    head_dim: int
-    heads_per_kv: int
-
-    def index(self, n_in: int, device: torch.device) -> torch.Tensor:
-        c = torch.arange(n_in, device=device)
-        return c // (self.heads_per_kv * self.head_dim) * self.head_dim + c % self.head_dim
-
-    def reduce(self, v: torch.Tensor) -> torch.Tensor:
-        idx = self.index(v.numel(), v.device)
-        out = torch.zeros(v.numel() // self.heads_per_kv, dtype=v.dtype, device=v.device)
-        return out.index_add_(0, idx, v) / self.heads_per_kv
-
-    def expand(self, v: torch.Tensor) -> torch.Tensor:
-        """Per searched channel → per input channel, along the last dim."""
-        return v[..., self.index(v.shape[-1] * self.heads_per_kv, v.device)]
 
 
 @dataclass

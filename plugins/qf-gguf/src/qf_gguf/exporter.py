@@ -20,9 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from quantfoundry import Exporter, Format, Options, QuantizedWeight, resolve_format
+from quantfoundry import Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan, resolve_format
 from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
-from quantfoundry.roles.plan import QuantPlan, TensorPlan
 
 from .engine import LlamaCppEngine
 from .imatrix import Imatrix, read_imatrix, write_imatrix
@@ -168,7 +167,7 @@ class GGUFExporter(Exporter):
                                         f"({', '.join(_PURE_FILE_TYPE)}) or --exporter-opt type=Q4_K_M")
         return _PURE_FILE_TYPE[requested.ggml_name], True
 
-    def plan(self, source: Any, requested: Format | None) -> QuantPlan:
+    def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         spec = SUPPORTED.get(source.hf_class)
         if spec is None:
             raise UsageError(f"the gguf exporter does not support {source.hf_class} yet; it writes "
@@ -186,7 +185,7 @@ class GGUFExporter(Exporter):
         ctx = MixContext(n_layer=int(cfg.num_hidden_layers), n_head=int(cfg.num_attention_heads),
                          n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
                          overrides=self.options.overrides(), pure=pure,
-                         has_imatrix=self._imatrix is not None or self.collects_importance)
+                         has_imatrix=self._imatrix is not None or collects_importance)
         self._types = choose_types(file_type, shapes, ctx)
         self._file_type_name, self._spec, self._cfg = file_type, spec, cfg
         plan = QuantPlan()
@@ -427,8 +426,14 @@ class GGUFExporter(Exporter):
             raise ArtifactError(f"{path}: tensors read back differ from what was written: {diff}")
 
 
-_BYTES = {"Q4_0": 18 / 32, "Q4_1": 20 / 32, "Q5_0": 22 / 32, "Q5_1": 24 / 32, "Q8_0": 34 / 32, "Q2_K": 84 / 256,
-          "Q3_K": 110 / 256, "Q4_K": 144 / 256, "Q5_K": 176 / 256, "Q6_K": 210 / 256, "F16": 2.0, "F32": 4.0}
+def bytes_per_weight(typ: str) -> float:
+    """Stored bytes per weight of a GGML type (F16/F32, or a block type's block bytes / block)."""
+    if typ in ("F16", "F32"):
+        return 2.0 if typ == "F16" else 4.0
+    fmt = resolve_format(typ)
+    if not isinstance(fmt, GGMLFormat):
+        raise ValueError(f"{typ} is not a GGML type")
+    return fmt.block_bytes / fmt.block
 
 
 def file_type_bpw(n_layer: int = 32, n_embd: int = 4096, n_ff: int = 11008, n_vocab: int = 32000) -> dict[str, float]:
@@ -444,7 +449,7 @@ def file_type_bpw(n_layer: int = 32, n_embd: int = 4096, n_ff: int = 11008, n_vo
     for ft in FILE_TYPES:
         types = choose_types(ft, shapes, MixContext(n_layer=n_layer, n_head=32, n_head_kv=32))
         n = sum(int(np.prod(s)) for s in shapes.values())
-        nbytes = sum(int(np.prod(shapes[k])) * _BYTES[t or "F32"] for k, t in types.items())
+        nbytes = sum(int(np.prod(shapes[k])) * bytes_per_weight(t or "F32") for k, t in types.items())
         out[ft] = 8 * nbytes / n
     return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from quantfoundry.roles.format import Params
+from quantfoundry import Params
 
 from .legacy import GGMLFormat
 from .search import (
@@ -192,13 +192,12 @@ class Q4_K(_Q45K):
     name = "q4-k"
     ggml_name = "Q4_K"
     ggml_type = 12
-    block_bytes = 144
     nmax = 15
     rmin = -1.0
     nstep = 20
     fields = (("d", torch.float16, 1), ("dmin", torch.float16, 1), ("scales", torch.uint8, 12),
               ("packed", torch.uint8, 128))
-    description = "GGML Q4_K: 4-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256 (4.5 bpw)"
+    description = "GGML Q4_K: 4-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256"
 
     def code_bits(self) -> int:
         return 4
@@ -216,13 +215,12 @@ class Q5_K(_Q45K):
     name = "q5-k"
     ggml_name = "Q5_K"
     ggml_type = 13
-    block_bytes = 176
     nmax = 31
     rmin = -0.5
     nstep = 15
     fields = (("d", torch.float16, 1), ("dmin", torch.float16, 1), ("scales", torch.uint8, 12),
               ("packed", torch.uint8, 160))  # packed = qh[32] then qs[128]
-    description = "GGML Q5_K: 5-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256 (5.5 bpw)"
+    description = "GGML Q5_K: 5-bit codes, 6-bit scale and min per 32, fp16 d/dmin per 256"
 
     def code_bits(self) -> int:
         return 5
@@ -247,13 +245,12 @@ class Q6_K(_KQuant):
     name = "q6-k"
     ggml_name = "Q6_K"
     ggml_type = 14
-    block_bytes = 210
     sub = 16
     nmax = 31
     lo = -32
     offset = 32
     fields = (("packed", torch.uint8, 192), ("scales", torch.int8, 16), ("d", torch.float16, 1))
-    description = "GGML Q6_K: 6-bit codes, int8 scale per 16, fp16 d per 256 (6.5625 bpw)"
+    description = "GGML Q6_K: 6-bit codes, int8 scale per 16, fp16 d per 256"
 
     def code_bits(self) -> int:
         return 6
@@ -303,12 +300,11 @@ class Q2_K(_KQuant):
     name = "q2-k"
     ggml_name = "Q2_K"
     ggml_type = 10
-    block_bytes = 84
     sub = 16
     nmax = 3
     fields = (("scales", torch.uint8, 16), ("packed", torch.uint8, 64), ("d", torch.float16, 1),
               ("dmin", torch.float16, 1))
-    description = "GGML Q2_K: 2-bit codes, 4-bit scale and min per 16, fp16 d/dmin per 256 (2.625 bpw)"
+    description = "GGML Q2_K: 2-bit codes, 4-bit scale and min per 16, fp16 d/dmin per 256"
 
     def code_bits(self) -> int:
         return 2
@@ -354,13 +350,12 @@ class Q3_K(_KQuant):
     name = "q3-k"
     ggml_name = "Q3_K"
     ggml_type = 11
-    block_bytes = 110
     sub = 16
     nmax = 3
     lo = -4
     offset = 4
     fields = (("packed", torch.uint8, 96), ("scales", torch.uint8, 12), ("d", torch.float16, 1))  # hmask, qs
-    description = "GGML Q3_K: 3-bit codes, 6-bit scale per 16, fp16 d per 256 (3.4375 bpw)"
+    description = "GGML Q3_K: 3-bit codes, 6-bit scale per 16, fp16 d per 256"
 
     def code_bits(self) -> int:
         return 3

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from quantfoundry import Format, Options, QuantizedWeight
-from quantfoundry.roles.format import Params
+from quantfoundry import Format, Options, Params, QuantizedWeight
 
 from .search import _full, _seq_sum, _sqrtf, make_qkx2_quants, make_qx_quants
 
@@ -91,9 +90,10 @@ class GGMLFormat(Format):
     ggml_name: ClassVar[str]
     ggml_type: ClassVar[int]  # gguf.GGMLQuantizationType value
     block: ClassVar[int] = BLOCK
-    block_bytes: ClassVar[int]
     #: the block's fields in struct order: (param name or "packed", dtype, elements per block)
     fields: ClassVar[tuple[tuple[str, torch.dtype, int], ...]]
+    #: bytes per block: the fields' sizes (derived, as the bits per weight in ``description``)
+    block_bytes: ClassVar[int]
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -109,6 +109,8 @@ class GGMLFormat(Format):
         super().__init_subclass__(**kwargs)
         if "ggml_name" in cls.__dict__:
             cls.examples = (cls.ggml_name,)  # shown by `qf formats` with its bits per weight
+            cls.block_bytes = sum(count * dtype.itemsize for _, dtype, count in cls.fields)
+            cls.description = f"{cls.description} ({8 * cls.block_bytes / cls.block:g} bpw)"
 
     @classmethod
     def spec_help(cls) -> str:
@@ -221,7 +223,8 @@ class GGMLFormat(Format):
                 packed = t.reshape(-1)
             else:
                 params[name] = t.reshape(rows, k) if count == 1 else t.reshape(rows, k, count)
-        assert at == self.block_bytes and packed is not None
+        if packed is None:  # pragma: no cover - every GGML type has a "packed" field
+            raise TypeError(f"{self.ggml_name} has no packed field")
         return QuantizedWeight(self, (rows, cols), dtype, packed, params)
 
 
@@ -229,10 +232,9 @@ class Q8_0(GGMLFormat):
     name = "q8-0"
     ggml_name = "Q8_0"
     ggml_type = 8
-    block_bytes = 34
     fields = (("d", torch.float16, 1), ("packed", torch.uint8, 32))
     uses_importance = False  # llama.cpp's Q8_0 encoder ignores an imatrix
-    description = "GGML Q8_0: int8 codes, one fp16 scale per 32 (8.5 bpw)"
+    description = "GGML Q8_0: int8 codes, one fp16 scale per 32"
 
     def code_bits(self) -> int:
         return 8
@@ -335,40 +337,36 @@ class Q4_0(_Nibble4, _SymmetricNibble):
     name = "q4-0"
     ggml_name = "Q4_0"
     ggml_type = 2
-    block_bytes = 18
     fields = (("d", torch.float16, 1), ("packed", torch.uint8, 16))
     half = 8
-    description = "GGML Q4_0: 4-bit codes, one fp16 scale per 32 (4.5 bpw)"
+    description = "GGML Q4_0: 4-bit codes, one fp16 scale per 32"
 
 
 class Q5_0(_Nibble5, _SymmetricNibble):
     name = "q5-0"
     ggml_name = "Q5_0"
     ggml_type = 6
-    block_bytes = 22
     fields = (("d", torch.float16, 1), ("packed", torch.uint8, 20))  # packed = qh[4] then qs[16]
     half = 16
-    description = "GGML Q5_0: 5-bit codes, one fp16 scale per 32 (5.5 bpw)"
+    description = "GGML Q5_0: 5-bit codes, one fp16 scale per 32"
 
 
 class Q4_1(_Nibble4, _AffineNibble):
     name = "q4-1"
     ggml_name = "Q4_1"
     ggml_type = 3
-    block_bytes = 20
     fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("packed", torch.uint8, 16))
     levels = 15
-    description = "GGML Q4_1: 4-bit codes, fp16 scale and min per 32 (5.0 bpw)"
+    description = "GGML Q4_1: 4-bit codes, fp16 scale and min per 32"
 
 
 class Q5_1(_Nibble5, _AffineNibble):
     name = "q5-1"
     ggml_name = "Q5_1"
     ggml_type = 7
-    block_bytes = 24
     fields = (("d", torch.float16, 1), ("m", torch.float16, 1), ("packed", torch.uint8, 20))
     levels = 31
-    description = "GGML Q5_1: 5-bit codes, fp16 scale and min per 32 (6.0 bpw)"
+    description = "GGML Q5_1: 5-bit codes, fp16 scale and min per 32"
 
 
 LEGACY_FORMATS: tuple[type[GGMLFormat], ...] = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 from quantfoundry import QuantizedWeight
-from quantfoundry.roles.format import pack_bits, unpack_bits
+from quantfoundry.toolkit import pack_bits, unpack_bits
 
 GPTQ_BITS = (2, 3, 4, 8)
 #: ``checkpoint_format`` → what ``qzeros`` holds relative to the zero point

@@ -25,18 +25,21 @@ from typing import Any
 
 import torch
 from quantfoundry import Exporter, Format, QuantizedWeight, QuantPlan
-from quantfoundry.builtin.checkpoint_plan import one_group_plan
-from quantfoundry.builtin.int_format import IntFormat
-from quantfoundry.builtin.qf_exporter import (
-    QFExporterOptions,
+from quantfoundry.errors import ArtifactError, UsageError
+from quantfoundry.toolkit import (
+    CheckpointOptions,
+    IntFormat,
+    ShardedSafetensorsWriter,
     artifact_skeleton,
     load_float_parameters,
+    one_group_plan,
     quant_method_of,
+    read_manifest,
+    select_kernel,
     stored_shapes,
+    swap_in,
     write_hf_config,
 )
-from quantfoundry.errors import ArtifactError, UsageError
-from quantfoundry.safetensors_stream import ShardedSafetensorsWriter
 from torch import nn
 
 from .checkpoint import GPTQ_BITS, ZERO_OFFSET, from_gptq, to_gptq
@@ -45,7 +48,7 @@ PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass(frozen=True, kw_only=True)
-class HFGPTQOptions(QFExporterOptions):
+class HFGPTQOptions(CheckpointOptions):
     checkpoint_format: str = field(default="gptq", metadata={
         "help": "gptq (v1: zero points stored minus one; every GPTQ loader) or gptq_v2 (GPTQModel; "
                 "asymmetric grids for GPTQModel)"})
@@ -63,6 +66,7 @@ class HFGPTQExporter(Exporter):
     Options = HFGPTQOptions
     default_format = "int4-g128"
     stores_permutation = True
+    can_load = True
 
     options: HFGPTQOptions
 
@@ -79,13 +83,12 @@ class HFGPTQExporter(Exporter):
             return f"GPTQ scales are float16, not {fmt.options.scale_dtype}"
         return None
 
-    def plan(self, source: Any, requested: Format | None) -> QuantPlan:
+    def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         requested = requested or IntFormat(IntFormat.Options())
         reason = self.check_format(requested)
-        if reason:
+        if reason or not isinstance(requested, IntFormat):
             raise UsageError(f"exporter hf-gptq cannot store {requested.spec}: {reason}; "
                              f"it stores {self.storable()}")
-        assert isinstance(requested, IntFormat)
         bits = requested.options.bits
 
         def unfit(shape: tuple[int, int]) -> str | None:
@@ -148,8 +151,6 @@ class HFGPTQExporter(Exporter):
         return {"files": files, "gptq_linears": list(self.quantized)}
 
     def verify(self, folder: Path) -> None:
-        from quantfoundry.pipeline.manifest import read_manifest
-
         manifest = read_manifest(folder)
         shapes = stored_shapes(folder, manifest.get("files") or [])
         o = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -175,8 +176,6 @@ def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | No
                          dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model from a GPTQ (v1 or v2) checkpoint folder, quantized linears as QuantLinear with
     the int format (any GPTQ writer's, not only ours: act-order ``g_idx`` becomes ``perm``)."""
-    from quantfoundry.pipeline.kernels import select_kernel, swap_in
-
     q = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
     checkpoint_format = q.get("checkpoint_format", "gptq")
     if q.get("quant_method") != "gptq" or checkpoint_format not in ZERO_OFFSET:

@@ -2,9 +2,10 @@
 
 Per decoder block, true-sequentially: for each input group of the architecture map in order
 (q/k/v → o → gate/up → down), run the block on its calibration inputs with the groups before
-already quantized, accumulate the Hessian of the group's input, and round the group's
-linears column by column with error feedback (:func:`~qf_gptq.solver.gptq_solve`). Linears
-that read one input share one Hessian and one column loop.
+already quantized, accumulate the Hessian of the group's input
+(:func:`quantfoundry.toolkit.collect_input_stats`), and round the group's linears column by
+column with error feedback (:func:`quantfoundry.toolkit.ldlq_solve`). Linears that read one
+input share one Hessian and one column loop.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
+from quantfoundry.toolkit import HessianError, Segment, collect_input_stats, ldlq_solve
 
-from .hessian import collect_hessians
 from .replay import OutputReplay, default_budget
-from .solver import HessianError, Segment, gptq_solve
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,17 +79,18 @@ class GPTQQuantizer(Quantizer):
         replay = OutputReplay(block, self._replay_budget(ctx) if len(stages) > 1 else 0)
         for names in stages:
             with replay.active():
-                hessians = collect_hessians(block, names, ctx.device, on_batch=replay.start_batch)
-            for owner, members in hessians.sharing().items():
+                stats = collect_input_stats(block, names, want=("gram",), device=ctx.device,
+                                            on_batch=replay.start_batch)
+            for owner, members in stats.sharing().items():
                 if len(members) > 1:
                     ctx.note("gptq: linears reading one input share one Hessian and one column loop: "
                              + " + ".join(members))
-                if hessians.counts[owner] == 0:
+                if stats.stats[owner].count == 0:
                     ctx.note(f"gptq: {block.full_name(owner)} saw no calibration token: rounded to nearest")
                     for n in members:
                         out[n] = block.formats[n].quantize(block.linear(n).weight.float(), None)
                     continue
-                out.update(self._solve(block, members, hessians.hessian(owner), ctx))
+                out.update(self._solve(block, members, stats.stats[owner].hessian(), ctx))
             for n in names:  # later groups see this group's quantized outputs
                 lin = block.linear(n)
                 lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
@@ -136,7 +137,7 @@ class GPTQQuantizer(Quantizer):
             importance = brought if brought is not None else torch.diagonal(hessian) / 2
         stacked = torch.cat([w.detach().to(ctx.device, torch.float32) for w in weights])
         try:
-            res = gptq_solve(stacked, hessian, segments, block_size=o.block_size, desc_act=o.desc_act,
+            res = ldlq_solve(stacked, hessian, segments, block_size=o.block_size, desc_act=o.desc_act,
                              static_groups=o.static_groups, damp_percent=o.damp_percent,
                              damp_max=o.damp_max, importance=importance, fused=o.fused)
         except HessianError as exc:

@@ -25,6 +25,7 @@ from ..errors import (
     NonFiniteWeightsError,
     UnsupportedArchitectureError,
 )
+from ..memory import trim_memory
 from ..roles.architecture import Architecture
 
 _STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -194,8 +195,6 @@ class ModelSource:
             names = [name for name, (dtype, _shape) in self.tensor_info.items() if dtype.is_floating_point]
         for _name, t in self.iter_read(names, check_finite=True):
             del t
-        from .materialize import trim_memory
-
         trim_memory()
 
     def _refuse_non_finite(self, name: str, t: torch.Tensor) -> None:
@@ -272,7 +271,7 @@ def resolve_model(
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "; pass --trust-remote-code if you trust its code" if "trust_remote_code" in msg else ""
         raise ModelLoadError(f"cannot read {folder}/config.json: {msg}{hint}") from None
-    weight_map, is_pickle = _weight_files(folder, allow_pickle)
+    weight_map, is_pickle = weight_files(folder, allow_pickle)
     source = ModelSource(folder, config, architecture, weight_map, pickle=is_pickle,
                          trust_remote_code=trust_remote_code)
     if check_weights:
@@ -280,7 +279,9 @@ def resolve_model(
     return source
 
 
-def _weight_files(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
+def weight_files(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
+    """Tensor name → file of a model folder's weights (safetensors, sharded or not; pickled
+    ``.bin`` files only with ``allow_pickle``), and whether they are pickles."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         wm = json.loads(index.read_text())["weight_map"]

@@ -1,4 +1,4 @@
-"""One lazy batch of GPTQ's column loop in one Triton kernel (CUDA), for affine grids.
+"""One lazy batch of the LDLQ (GPTQ) column loop in one Triton kernel (CUDA), for affine grids.
 
 On a GPU the plain loop costs some twenty tiny kernel launches per column, so a 1B model's
 quarter-million columns are launch-bound. Rows are independent in GPTQ, so each program takes
@@ -70,7 +70,8 @@ def gptq_batch(w1: torch.Tensor, u1: torch.Tensor, a: torch.Tensor, b: torch.Ten
     :param lo: smallest code per row ``[rows]`` (float32); ``hi``: largest.
     """
     n, rows = w1.shape
-    assert w1.is_contiguous() and a.is_contiguous() and b.is_contiguous() and u1.stride(1) == 1
+    if not (w1.is_contiguous() and a.is_contiguous() and b.is_contiguous() and u1.stride(1) == 1):
+        raise ValueError("gptq_batch needs contiguous w1, a, b and a unit column stride in u1")
     q = torch.empty(n, rows, dtype=torch.int32, device=w1.device)
     v = torch.empty_like(w1)
     e = torch.empty_like(w1)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..memory import trim_memory
 from .source import ModelSource
 
 
@@ -77,19 +78,6 @@ def release(module: nn.Module) -> None:
     the freed memory back to the operating system."""
     module.to("meta")
     trim_memory()
-
-
-def trim_memory() -> None:
-    """Ask glibc to return freed heap memory (large tensors freed in a loop otherwise keep
-    the process's resident size at its high-water mark). A no-op elsewhere."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def materialize_outside_blocks(model: nn.Module, source: ModelSource, *, dtype: torch.dtype,

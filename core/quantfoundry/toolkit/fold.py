@@ -1,7 +1,8 @@
-"""Folding AWQ's per-channel scales so the full-precision model is unchanged.
+"""Folding per-input-channel scales into a model so the full-precision model is unchanged
+(AWQ's and SmoothQuant's equivalent transformation).
 
-A group of linears reading ``X`` gets its weight columns multiplied by ``s`` and ``X`` divided
-by ``s`` at its source: the norm before it (``weight' = (offset + weight)/s − offset``; the bias
+A group of linears reading ``X`` (an :class:`~quantfoundry.InputGroup` of the architecture map)
+gets its weight columns multiplied by ``s`` and ``X`` divided by ``s`` at its source: the norm before it (``weight' = (offset + weight)/s − offset``; the bias
 ``/ s``) or the linear before it (output rows and bias ``/ s``: ``v_proj`` → ``o_proj`` under
 GQA divides each KV channel by the scale its query heads share; ``up_proj`` → ``down_proj``,
 since ``down``'s input is ``act(gate) · up``, linear in ``up``'s output).
@@ -10,13 +11,38 @@ since ``down``'s input is ``act(gate) · up``, linear in ``up``'s output).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from quantfoundry import Block
-from quantfoundry.roles.architecture import InputGroup
 from torch import nn
 
-from .search import Tie
+from ..roles.architecture import InputGroup
+from ..roles.block import Block
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Input channels ``c`` of a linear that must share a scale: those with the same
+    ``c // (heads_per_kv · head_dim) · head_dim + c % head_dim`` (the KV channel they read
+    under grouped-query attention)."""
+
+    head_dim: int
+    heads_per_kv: int
+
+    def index(self, n_in: int, device: torch.device) -> torch.Tensor:
+        """For each input channel, the tied channel (KV channel) it reads."""
+        c = torch.arange(n_in, device=device)
+        return c // (self.heads_per_kv * self.head_dim) * self.head_dim + c % self.head_dim
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """Per input channel → per tied channel: the mean over each tied set."""
+        idx = self.index(v.numel(), v.device)
+        out = torch.zeros(v.numel() // self.heads_per_kv, dtype=v.dtype, device=v.device)
+        return out.index_add_(0, idx, v) / self.heads_per_kv
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        """Per tied channel → per input channel, along the last dim."""
+        return v[..., self.index(v.shape[-1] * self.heads_per_kv, v.device)]
 
 
 @dataclass
@@ -28,8 +54,14 @@ class FoldPoint:
     tie: Tie | None = None
 
 
-def fold_point(block: Block, group: InputGroup, n_in: int, config, allow_gqa: bool) -> FoldPoint | str:
-    """The group's fold point, or the reason it has none (the group is then left unscaled)."""
+def fold_point(block: Block, group: InputGroup, n_in: int, config: Any, allow_gqa: bool) -> FoldPoint | str:
+    """The group's fold point, or the reason it has none (the group is then left unscaled).
+
+    :param n_in: the group's input width.
+    :param config: the model's config (head counts, to tie ``v_proj`` → ``o_proj`` under GQA).
+    :param allow_gqa: fold into a ``v_proj`` that feeds more query heads than it has KV heads
+        (one scale per KV channel, :class:`Tie`); else that group has no fold point.
+    """
     if group.prev is None or group.prev_kind == "none":
         return "nothing before it can absorb a per-channel scale (no fold point in the architecture map)"
     try:
@@ -63,7 +95,12 @@ def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.no_grad()
 def apply_fold(point: FoldPoint, linears: list[nn.Linear], scale: torch.Tensor, searched: torch.Tensor,
                norm_offset: float, stored: torch.dtype, quantized_prev: bool) -> None:
-    """Scale the group's columns by ``scale`` and divide the fold point by ``searched``.
+    """Scale the group's columns by ``scale`` and divide the fold point by ``searched`` (the
+    scale per tied channel; ``scale`` itself without a tie).
+
+    :param norm_offset: the architecture's ``norm_weight_offset`` (Gemma: the norm is ``1 + w``).
+    :param stored: the checkpoint's float dtype.
+    :param quantized_prev: the fold point is a linear that will be quantized (kept exact).
 
     The norm (and a float-kept previous linear) is rounded to the checkpoint's dtype, so the
     in-memory model is the one the artifact holds; weights that will be quantized stay exact.

@@ -1,11 +1,15 @@
-"""A straightforward float64 GPTQ (Frantar et al. 2022, Algorithm 1 without lazy batching),
-written from the paper and its reference quantizer, independent of qf's solver and formats.
+"""Independent float64 references of the LDLQ column loop, written from the papers, sharing no
+code with ``quantfoundry.toolkit.ldlq``:
 
-Grid (the GPTQ reference ``Quantizer`` with ``perchannel=True``, min-max): per group of
-columns, ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)``; asymmetric
-``scale = (xmax - xmin) / maxq``, ``zero = round(-xmin / scale)``; symmetric
-``scale = 2 max(|xmin|, xmax) / maxq``, ``zero = (maxq + 1) / 2``; ``q = clamp(round(w / scale)
-+ zero, 0, maxq)``, value ``scale (q - zero)``. The scale is rounded to float16, as stored.
+* :func:`gptq_reference` — GPTQ (Frantar et al. 2022, Algorithm 1, without lazy batching) with the
+  GPTQ reference ``Quantizer``'s min-max grid (``perchannel=True``): per group of columns,
+  ``xmin = min(min w, 0)``, ``xmax = max(max w, 0)``; asymmetric ``scale = (xmax - xmin) / maxq``,
+  ``zero = round(-xmin / scale)``; symmetric ``scale = 2 max(|xmin|, xmax) / maxq``,
+  ``zero = (maxq + 1) / 2``; ``q = clamp(round(w / scale) + zero, 0, maxq)``, value
+  ``scale (q - zero)``. The scale is rounded to float16, as stored.
+* :func:`block_ldlq_reference` — QuIP#'s BlockLDLQ from the block LDL decomposition of ``H``
+  (vector grids rounding ``b`` columns jointly; ``b = 1`` is QuIP's LDLQ, which equals GPTQ
+  with grids fixed beforehand).
 """
 
 from __future__ import annotations
@@ -63,3 +67,38 @@ def gptq_reference(w: torch.Tensor, h: torch.Tensor, *, bits: int, group: int, s
         w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
     inv = torch.argsort(perm)
     return codes[:, inv], values[:, inv]
+
+
+def block_ldl(h: torch.Tensor, b: int) -> torch.Tensor:
+    """The strictly block-upper factor ``Ů`` of ``H = (Ů + I) D (Ů + I)ᵀ`` (``D`` block diagonal
+    with ``b × b`` blocks), from a Cholesky factorisation of ``H`` with its order reversed."""
+    n = h.shape[0]
+    rev = torch.arange(n - 1, -1, -1)
+    c = torch.linalg.cholesky(h[rev][:, rev])
+    lower = torch.empty_like(c)
+    for k in range(0, n, b):
+        lower[:, k:k + b] = c[:, k:k + b] @ torch.linalg.inv(c[k:k + b, k:k + b])
+    u = lower[rev][:, rev]
+    for k in range(0, n, b):
+        u[k:k + b, k:k + b] = 0
+    return u
+
+
+def block_ldlq_reference(w: torch.Tensor, h: torch.Tensor, b: int, round_block, damp: float = 0.01
+                         ) -> torch.Tensor:
+    """QuIP#'s BlockLDLQ (Tseng et al. 2024, eq. 3; QuIP's LDLQ for ``b = 1``) in float64:
+    ``Ŵ_k = Q(W_k + (W_{<k} − Ŵ_{<k}) Ů_{<k,k})`` for column blocks ``k`` of width ``b`` in order,
+    ``Q`` = ``round_block(target [rows, b], first column) → values``, the grid fixed beforehand.
+    Returns ``Ŵ``."""
+    w = w.double()
+    h = h.double().clone()
+    n = h.shape[0]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
+    u = block_ldl(h, b)
+    wh = torch.zeros_like(w)
+    for k in range(0, n, b):
+        target = w[:, k:k + b] + (w[:, :k] - wh[:, :k]) @ u[:k, k:k + b]
+        wh[:, k:k + b] = round_block(target, k)
+    return wh

@@ -1,4 +1,5 @@
-"""GPTQ's column loop (Frantar et al. 2022, Algorithm 1) over the core Format interface.
+"""The LDLQ column loop — GPTQ's (Frantar et al. 2022, Algorithm 1), which QuIP (Chee et al.
+2023) showed to be LDLQ — over the core Format interface, for scalar and vector grids.
 
 One call quantizes the rows of every linear that shares one Hessian ``H = 2 X Xᵀ / n`` (q/k/v,
 gate/up): the rows are stacked and rounded together, each row segment onto its own format, so
@@ -14,6 +15,15 @@ on the weights as they are then (all earlier errors applied) — or all before t
 ``static_groups``. The block size is adjusted so that no group straddles a block boundary
 unless it starts one, which keeps the fitted weights exactly up to date: the lazy loop gives
 the result of the plain column-by-column loop, up to float rounding.
+
+**Vector grids** (``Format.block_width`` = ``k`` > 1: E8P rounds 8 columns to one code) are
+rounded ``k`` columns at a time (QuIP#'s BlockLDLQ): the block ``B`` of columns is rounded
+jointly, its error ``E`` ``[rows, k]`` becomes ``E U_BB⁻¹`` and every later column ``F`` gets
+``W_F −= E U_BB⁻¹ U_BF`` — the exact update of the remaining weights for a jointly rounded
+block, which for ``k = 1`` is the scalar rule above.
+
+GPTQ (``qf-gptq``) and QuIP# call :func:`ldlq_solve`; :func:`inverse_cholesky` and
+:func:`prepare_hessian` serve any method that needs a damped ``H⁻¹`` factor.
 """
 
 from __future__ import annotations
@@ -22,10 +32,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from quantfoundry import Format
-from quantfoundry.roles.format import Params
 
-from . import fused as fuse
+from ..roles.format import Format, Params
 
 
 class HessianError(RuntimeError):
@@ -46,8 +54,8 @@ class Segment:
 
 
 @dataclass
-class SolveResult:
-    """Per segment: codes ``[rows, cols]`` and grid parameters ``[rows, groups, ...]`` in the
+class LDLQResult:
+    """Per segment: codes ``[rows, cols / block_width]`` and grid parameters ``[rows, groups, ...]`` in the
     stored column order; ``perm`` (stored column ``i`` = original column ``perm[i]``) when the
     codes are stored in act-order; the damping that made ``H`` factorisable."""
 
@@ -91,19 +99,19 @@ def inverse_cholesky(h: torch.Tensor, damp_percent: float, damp_max: float) -> t
         damp = min(damp * 2, damp_max)
 
 
-def lazy_block_size(block_size: int, groups: list[int]) -> int:
+def lazy_block_size(block_size: int, groups: list[int], block_width: int = 1) -> int:
     """The block size nearest ``block_size`` such that every group either fits inside blocks
     (the block size is a multiple of it) or starts on a block boundary (it is a multiple of the
-    block size)."""
+    block size), and that holds whole vectors of ``block_width`` columns."""
     def ok(b: int) -> bool:
-        return all(b % g == 0 or g % b == 0 for g in groups)
+        return b % block_width == 0 and all(b % g == 0 or g % b == 0 for g in groups)
 
     if ok(block_size):
         return block_size
     for b in sorted({g * max(1, round(block_size / g)) for g in groups} | set(groups)):
         if ok(b):
             return b
-    return math.lcm(*groups)
+    return math.lcm(block_width, *groups)
 
 
 def _keep_group_params(params: Params, n_groups: int) -> Params:
@@ -123,15 +131,22 @@ def _slice_group(params: Params, g: int) -> Params:
 
 
 @torch.no_grad()
-def gptq_solve(
+def ldlq_solve(
     weight: torch.Tensor, hessian: torch.Tensor, segments: list[Segment], *,
     block_size: int = 128, desc_act: bool = False, static_groups: bool = False,
     damp_percent: float = 0.01, damp_max: float = 1.0, importance: torch.Tensor | None = None,
     fused: bool = True,
-) -> SolveResult:
+) -> LDLQResult:
     """Quantize ``weight`` ``[rows, cols]`` (float32) with the Hessian ``[cols, cols]``.
 
-    :param segments: row ranges covering ``weight`` and the format of each.
+    :param segments: row ranges covering ``weight`` and the format of each (every format with
+        the same :attr:`~quantfoundry.Format.block_width`).
+    :param block_size: columns per lazy batch (adjusted: see :func:`lazy_block_size`).
+    :param desc_act: act-order: columns in decreasing ``diag(H)``, codes stored permuted
+        (``perm``) unless ``static_groups`` (scalar grids only).
+    :param static_groups: fit every group's parameters before the loop, on the original weights.
+    :param damp_percent: ``λ = damp · mean(diag H)`` added to the diagonal; doubled up to
+        ``damp_max`` while a factorisation fails (:class:`HessianError` beyond).
     :param importance: per-column weights for fitting grid parameters (formats that use them,
         e.g. GGUF's imatrix encoders); default none.
     :param fused: on CUDA, run each lazy batch as one Triton kernel when every segment's grid
@@ -139,6 +154,12 @@ def gptq_solve(
     """
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
+    widths = {seg.fmt.block_width for seg in segments}
+    if len(widths) != 1:
+        raise ValueError(f"segments mix block widths {sorted(widths)}; one loop rounds one vector width")
+    bw = widths.pop()
+    if bw > 1 and desc_act:
+        raise ValueError(f"act-order permutes single columns; a block width of {bw} rounds them jointly")
     h, dead = prepare_hessian(hessian.to(device=w.device, dtype=torch.float32))
     groups = [seg.fmt.group_size(cols) for seg in segments]
 
@@ -160,12 +181,13 @@ def gptq_solve(
 
     u, damp, tries = inverse_cholesky(h, damp_percent, damp_max)
     del h
-    use_fused = fused and not static_groups and fuse.available(w.device) and all(
+    use_fused = fused and bw == 1 and not static_groups and _fused_available(w.device) and all(
         type(seg.fmt).affine is not Format.affine for seg in segments)
-    bsz = math.gcd(block_size, *groups) if use_fused else lazy_block_size(block_size, groups)
+    bsz = math.gcd(block_size, *groups) if use_fused else lazy_block_size(block_size, groups, bw)
     if use_fused and bsz < 16:  # tiny batches: the kernel would not pay off
-        use_fused, bsz = False, lazy_block_size(block_size, groups)
-    codes = [torch.empty(seg.stop - seg.start, cols, dtype=torch.int32, device=w.device) for seg in segments]
+        use_fused, bsz = False, lazy_block_size(block_size, groups, bw)
+    codes = [torch.empty(seg.stop - seg.start, cols // bw, dtype=torch.int32, device=w.device)
+             for seg in segments]
     fitted: list[list[Params]] = [[] for _ in segments]
 
     wt = w.T.contiguous()  # [cols, rows]: a column is one contiguous row, updates are row-major
@@ -175,7 +197,7 @@ def gptq_solve(
         _fused_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted)
     else:
         _plain_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted,
-                    static if static_groups else None, order)
+                    static if static_groups else None, order, bw)
 
     if use_fused:  # the kernel's values are a·q + b; store exactly what the codes decode to
         valt = torch.cat([torch.cat(fitted_decode(seg, codes[s], fitted[s]), dim=1)
@@ -191,13 +213,24 @@ def gptq_solve(
         if static_groups:  # groups are in the original order: store the codes there too
             codes = [c[:, inv] for c in codes]
             perm = None
-    return SolveResult(codes, params, perm, damp, tries, int(dead.sum()), values)
+    return LDLQResult(codes, params, perm, damp, tries, int(dead.sum()), values)
+
+
+def _fused_available(device: torch.device) -> bool:
+    """CUDA with Triton (imported only then: CPU runs never pay for it)."""
+    if device.type != "cuda":
+        return False
+    from . import _triton_ldlq
+
+    return _triton_ldlq.available(device)
 
 
 def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
                 importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
                 fitted: list[list[Params]]) -> None:
     """The column loop with one Triton kernel per lazy batch (every group starts a batch)."""
+    from . import _triton_ldlq as fuse
+
     cols, rows = wt.shape
     lo = torch.empty(rows, device=wt.device)
     hi = torch.empty(rows, device=wt.device)
@@ -215,7 +248,8 @@ def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
                 current[s] = _keep_group_params(seg.fmt.fit(wt[i1:i1 + g, seg.rows].T, imp), 1)
                 fitted[s].append(current[s])
             aff = seg.fmt.affine(current[s], i1 % g, i2 - i1)
-            assert aff is not None
+            if aff is None:
+                raise TypeError(f"{seg.fmt.spec} overrides Format.affine but returned None")
             a[:, seg.rows], b[:, seg.rows] = aff[0].T, aff[1].T
             if i1 % g == 0:  # code bounds: per fitted group
                 lo[seg.rows], hi[seg.rows] = float(aff[2]), float(aff[3])
@@ -236,8 +270,10 @@ def fitted_decode(seg: Segment, codes: torch.Tensor, fitted: list[Params]) -> li
 
 def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
                 importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
-                fitted: list[list[Params]], static: list[Params] | None, order: list[int] | None) -> None:
-    """The column loop through the Format interface (any scalar grid, any device)."""
+                fitted: list[list[Params]], static: list[Params] | None, order: list[int] | None,
+                bw: int = 1) -> None:
+    """The column loop through the Format interface (any grid, any device): ``bw`` columns
+    rounded jointly per step."""
     cols = wt.shape[0]
     current: list[Params] = [{} for _ in segments]
     for i1 in range(0, cols, bsz):
@@ -245,7 +281,7 @@ def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
         w1 = wt[i1:i2].clone()
         err1 = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(0, i2 - i1, bw):
             col = i1 + i
             for s, seg in enumerate(segments):
                 g = groups[s]
@@ -259,11 +295,17 @@ def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
                         current[s] = _keep_group_params(seg.fmt.fit(tile.T, imp), 1)
                         fitted[s].append(current[s])
                     p, col0 = current[s], col % g
-                q = seg.fmt.round(w1[i, seg.rows].unsqueeze(1), p, col0)
-                codes[s][:, col] = q[:, 0].to(torch.int32)
-                valt[col, seg.rows] = seg.fmt.decode(q, p, col0)[:, 0]
-            err = (w1[i] - valt[col]) / u1[i, i]
-            w1[i:].addr_(u1[i, i:], err, alpha=-1.0)
-            err1[i] = err
+                q = seg.fmt.round(w1[i:i + bw, seg.rows].T, p, col0)  # [rows, 1]: one code per vector
+                codes[s][:, col // bw] = q[:, 0].to(torch.int32)
+                valt[col:col + bw, seg.rows] = seg.fmt.decode(q, p, col0).T
+            if bw == 1:
+                err = (w1[i] - valt[col]) / u1[i, i]
+                w1[i:].addr_(u1[i, i:], err, alpha=-1.0)
+                err1[i] = err
+            else:  # E U_BB⁻¹ (transposed: U_BBᵀ err = Eᵀ), then the rest of the batch
+                err = torch.linalg.solve_triangular(u1[i:i + bw, i:i + bw].T, w1[i:i + bw] - valt[col:col + bw],
+                                                    upper=False)
+                w1[i:] -= u1[i:i + bw, i:].T @ err
+                err1[i:i + bw] = err
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)

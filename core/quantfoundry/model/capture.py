@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..roles.quantizer import BlockInputs
+from ..roles.block import BlockInputs
 
 
 class _StopForward(Exception):

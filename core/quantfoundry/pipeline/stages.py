@@ -1,0 +1,617 @@
+"""One run of the pipeline as four named stages over one :class:`RunState`::
+
+    state = resolve(RunRequest(...))   # components and options, all checked; no model touched
+    load_and_plan(state)               # the source model, its guards, the plan, calibration
+    quantize_and_export(state)         # block by block into the journal, then the artifact
+    evaluate(state)                    # the in-memory model, the written artifact, the original
+
+:func:`quantfoundry.run` is exactly these four calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import default_model_path
+from ..errors import IncompatiblePlanError, QFError, UsageError
+from ..files import sha256_file, write_json_atomic
+from ..formats import resolve_format
+from ..memory import trim_memory
+from ..model.blocks import BlockStream
+from ..model.materialize import materialize, materialize_outside_blocks
+from ..model.source import ModelSource, resolve_model
+from ..options import options_to_dict
+from ..plugins import get_plugin_manager
+from ..roles.block import QuantContext
+from ..roles.calibrator import CalibrationSet, Calibrator
+from ..roles.evaluator import EvalTarget, Evaluator
+from ..roles.exporter import Exporter
+from ..roles.format import Format, QuantizedWeight
+from ..roles.plan import QuantPlan
+from ..roles.quantizer import Quantizer, Transform
+from ..toolkit.kernels import select_kernel, swap_in
+from . import artifact
+from .components import device_of, dtype_of, make
+from .evaluate import Evaluation, make_reference, open_artifact
+from .interrupt import RunInterrupted, StopAtBlockBoundary
+from .journal import BlockRecord, Journal
+from .manifest import build_manifest, plugin_versions
+from .progress import Progress
+from .quantize import (
+    block_importance,
+    module_entries,
+    quantize_outside_blocks,
+    restore_block,
+    run_stages,
+    set_dequantized,
+    stored,
+    swap_in_block,
+)
+
+Spec = tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class RunRequest:
+    """The arguments of :func:`quantfoundry.run`, as given (see its docstring)."""
+
+    model: str | Path | None = None
+    quantizer: str | list[Spec] = "rtn"
+    quantizer_options: Mapping[str, Any] | None = None
+    format: str | None = None
+    format_options: Mapping[str, Any] | None = None
+    exporter: str = "qf"
+    exporter_options: Mapping[str, Any] | None = None
+    calibrator: str | None = None
+    calibrator_options: Mapping[str, Any] | None = None
+    evaluators: list[Spec] | list[str] | None = None
+    kernel: str | None = None
+    kernel_options: Mapping[str, Any] | None = None
+    out: str | Path | None = None
+    device: str | torch.device = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    overwrite: bool = False
+    keep_model: bool = False
+    artifact_eval: bool = True
+    cache: bool = True
+    imatrix: bool = False
+    progress: bool = True
+    resume: bool = False
+    #: where lines the user must see before the work starts go (a resumable journal, leftovers
+    #: of dead runs cleaned); default: standard error
+    report: Callable[[str], None] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything one run knows, filled stage by stage."""
+
+    request: RunRequest
+    device: torch.device
+    dtype: torch.dtype
+    stage_specs: list[Spec]
+    transforms: list[Transform]
+    quantizer: Quantizer
+    exporter: Exporter
+    requested: Format | None
+    calibrator: Calibrator | None
+    evaluators: list[Evaluator]
+    out: Path | None
+    notes: list[str] = field(default_factory=list)
+    t_start: float = field(default_factory=time.perf_counter)
+    # load_and_plan
+    source: ModelSource | None = None
+    plan: QuantPlan | None = None
+    ctx: QuantContext | None = None
+    tokenizer: Any = None
+    calibration: CalibrationSet | None = None
+    #: checkpoint tensors inside blocks that are no parameter of the model, by block: written as stored
+    passthrough: dict[int, list[str]] = field(default_factory=dict)
+    hashing: threading.Thread | None = None
+    # quantize_and_export
+    model: torch.nn.Module | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int = 0
+    # evaluate
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizer.needs_calibration or any(t.needs_calibration for t in self.transforms) or \
+            self.request.imatrix
+
+    @property
+    def keep(self) -> bool:
+        """Keep the quantized blocks in memory (for in-memory evaluation, or when asked)."""
+        return self.request.keep_model or bool(self.evaluators)
+
+    def kernel_options(self) -> dict[str, str]:
+        return dict(self.request.kernel_options or {})
+
+    def say(self, line: str) -> None:
+        """A line the user sees now (and in the summary's notes)."""
+        self.notes.append(line)
+        if self.request.report is not None:
+            self.request.report(line)
+        else:
+            import sys
+
+            print(f"qf: {line}", file=sys.stderr)
+
+
+# -- 1. resolve ---------------------------------------------------------------------------------
+
+def resolve(request: RunRequest) -> RunState:
+    """Every component by name and every option parsed and checked, before the model is touched."""
+    get_plugin_manager()
+    dev = device_of(request.device)
+    dtype = dtype_of(request.dtype)
+    if request.batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {request.batch_size}")
+    specs: list[Spec] = [(request.quantizer, request.quantizer_options or {})] \
+        if isinstance(request.quantizer, str) else list(request.quantizer)
+    if not specs:
+        raise UsageError("at least one quantizer is needed (e.g. --quantizer rtn)")
+    transforms, quantizer = _recipe(specs)
+    exp: Exporter = make("exporter", request.exporter, request.exporter_options)
+    spec = request.format or exp.default_format
+    requested = resolve_format(spec, request.format_options) if spec else None
+    if request.imatrix and quantizer.scope == "model":
+        raise UsageError("an imatrix is collected block by block; a whole-model quantizer cannot use it")
+    if request.resume and quantizer.scope == "model":
+        raise UsageError(f"quantizer {quantizer.name!r} works on the whole model at once: there are no "
+                         "finished blocks to resume from; drop --resume")
+    needs_calib = quantizer.needs_calibration or any(t.needs_calibration for t in transforms) or request.imatrix
+    cal = None
+    if needs_calib or request.calibrator or request.calibrator_options:
+        cal = make("calibrator", request.calibrator or "text", request.calibrator_options)
+    evals = [make("evaluator", *((ev, {}) if isinstance(ev, str) else ev)) for ev in request.evaluators or []]
+    out = Path(request.out) if request.out is not None else None
+    if request.resume and out is None:
+        raise UsageError("--resume continues a run that writes an artifact; pass --out")
+    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out)
+    if out is not None:
+        for line in artifact.clean_dead_runs(out):
+            state.say(line)
+        if out.exists() and not request.overwrite:
+            raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
+    return state
+
+
+def _recipe(specs: list[Spec]) -> tuple[list[Transform], Quantizer]:
+    """The stages named in order: transforms (or quantizers offering one), then one quantizer."""
+    *before, (last_name, last_opts) = specs
+    last = make("quantizer", last_name, last_opts)
+    if isinstance(last, Transform):
+        raise UsageError(f"the last stage {last.name!r} only transforms; add a rounding quantizer after it "
+                         "(e.g. --quantizer rtn)")
+    transforms: list[Transform] = []
+    for name, opts in before:
+        stage = make("quantizer", name, opts)
+        if isinstance(stage, Quantizer):
+            offered = stage.as_transform()
+            if offered is None:
+                raise UsageError(f"quantizer {stage.name!r} rounds weights and offers no transform, so it must be "
+                                 f"the last stage; put transforms (e.g. awq, smoothquant) before {last.name!r}")
+            stage = offered
+        transforms.append(stage)
+    if last.scope == "model" and transforms:
+        raise UsageError(f"the whole-model quantizer {last.name!r} cannot follow block transforms")
+    return transforms, last
+
+
+# -- 2. load and plan ---------------------------------------------------------------------------
+
+def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
+    """Load and guard the source model, make and check the plan, load the calibration tokens
+    (``dry_run``: no weight is read and nothing calibrated — the plan only)."""
+    r = state.request
+    source = resolve_model(r.model if r.model is not None else default_model_path(), allow_pickle=r.allow_pickle,
+                           trust_remote_code=r.trust_remote_code, revision=r.revision, check_weights=False)
+    state.source = source
+    if not dry_run:
+        # NaN/Inf guard: the tensors outside the decoder blocks now; each block's as the block loop
+        # reads them (in its prefetch thread), so the checkpoint is read once, not twice
+        source.check_finite([n for n, (dt, _shape) in source.tensor_info.items()
+                             if dt.is_floating_point and source.block_index(n) is None])
+    plan = state.exporter.plan(source, state.requested, collects_importance=r.imatrix)
+    _check_plan(plan, state)
+    state.plan = plan
+    ctx = QuantContext(device=state.device, source=source, notes=state.notes)
+    state.ctx = ctx
+    brought = state.exporter.importance(source)
+    if brought:
+        if r.imatrix:
+            raise UsageError(f"exporter {state.exporter.name!r} brings an importance matrix and --imatrix asks "
+                             "to collect one: choose one of them")
+        ctx.importance.update(brought)
+        ctx.note(f"importance of {len(brought)} linear(s) from exporter {state.exporter.name!r}")
+    for line in summarize_plan(plan):
+        ctx.note(line)
+    state.passthrough = _passthrough(source)
+    if state.passthrough:
+        names = [n for ns in state.passthrough.values() for n in ns]
+        ctx.note(f"{len(names)} checkpoint tensor(s) inside the blocks are no parameter of the model "
+                 f"(written as stored): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    if dry_run:
+        return
+    # the manifest's model hash reads every weight file once: in the background, while the
+    # blocks are quantized (hashlib and file reads release the GIL)
+    state.hashing = threading.Thread(target=_warm_hash, args=(source,), name="qf-sha256", daemon=True)
+    state.hashing.start()
+    if r.imatrix:
+        ctx.note("imatrix: importance (mean squared input activation per channel) collected from the "
+                 "calibration text before each block is quantized")
+    if state.calibrator is not None and not state.needs_calibration:
+        ctx.note(f"calibrator {state.calibrator.name!r} not used: "
+                 f"{', '.join(n for n, _ in state.stage_specs)} needs no calibration")
+        state.calibrator = None
+    if state.calibrator is not None or state.evaluators:
+        state.tokenizer = source.tokenizer()
+    if state.calibrator is not None:
+        state.calibration = state.calibrator.load(state.tokenizer)
+        for line in state.calibration.info.get("warnings", []):
+            ctx.note(line)
+
+
+def summarize_plan(plan: QuantPlan, show: int = 3) -> list[str]:
+    """One line per distinct fallback or keep-in-float reason, naming a few tensors."""
+    groups: dict[str, list[str]] = {}
+    for e in plan.fallbacks().values():
+        groups.setdefault(f"fallback {e.requested.spec} -> {e.format.spec} ({e.reason.split(':')[0]})", []).append(e.name)
+    for e in plan.kept_float().values():
+        groups.setdefault(f"kept in float ({e.reason})", []).append(e.name)
+    lines = []
+    for what, names in groups.items():
+        more = f", ... (+{len(names) - show})" if len(names) > show else ""
+        lines.append(f"{what}: {len(names)} tensor(s): {', '.join(names[:show])}{more}")
+    return lines
+
+
+def _check_plan(plan: QuantPlan, state: RunState) -> None:
+    stages: list[Transform | Quantizer] = [*state.transforms, state.quantizer]
+    exp = state.exporter
+    for fmt in plan.formats():
+        for s in stages:
+            reason = s.check_format(fmt)
+            if reason:
+                raise IncompatiblePlanError(f"{'transform' if isinstance(s, Transform) else 'quantizer'} "
+                                            f"{s.name!r} cannot work with {fmt.spec}: {reason}")
+        reason = exp.check_format(fmt)
+        if reason:
+            raise IncompatiblePlanError(
+                f"exporter {exp.name!r} cannot store {fmt.spec}: {reason}; it stores {exp.storable()}")
+        select_kernel(fmt, state.device, state.request.kernel, state.kernel_options())
+    avoid = state.quantizer.permutes_columns()
+    if avoid and not exp.stores_permutation:
+        raise IncompatiblePlanError(
+            f"quantizer {state.quantizer.name!r} stores weights in a permuted column order, which exporter "
+            f"{exp.name!r} cannot hold; {avoid}")
+    if not plan.quantized():
+        raise IncompatiblePlanError("the plan quantizes no tensor: every linear was kept in float "
+                                    "(see the reasons with `qf run ... --dry-run`)")
+
+
+def _passthrough(source: ModelSource) -> dict[int, list[str]]:
+    params = {n for n, _ in source.skeleton().named_parameters(remove_duplicate=False)}
+    out: dict[int, list[str]] = {}
+    for name in source.tensor_info:
+        index = source.block_index(name)
+        if index is not None and name not in params:
+            out.setdefault(index, []).append(name)
+    return out
+
+
+def _warm_hash(source: ModelSource) -> None:
+    """Compute (and cache) the source's hash; a failure is left for the manifest to raise."""
+    try:
+        _ = source.sha256
+    except Exception:  # noqa: BLE001 - re-raised by the main thread's own access
+        pass
+
+
+# -- 3. quantize and export ---------------------------------------------------------------------
+
+def quantize_and_export(state: RunState) -> None:
+    """Quantize block by block (or the whole model) into the journal, then stream the journal
+    into the exporter, verify and put the artifact in place."""
+    journal = _open_journal(state) if state.out is not None else None
+    try:
+        _quantize_and_export(state, journal)
+    except RunInterrupted:
+        raise
+    except QFError:  # the inputs are at fault (bad weights, a refused export): a rerun fails the same way
+        if journal is not None:
+            journal.remove()
+        raise
+    except BaseException:  # a crash (out of memory, disk full, Ctrl-C twice): the blocks done are kept
+        if journal is not None and journal.finished():
+            state.say(f"the journal {journal.folder} keeps {journal.finished()} finished block(s): once the cause "
+                      "is fixed, run the same command with --resume to continue")
+        raise
+
+
+def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
+    source, ctx = _loaded(state)
+    state.model = source.skeleton(state.dtype)
+    if state.keep:  # evaluation needs the embeddings and the head in memory too
+        materialize_outside_blocks(state.model, source, dtype=state.dtype, device=state.device)
+    if state.quantizer.scope == "model":
+        outside = _quantize_whole_model(state, journal)
+    else:
+        _quantize_blocks(state, journal)
+        outside = quantize_outside_blocks(state.model if state.keep else None, source, state.plan, ctx,
+                                          kernel_name=state.request.kernel, kernel_options=state.kernel_options())
+    if state.hashing is not None:
+        state.hashing.join()
+    state.manifest = build_manifest(source=source, stages=[*state.transforms, state.quantizer],
+                                    stage_specs=state.stage_specs, requested=state.requested,
+                                    exporter=state.exporter, plan=state.plan, calibration=state.calibration,
+                                    notes=ctx.notes, evaluation={})
+    if state.resumed_from:
+        state.manifest["resumed"] = {"from_block": state.resumed_from, "journal": journal.folder.name}
+    if journal is not None:
+        _export(state, journal, outside)
+        journal.remove()
+    if not state.keep:
+        state.model = None
+
+
+def _loaded(state: RunState) -> tuple[ModelSource, QuantContext]:
+    if state.source is None or state.ctx is None or state.plan is None:
+        raise RuntimeError("load_and_plan(state) must run before this stage")
+    return state.source, state.ctx
+
+
+def _journal_inputs(state: RunState) -> dict[str, Any]:
+    """What the artifact depends on: a journal written with other inputs cannot be resumed."""
+    source, _ = _loaded(state)
+    r = state.request
+    files = sorted(set(source.weight_map.values()))
+    cal = state.calibration
+    return {
+        "model": {"path": str(Path(source.path).resolve()), "config": _sha_config(source),
+                  "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]},
+        "stages": [[n, options_to_dict(s.options)] for (n, _), s in
+                   zip(state.stage_specs, [*state.transforms, state.quantizer], strict=True)],
+        "format": state.requested.to_json() if state.requested is not None else None,
+        "exporter": [state.exporter.name, options_to_dict(state.exporter.options)],
+        "files": _option_files([*state.transforms, state.quantizer, state.exporter]),
+        "calibration": None if cal is None else [cal.sha256, _tensor_sha(cal.input_ids)],
+        "plan": state.plan.to_json() if state.plan is not None else None,
+        "run": {"dtype": r.dtype, "device": state.device.type, "batch_size": r.batch_size, "imatrix": r.imatrix},
+        "versions": {"torch": torch.__version__, "plugins": plugin_versions()},
+    }
+
+
+def _sha_config(source: ModelSource) -> str:
+    return sha256_file(Path(source.path) / "config.json")
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _option_files(components: list[Any]) -> dict[str, str]:
+    """SHA-256 of every file a component's options name (an imatrix, a chat template...)."""
+    out: dict[str, str] = {}
+    for comp in components:
+        for f in dataclasses.fields(comp.options):
+            value = getattr(comp.options, f.name)
+            if isinstance(value, Path) and value.is_file():
+                out[f"{comp.name}.{f.name}"] = sha256_file(value)
+    return out
+
+
+def _open_journal(state: RunState) -> Journal:
+    """This run's journal: resumed (``--resume``, same inputs), or started afresh."""
+    out = state.out
+    if out is None:  # pragma: no cover - callers check
+        raise RuntimeError("a journal needs an output folder")
+    journal = Journal.for_output(out, _journal_inputs(state))
+    others = Journal.others(out, keep=journal.folder)
+    pid = journal.writer_pid() if journal.folder.exists() else None
+    if pid is not None:
+        raise UsageError(f"another run (pid {pid}) is writing {out}; wait for it or choose another --out")
+    done = journal.finished() if journal.exists() else 0
+    if state.request.resume:
+        if not journal.exists():
+            if others:
+                old = Journal(others[-1], {})
+                reason = Journal.difference(old.recorded_inputs(), journal.inputs) if old.exists() else "unreadable"
+                raise UsageError(f"cannot resume: the journal {others[-1].name} was written by a run with other "
+                                 f"inputs: {reason}; rerun without --resume to start over")
+            raise UsageError(f"cannot resume: no journal of an interrupted run to {out} (looked for "
+                             f"{journal.folder.name}); rerun without --resume")
+        state.resumed_from = done
+        journal.start(fresh=False)
+        state.say(f"resuming from the journal {journal.folder.name}: {done} finished block(s) restored, "
+                  f"quantizing from block {done}")
+        return journal
+    if done:
+        state.say(f"a resumable journal of an interrupted run to {out} exists ({done} finished block(s) in "
+                  f"{journal.folder.name}); starting over — pass --resume to continue it instead")
+    for folder in others:
+        state.say(f"replacing {folder.name}, the journal of an interrupted run with other inputs")
+        Journal(folder, {}).remove()
+    journal.start(fresh=True)
+    return journal
+
+
+def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
+    source, ctx = _loaded(state)
+    r = state.request
+    calibrate = state.calibration is not None and state.needs_calibration
+    stream = BlockStream(source, model=state.model, calibration=state.calibration.input_ids if calibrate else None,
+                         batch_size=r.batch_size, device=state.device, dtype=state.dtype, plan=state.plan,
+                         keep=state.keep)
+    with Progress(enabled=r.progress, total=len(stream), label="quantizing") as bar, \
+            StopAtBlockBoundary() as stop:
+        for block in stream:
+            if block.index < state.resumed_from and journal is not None:
+                record = journal.read_block(block.index)
+                out = restore_block(block, record.entries, state.device)
+                for line in record.notes:
+                    ctx.note(line)
+                ctx.importance.update(record.importance)
+                stream.finish(block)
+                swap_in_block(block, out, r.kernel, state.kernel_options())
+                bar.advance()
+                continue
+            noted = len(ctx.notes)
+            importance: dict[str, torch.Tensor] = {}
+            if r.imatrix and block.inputs is not None:
+                importance = block_importance(block)
+                ctx.importance.update(importance)
+            out = run_stages(state.transforms, state.quantizer, block, ctx)
+            set_dequantized(block, out)
+            stream.finish(block)
+            swap_in_block(block, out, r.kernel, state.kernel_options())
+            if journal is not None:
+                entries = module_entries(state.model, block.module, block.prefix, source)
+                journal.write_block(block.index, BlockRecord(entries, ctx.notes[noted:], importance))
+            bar.advance()
+            if stop.requested and block.index + 1 < len(stream):
+                where = f"block {block.index + 1} of {len(stream)}"
+                if journal is None:
+                    raise RunInterrupted(f"stopped on {stop.requested} after {where}; a run without --out keeps "
+                                         "no journal, so it cannot be resumed")
+                raise RunInterrupted(f"stopped on {stop.requested} after {where}; the journal {journal.folder} "
+                                     "keeps the finished blocks: run the same command with --resume "
+                                     "(Python: resume=True) to continue")
+
+
+def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str, QuantizedWeight]:
+    """A ``scope = "model"`` quantizer (QAT): the whole float model at once."""
+    source, ctx = _loaded(state)
+    model, plan, quantizer = state.model, state.plan, state.quantizer
+    materialize(model, model, "", source, dtype=state.dtype, device=state.device)
+    calibration = state.calibration.input_ids if state.calibration is not None else None
+    out = quantizer.quantize_model(model, plan, calibration, ctx) or {}
+    want = plan.quantized()
+    missing = sorted(n for n in set(want) - set(out) if source.block_index(n) is not None)
+    if missing:
+        raise UsageError(f"quantizer {quantizer.name!r} returned no weight for {missing[0]} "
+                         f"(and {len(missing) - 1} more)")
+    for name, qw in out.items():
+        if name not in want or qw.format != want[name].format:
+            raise UsageError(f"quantizer {quantizer.name!r} returned {name} as {qw.format.spec}, "
+                             f"but the plan wants {want[name].format.spec if name in want else 'float'}")
+        qw = qw.to(state.device)
+        swap_in(model, name, qw, select_kernel(qw.format, state.device, state.request.kernel,
+                                               state.kernel_options()))
+    rest = QuantPlan({n: e for n, e in want.items() if n not in out})  # outside the blocks
+    outside = quantize_outside_blocks(model, source, rest, ctx, kernel_name=state.request.kernel,
+                                      kernel_options=state.kernel_options())
+    if journal is not None:
+        journal.write_model(BlockRecord(module_entries(model, model, "", source, outside)))
+    return {}  # every tensor, the outside ones included, is in the whole-model record
+
+
+def _export(state: RunState, journal: Journal, outside: dict[str, QuantizedWeight]) -> None:
+    """Stream the journal into the exporter (blocks in order, then the tensors outside the
+    blocks), write the manifest, verify, and put the folder in place."""
+    source, ctx = _loaded(state)
+    out, exp = state.out, state.exporter
+    if out is None:  # pragma: no cover - callers check
+        raise RuntimeError("nothing to export to")
+    tmp = artifact.temp_folder(out)
+    try:
+        exp.begin(tmp, source, state.plan)
+        whole = state.quantizer.scope == "model"
+        records = [journal.read_model()] if whole else journal.blocks(source.num_layers)
+        for index, record in enumerate(records):
+            for name, value in record.entries:
+                exp.write(name, stored(source, name, value))
+            extra = [n for ns in state.passthrough.values() for n in ns] if whole else state.passthrough.get(index, [])
+            for name in extra:
+                exp.write(name, source.read([name])[name])
+        if not whole:
+            prefix = source.architecture.layers + "."
+            for name in sorted(source.tensor_info):
+                if not name.startswith(prefix):
+                    exp.write(name, outside[name].to("cpu") if name in outside else source.read([name])[name])
+        if state.request.imatrix and ctx.importance and state.calibration is not None:
+            ids = state.calibration.input_ids
+            exp.collected_importance(dict(ctx.importance), {
+                "source": state.calibration.source, "tokens": int(ids.numel()), "samples": int(ids.shape[0]),
+                "seq_len": int(ids.shape[1])})
+        state.manifest.update(exp.finish(state.manifest) or {})
+        write_json_atomic(tmp / "quantfoundry.json", state.manifest)
+        exp.verify(tmp)
+        artifact.publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- 4. evaluate --------------------------------------------------------------------------------
+
+def evaluate(state: RunState) -> None:
+    """Each evaluator on the in-memory model, the written artifact (reopened) and the original."""
+    if not state.evaluators:
+        return
+    source, ctx = _loaded(state)
+    r, dev = state.request, state.device
+    evaluation = Evaluation.of(state.evaluators)
+    linears = source.linear_shapes()
+    info = {"quantized_linears": [n for n in state.plan.quantized() if n in linears],
+            "calibration": state.manifest.get("calibration"), "progress": r.progress}
+    reference = make_reference(source, state.tokenizer, dev, cache=r.cache, info=info)
+    _float_params_to_float32(state.model)  # evaluation runs in float32 whatever the block dtype was
+    engine = None
+    try:
+        evaluation.measure(EvalTarget(state.model, state.tokenizer, source, "quantized", dev,
+                                      float_dtype=source.storage_dtype, info=info, reference=reference), "quantized")
+        if state.out is not None and r.artifact_eval:
+            if not r.keep_model:
+                state.model = None
+                trim_memory()
+            art_model, engine, how = open_artifact(state.out, state.exporter, dev, r.kernel)
+            if art_model is None and engine is None:
+                ctx.note(f"artifact not evaluated: {how}")
+            else:
+                evaluation.measure(EvalTarget(art_model, state.tokenizer, source, "artifact", dev,
+                                              float_dtype=source.storage_dtype,
+                                              info={**info, "artifact_path": str(state.out)},
+                                              engine=engine, reference=reference), "artifact", which="artifact")
+                del art_model
+                evaluation.artifact = {"path": str(state.out), "opened": how}
+                if engine is not None and (tok := evaluation.check_tokenizer(engine, state.tokenizer)):
+                    evaluation.artifact["tokenizer"] = tok
+                for line in evaluation.check_artifact(engine):
+                    ctx.note(f"MISMATCH between the artifact and the in-memory model: {line}; "
+                             "the export lost something")
+        evaluation.measure_original(reference)
+    finally:
+        reference.release()
+        if engine is not None:
+            engine.close()
+    state.metrics = evaluation.metrics
+    state.manifest["evaluation"] = evaluation.to_json(dev, reference)
+    state.manifest["notes"] = list(ctx.notes)
+    if state.out is not None:
+        write_json_atomic(state.out / "quantfoundry.json", state.manifest)
+
+
+def _float_params_to_float32(model: torch.nn.Module | None) -> None:
+    """Upcast float parameters (not QuantLinear codes or grid parameters, which stay as stored)."""
+    if model is None:
+        return
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()

@@ -1,0 +1,65 @@
+"""The plugin toolkit: what two or more methods need, as a small public API.
+
+Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
+:mod:`quantfoundry.errors`, :mod:`quantfoundry.testing`) only — never ``quantfoundry.pipeline``,
+``quantfoundry.builtin`` or another plugin's modules; ``tests/unit/test_layering.py`` keeps it so.
+
+* **input statistics** (:mod:`.stats`): Gram/Hessian, mean ``|x|``, mean ``x²``, absmax per
+  input channel, streamed from a block's calibration forward — :func:`collect_input_stats`;
+* **the LDLQ column loop** (:mod:`.ldlq`): damped inverse Cholesky (:func:`inverse_cholesky`),
+  GPTQ/LDLQ error feedback over any format, scalar or vector (:func:`ldlq_solve`);
+* **scale folding** (:mod:`.fold`): per-input-channel scales into the norm or linear before a
+  group of linears (:func:`fold_point`, :func:`apply_fold`), GQA ties (:class:`Tie`);
+* **Hugging Face checkpoints** (:mod:`.checkpoint`): config with ``quantization_config``,
+  tokenizer files, written shapes, reloading float tensors, one-group-size plans; streaming
+  safetensors writers (:mod:`.safetensors_stream`);
+* **kernels** (:mod:`.kernels`): choosing a kernel, swapping a linear for a ``QuantLinear``;
+* **the model, block by block** (:mod:`quantfoundry.model`): :class:`BlockStream` materializes
+  each decoder block with its calibration inputs, for quantizers' tests and planners'
+  sensitivity passes;
+* the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
+"""
+
+from __future__ import annotations
+
+from ..builtin.int_format import MIN_FALLBACK_GROUP, IntFormat, IntOptions
+from ..files import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from ..model.blocks import BlockStream
+from ..model.capture import capture_inputs
+from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
+from ..roles.format import pack_bits, stored_params, unpack_bits
+from .checkpoint import (
+    TOKENIZER_GLOBS,
+    CheckpointOptions,
+    artifact_skeleton,
+    copy_tokenizer_files,
+    load_float_parameters,
+    one_group_plan,
+    quant_method_of,
+    stored_shapes,
+    write_hf_config,
+)
+from .fold import FoldPoint, Tie, apply_fold, fold_point
+from .kernels import select_kernel, swap_in
+from .ldlq import (
+    HessianError,
+    LDLQResult,
+    Segment,
+    inverse_cholesky,
+    lazy_block_size,
+    ldlq_solve,
+    prepare_hessian,
+)
+from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWriter
+from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
+
+__all__ = [
+    "MANIFEST", "MIN_FALLBACK_GROUP", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
+    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
+    "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
+    "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
+    "load_float_parameters", "load_full_model", "materialize", "one_group_plan", "pack_bits", "prepare_hessian",
+    "quant_method_of", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
+    "stored_params", "stored_shapes", "swap_in", "tied_source", "unpack_bits", "write_hf_config",
+    "write_json_atomic",
+]

@@ -1,0 +1,66 @@
+"""Scale folding (quantfoundry.toolkit.fold): exact in float64 for every built-in architecture."""
+
+from __future__ import annotations
+
+import pytest
+import quantfoundry as qf
+import torch
+from quantfoundry import resolve_model
+from quantfoundry.testing.tiny import TINY_CONFIGS
+from quantfoundry.toolkit import Tie, apply_fold, fold_point
+from transformers import AutoModelForCausalLM
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_folding_leaves_the_float_model_unchanged(tiny_model, arch):
+    """Every fold point of every built-in architecture (norms with Gemma's 1 + w, v → o under
+    GQA with one scale per KV channel, up → down, q/k/v biases of Qwen2): random scales folded
+    into every group of every layer, float64 logits unchanged."""
+    folder = tiny_model(arch)
+    source = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    archmap = source.architecture
+    gen = torch.Generator().manual_seed(1)
+    folded = 0
+    for i, layer in enumerate(model.model.layers):
+        block = qf.Block(i, f"model.layers.{i}", layer, archmap, {})
+        for group in archmap.groups:
+            lins = [block.linear(n) for n in group.linears]
+            point = fold_point(block, group, lins[0].in_features, source.config, allow_gqa=True)
+            assert not isinstance(point, str), point
+            n = lins[0].in_features // (point.tie.heads_per_kv if point.tie else 1)
+            searched = torch.exp(torch.randn(n, generator=gen, dtype=torch.float64))
+            scale = point.tie.expand(searched) if point.tie else searched
+            apply_fold(point, lins, scale, searched, archmap.norm_weight_offset, torch.float64, quantized_prev=True)
+            folded += 1
+    with torch.no_grad():
+        after = model(ids).logits
+    assert folded == 4 * len(model.model.layers)
+    # transformers' RMSNorms normalise in float32 even in a float64 model, so a 1e-16 change of
+    # the residual stream can flip a float32 rounding: agreement to float32 round-off (a wrong
+    # fold is off by O(1)); the folds themselves are float64 arithmetic
+    torch.testing.assert_close(after, before, rtol=2e-6, atol=2e-6)
+
+
+def test_tie_reduces_and_expands_per_kv_channel():
+    """Under GQA (2 query heads per KV head, head_dim 2), input channel c of o_proj reads KV
+    channel c // 4 * 2 + c % 2: reduce averages each tied set, expand repeats it."""
+    tie = Tie(head_dim=2, heads_per_kv=2)
+    assert tie.index(8, torch.device("cpu")).tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    assert tie.reduce(v).tolist() == [2.0, 3.0, 6.0, 7.0]
+    assert tie.expand(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [1, 2, 1, 2, 3, 4, 3, 4]
+
+
+def test_a_group_without_a_fold_point_says_why(tiny_model):
+    folder = tiny_model("llama")
+    source = resolve_model(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    block = qf.Block(0, "model.layers.0", model.model.layers[0], source.architecture, {})
+    group = qf.InputGroup(("self_attn.q_proj",), None, "none")
+    assert "no fold point" in fold_point(block, group, 64, source.config, allow_gqa=True)
+    gqa = source.architecture.groups[1]  # v_proj -> o_proj, 4 query heads over 2 KV heads
+    assert "fold_gqa=false" in fold_point(block, gqa, 64, source.config, allow_gqa=False)
