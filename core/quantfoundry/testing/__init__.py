@@ -8,6 +8,10 @@ Fixtures:
   duration of the test and always unregisters it;
 * ``tiny_model`` — ``tiny_model(arch="llama", **config)`` writes a tiny config-built model
   folder (with the embedded tokenizer) and returns its path.
+
+The conformance kit (:mod:`quantfoundry.testing.conformance`) is a set of base test classes to
+subclass; with this plugin active, its tests that take ``arch`` run once per architecture the
+class names.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from .. import plugins as _plugins
 from .tiny import TINY_CONFIGS, build_tiny_model, tiny_config
 
 __all__ = ["TINY_CONFIGS", "build_tiny_model", "tiny_config"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    from .conformance import parametrize_architectures
+
+    parametrize_architectures(metafunc)
 
 
 @pytest.fixture

@@ -1,0 +1,345 @@
+"""The conformance kit: base test classes a plugin author subclasses to check a component
+against the contracts every other part of QuantFoundry relies on.
+
+::
+
+    # tests/test_conformance.py of a plugin
+    from quantfoundry.testing.conformance import FormatConformance, QuantizerConformance
+
+    class TestNF4(FormatConformance):
+        spec = "nf4"
+
+    class TestMyQuantizer(QuantizerConformance):
+        quantizer = "my-quantizer"
+        options = {"steps": "2"}
+
+(``pytest_plugins = ["quantfoundry.testing"]`` in the plugin's ``conftest.py`` provides the
+fixtures.) QuantFoundry's own CI runs every class here over every component registered by a
+plugin of its repository (``tests/conformance/``), so a new format, kernel or exporter is
+checked without anyone remembering to.
+
+What each class checks:
+
+* :class:`FormatConformance` — codes survive ``pack``/``unpack`` byte for byte and decode to the
+  dequantized weight; :meth:`~quantfoundry.Format.nbytes` equals the bytes a quantized weight
+  holds; bits per weight are derived from it; column slices (``col0``) round and decode as the
+  whole tile does; the spec and the JSON form resolve back to an equal format; a bad option is
+  one :class:`~quantfoundry.errors.OptionsError`; a shape it refuses has a reason (and a
+  fallback that fits, when it offers one); CUDA gives the CPU's codes.
+* :class:`QuantizerConformance` — a whole run on a tiny model of every built-in architecture:
+  every planned tensor quantized onto its planned format, the written artifact reloaded equal
+  to the in-memory model (no ``MISMATCH``), a finite KL to the original.
+* :class:`TransformConformance` — the transform, then round-to-nearest, on every built-in
+  architecture; the transformed float block computes what the original did (up to rounding
+  the tensors kept in float to the checkpoint's dtype).
+* :class:`ExporterConformance` — write → reload (``load``) or serve (``engine``) on every
+  built-in architecture: the artifact's logits agree with the in-memory model's.
+* :class:`KernelConformance` — outputs equal the reference kernel ``torch-dequant``'s for every
+  format it serves, with and without bias, for 2-D and 3-D inputs.
+* :class:`CalibratorConformance` — token windows of the asked shape, ids in the vocabulary, a
+  source description and hash.
+* :class:`EvaluatorConformance` — named metrics of numbers or strings on a quantized tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from ..errors import OptionsError
+from ..formats import format_from_json, resolve_format
+from ..options import parse_options
+from ..pipeline.components import make
+from ..roles.exporter import Exporter
+from ..roles.format import Format, QuantizedWeight
+from ..roles.kernel import QuantLinear
+from .tiny import TINY_CONFIGS
+
+ARCHITECTURES = tuple(sorted(TINY_CONFIGS))
+#: tiny shapes where every built-in format fits (K-quant super-blocks are 256 wide)
+WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+#: a short calibration so that a conformance run takes seconds
+CALIBRATION = {"n_samples": "4", "seq_len": "64"}
+
+
+def _weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """A weight with the spread of a trained one: mostly small values, a few large ones."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    w.view(-1)[torch.randint(0, w.numel(), (max(1, w.numel() // 200),), generator=g)] *= 25
+    return w
+
+
+def parametrize_architectures(metafunc: Any) -> None:
+    """``pytest_generate_tests`` of :mod:`quantfoundry.testing`: a kit test taking ``arch`` runs
+    once per architecture of its class's ``architectures``."""
+    cls = metafunc.cls
+    if cls is not None and "arch" in metafunc.fixturenames and hasattr(cls, "architectures"):
+        metafunc.parametrize("arch", list(cls.architectures))
+
+
+class FormatConformance:
+    """Subclass and set ``spec`` (and ``shape`` when the format needs other widths)."""
+
+    spec: ClassVar[str]
+    shape: ClassVar[tuple[int, int]] = (16, 512)
+
+    def format(self) -> Format:
+        return resolve_format(self.spec)
+
+    def quantized(self, device: str = "cpu") -> tuple[Format, torch.Tensor, QuantizedWeight]:
+        fmt = self.format()
+        reason = fmt.check_shape(self.shape)
+        if reason:
+            raise AssertionError(f"{self.spec} cannot store the test shape {self.shape}: {reason}; set shape")
+        w = _weight(self.shape).to(device)
+        return fmt, w, fmt.quantize(w)
+
+    def test_codes_survive_packing_and_decode_to_the_dequantized_weight(self) -> None:
+        fmt, w, qw = self.quantized()
+        codes = fmt.unpack(qw.packed, qw.shape)
+        assert codes.shape == (self.shape[0], self.shape[1] // fmt.block_width)
+        assert torch.equal(fmt.pack(codes), qw.packed), "pack(unpack(packed)) changed the bytes"
+        values = fmt.decode(codes, qw.params)
+        assert torch.equal(values, qw.dequantize(torch.float32))
+        assert torch.isfinite(values).all()
+        rel = float((values - w).norm() / w.norm())
+        assert rel < 1.0, f"{self.spec}: relative error {rel:.3f} — the round trip is broken"
+
+    def test_nbytes_counts_the_stored_bytes(self) -> None:
+        fmt, _, qw = self.quantized()
+        assert fmt.nbytes(self.shape) == qw.nbytes()
+        assert fmt.bits_per_weight(self.shape) == 8 * qw.nbytes() / (self.shape[0] * self.shape[1])
+        stored = {k for k in qw.params if not k.startswith("_")}
+        assert stored == set(qw.params), "transient parameters (names starting with _) must not be stored"
+
+    def test_column_slices_round_and_decode_as_the_whole_tile(self) -> None:
+        fmt, w, qw = self.quantized()
+        params = fmt.fit(w)
+        codes = fmt.round(w, params)
+        bw = fmt.block_width
+        g = fmt.group_size(self.shape[1])
+        for a, b in ((0, g), (g // 2 // bw * bw, g), (bw, 3 * bw), (g, 2 * g)):
+            if a >= b or b > self.shape[1]:
+                continue
+            part = fmt.round(w[:, a:b], params, a)
+            assert torch.equal(part, codes[:, a // bw:b // bw]), f"round of columns [{a}, {b}) differs"
+            vals = fmt.decode(codes[:, a // bw:b // bw], params, a)
+            assert torch.equal(vals, fmt.decode(codes, params)[:, a:b]), f"decode of columns [{a}, {b}) differs"
+
+    def test_spec_and_json_resolve_to_an_equal_format(self) -> None:
+        fmt = self.format()
+        assert resolve_format(fmt.spec) == fmt
+        assert format_from_json(fmt.to_json()) == fmt
+        assert hash(resolve_format(fmt.spec)) == hash(fmt)
+
+    def test_a_bad_option_is_one_clear_error(self) -> None:
+        cls = type(self.format())
+        with pytest.raises(OptionsError) as info:
+            parse_options(cls.Options, {"no_such_option": "1"}, owner=f"format {cls.name!r}")
+        assert "\n" not in str(info.value) and "no_such_option" in str(info.value)
+
+    def test_a_refused_shape_has_a_reason_and_a_fitting_fallback(self) -> None:
+        fmt = self.format()
+        for shape in ((8, self.shape[1] + 1), (8, 24)):
+            reason = fmt.check_shape(shape)
+            if reason is None:
+                continue
+            assert isinstance(reason, str) and reason
+            fallback = fmt.fallback(shape)
+            if fallback is not None:
+                assert fallback.check_shape(shape) is None, f"fallback {fallback.spec} does not fit {shape}"
+
+    def test_cuda_gives_the_cpu_codes(self) -> None:
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device: the CPU/CUDA agreement runs on the GPU machine")
+        _, _, cpu = self.quantized()
+        _, _, gpu = self.quantized("cuda")
+        assert torch.equal(cpu.packed, gpu.packed.cpu())
+        for k, v in cpu.params.items():
+            assert torch.equal(v, gpu.params[k].cpu()), k
+
+
+def _run(folder: Path, out: Path | None, **kwargs: Any) -> Any:
+    from ..pipeline.run import run
+
+    return run(str(folder), out=out, progress=False, calibrator_options=CALIBRATION, **kwargs)
+
+
+def _check_run(result: Any, out: Path | None) -> None:
+    mismatches = [n for n in result.notes if n.startswith("MISMATCH")]
+    assert not mismatches, mismatches
+    plan = result.plan.quantized()
+    assert plan, "the plan quantized nothing"
+    if out is not None:
+        check = result.manifest["evaluation"]["artifact_check"]
+        assert check is not None and check["ok"], check
+    kl = result.metrics["kl"]["kl_mean"]["quantized"]
+    assert 0.0 < kl < float("inf")
+
+
+class QuantizerConformance:
+    """Subclass and set ``quantizer`` (and ``options``, ``format``, ``architectures``)."""
+
+    quantizer: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    format: ClassVar[str] = "int4-g32"
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+
+    def test_a_whole_run_on_every_architecture(self, arch: str, tiny_model: Callable[..., Path],
+                                               tmp_path: Path) -> None:
+        folder = tiny_model(arch)
+        out = tmp_path / "artifact"
+        result = _run(folder, out, quantizer=[(self.quantizer, dict(self.options))], format=self.format,
+                      evaluators=[("kl", {"max_tokens": "2048"})], keep_model=True)
+        _check_run(result, out)
+        quantized = {n for n, m in result.model.named_modules() if isinstance(m, QuantLinear)}
+        assert quantized == set(result.plan.quantized()), "the in-memory model and the plan disagree"
+        for name in quantized:
+            qw = result.model.get_submodule(name).qweight
+            assert qw.format == result.plan.entries[name].format
+
+
+class TransformConformance:
+    """Subclass and set ``transform`` (and ``options``). A transform must leave the float
+    model's function unchanged (an equivalent transformation: scaling, rotation)."""
+
+    transform: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    format: ClassVar[str] = "int4-g32"
+
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+
+    def test_the_float_block_computes_what_it_did(self, arch: str, tiny_model: Callable[..., Path]) -> None:
+        from ..model.blocks import BlockStream
+        from ..model.source import resolve_model
+        from ..pipeline.stages import RunRequest, load_and_plan, resolve
+
+        folder = tiny_model(arch)
+        state = resolve(RunRequest(model=str(folder), quantizer=[(self.transform, dict(self.options)), ("rtn", {})],
+                                   format=self.format, calibrator_options=CALIBRATION, progress=False))
+        load_and_plan(state)
+        stage = state.transforms[0]
+        ids = state.calibration.input_ids if state.calibration is not None else torch.randint(0, 4096, (4, 32))
+        stream = BlockStream(resolve_model(folder), calibration=ids, batch_size=2, plan=state.plan)
+        for block in stream:
+            before = block.run()
+            stage.transform_block(block, state.ctx)
+            after = block.run()
+            for a, b in zip(after, before, strict=True):
+                # tensors kept in float are rounded to the checkpoint's dtype (bf16 here: 2⁻⁸), as the
+                # artifact holds them; a wrong transformation is off by O(1)
+                rel = float((a - b).norm() / b.norm())
+                assert rel < 5e-3, f"{block.prefix}: the transformed block's output moved by {rel:.2e} (relative)"
+
+    def test_then_round_to_nearest(self, arch: str, tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+        out = tmp_path / "artifact"
+        result = _run(tiny_model(arch), out, quantizer=[(self.transform, dict(self.options)), ("rtn", {})],
+                      format=self.format, evaluators=[("kl", {"max_tokens": "2048"})])
+        _check_run(result, out)
+        assert result.manifest["quantizer"][0]["role"] == "transform"
+
+
+class ExporterConformance:
+    """Subclass and set ``exporter`` (and ``options``, ``format``: default, the exporter's)."""
+
+    exporter: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    format: ClassVar[str | None] = None
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+
+    def test_write_then_reload_or_serve(self, arch: str, tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+        exp = make("exporter", self.exporter, self.options)
+        overridden = type(exp).load is not Exporter.load
+        assert exp.can_load == overridden, "can_load must be True exactly when the exporter implements load()"
+        if not exp.can_load:
+            assert type(exp).engine is not Exporter.engine, "an exporter must reload (load) or serve (engine) its artifacts"
+        folder = tiny_model(arch, **WIDE)
+        out = tmp_path / "artifact"
+        result = _run(folder, out, exporter=self.exporter, exporter_options=dict(self.options), format=self.format,
+                      evaluators=[("kl", {"max_tokens": "2048"})])
+        _check_run(result, out)
+        assert result.manifest["evaluation"]["artifact"]["path"] == str(out)
+
+
+class KernelConformance:
+    """Subclass and set ``kernel`` and ``specs`` (formats it should serve)."""
+
+    kernel: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    specs: ClassVar[tuple[str, ...]] = ("int4-g128", "int8")
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    @pytest.mark.parametrize("device", ["cpu", "cuda"])
+    def test_outputs_equal_the_reference_kernel(self, device: str) -> None:
+        if device not in self.devices:
+            pytest.skip(f"{self.kernel} does not serve {device}")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device: the kernel's CUDA path is checked on the GPU machine")
+        dev = torch.device(device)
+        kernel = make("kernel", self.kernel, self.options)
+        reference = make("kernel", "torch-dequant", {"cache": "false"})
+        served = 0
+        for spec in self.specs:
+            fmt = resolve_format(spec)
+            if kernel.serves(fmt, dev) is not None:
+                continue
+            served += 1
+            qw = fmt.quantize(_weight((96, 256), seed=1)).to(dev)
+            bias = torch.randn(96, device=dev)
+            for b in (None, bias):
+                for x in (torch.randn(5, 256, device=dev), torch.randn(2, 7, 256, device=dev)):
+                    ours = QuantLinear(qw, b, kernel)(x)
+                    ref = QuantLinear(qw, b, reference)(x)
+                    assert ours.shape == (*x.shape[:-1], 96)
+                    torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+        assert served, f"{self.kernel} serves none of {self.specs} on {device}"
+
+
+class CalibratorConformance:
+    """Subclass and set ``calibrator`` (and ``options``)."""
+
+    calibrator: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {"n_samples": "3", "seq_len": "40"}
+
+    def test_windows_of_the_asked_shape_and_a_source(self) -> None:
+        from ..data import default_model_path
+        from ..model.source import resolve_model
+
+        source = resolve_model(default_model_path(), check_weights=False)
+        tok = source.tokenizer()
+        cal = make("calibrator", self.calibrator, self.options).load(tok)
+        ids = cal.input_ids
+        assert ids.dtype == torch.long and ids.dim() == 2
+        shape = {f.name: getattr(make("calibrator", self.calibrator, self.options).options, f.name)
+                 for f in dataclasses.fields(make("calibrator", self.calibrator, self.options).options)}
+        if "n_samples" in shape:
+            assert ids.shape[0] == shape["n_samples"]
+        if "seq_len" in shape:
+            assert ids.shape[1] <= shape["seq_len"]
+        assert int(ids.min()) >= 0 and int(ids.max()) < len(tok)
+        assert cal.source and cal.sha256
+
+
+class EvaluatorConformance:
+    """Subclass and set ``evaluator`` (and ``options``)."""
+
+    evaluator: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+
+    def test_named_metrics_on_a_quantized_tiny_model(self, tiny_model: Callable[..., Path]) -> None:
+        result = _run(tiny_model("llama"), None, format="int4-g32", evaluators=[(self.evaluator, dict(self.options))])
+        metrics = next(iter(result.metrics.values()))
+        assert metrics, f"{self.evaluator} returned no metric"
+        for name, columns in metrics.items():
+            assert isinstance(name, str) and name
+            for value in columns.values():
+                assert isinstance(value, int | float | str), (name, value)
+                if isinstance(value, float):
+                    assert value == value, f"{name} is NaN"
