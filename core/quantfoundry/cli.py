@@ -464,7 +464,12 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
         bar.advance()
     console = _console()
     console.print(result.table.read_text(), markup=False, highlight=False)
-    console.print(f"wrote {result.table}, {result.plot}, {result.data}")
+    if result.plot is None:
+        from .evaluation.compare import PLOT_EXTRA
+
+        console.print(f"wrote {result.table}, {result.data}; no plot: {PLOT_EXTRA}")
+    else:
+        console.print(f"wrote {result.table}, {result.plot}, {result.data}")
 
 
 def main() -> None:

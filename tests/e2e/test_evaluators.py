@@ -183,6 +183,23 @@ def test_compare_writes_a_table_and_a_png(tiny_model, tmp_path) -> None:
     assert float(img[..., :3].std()) > 0.05  # not a blank canvas
 
 
+def test_compare_without_matplotlib_writes_the_table_and_says_how_to_plot(tiny_model, tmp_path, monkeypatch) -> None:
+    """matplotlib is the `plot` extra, not a dependency of the core: without it qf compare
+    writes its table and JSON and names the install command for the plot."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(cli, ["compare", "--model", str(tiny_model("llama")), "-f", "int8",
+                                 "--evaluator", "kl:ctx=64,max_tokens=600", "--out", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert (out / "compare.md").is_file() and (out / "compare.json").is_file()
+    assert not (out / "compare.png").exists()
+    assert "pip install 'quantfoundry[plot]'" in " ".join(r.output.split())
+
+
 def test_compare_needs_a_quality_evaluator(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["compare", "-f", "int8", "--evaluator", "size", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "needs a quality evaluator" in r.output

@@ -154,3 +154,43 @@ def test_bfloat16_block_work_gives_the_same_codes_and_float32_evaluation(tiny_mo
                               strict=True):
         assert torch.equal(x.qweight.packed, y.qweight.packed), n
     assert a.metrics["perplexity"]["perplexity"] == b.metrics["perplexity"]["perplexity"]
+
+
+def test_a_parameter_the_checkpoint_lacks_is_an_error_not_dropped(tiny_model, tmp_path, register_plugin) -> None:
+    """A stage that adds a parameter to a block would lose it silently in the artifact (no
+    checkpoint name, no tie): the run stops and names it."""
+    import pytest
+    from quantfoundry.errors import QFError
+
+    class AddsParameter(qf.Transform):
+        name = "adds-parameter"
+
+        def transform_block(self, block, ctx):
+            block.module.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(4), requires_grad=False))
+
+    class P:
+        @qf.hookimpl
+        def qf_register_quantizers(self, register):
+            register(AddsParameter)
+
+    register_plugin(P(), "adds-parameter")
+    with pytest.raises(QFError, match=r"model.layers.0.extra_scale is a parameter of the quantized model but not a "
+                                      r"tensor of the checkpoint"):
+        qf.run(tiny_model("llama"), quantizer=[("adds-parameter", {}), ("rtn", {})], format="int4-g32",
+               out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_checkpoint_tensors_that_are_no_parameter_are_kept(tiny_model, tmp_path) -> None:
+    """A tensor stored inside a block that the model has no parameter for (an old checkpoint's
+    rotary inv_freq) is written to the artifact as stored, and the run says so."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_model("llama")
+    state = load_file(str(folder / "model.safetensors"))
+    extra = "model.layers.1.self_attn.rotary_emb.inv_freq"
+    state[extra] = torch.arange(8, dtype=torch.float32)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    result = qf.run(folder, format="int4-g32", out=tmp_path / "o", progress=False)
+    assert torch.equal(load_file(str(tmp_path / "o" / "model.safetensors"))[extra], state[extra])
+    assert any("no parameter of the model (written as stored)" in n and extra in n for n in result.notes)

@@ -35,9 +35,20 @@ class CompareResult:
     model: str
     rows: list[dict[str, Any]]  # one per variant, the original first
     table: Path
-    plot: Path
+    plot: Path | None  # None when matplotlib (the ``plot`` extra) is not installed
     data: Path
     notes: list[str] = field(default_factory=list)
+
+
+#: how to get the plot when matplotlib is missing
+PLOT_EXTRA = "pip install 'quantfoundry[plot]' (matplotlib) to draw compare.png"
+
+
+def can_plot() -> bool:
+    """True when matplotlib, the ``plot`` extra, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def variants_from(quantizers: Sequence[str], formats: Sequence[str], recipes: Sequence[Path]) -> list[Variant]:
@@ -204,8 +215,9 @@ def compare(model: str | Path | None, variants: list[Variant], *, evaluators: li
     data = out / "compare.json"
     write_json_atomic(data, {"model": str(model or model_name), "evaluators": [[n, dict(o)] for n, o in evals],
                              "rows": rows, "variants": results, "notes": notes})
-    png = out / "compare.png"
-    plot(rows, png, title)
+    png = out / "compare.png" if can_plot() else None
+    if png is not None:
+        plot(rows, png, title)
     return CompareResult(str(model or model_name), rows, table, png, data, notes)
 
 

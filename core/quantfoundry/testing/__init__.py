@@ -25,7 +25,21 @@ import pytest
 from .. import plugins as _plugins
 from .tiny import TINY_CONFIGS, build_tiny_model, tiny_config
 
-__all__ = ["TINY_CONFIGS", "build_tiny_model", "tiny_config"]
+__all__ = ["TINY_CONFIGS", "assert_artifact_checked", "build_tiny_model", "tiny_config"]
+
+
+def assert_artifact_checked(result: Any, *, engine_may_be_missing: bool = False) -> None:
+    """The run opened its written artifact again and found every metric equal to the in-memory
+    model's (``artifact_check.ok``). With ``engine_may_be_missing`` (an artifact only an engine
+    serves, on a machine without it) a run that could not check says so in a note naming the
+    missing engine — never a silent pass."""
+    check = result.manifest["evaluation"].get("artifact_check")
+    if check is not None:
+        assert check["ok"], check
+        return
+    notes = [n for n in result.notes if n.startswith("artifact not evaluated")]
+    assert engine_may_be_missing, f"the run did not check its artifact: {notes}"
+    assert notes and "not installed" in notes[0], notes
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

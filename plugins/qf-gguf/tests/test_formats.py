@@ -196,3 +196,14 @@ def test_cuda_imatrix_bytes_equal_cpu(spec: str) -> None:
     cpu = fmt.ggml_bytes(fmt.quantize(w, imp)).numpy()
     gpu = fmt.ggml_bytes(fmt.quantize(w.cuda(), imp.cuda())).cpu().numpy()
     np.testing.assert_array_equal(gpu, cpu)
+
+
+def test_bits_per_weight_in_descriptions_are_derived_from_the_block_fields() -> None:
+    """Each GGML type's bytes per block come from its field list, and the bpw its description
+    shows is that size (not a typed-in number): equal to bits_per_weight of a stored weight."""
+    for cls in (*LEGACY_FORMATS, *KQUANT_FORMATS):
+        fmt = cls(cls.Options())
+        assert cls.block_bytes == sum(count * dtype.itemsize for _, dtype, count in cls.fields)
+        bpw = fmt.bits_per_weight((4, 256))
+        assert cls.description.endswith(f"({bpw:g} bpw)"), (cls.ggml_name, cls.description)
+        assert fmt.quantize(torch.randn(4, 256)).nbytes() * 8 / 1024 == bpw
