@@ -9,7 +9,9 @@ defaults — duo scaling, 20 grid points, no clipping search) runs in its own vi
 ``benchmarks/peers/llmc_awq.py`` on the very same calibration ids; its folded norms and
 dequantized linears are loaded into the original architecture and scored by the same code.
 Its time is its ``oneshot`` call; qf's is the whole ``qf.run`` (load, calibration, blocks).
-SmolLM2's 576-wide linears take no g128 in the peer: g64 there.
+SmolLM2's 576-wide linears take no g128 in the peer: g64 there. ``awq+gptq`` is a recipe (issue
+15): AWQ's scale search as a transform (``awq`` before another quantizer: no clipping), then
+GPTQ's rounding on the scaled weights.
 
     python benchmarks/awq_quality.py --models pycode-7m [--methods awq llm-compressor]
     python benchmarks/awq_quality.py --table-only
@@ -33,8 +35,8 @@ RESULTS = HERE / "results" / "awq_quality.json"
 OTHER = {"pycode-7m": "wikitext2", "smollm2-135m": "python"}
 FORMATS = {"pycode-7m": ("int4-g128", "int3-g128"), "smollm2-135m": ("int4-g64", "int3-g64")}
 PEER = "llm-compressor"
-#: method label → (quantizer, options)
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+#: method label → (quantizer, options), or (a list of (stage, options), {}) for a recipe
+METHODS: dict[str, tuple[str | list[tuple[str, dict[str, Any]]], dict[str, Any]]] = {
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
     "awq": ("awq", {}),
@@ -42,6 +44,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "awq-noclip": ("awq", {"clip": False}),
     "awq-duo-noclip": ("awq", {"duo_scaling": True, "clip": False}),  # the peer's settings
     "awq-duo-noclip-nogqa": ("awq", {"duo_scaling": True, "clip": False, "fold_gqa": False}),  # + its mappings
+    "awq+gptq": ([("awq", {}), ("gptq", {})], {}),  # AWQ's scales, then GPTQ's rounding (a recipe)
     PEER: ("", {}),
 }
 
@@ -81,8 +84,8 @@ def main() -> None:
                         extra["peer_mappings"] = {k: info["awq_mappings"][k] for k in ("n_resolved", "n_skipped")}
                     else:
                         t0 = time.perf_counter()
-                        m = qf.run(str(model_folder(model)), quantizer=quantizer, quantizer_options=opts, format=fmt,
-                                   out=None, keep_model=True, progress=False, device=args.device,
+                        m = qf.run(str(model_folder(model)), quantizer=quantizer, quantizer_options=opts or None,
+                                   format=fmt, out=None, keep_model=True, progress=False, device=args.device,
                                    calibrator_options={"path": str(calib), "n_samples": 128, "seq_len": 512}
                                    if quantizer != "rtn" else None).model
                         seconds = time.perf_counter() - t0

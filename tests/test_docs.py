@@ -53,3 +53,42 @@ def test_builtin_load_order_is_documented() -> None:
     text = (DOCS / "plugin-hooks.md").read_text()
     order = ", ".join(f"`{name}`" for name, _ in DEFAULT_PLUGINS)
     assert order in " ".join(text.split())
+
+
+def test_plugin_hooks_page_is_generated_from_the_hookspecs() -> None:
+    """docs/plugin-hooks.md is what docs/hooks.py renders from the hook docstrings, word for word
+    (after changing a docstring: python docs/hooks.py)."""
+    import runpy
+
+    generate = runpy.run_path(str(DOCS / "hooks.py"))["generate"]
+    assert (DOCS / "plugin-hooks.md").read_text() == generate(), "run: python docs/hooks.py"
+
+
+def test_lifecycle_page_names_every_method_and_field() -> None:
+    """docs/lifecycle.md names every public method of every role's base class and every field
+    of the objects a plugin receives, so it cannot fall behind the code silently."""
+    import dataclasses
+
+    import quantfoundry as qf
+
+    text = (DOCS / "lifecycle.md").read_text()
+    roles = [qf.Format, qf.Quantizer, qf.Transform, qf.Exporter, qf.Kernel, qf.Calibrator, qf.Evaluator, qf.Engine,
+             qf.Architecture]
+    missing = []
+    for cls in roles:
+        for name, member in vars(cls).items():
+            if name.startswith("_") or name in ("Options", "name", "description"):
+                continue
+            if callable(member) or isinstance(member, (property, classmethod, staticmethod)):
+                if f"{name}(" not in text and f"`{name}`" not in text:
+                    missing.append(f"{cls.__name__}.{name}")
+    for cls in (qf.QuantContext, qf.Block, qf.BlockInputs, qf.QuantizedWeight, qf.TensorPlan, qf.EvalTarget,
+                qf.CalibrationSet):
+        for f in dataclasses.fields(cls):
+            if f"`{f.name}`" not in text:
+                missing.append(f"{cls.__name__}.{f.name}")
+        for name, member in vars(cls).items():
+            if not name.startswith("_") and (callable(member) or isinstance(member, property)) and \
+                    f"{name}(" not in text and f"`{name}`" not in text:
+                missing.append(f"{cls.__name__}.{name}")
+    assert not missing, "docs/lifecycle.md does not mention: " + ", ".join(missing)

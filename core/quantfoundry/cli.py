@@ -467,7 +467,7 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
     if result.plot is None:
         from .evaluation.compare import PLOT_EXTRA
 
-        console.print(f"wrote {result.table}, {result.data}; no plot: {PLOT_EXTRA}")
+        console.print(f"wrote {result.table}, {result.data}; no plot: {PLOT_EXTRA}", markup=False)
     else:
         console.print(f"wrote {result.table}, {result.plot}, {result.data}")
 

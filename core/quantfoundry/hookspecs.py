@@ -51,13 +51,16 @@ def qf_register_formats(register: Registrar) -> None:
 
 @hookspec
 def qf_register_quantizers(register: Registrar) -> None:
-    """Register quantization algorithms: subclasses of :class:`quantfoundry.Quantizer`.
+    """Register the stages of a recipe: quantization algorithms (subclasses of
+    :class:`quantfoundry.Quantizer`) and transforms (subclasses of :class:`quantfoundry.Transform`).
 
-    Called when a quantizer is first looked up (``qf run --quantizer NAME``, ``qf plugins``),
-    after every plugin is loaded. Call ``register(QuantizerClass)`` once per class;
-    ``QuantizerClass.name`` must be unique among quantizers or loading fails, naming both
-    plugins. The class states its ``scope`` (tensor, block or model) and whether it needs
-    calibration; the pipeline does the rest.
+    Called when a stage is first looked up (``qf run --quantizer NAME``, ``qf plugins``), after
+    every plugin is loaded. Call ``register(Class)`` once per class; ``Class.name`` must be
+    unique among stages or loading fails, naming both plugins. A quantizer states its ``scope``
+    (tensor, block or model) and whether it needs calibration, and is a recipe's last, rounding
+    stage; a transform changes float weights without rounding and runs before it. A quantizer
+    whose method starts with a transform offers it through ``as_transform()`` (``awq`` before
+    ``gptq`` runs AWQ's scale search only); the pipeline does the rest.
 
     :param register: the registrar; ``register(cls, aliases=())``.
     :returns: nothing; return values are ignored. Not firstresult.
@@ -73,7 +76,10 @@ def qf_register_exporters(register: Registrar) -> None:
     Called when an exporter is first looked up (``qf run --exporter NAME``, ``qf plugins``,
     ``qf load``/``qf eval`` of an artifact whose manifest names its exporter). Call
     ``register(ExporterClass)`` once per class. The exporter declares which formats it can
-    store and chooses a format for each tensor (the plan) before any quantization.
+    store and chooses a format for each tensor (``plan``) before any quantization; once every
+    block is quantized it gets ``begin``, one ``write`` per tensor and ``finish``, then
+    ``verify`` of the temporary folder before it is renamed into place. It reads its artifacts
+    back with ``load`` (``can_load = True``) or serves them with an ``engine``.
 
     :param register: the registrar; ``register(cls, aliases=())``.
     :returns: nothing; return values are ignored. Not firstresult.

@@ -133,9 +133,12 @@ LIBRARY = [CORE, *PLUGIN_SOURCES]
 
 
 def test_library_code_uses_no_assert_for_checks() -> None:
+    """(quantfoundry.testing is test code: its asserts are the checks.)"""
     found = []
     for root in LIBRARY:
         for f in root.rglob("*.py"):
+            if f.is_relative_to(CORE / "testing"):
+                continue
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, ast.Assert):
                     found.append(f"{f.relative_to(ROOT)}:{node.lineno}")

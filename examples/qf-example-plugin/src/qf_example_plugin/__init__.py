@@ -1,6 +1,12 @@
-"""qf-example-plugin: the quantizer ``mse-rtn`` — round to nearest after a per-group search of
-the clipping range that minimises the squared rounding error. It works on any format whose
-``fit`` returns per-group parameters, because it only talks to the Format interface."""
+"""qf-example-plugin: the finished plugins of the two tutorials.
+
+* ``mse-rtn`` (docs/writing-a-plugin.md) — round to nearest after a per-group search of the
+  clipping range that minimises the squared rounding error; tensor by tensor, no calibration;
+* ``output-clip`` (docs/writing-a-block-quantizer.md, :mod:`.output_clip`) — the same search
+  scored by each linear's output error on calibration data; block by block, with the toolkit.
+
+Both only talk to the Format interface, so they work on any format whose ``fit`` returns
+per-group parameters."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from dataclasses import dataclass, field
 import quantfoundry as qf
 import torch
 from quantfoundry import hookimpl
+
+from .output_clip import OutputClip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,3 +60,4 @@ class MSERTN(qf.Quantizer):
 @hookimpl
 def qf_register_quantizers(register):
     register(MSERTN)
+    register(OutputClip)
