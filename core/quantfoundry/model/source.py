@@ -119,13 +119,18 @@ class ModelSource:
         return int(m.group(1)) if m else None
 
     @cached_property
-    def _skeleton_linears(self) -> dict[str, tuple[int, int]]:
+    def _skeleton_facts(self) -> tuple[dict[str, tuple[int, int]], frozenset[str]]:
         model = self.skeleton()
-        return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        return linears, frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Module name → ``(out_features, in_features)`` of every ``nn.Linear`` in the model."""
-        return dict(self._skeleton_linears)
+        return dict(self._skeleton_facts[0])
+
+    def parameter_names(self) -> frozenset[str]:
+        """Every parameter name of the model (tied names included)."""
+        return self._skeleton_facts[1]
 
     def is_block_linear(self, name: str) -> bool:
         """True for a linear of a decoder block that the architecture map lists."""

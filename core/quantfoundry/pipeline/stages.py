@@ -307,7 +307,7 @@ def _check_plan(plan: QuantPlan, state: RunState) -> None:
 
 
 def _passthrough(source: ModelSource) -> dict[int, list[str]]:
-    params = {n for n, _ in source.skeleton().named_parameters(remove_duplicate=False)}
+    params = source.parameter_names()
     out: dict[int, list[str]] = {}
     for name in source.tensor_info:
         index = source.block_index(name)
