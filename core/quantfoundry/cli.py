@@ -195,7 +195,7 @@ def _dry_run(args: dict[str, Any]) -> None:
     """The run's first two stages without reading weights: every check, then the plan."""
     from .pipeline.stages import RunRequest, load_and_plan, resolve
 
-    state = resolve(RunRequest(**{k: v for k, v in args.items() if k not in ("out", "overwrite")}))
+    state = resolve(RunRequest(**{k: v for k, v in args.items() if k not in ("out", "overwrite", "resume")}))
     load_and_plan(state, dry_run=True)
     _print_plan(state.plan)
 

@@ -34,6 +34,17 @@ def qf_cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from quantfoundry.cli import main; main()", *args]
 
 
+def signal_once_journaled(proc: subprocess.Popen, out: Path, block: int, sig: int) -> None:
+    """Send ``sig`` to ``proc`` as soon as block ``block`` is in the journal of the run to ``out``."""
+    deadline = time.time() + 300
+    marker = f"block-{block:05d}.safetensors"
+    while time.time() < deadline and proc.poll() is None:
+        if any((j / marker).exists() for j in journals(out)):
+            proc.send_signal(sig)
+            return
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_gptq_killed_after_block_3_resumes_to_the_same_bytes(tmp_path) -> None:
     """pycode-7m, GPTQ: SIGKILL once three of six blocks are journaled; `--resume` finishes the
@@ -43,12 +54,7 @@ def test_gptq_killed_after_block_3_resumes_to_the_same_bytes(tmp_path) -> None:
     subprocess.run(qf_cli(*args, "--out", str(whole)), check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(qf_cli(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any((j / "block-00002.safetensors").exists() for j in journals(out)):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    signal_once_journaled(proc, out, 2, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not out.exists() and len(journals(out)) == 1
@@ -93,6 +99,14 @@ class RTNBlock(qf.Quantizer):
         return {n: f.quantize(block.linear(n).weight.float()) for n, f in block.formats.items()}
 
 
+def interrupted(folder: Path, out: Path) -> None:
+    """A run to ``out`` stopped by SIGTERM after block 2 of 4 (its journal keeps blocks 0 and 1)."""
+    SignalDuring.sig = signal.SIGTERM
+    with pytest.raises(QFError, match="stopped on SIGTERM"):
+        qf.run(str(folder), quantizer="signal-during", format="int4-g32", out=out, progress=False)
+    SignalDuring.sig = 0  # the next runs: no more signals (signal 0 only checks the process exists)
+
+
 @pytest.fixture
 def stage_plugins(register_plugin):
     class P:
@@ -131,10 +145,7 @@ def test_a_signal_stops_at_the_block_boundary_and_resume_writes_the_same_artifac
 def test_resume_refuses_changed_inputs_and_a_missing_journal(stage_plugins, tiny_model, tmp_path) -> None:
     folder = tiny_model("llama", num_hidden_layers=4)
     out = tmp_path / "out"
-    SignalDuring.sig = signal.SIGTERM
-    with pytest.raises(QFError, match="stopped on SIGTERM"):
-        qf.run(str(folder), quantizer="signal-during", format="int4-g32", out=out, progress=False)
-    SignalDuring.sig = 0
+    interrupted(folder, out)
     with pytest.raises(UsageError, match=r"cannot resume: the journal \.out\.partial-\w+ was written by a run with "
                                          r"other inputs: format changed \(journal: .*int4-g32.*; now: .*int4-g16"):
         qf.run(str(folder), quantizer="signal-during", format="int4-g16", out=out, progress=False, resume=True)
@@ -155,12 +166,7 @@ def test_cli_prints_the_resume_command_on_sigterm(tmp_path) -> None:
     out = tmp_path / "o"
     args = ["run", "--quantizer", "gptq", "--no-eval", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen(qf_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any((j / "block-00000.safetensors").exists() for j in journals(out)):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
+    signal_once_journaled(proc, out, 0, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "stopped on SIGTERM after block" in err
@@ -212,15 +218,15 @@ def test_overwrite_keeps_the_old_artifact_until_the_new_one_is_verified(register
 def test_another_live_run_on_the_same_output_is_refused(stage_plugins, tiny_model, tmp_path) -> None:
     folder = tiny_model("llama", num_hidden_layers=4)
     out = tmp_path / "out"
-    SignalDuring.sig = signal.SIGTERM
-    with pytest.raises(QFError, match="stopped on SIGTERM"):
-        qf.run(str(folder), quantizer="signal-during", format="int4-g32", out=out, progress=False)
+    interrupted(folder, out)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (journals(out)[0] / "lock").write_text(f"{sleeper.pid}\n")
-        SignalDuring.sig = 0
         with pytest.raises(UsageError, match=f"another run \\(pid {sleeper.pid}\\) is writing"):
             qf.run(str(folder), quantizer="signal-during", format="int4-g32", out=out, progress=False, resume=True)
+        # nor is its journal replaced by a run with other inputs
+        with pytest.raises(UsageError, match=f"another run \\(pid {sleeper.pid}\\) is writing"):
+            qf.run(str(folder), quantizer="signal-during", format="int4-g16", out=out, progress=False)
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -424,9 +424,10 @@ def _open_journal(state: RunState) -> Journal:
         raise RuntimeError("a journal needs an output folder")
     journal = Journal.for_output(out, _journal_inputs(state))
     others = Journal.others(out, keep=journal.folder)
-    pid = journal.writer_pid() if journal.folder.exists() else None
-    if pid is not None:
-        raise UsageError(f"another run (pid {pid}) is writing {out}; wait for it or choose another --out")
+    for folder in [journal.folder, *others]:
+        pid = Journal(folder, {}).writer_pid() if folder.exists() else None
+        if pid is not None:
+            raise UsageError(f"another run (pid {pid}) is writing {out}; wait for it or choose another --out")
     done = journal.finished() if journal.exists() else 0
     if state.request.resume:
         if not journal.exists():
