@@ -10,33 +10,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import shutil
 import threading
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..data import default_model_path
 from ..errors import IncompatiblePlanError, QFError, UsageError
-from ..files import sha256_file, write_json_atomic
+from ..files import write_json_atomic
 from ..formats import resolve_format
 from ..memory import trim_memory
 from ..model.blocks import BlockStream
 from ..model.materialize import materialize, materialize_outside_blocks
 from ..model.source import ModelSource, resolve_model
-from ..options import options_to_dict
 from ..plugins import get_plugin_manager
 from ..roles.block import QuantContext
-from ..roles.calibrator import CalibrationSet, Calibrator
-from ..roles.evaluator import EvalTarget, Evaluator
+from ..roles.evaluator import EvalTarget
 from ..roles.exporter import Exporter
-from ..roles.format import Format, QuantizedWeight
+from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, swap_in
@@ -45,7 +37,7 @@ from .components import device_of, dtype_of, make
 from .evaluate import Evaluation, make_reference, open_artifact
 from .interrupt import RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
-from .manifest import build_manifest, plugin_versions
+from .manifest import build_manifest
 from .progress import Progress
 from .quantize import (
     block_importance,
@@ -57,100 +49,10 @@ from .quantize import (
     stored,
     swap_in_block,
 )
+from .resume import open_journal
+from .state import RunRequest, RunState, Spec, loaded
 
-Spec = tuple[str, Mapping[str, Any]]
-
-
-@dataclass
-class RunRequest:
-    """The arguments of :func:`quantfoundry.run`, as given (see its docstring)."""
-
-    model: str | Path | None = None
-    quantizer: str | list[Spec] = "rtn"
-    quantizer_options: Mapping[str, Any] | None = None
-    format: str | None = None
-    format_options: Mapping[str, Any] | None = None
-    exporter: str = "qf"
-    exporter_options: Mapping[str, Any] | None = None
-    calibrator: str | None = None
-    calibrator_options: Mapping[str, Any] | None = None
-    evaluators: list[Spec] | list[str] | None = None
-    kernel: str | None = None
-    kernel_options: Mapping[str, Any] | None = None
-    out: str | Path | None = None
-    device: str | torch.device = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 8
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
-    overwrite: bool = False
-    keep_model: bool = False
-    artifact_eval: bool = True
-    cache: bool = True
-    imatrix: bool = False
-    progress: bool = True
-    resume: bool = False
-    #: where lines the user must see before the work starts go (a resumable journal, leftovers
-    #: of dead runs cleaned); default: standard error
-    report: Callable[[str], None] | None = None
-
-
-@dataclass
-class RunState:
-    """Everything one run knows, filled stage by stage."""
-
-    request: RunRequest
-    device: torch.device
-    dtype: torch.dtype
-    stage_specs: list[Spec]
-    transforms: list[Transform]
-    quantizer: Quantizer
-    exporter: Exporter
-    requested: Format | None
-    calibrator: Calibrator | None
-    evaluators: list[Evaluator]
-    out: Path | None
-    notes: list[str] = field(default_factory=list)
-    t_start: float = field(default_factory=time.perf_counter)
-    # load_and_plan
-    source: ModelSource | None = None
-    plan: QuantPlan | None = None
-    ctx: QuantContext | None = None
-    tokenizer: Any = None
-    calibration: CalibrationSet | None = None
-    #: checkpoint tensors inside blocks that are no parameter of the model, by block: written as stored
-    passthrough: dict[int, list[str]] = field(default_factory=dict)
-    hashing: threading.Thread | None = None
-    # quantize_and_export
-    model: torch.nn.Module | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-    resumed_from: int = 0
-    # evaluate
-    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.quantizer.needs_calibration or any(t.needs_calibration for t in self.transforms) or \
-            self.request.imatrix
-
-    @property
-    def keep(self) -> bool:
-        """Keep the quantized blocks in memory (for in-memory evaluation, or when asked)."""
-        return self.request.keep_model or bool(self.evaluators)
-
-    def kernel_options(self) -> dict[str, str]:
-        return dict(self.request.kernel_options or {})
-
-    def say(self, line: str) -> None:
-        """A line the user sees now (and in the summary's notes)."""
-        self.notes.append(line)
-        if self.request.report is not None:
-            self.request.report(line)
-        else:
-            import sys
-
-            print(f"qf: {line}", file=sys.stderr)
+__all__ = ["RunRequest", "RunState", "evaluate", "load_and_plan", "quantize_and_export", "resolve"]
 
 
 # -- 1. resolve ---------------------------------------------------------------------------------
@@ -329,7 +231,7 @@ def _warm_hash(source: ModelSource) -> None:
 def quantize_and_export(state: RunState) -> None:
     """Quantize block by block (or the whole model) into the journal, then stream the journal
     into the exporter, verify and put the artifact in place."""
-    journal = _open_journal(state) if state.out is not None else None
+    journal = open_journal(state) if state.out is not None else None
     try:
         _quantize_and_export(state, journal)
     except RunInterrupted:
@@ -346,7 +248,7 @@ def quantize_and_export(state: RunState) -> None:
 
 
 def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
-    source, ctx = _loaded(state)
+    source, ctx = loaded(state)
     state.model = source.skeleton(state.dtype)
     if state.keep:  # evaluation needs the embeddings and the head in memory too
         materialize_outside_blocks(state.model, source, dtype=state.dtype, device=state.device)
@@ -371,90 +273,8 @@ def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
         state.model = None
 
 
-def _loaded(state: RunState) -> tuple[ModelSource, QuantContext]:
-    if state.source is None or state.ctx is None or state.plan is None:
-        raise RuntimeError("load_and_plan(state) must run before this stage")
-    return state.source, state.ctx
-
-
-def _journal_inputs(state: RunState) -> dict[str, Any]:
-    """What the artifact depends on: a journal written with other inputs cannot be resumed."""
-    source, _ = _loaded(state)
-    r = state.request
-    files = sorted(set(source.weight_map.values()))
-    cal = state.calibration
-    return {
-        "model": {"path": str(Path(source.path).resolve()), "config": _sha_config(source),
-                  "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]},
-        "stages": [[n, options_to_dict(s.options)] for (n, _), s in
-                   zip(state.stage_specs, [*state.transforms, state.quantizer], strict=True)],
-        "format": state.requested.to_json() if state.requested is not None else None,
-        "exporter": [state.exporter.name, options_to_dict(state.exporter.options)],
-        "files": _option_files([*state.transforms, state.quantizer, state.exporter]),
-        "calibration": None if cal is None else [cal.sha256, _tensor_sha(cal.input_ids)],
-        "plan": state.plan.to_json() if state.plan is not None else None,
-        "run": {"dtype": r.dtype, "device": state.device.type, "batch_size": r.batch_size, "imatrix": r.imatrix},
-        "versions": {"torch": torch.__version__, "plugins": plugin_versions()},
-    }
-
-
-def _sha_config(source: ModelSource) -> str:
-    return sha256_file(Path(source.path) / "config.json")
-
-
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _option_files(components: list[Any]) -> dict[str, str]:
-    """SHA-256 of every file a component's options name (an imatrix, a chat template...)."""
-    out: dict[str, str] = {}
-    for comp in components:
-        for f in dataclasses.fields(comp.options):
-            value = getattr(comp.options, f.name)
-            if isinstance(value, Path) and value.is_file():
-                out[f"{comp.name}.{f.name}"] = sha256_file(value)
-    return out
-
-
-def _open_journal(state: RunState) -> Journal:
-    """This run's journal: resumed (``--resume``, same inputs), or started afresh."""
-    out = state.out
-    if out is None:  # pragma: no cover - callers check
-        raise RuntimeError("a journal needs an output folder")
-    journal = Journal.for_output(out, _journal_inputs(state))
-    others = Journal.others(out, keep=journal.folder)
-    for folder in [journal.folder, *others]:
-        pid = Journal(folder, {}).writer_pid() if folder.exists() else None
-        if pid is not None:
-            raise UsageError(f"another run (pid {pid}) is writing {out}; wait for it or choose another --out")
-    done = journal.finished() if journal.exists() else 0
-    if state.request.resume:
-        if not journal.exists():
-            if others:
-                old = Journal(others[-1], {})
-                reason = Journal.difference(old.recorded_inputs(), journal.inputs) if old.exists() else "unreadable"
-                raise UsageError(f"cannot resume: the journal {others[-1].name} was written by a run with other "
-                                 f"inputs: {reason}; rerun without --resume to start over")
-            raise UsageError(f"cannot resume: no journal of an interrupted run to {out} (looked for "
-                             f"{journal.folder.name}); rerun without --resume")
-        state.resumed_from = done
-        journal.start(fresh=False)
-        state.say(f"resuming from the journal {journal.folder.name}: {done} finished block(s) restored, "
-                  f"quantizing from block {done}")
-        return journal
-    if done:
-        state.say(f"a resumable journal of an interrupted run to {out} exists ({done} finished block(s) in "
-                  f"{journal.folder.name}); starting over — pass --resume to continue it instead")
-    for folder in others:
-        state.say(f"replacing {folder.name}, the journal of an interrupted run with other inputs")
-        Journal(folder, {}).remove()
-    journal.start(fresh=True)
-    return journal
-
-
 def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
-    source, ctx = _loaded(state)
+    source, ctx = loaded(state)
     r = state.request
     calibrate = state.calibration is not None and state.needs_calibration
     stream = BlockStream(source, model=state.model, calibration=state.calibration.input_ids if calibrate else None,
@@ -498,7 +318,7 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
 
 def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str, QuantizedWeight]:
     """A ``scope = "model"`` quantizer (QAT): the whole float model at once."""
-    source, ctx = _loaded(state)
+    source, ctx = loaded(state)
     model, plan, quantizer = state.model, state.plan, state.quantizer
     materialize(model, model, "", source, dtype=state.dtype, device=state.device)
     calibration = state.calibration.input_ids if state.calibration is not None else None
@@ -526,7 +346,7 @@ def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str,
 def _export(state: RunState, journal: Journal, outside: dict[str, QuantizedWeight]) -> None:
     """Stream the journal into the exporter (blocks in order, then the tensors outside the
     blocks), write the manifest, verify, and put the folder in place."""
-    source, ctx = _loaded(state)
+    source, ctx = loaded(state)
     out, exp = state.out, state.exporter
     if out is None:  # pragma: no cover - callers check
         raise RuntimeError("nothing to export to")
@@ -566,7 +386,7 @@ def evaluate(state: RunState) -> None:
     """Each evaluator on the in-memory model, the written artifact (reopened) and the original."""
     if not state.evaluators:
         return
-    source, ctx = _loaded(state)
+    source, ctx = loaded(state)
     r, dev = state.request, state.device
     evaluation = Evaluation.of(state.evaluators)
     linears = source.linear_shapes()

@@ -1,0 +1,122 @@
+"""What one run is asked (:class:`RunRequest`, the arguments of :func:`quantfoundry.run`) and
+what it knows (:class:`RunState`), filled stage by stage by :mod:`.stages`."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.source import ModelSource
+from ..roles.block import QuantContext
+from ..roles.calibrator import CalibrationSet, Calibrator
+from ..roles.evaluator import Evaluator
+from ..roles.exporter import Exporter
+from ..roles.format import Format
+from ..roles.plan import QuantPlan
+from ..roles.quantizer import Quantizer, Transform
+
+Spec = tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class RunRequest:
+    """The arguments of :func:`quantfoundry.run`, as given (see its docstring)."""
+
+    model: str | Path | None = None
+    quantizer: str | list[Spec] = "rtn"
+    quantizer_options: Mapping[str, Any] | None = None
+    format: str | None = None
+    format_options: Mapping[str, Any] | None = None
+    exporter: str = "qf"
+    exporter_options: Mapping[str, Any] | None = None
+    calibrator: str | None = None
+    calibrator_options: Mapping[str, Any] | None = None
+    evaluators: list[Spec] | list[str] | None = None
+    kernel: str | None = None
+    kernel_options: Mapping[str, Any] | None = None
+    out: str | Path | None = None
+    device: str | torch.device = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    overwrite: bool = False
+    keep_model: bool = False
+    artifact_eval: bool = True
+    cache: bool = True
+    imatrix: bool = False
+    progress: bool = True
+    resume: bool = False
+    #: where lines the user must see before the work starts go (a resumable journal, leftovers
+    #: of dead runs cleaned); default: standard error
+    report: Callable[[str], None] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything one run knows, filled stage by stage."""
+
+    request: RunRequest
+    device: torch.device
+    dtype: torch.dtype
+    stage_specs: list[Spec]
+    transforms: list[Transform]
+    quantizer: Quantizer
+    exporter: Exporter
+    requested: Format | None
+    calibrator: Calibrator | None
+    evaluators: list[Evaluator]
+    out: Path | None
+    notes: list[str] = field(default_factory=list)
+    t_start: float = field(default_factory=time.perf_counter)
+    # load_and_plan
+    source: ModelSource | None = None
+    plan: QuantPlan | None = None
+    ctx: QuantContext | None = None
+    tokenizer: Any = None
+    calibration: CalibrationSet | None = None
+    #: checkpoint tensors inside blocks that are no parameter of the model, by block: written as stored
+    passthrough: dict[int, list[str]] = field(default_factory=dict)
+    hashing: threading.Thread | None = None
+    # quantize_and_export
+    model: torch.nn.Module | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int = 0
+    # evaluate
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizer.needs_calibration or any(t.needs_calibration for t in self.transforms) or \
+            self.request.imatrix
+
+    @property
+    def keep(self) -> bool:
+        """Keep the quantized blocks in memory (for in-memory evaluation, or when asked)."""
+        return self.request.keep_model or bool(self.evaluators)
+
+    def kernel_options(self) -> dict[str, str]:
+        return dict(self.request.kernel_options or {})
+
+    def say(self, line: str) -> None:
+        """A line the user sees now (and in the summary's notes)."""
+        self.notes.append(line)
+        if self.request.report is not None:
+            self.request.report(line)
+        else:
+            print(f"qf: {line}", file=sys.stderr)
+
+
+def loaded(state: RunState) -> tuple[ModelSource, QuantContext]:
+    """The source and context of a state that went through ``load_and_plan``."""
+    if state.source is None or state.ctx is None or state.plan is None:
+        raise RuntimeError("load_and_plan(state) must run before this stage")
+    return state.source, state.ctx
