@@ -289,7 +289,7 @@ def plugins(options_of: str | None) -> None:
         table.add_column(col)
     by_plugin: dict[str, list[str]] = {}
     for e in entries:
-        by_plugin.setdefault(e.plugin, []).append(f"{e.role} {e.name}")
+        by_plugin.setdefault(e.plugin, []).append(f"{_role_label(e)} {e.name}")
     for name in pm.plugin_names():
         dist, version = pm.distribution_of(name)
         table.add_row(name, f"{dist} {version}" if dist else "built-in", ", ".join(by_plugin.get(name, [])) or "-")
@@ -302,6 +302,14 @@ def plugins(options_of: str | None) -> None:
     for role in ROLES:
         names = pm.registry(role).names()
         console.print(f"{role}s: {', '.join(names) or '-'}")
+
+
+def _role_label(entry: Any) -> str:
+    """``transform`` for the transforms registered among the quantizers, else the role."""
+    from .roles.quantizer import Transform
+
+    is_transform = isinstance(entry.component, type) and issubclass(entry.component, Transform)
+    return "transform" if is_transform else entry.role
 
 
 @cli.command()
