@@ -23,7 +23,8 @@ from typing import Any, TypeVar, get_args, get_origin
 
 from .errors import OptionsError
 
-__all__ = ["Options", "parse_options", "parse_key_values", "describe_options", "options_to_dict"]
+__all__ = ["Options", "check_input_files", "describe_options", "input_files", "options_to_dict", "parse_key_values",
+           "parse_options"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,9 +156,44 @@ def parse_options(cls: type[OptionsT], values: Mapping[str, Any] | None = None, 
         except ValueError as e:
             raise OptionsError(f"option {raw_key!r}{where}: {e}; valid options: {valid}") from None
     try:
-        return cls(**kwargs)
+        options = cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise OptionsError(f"bad options{where}: {e}; valid options: {valid}") from None
+    check_input_files(options, owner=owner)
+    return options
+
+
+def _is_path_type(tp: Any) -> bool:
+    if tp is Path:
+        return True
+    return get_origin(tp) in (typing.Union, types.UnionType, tuple, list) and any(_is_path_type(a) for a in get_args(tp))
+
+
+def input_files(options: Options) -> dict[str, list[Path]]:
+    """The files an options object names: every ``Path``-typed field that is set (``Path``,
+    ``Path | None``, ``tuple[Path, ...]``), unless its field metadata says ``{"output": True}``."""
+    hints = typing.get_type_hints(type(options))
+    out: dict[str, list[Path]] = {}
+    for f in dataclasses.fields(options):
+        if f.metadata.get("output") or not _is_path_type(hints[f.name]):
+            continue
+        value = getattr(options, f.name)
+        paths = [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, Path)]
+        if paths:
+            out[f.name] = paths
+    return out
+
+
+def check_input_files(options: Options, *, owner: str = "") -> None:
+    """Refuse, in one line, an option naming a file that does not exist — called when options
+    are parsed, so a run stops on a mistyped path before it loads the model (also when the
+    component would not have used the file)."""
+    where = f" for {owner}" if owner else ""
+    for key, paths in input_files(options).items():
+        for path in paths:
+            if not path.exists():
+                raise OptionsError(f"option {key!r}{where}: {path} does not exist (relative to {Path.cwd()}); "
+                                   "pass the path of an existing file")
 
 
 def parse_key_values(pairs: Iterable[str], *, flag: str = "--opt") -> dict[str, str]:

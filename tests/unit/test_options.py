@@ -23,7 +23,9 @@ class Demo(Options):
             raise ValueError("bits must be <= 8")
 
 
-def test_strings_convert_to_field_types() -> None:
+def test_strings_convert_to_field_types(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.txt").write_text("")
     o = parse_options(Demo, {"bits": "3", "damp": "0.1", "sym": "true", "path": "x.txt", "mode": "slow",
                              "names": "a,b"})
     assert o == Demo(bits=3, damp=0.1, sym=True, path=Path("x.txt"), mode="slow", names=("a", "b"))
@@ -69,3 +71,23 @@ def test_key_values() -> None:
     assert parse_key_values(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(OptionsError, match="--quantizer-opt expects key=value, got 'oops'"):
         parse_key_values(["oops"], flag="--quantizer-opt")
+
+
+def test_path_options_must_name_existing_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionsError, match=r"option 'path' for thing 'demo': missing.txt does not exist"):
+        parse_options(Demo, {"path": "missing.txt"}, owner="thing 'demo'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Written(Options):
+    report: Path | None = field(default=None, metadata={"output": True})
+    inputs: tuple[Path, ...] = ()
+
+
+def test_output_paths_are_not_checked_and_tuples_are(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("")
+    assert parse_options(Written, {"report": "new.json", "inputs": "a.txt"}).report == Path("new.json")
+    with pytest.raises(OptionsError, match="b.txt does not exist"):
+        parse_options(Written, {"inputs": "a.txt,b.txt"})

@@ -95,10 +95,6 @@ class GGUFOptions(Options):
         for item in self.overrides():
             if item[1] not in _PURE_FILE_TYPE and item[1] not in ("F16", "F32"):
                 raise ValueError(f"tensor_type {item[0]}={item[1]}: unknown GGML type")
-        if self.chat_template is not None and not Path(self.chat_template).is_file():
-            raise ValueError(f"chat_template file {self.chat_template} does not exist")
-        if self.imatrix is not None and not Path(self.imatrix).is_file():
-            raise ValueError(f"imatrix file {self.imatrix} does not exist")
 
     def overrides(self) -> list[tuple[str, str]]:
         out = []
