@@ -176,14 +176,19 @@ def run(**kw: Any) -> None:
 
 
 def _default_out(args: dict[str, Any]) -> Path:
+    from .data import default_model_path
     from .formats import resolve_format
-    from .pipeline.components import make
+    from .model.source import model_name
+    from .pipeline.components import exporter_and_format, make
 
-    model = Path(str(args.get("model") or "pycode-7m")).name or "model"
+    model = model_name(args.get("model") or default_model_path())
     quant = "+".join(n for n, _ in args["quantizer"])
-    spec = args.get("format") or make("exporter", args.get("exporter", "qf"), args.get("exporter_options")).default_format
-    fmt = resolve_format(spec, args.get("format_options")).spec if spec else "default"
-    base = Path("qf-out") / f"{model}-{quant}-{fmt}"
+    exporter, options, spec, _note = exporter_and_format(args.get("exporter"), args.get("exporter_options"),
+                                                        args.get("format"), args.get("format_options"))
+    exp = make("exporter", exporter, options)
+    spec = spec or exp.default_format
+    label = resolve_format(spec, args.get("format_options")).spec if spec else (exp.artifact_label() or exporter)
+    base = Path("qf-out") / f"{model}-{quant}-{label}"
     out, n = base, 1
     while out.exists():  # never replace an earlier run's artifact without --out/--overwrite
         n += 1
@@ -335,7 +340,7 @@ def formats() -> None:
     presets = [(e.name, name, text) for e in pm.registry("exporter").entries.values()
                for name, text in e.component.presets()]
     if presets:
-        table = Table(title="exporter presets (--exporter NAME --exporter-opt type=PRESET)")
+        table = Table(title="exporter presets (--format PRESET, or --exporter NAME --exporter-opt type=PRESET)")
         for col in ("exporter", "preset", "description"):
             table.add_column(col)
         for row in presets:

@@ -62,7 +62,14 @@ class ModelSource:
     weight_map: dict[str, Path]
     pickle: bool = False
     trust_remote_code: bool = False
+    #: the model's name (a hub id's repository name, else the folder's name): GGUF's
+    #: ``general.name``, default output folders
+    name: str = ""
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.path.resolve().name
 
     # -- description ---------------------------------------------------------------------
     @property
@@ -247,6 +254,15 @@ def _local_folder(model: str | Path, revision: str | None) -> Path:
             "check the id and your network, or pass a local folder") from None
 
 
+def model_name(model: str | Path) -> str:
+    """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), else the
+    resolved folder's name."""
+    path = Path(model).expanduser()
+    if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        return str(model).split("/")[1]
+    return path.resolve().name
+
+
 def resolve_model(
     model: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
     revision: str | None = None, check_weights: bool = True,
@@ -278,7 +294,7 @@ def resolve_model(
         raise ModelLoadError(f"cannot read {folder}/config.json: {msg}{hint}") from None
     weight_map, is_pickle = weight_files(folder, allow_pickle)
     source = ModelSource(folder, config, architecture, weight_map, pickle=is_pickle,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, name=model_name(model))
     if check_weights:
         source.check_finite()
     return source

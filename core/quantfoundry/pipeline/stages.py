@@ -33,7 +33,7 @@ from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, swap_in
 from . import artifact
-from .components import device_of, dtype_of, make
+from .components import device_of, dtype_of, exporter_and_format, make
 from .evaluate import Evaluation, make_reference, open_artifact
 from .interrupt import RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
@@ -69,8 +69,10 @@ def resolve(request: RunRequest) -> RunState:
     if not specs:
         raise UsageError("at least one quantizer is needed (e.g. --quantizer rtn)")
     transforms, quantizer = _recipe(specs)
-    exp: Exporter = make("exporter", request.exporter, request.exporter_options)
-    spec = request.format or exp.default_format
+    exporter, exporter_options, format, preset_note = exporter_and_format(
+        request.exporter, request.exporter_options, request.format, request.format_options)
+    exp: Exporter = make("exporter", exporter, exporter_options)
+    spec = format or exp.default_format
     requested = resolve_format(spec, request.format_options) if spec else None
     if request.imatrix and quantizer.scope == "model":
         raise UsageError("an imatrix is collected block by block; a whole-model quantizer cannot use it")
@@ -86,6 +88,8 @@ def resolve(request: RunRequest) -> RunState:
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
     state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out)
+    if preset_note:
+        state.say(preset_note)
     if out is not None:
         for line in artifact.clean_dead_runs(out):
             state.say(line)

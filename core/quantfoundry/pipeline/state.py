@@ -34,7 +34,7 @@ class RunRequest:
     quantizer_options: Mapping[str, Any] | None = None
     format: str | None = None
     format_options: Mapping[str, Any] | None = None
-    exporter: str = "qf"
+    exporter: str | None = None  # None: qf, or the exporter whose preset ``format`` names
     exporter_options: Mapping[str, Any] | None = None
     calibrator: str | None = None
     calibrator_options: Mapping[str, Any] | None = None

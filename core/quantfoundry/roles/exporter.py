@@ -101,8 +101,23 @@ class Exporter(Component, ABC):
     @classmethod
     def presets(cls) -> list[tuple[str, str]]:
         """Named choices the exporter offers besides formats (e.g. llama.cpp file types), as
-        ``(name, description)``; ``qf formats`` lists them."""
+        ``(name, description)``; ``qf formats`` lists them, and ``--format NAME`` selects one
+        (through :meth:`preset_options`)."""
         return []
+
+    @classmethod
+    def preset_options(cls, name: str) -> dict[str, Any] | None:
+        """The exporter options that select preset ``name`` (any case), or None if it offers no
+        such preset. By default a preset is a value of the exporter's ``type`` option."""
+        for preset, _text in cls.presets():
+            if preset.lower() == name.lower():
+                return {"type": preset}
+        return None
+
+    def artifact_label(self) -> str | None:
+        """What the artifact holds when no format was asked for (e.g. ``Q4_K_M``), to name the
+        default output folder; None: the format's spec names it."""
+        return None
 
     def importance(self, source: ModelSource) -> dict[str, torch.Tensor] | None:
         """Importance vectors (mean squared input per channel) by linear module name, when the

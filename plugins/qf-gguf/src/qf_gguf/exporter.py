@@ -148,6 +148,9 @@ class GGUFExporter(Exporter):
         return [(ft, f"llama.cpp file type {ft}: {bpw:.3f} bits per weight on Llama-2-7B shapes "
                      f"(default type {FILE_TYPES[ft][0]})") for ft, bpw in file_type_bpw().items()]
 
+    def artifact_label(self) -> str | None:
+        return self.options.type.upper()
+
     # -- what it stores ----------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:
         return None if isinstance(fmt, GGMLFormat) else f"{fmt.spec} is not a GGML block type"
@@ -330,7 +333,7 @@ class GGUFExporter(Exporter):
 
         cfg, src = self._cfg, self._source
         w.add_type("model")
-        w.add_name(Path(str(src.path)).name)
+        w.add_name(src.name)
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)

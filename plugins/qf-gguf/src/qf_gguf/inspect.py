@@ -10,6 +10,8 @@ from typing import Any
 
 from quantfoundry.errors import ArtifactError
 
+from .mixes import FILE_TYPES
+
 _KINDS = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -87,7 +89,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     template = metadata.get("tokenizer.chat_template")
     summary = {
         "file": str(file), "bytes": file.stat().st_size, "architecture": metadata.get("general.architecture"),
-        "name": metadata.get("general.name"), "file type": metadata.get("general.file_type"),
+        "name": metadata.get("general.name"), "file type": file_type_name(metadata.get("general.file_type")),
         "tensors": len(tensors), "weights": n_all, "bits per weight (all tensors)": 8 * b_all / max(n_all, 1),
         "vocabulary": len(vocab), "special tokens": ", ".join(f"{k}={v}" for k, v in special.items()) or "none",
         "chat template": "none" if template is None else "present",
@@ -98,3 +100,9 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
             "tensors": [(n, t, "x".join(map(str, s)), f"{b:,}") for n, t, s, _, b in tensors],
             "bpw": 8 * b_all / max(n_all, 1), "n_bytes": b_all, "n_weights": n_all}
 
+
+
+def file_type_name(code: object) -> object:
+    """llama.cpp's name of ``general.file_type`` (``15`` → ``Q4_K_M``); unknown codes as they are."""
+    names = {number: name for name, (_typ, number) in FILE_TYPES.items()} | {0: "F32", 1: "F16", 32: "BF16"}
+    return f"{names[code]} ({code})" if isinstance(code, int) and code in names else code
