@@ -33,21 +33,21 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import QFError
 from .hookspecs import hookimpl, hookspec
-from .model.source import ModelSource, resolve_model
-from .options import Options
-from .plugins import get_component, get_plugin_manager
-from .roles.architecture import Architecture, InputGroup
-from .roles.block import Block, BlockInputs, QuantContext
-from .roles.calibrator import CalibrationSet, Calibrator
-from .roles.evaluator import Engine, EvalTarget, Evaluator, ReferenceModel
-from .roles.exporter import Exporter
-from .roles.format import Format, Params, QuantizedWeight
-from .roles.kernel import Kernel, QuantLinear
-from .roles.plan import QuantPlan, TensorPlan
-from .roles.quantizer import Quantizer, Transform
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .model.source import ModelSource, resolve_model
+    from .options import Options
     from .pipeline.result import RunResult
+    from .plugins import get_component, get_plugin_manager
+    from .roles.architecture import Architecture, InputGroup
+    from .roles.block import Block, BlockInputs, QuantContext
+    from .roles.calibrator import CalibrationSet, Calibrator
+    from .roles.evaluator import Engine, EvalTarget, Evaluator, ReferenceModel
+    from .roles.exporter import Exporter
+    from .roles.format import Format, Params, QuantizedWeight
+    from .roles.kernel import Kernel, QuantLinear
+    from .roles.plan import QuantPlan, TensorPlan
+    from .roles.quantizer import Quantizer, Transform
 
 __version__ = "0.1.0"
 
@@ -57,6 +57,33 @@ __all__ = [
     "QuantLinear", "QuantPlan", "QuantizedWeight", "Quantizer", "ReferenceModel", "TensorPlan", "Transform",
     "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
 ]
+
+# imported on first use (PEP 562), so ``qf --help`` and a Ctrl-C during start-up do not wait for torch
+_LAZY = {
+    "ModelSource": "model.source", "resolve_model": "model.source", "Options": "options",
+    "get_component": "plugins", "get_plugin_manager": "plugins", "Architecture": "roles.architecture",
+    "InputGroup": "roles.architecture", "Block": "roles.block", "BlockInputs": "roles.block",
+    "QuantContext": "roles.block", "CalibrationSet": "roles.calibrator", "Calibrator": "roles.calibrator",
+    "Engine": "roles.evaluator", "EvalTarget": "roles.evaluator", "Evaluator": "roles.evaluator",
+    "ReferenceModel": "roles.evaluator", "Exporter": "roles.exporter", "Format": "roles.format",
+    "Params": "roles.format", "QuantizedWeight": "roles.format", "Kernel": "roles.kernel",
+    "QuantLinear": "roles.kernel", "QuantPlan": "roles.plan", "TensorPlan": "roles.plan",
+    "Quantizer": "roles.quantizer", "Transform": "roles.quantizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quantfoundry' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def run(*args: Any, **kwargs: Any) -> RunResult:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import signal
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,38 @@ class QFGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QFError as exc:
+            if getattr(exc, "exit_code", 2) != 130 and (_CTRL_C or _caused_by_ctrl_c(exc)):
+                # a library turned the KeyboardInterrupt into its own error
+                raise QFClickError(INTERRUPTED, 130) from None
             raise QFClickError(str(exc), getattr(exc, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            raise QFClickError(INTERRUPTED, 130) from None
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"
+_CTRL_C = False  # set by main()'s SIGINT handler
+
+
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    global _CTRL_C
+    _CTRL_C = True
+    raise KeyboardInterrupt
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    """True if a KeyboardInterrupt is among the exceptions that led to ``exc`` (e.g. a Ctrl-C
+    while transformers imports a model class lazily, which it reports as an import error)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc.__cause__, exc.__context__]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 @click.group(cls=QFGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,11 +200,18 @@ def run(**kw: Any) -> None:
 
     try:
         result = run_pipeline(**args)
-    except RunInterrupted as exc:
+    except (RunInterrupted, KeyboardInterrupt) as exc:
         again = [a for a in sys.argv[1:] if a != "--resume"]
         if "--out" not in again and "out" in args:  # the default folder was chosen for this run
             again += ["--out", str(args["out"])]
-        raise QFClickError(f"{exc}; resume: qf {shlex.join([*again, '--resume'])}", exc.exit_code) from None
+        resume = f"resume: qf {shlex.join([*again, '--resume'])}"
+        if isinstance(exc, RunInterrupted):
+            raise QFClickError(f"{exc}; {resume}", exc.exit_code) from None
+        out = Path(args["out"])
+        if any(out.parent.glob(f".{out.name}.partial-*")):
+            raise QFClickError(f"{INTERRUPTED}; no artifact was written, the finished blocks are kept; {resume}",
+                               130) from None
+        raise QFClickError(f"{INTERRUPTED}; nothing was written", 130) from None
     _print_summary(result)
 
 
@@ -229,7 +269,8 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _print_summary(result: Any) -> None:
+def _print_summary(result: Any, *, evaluated: Path | None = None) -> None:
+    """The run's (or, with ``evaluated``, an artifact's evaluation's) summary and table."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -238,9 +279,13 @@ def _print_summary(result: Any) -> None:
     counts: dict[str, int] = {}
     for e in plan.quantized().values():
         counts[e.format.spec] = counts.get(e.format.spec, 0) + 1
-    console.print(f"quantized {len(plan.quantized())} tensors "
-                  f"({', '.join(f'{n} x {s}' for s, n in counts.items())}); "
-                  f"{len(plan.kept_float())} kept in float; {len(plan.fallbacks())} fallback(s)")
+    formats = ", ".join(f"{n} x {s}" for s, n in counts.items())
+    if evaluated is None:
+        console.print(f"quantized {len(plan.quantized())} tensors ({formats}); "
+                      f"{len(plan.kept_float())} kept in float; {len(plan.fallbacks())} fallback(s)")
+    else:
+        console.print(f"evaluated {evaluated}: it stores {len(plan.quantized())} quantized tensors ({formats}) "
+                      f"and {len(plan.kept_float())} in float")
     for note in result.notes:
         console.print(f"  [bold red]{note}[/]" if note.startswith("MISMATCH") else f"  note: {note}",
                       markup=note.startswith("MISMATCH"), highlight=False)
@@ -258,7 +303,7 @@ def _print_summary(result: Any) -> None:
                     continue  # the same text/protocol label in every column
                 table.add_row(escape(f"{ev}.{name}"), *(escape(_fmt(values.get(c))) for c in cols))
         console.print(table)
-    if result.artifact is not None:
+    if result.artifact is not None and evaluated is None:
         console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")
 
 
@@ -365,7 +410,7 @@ def eval_(path: Path, original: str | None, evaluators: tuple[str, ...], evaluat
     specs = _evaluator_specs(evaluators, evaluator_opt, [(e, {}) for e in DEFAULT_EVALUATORS])
     result = evaluate_artifact(path, original=original, evaluators=specs, kernel=kernel, device=device,
                                cache=not no_cache, progress=sys.stderr.isatty())
-    _print_summary(result)
+    _print_summary(result, evaluated=path)
 
 
 @cli.command()
@@ -465,12 +510,16 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
     cal = parse_key_values(calibrator_opt, flag="--calibrator-opt")
     if cal:
         extra["calibrator_options"] = cal
+    plain = not no_progress and not sys.stderr.isatty()  # a log file or a pipe: a plain line per variant
+    t0 = time.perf_counter()
     with Progress(enabled=not no_progress and sys.stderr.isatty(), total=len(variants), label="comparing",
                   unit="variants") as bar:
         def on_variant(i: int, n: int, label: str) -> None:
             if i:
                 bar.advance()
             bar.describe(label)
+            if plain:
+                click.echo(f"[{i + 1}/{n}] {label} ({time.perf_counter() - t0:.0f} s so far)", err=True)
 
         result = run_compare(model, variants, evaluators=specs, out=out, device=device, artifacts=artifacts,
                              cache=not no_cache, on_variant=on_variant, **extra)
@@ -486,5 +535,15 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
 
 
 def main() -> None:
-    """Console entry point of ``qf``."""
-    cli()
+    """Console entry point of ``qf`` (a Ctrl-C while plugins and torch load is one line too)."""
+    signal.signal(signal.SIGINT, _on_ctrl_c)
+    try:
+        cli()
+    except KeyboardInterrupt:
+        click.echo(f"Error: {INTERRUPTED}", err=True)
+        sys.exit(130)
+    except Exception:
+        if not _CTRL_C:
+            raise
+        click.echo(f"Error: {INTERRUPTED}", err=True)  # an import broken off by the Ctrl-C
+        sys.exit(130)

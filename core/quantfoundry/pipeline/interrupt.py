@@ -22,6 +22,12 @@ class RunInterrupted(QFError):
     exit_code = 130
 
 
+class EvaluationInterrupted(QFError):
+    """Ctrl-C during evaluation: the artifact is complete; only its report is missing."""
+
+    exit_code = 130
+
+
 class StopAtBlockBoundary:
     """Context manager: SIGINT/SIGTERM set :attr:`requested` instead of stopping at once."""
 

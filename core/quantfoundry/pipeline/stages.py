@@ -35,7 +35,7 @@ from ..toolkit.kernels import select_kernel, swap_in
 from . import artifact
 from .components import device_of, dtype_of, exporter_and_format, make
 from .evaluate import Evaluation, make_reference, open_artifact
-from .interrupt import RunInterrupted, StopAtBlockBoundary
+from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
 from .manifest import build_manifest
 from .progress import Progress
@@ -422,6 +422,12 @@ def evaluate(state: RunState) -> None:
                     ctx.note(f"MISMATCH between the artifact and the in-memory model: {line}; "
                              "the export lost something")
         evaluation.measure_original(reference)
+    except KeyboardInterrupt:
+        if state.out is None:
+            raise
+        raise EvaluationInterrupted(
+            f"interrupted during evaluation; the artifact {state.out} is complete and usable (only this report "
+            f"is missing): evaluate it with qf eval {state.out}") from None
     finally:
         reference.release()
         if engine is not None:
