@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -98,11 +99,9 @@ class ModelSource:
         """Name → (dtype, shape) of every stored tensor, read from file headers only."""
         if self.pickle:
             return {k: (v.dtype, tuple(v.shape)) for k, v in self._load_pickles().items()}
-        from safetensors import safe_open
-
         info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for file in sorted(set(self.weight_map.values())):
-            with safe_open(str(file), framework="pt") as f:
+            with open_weights(file) as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     info[key] = (_dtype_of(sl.get_dtype()), tuple(sl.get_shape()))
@@ -187,15 +186,13 @@ class ModelSource:
             for n in names:
                 yield n, state[n].clone()
             return
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n not in self.weight_map:
                 raise ModelLoadError(f"tensor {n} is missing from the checkpoint in {self.path}")
             by_file.setdefault(self.weight_map[n], []).append(n)
         for file, keys in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
+            with open_weights(file) as f:
                 for k in keys:
                     yield k, f.get_tensor(k).clone()
 
@@ -223,6 +220,34 @@ class ModelSource:
             return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer of {self.path}: {exc}".splitlines()[0]) from None
+
+
+@contextmanager
+def open_weights(file: Path) -> Iterator[Any]:
+    """``safetensors.safe_open`` of a checkpoint file; a missing, truncated or damaged file is one
+    :class:`ModelLoadError` naming the file and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except FileNotFoundError:
+        raise ModelLoadError(f"{file} is missing (the checkpoint's index names it); download the model "
+                             "again") from None
+    except (SafetensorError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{file} is damaged or truncated ({first}); download it again") from None
+
+
+def read_json(file: Path) -> Any:
+    """A JSON file of a model folder; invalid JSON is one :class:`ModelLoadError` naming the file."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                             "fix it or download it again") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{file} is not UTF-8 text; fix it or download it again") from None
 
 
 def _dtype_of(name: str) -> torch.dtype:
@@ -275,7 +300,7 @@ def resolve_model(
     folder = _local_folder(model, revision)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json(folder / "config.json")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "unknown")
         raise AlreadyQuantizedError(
@@ -305,15 +330,13 @@ def weight_files(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], boo
     ``.bin`` files only with ``allow_pickle``), and whether they are pickles."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        wm = json.loads(index.read_text())["weight_map"]
+        wm = read_json(index).get("weight_map") or {}
         return {k: folder / v for k, v in wm.items()}, False
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        from safetensors import safe_open
-
         out: dict[str, Path] = {}
         for s in shards:
-            with safe_open(str(s), framework="pt") as f:
+            with open_weights(s) as f:
                 for k in f.keys():
                     out[k] = s
         return out, False
@@ -325,7 +348,7 @@ def weight_files(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], boo
                 "convert them to safetensors, or pass --allow-pickle if you trust the file")
         bin_index = folder / "pytorch_model.bin.index.json"
         if bin_index.is_file():
-            wm = json.loads(bin_index.read_text())["weight_map"]
+            wm = read_json(bin_index).get("weight_map") or {}
             return {k: folder / v for k, v in wm.items()}, True
         out = {}
         for p in pickles:

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
+from ..errors import QFError, UsageError
 from .journal import pid_alive
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
@@ -70,3 +73,53 @@ def publish(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputDiskError(QFError):
+    """The output disk refused a write (full, read-only, no permission)."""
+
+
+def _existing_ancestor(out: Path) -> Path:
+    here = out.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return here
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` whose folder cannot be created or written to."""
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise UsageError(f"cannot write {out}: {base} is a file, not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {base} is not writable ({exc.strerror}); "
+                         "choose another --out") from None
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse, before any work, a disk without room for the journal and the artifact (``need``
+    bytes, an estimate from the plan)."""
+    free = shutil.disk_usage(_existing_ancestor(out)).free
+    if free < need:
+        raise UsageError(f"the disk of {out} has {free / 2**20:,.0f} MiB free, the run needs about "
+                         f"{need / 2**20:,.0f} MiB (artifact and journal); free space or choose another --out")
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_DISK_WORDS = ("no space left on device", "read-only file system", "disk quota exceeded", "os error 28")
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """What the output disk refused, if ``exc`` (an OSError, or a library's error wrapping one) is
+    a full, read-only or forbidden disk; else None."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or os.strerror(exc.errno)}{where}"
+    text = str(exc).lower()
+    for word in _DISK_WORDS:
+        if word in text:
+            return "No space left on device" if word == "os error 28" else word.capitalize()
+    return None

@@ -91,6 +91,7 @@ def resolve(request: RunRequest) -> RunState:
     if preset_note:
         state.say(preset_note)
     if out is not None:
+        artifact.check_writable(out)
         for line in artifact.clean_dead_runs(out):
             state.say(line)
         if out.exists() and not request.overwrite:
@@ -137,6 +138,8 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
     plan = state.exporter.plan(source, state.requested, collects_importance=r.imatrix)
     _check_plan(plan, state)
     state.plan = plan
+    if state.out is not None and not dry_run:
+        artifact.check_free_space(state.out, 2 * _artifact_bytes(source, plan))
     ctx = QuantContext(device=state.device, source=source, notes=state.notes)
     state.ctx = ctx
     brought = state.exporter.importance(source)
@@ -172,6 +175,19 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         state.calibration = state.calibrator.load(state.tokenizer)
         for line in state.calibration.info.get("warnings", []):
             ctx.note(line)
+
+
+def _artifact_bytes(source: ModelSource, plan: QuantPlan) -> int:
+    """The artifact's size as planned: quantized tensors at their format's bytes, the rest as stored."""
+    quantized = plan.quantized()
+    total = 0
+    for name, (dtype, shape) in source.tensor_info.items():
+        entry = quantized.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if entry is not None and entry.format is not None and len(shape) == 2:
+            total += entry.format.nbytes((int(shape[0]), int(shape[1])))
+        else:
+            total += int(torch.Size(shape).numel()) * dtype.itemsize
+    return total
 
 
 def summarize_plan(plan: QuantPlan, show: int = 3) -> list[str]:
@@ -244,8 +260,18 @@ def quantize_and_export(state: RunState) -> None:
         if journal is not None:
             journal.remove()
         raise
-    except BaseException:  # a crash (out of memory, disk full, Ctrl-C twice): the blocks done are kept
-        if journal is not None and journal.finished():
+    except BaseException as exc:  # a crash (out of memory, disk full, Ctrl-C twice): the blocks done are kept
+        kept = journal is not None and journal.finished()
+        refused = artifact.disk_error(exc)
+        if refused is not None:
+            if journal is not None and not kept:
+                journal.remove()
+            resume = (f"the journal {journal.folder} keeps {journal.finished()} finished block(s): run the same "
+                      "command with --resume to continue (or delete it)") if kept and journal is not None \
+                else "then run the same command again"
+            raise artifact.OutputDiskError(f"the output disk refused a write ({refused}); free space (or fix "
+                                           f"the permissions) on the disk of {state.out}; {resume}") from None
+        if kept and journal is not None:
             state.say(f"the journal {journal.folder} keeps {journal.finished()} finished block(s): once the cause "
                       "is fixed, run the same command with --resume to continue")
         raise
