@@ -296,12 +296,20 @@ def _print_summary(result: Any, *, evaluated: Path | None = None) -> None:
         table.add_column("metric")
         for col in cols:
             table.add_column(col if col != "quantized" else "quantized (in memory)", justify="right")
+        scored: list[str] = []
         for ev, metrics in result.metrics.items():
+            labels: dict[str, str] = {}
             for name, values in metrics.items():
                 shown = [values.get(c) for c in cols if c in values]
-                if all(isinstance(v, str) for v in shown) and len(set(shown)) == 1 and len(shown) > 1:
-                    continue  # the same text/protocol label in every column
+                if shown and all(isinstance(v, str) for v in shown) and len(set(shown)) == 1:
+                    labels[name] = shown[0]  # the same text/protocol label in every column: said below
+                    continue
                 table.add_row(escape(f"{ev}.{name}"), *(escape(_fmt(values.get(c))) for c in cols))
+            if "text" in labels:
+                how = f", {labels['protocol']} protocol" if "protocol" in labels else ""
+                scored.append(f"{ev}: scored on {labels['text']}{how}")
+        if scored:
+            table.caption = escape("; ".join(scored))
         console.print(table)
     if result.artifact is not None and evaluated is None:
         console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")

@@ -16,8 +16,18 @@ def default_model_path() -> Path:
 
 
 def default_eval_text() -> Path:
-    """The default evaluation text (held-out CPython source, disjoint from the calibration text)."""
+    """The default model's evaluation text (held-out CPython source, disjoint from the calibration text)."""
     return _path("python_eval.txt")
+
+
+def english_eval_text() -> Path:
+    """The general-English evaluation text for every other model (a WikiText-2 test excerpt)."""
+    return _path("english_eval.txt")
+
+
+def is_default_model(folder: Path) -> bool:
+    """True if ``folder`` is the embedded default model."""
+    return Path(folder).resolve() == default_model_path().resolve()
 
 
 def default_calibration_text() -> Path:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..data import default_eval_text
+from ..data import default_eval_text, english_eval_text, is_default_model
 from ..errors import UsageError
 from ..options import Options
 from ..roles.evaluator import EvalTarget
@@ -34,7 +34,8 @@ class TextOptions(Options):
     """Options shared by every evaluator that scores a text (perplexity, kl, ...)."""
 
     path: Path | None = field(default=None, metadata={
-        "help": "evaluation text (.txt/.jsonl); default: the embedded Python-code evaluation text"})
+        "help": "evaluation text (.txt/.jsonl); default: the embedded Python-code text for the default model "
+                "(pycode-7m), a general-English text (WikiText-2 test excerpt) for any other"})
     protocol: Protocol = field(default="core", metadata={
         "help": "core: non-overlapping windows from their start, no BOS; llama.cpp: as llama-perplexity "
                 "(BOS first, second half of each window scored)"})
@@ -45,9 +46,14 @@ class TextOptions(Options):
     add_bos: bool | None = field(default=None, metadata={
         "help": "llama.cpp protocol: put BOS first (default: if the tokenizer adds one)"})
 
-    def text_path(self) -> Path:
-        """The evaluation text: ``path``, or the embedded default."""
-        return Path(self.path) if self.path is not None else default_eval_text()
+    def text_path(self, source: Any = None) -> Path:
+        """The evaluation text: ``path``, else the embedded default for ``source``'s model: the
+        Python-code text for pycode-7m (or no source), the general-English text for any other."""
+        if self.path is not None:
+            return Path(self.path)
+        if source is None or is_default_model(source.path):
+            return default_eval_text()
+        return english_eval_text()
 
     def __post_init__(self) -> None:
         if self.ctx < 0 or self.ctx == 1:
@@ -110,7 +116,7 @@ def make_windows(options: TextOptions, target: EvalTarget) -> Windows:
     """Read and tokenize the text and cut it into windows under ``options.protocol``."""
     from ..builtin.text_calibrator import read_text
 
-    path = options.text_path()
+    path = options.text_path(target.source)
     text = read_text(path)
     tok = target.tokenizer
     sha = text_sha256(text)
@@ -120,7 +126,7 @@ def make_windows(options: TextOptions, target: EvalTarget) -> Windows:
         wins = [w for w in ids.split(ctx) if w.numel() >= 2]
         if not wins:
             raise UsageError(f"evaluation text {path} has fewer than 2 tokens; pass a longer text")
-        return Windows(wins, 0, "core", ctx, path.name, sha)
+        return Windows(wins, 0, "core", ctx, _text_name(path), sha)
     ctx = options.ctx or 512
     add_bos = _tokenizer_adds_bos(tok) if options.add_bos is None else options.add_bos
     bos = getattr(tok, "bos_token_id", None)
@@ -136,7 +142,26 @@ def make_windows(options: TextOptions, target: EvalTarget) -> Windows:
     if add_bos:
         for w in wins:
             w[0] = bos
-    return Windows(wins, ctx // 2, "llama.cpp", ctx, path.name, sha, add_bos=add_bos)
+    return Windows(wins, ctx // 2, "llama.cpp", ctx, _text_name(path), sha, add_bos=add_bos)
+
+
+def _text_name(path: Path) -> str:
+    if path == default_eval_text():
+        return f"{path.name} (embedded, Python code)"
+    if path == english_eval_text():
+        return f"{path.name} (embedded, WikiText-2 English)"
+    return path.name
+
+
+def default_text_warning(evaluators: list[Any], source: Any) -> str | None:
+    """A warning when an evaluator scores the embedded English text because the model is not
+    the default one and no text was passed (None otherwise)."""
+    names = [ev.name for ev in evaluators if isinstance(getattr(ev, "options", None), TextOptions)
+             and ev.options.path is None]
+    if not names or is_default_model(source.path):
+        return None
+    return (f"{', '.join(dict.fromkeys(names))} scored the embedded general-English text (a WikiText-2 excerpt); "
+            "for figures that speak for your model's traffic pass a text like it: --evaluator-opt path=FILE")
 
 
 def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

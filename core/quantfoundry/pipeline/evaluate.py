@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ArtifactError, EngineUnavailable, UsageError
 from ..evaluation.reference import Reference, cache_root
+from ..evaluation.windows import default_text_warning
 from ..files import read_manifest, write_json_atomic
 from ..model.source import resolve_model
 from ..options import options_to_dict
@@ -261,4 +262,6 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     if update_manifest:
         manifest["artifact_evaluation"] = result
         write_json_atomic(folder / "quantfoundry.json", manifest)
-    return RunResult(folder, plan, evaluation.metrics, [], manifest, time.perf_counter() - t0)
+    warning = default_text_warning(list(evaluation.evaluators.values()), source)
+    return RunResult(folder, plan, evaluation.metrics, [warning] if warning else [], manifest,
+                     time.perf_counter() - t0)

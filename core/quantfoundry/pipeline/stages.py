@@ -18,6 +18,7 @@ import torch
 
 from ..data import default_model_path
 from ..errors import IncompatiblePlanError, QFError, UsageError
+from ..evaluation.windows import default_text_warning
 from ..files import write_json_atomic
 from ..formats import resolve_format
 from ..memory import trim_memory
@@ -458,6 +459,9 @@ def evaluate(state: RunState) -> None:
         reference.release()
         if engine is not None:
             engine.close()
+    warning = default_text_warning(list(evaluation.evaluators.values()), source)
+    if warning:
+        ctx.note(warning)
     state.metrics = evaluation.metrics
     state.manifest["evaluation"] = evaluation.to_json(dev, reference)
     state.manifest["notes"] = list(ctx.notes)

@@ -161,6 +161,10 @@ class Evaluator(Component, ABC):
             if isinstance(value, Path) and value.is_file():
                 files[f.name] = sha256_file(value)
         text_path = getattr(self.options, "text_path", None)
-        if callable(text_path):
+        if callable(text_path):  # the embedded default text depends on the model, which the key holds
             files["text"] = sha256_file(Path(text_path()))
+            if getattr(self.options, "path", None) is None:
+                from ..data import english_eval_text
+
+                files["english_text"] = sha256_file(english_eval_text())
         return {"evaluator": self.name, "options": options_to_dict(self.options), "files": files}
