@@ -208,6 +208,18 @@ def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel
     return None, engine, f"served by {engine.name} {engine.version or ''}".strip()
 
 
+def stored_formats(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Name → Format of every tensor the artifact's manifest plans to store quantized."""
+    from ..formats import resolve_format
+
+    out = {}
+    for name, entry in (manifest.get("plan") or {}).items():
+        spec = entry.get("format") if isinstance(entry, dict) else None
+        if spec:
+            out[name] = resolve_format(spec)
+    return out
+
+
 def quantized_linears(model: torch.nn.Module) -> QuantPlan:
     from ..roles.kernel import QuantLinear
 
@@ -241,6 +253,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     plan = quantized_linears(model) if model is not None else QuantPlan()
     tokenizer = source.tokenizer()
     info = {"quantized_linears": list(plan.quantized()), "artifact_path": str(folder),
+            "stored_formats": stored_formats(manifest),
             "calibration": manifest.get("calibration"), "progress": progress}
     reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
     target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,

@@ -422,6 +422,8 @@ def evaluate(state: RunState) -> None:
     evaluation = Evaluation.of(state.evaluators)
     linears = source.linear_shapes()
     info = {"quantized_linears": [n for n in state.plan.quantized() if n in linears],
+            "stored_formats": {n: e.format for n, e in state.plan.quantized().items()},
+            "stored_float_dtypes": _stored_float_dtypes(source, state.plan, state.exporter),
             "calibration": state.manifest.get("calibration"), "progress": r.progress}
     reference = make_reference(source, state.tokenizer, dev, cache=r.cache, info=info)
     _float_params_to_float32(state.model)  # evaluation runs in float32 whatever the block dtype was
@@ -443,6 +445,8 @@ def evaluate(state: RunState) -> None:
                                               engine=engine, reference=reference), "artifact", which="artifact")
                 del art_model
                 evaluation.artifact = {"path": str(state.out), "opened": how}
+                if engine is not None:
+                    ctx.note(f"artifact checked: {how}")
                 if engine is not None and (tok := evaluation.check_tokenizer(engine, state.tokenizer)):
                     evaluation.artifact["tokenizer"] = tok
                 for line in evaluation.check_artifact(engine):
@@ -467,6 +471,19 @@ def evaluate(state: RunState) -> None:
     state.manifest["notes"] = list(ctx.notes)
     if state.out is not None:
         write_json_atomic(state.out / "quantfoundry.json", state.manifest)
+
+
+def _stored_float_dtypes(source: ModelSource, plan: QuantPlan, exporter: Exporter) -> dict[str, torch.dtype]:
+    """Parameter name → dtype, for the float tensors the artifact stores in another dtype than
+    the checkpoint (e.g. GGUF's F32 norms)."""
+    quantized = {f"{n}.weight" for n in plan.quantized()}
+    out = {}
+    for name, (dtype, _shape) in source.tensor_info.items():
+        if dtype.is_floating_point and name not in quantized:
+            stored = exporter.stored_float_dtype(name, dtype)
+            if stored != dtype:
+                out[name] = stored
+    return out
 
 
 def _float_params_to_float32(model: torch.nn.Module | None) -> None:

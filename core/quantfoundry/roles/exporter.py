@@ -114,6 +114,11 @@ class Exporter(Component, ABC):
                 return {"type": preset}
         return None
 
+    def stored_float_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the artifact stores float tensor ``name`` (stored as ``dtype`` in the
+        checkpoint) in, for size accounting; called after :meth:`plan`. Default: unchanged."""
+        return dtype
+
     def artifact_label(self) -> str | None:
         """What the artifact holds when no format was asked for (e.g. ``Q4_K_M``), to name the
         default output folder; None: the format's spec names it."""

@@ -20,14 +20,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from quantfoundry import Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan, resolve_format
-from quantfoundry.errors import ArtifactError, IncompatiblePlanError, UsageError
+from quantfoundry import Engine, Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan, resolve_format
+from quantfoundry.errors import ArtifactError, EngineUnavailable, IncompatiblePlanError, UsageError
 
 from .engine import LlamaCppEngine
 from .imatrix import Imatrix, read_imatrix, write_imatrix
 from .inspect import gguf_file, inspect_gguf
 from .legacy import GGMLFormat
 from .mixes import FILE_TYPES, MixContext, choose_types
+from .reader import TransformersGGUFEngine
 from .vocab import add_vocab
 
 GGUF_FILE = "model.gguf"
@@ -150,6 +151,13 @@ class GGUFExporter(Exporter):
 
     def artifact_label(self) -> str | None:
         return self.options.type.upper()
+
+    def stored_float_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        g = self._names.get(name)
+        if g is None:  # not written (e.g. a tied output weight)
+            return dtype
+        typ = self._types.get(g) or "F32"  # no type: kept F32, as the writer does
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(typ, dtype)
 
     # -- what it stores ----------------------------------------------------------------------
     def check_format(self, fmt: Format) -> str | None:
@@ -406,9 +414,13 @@ class GGUFExporter(Exporter):
             w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
             w.add_sliding_window(int(cfg.sliding_window))
 
-    def engine(self, folder: Path, device: torch.device) -> LlamaCppEngine:
-        """The GGUF in llama.cpp (llama-cpp-python): ``qf eval`` and the run's artifact check."""
-        return LlamaCppEngine(Path(folder) / GGUF_FILE, device)
+    def engine(self, folder: Path, device: torch.device) -> Engine:
+        """The GGUF in llama.cpp (llama-cpp-python): ``qf eval`` and the run's artifact check;
+        without llama-cpp-python, transformers' GGUF reader (no compiler needed)."""
+        try:
+            return LlamaCppEngine(Path(folder) / GGUF_FILE, device)
+        except EngineUnavailable as missing:
+            return TransformersGGUFEngine(Path(folder) / GGUF_FILE, device, instead_of=str(missing))
 
     def verify(self, folder: Path) -> None:
         from gguf import GGMLQuantizationType, GGUFReader
