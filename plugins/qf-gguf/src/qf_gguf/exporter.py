@@ -20,7 +20,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from quantfoundry import Engine, Exporter, Format, Options, QuantizedWeight, QuantPlan, TensorPlan, resolve_format
+from quantfoundry import (
+    Engine,
+    Exporter,
+    Format,
+    Options,
+    QuantizedWeight,
+    QuantPlan,
+    TensorPlan,
+    resolve_format,
+)
 from quantfoundry.errors import ArtifactError, EngineUnavailable, IncompatiblePlanError, UsageError
 
 from .engine import LlamaCppEngine
