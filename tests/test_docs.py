@@ -92,3 +92,32 @@ def test_lifecycle_page_names_every_method_and_field() -> None:
                     f"{name}(" not in text and f"`{name}`" not in text:
                 missing.append(f"{cls.__name__}.{name}")
     assert not missing, "docs/lifecycle.md does not mention: " + ", ".join(missing)
+
+
+def test_tutorial_code_is_the_tested_example() -> None:
+    """Every python/toml block of the two tutorials is a tested file of examples/qf-example-plugin
+    (``<!-- include: -->``, whole) or a run of its lines (``<!-- excerpt: -->``); none elides code
+    (after changing the example: python docs/includes.py)."""
+    import runpy
+
+    tool = runpy.run_path(str(DOCS / "includes.py"))
+    found = [p for name in tool["PAGES"] for p in tool["problems"](DOCS / name)]
+    assert not found, "\n".join(found)
+
+
+def test_the_tutorial_pyproject_installs(tmp_path) -> None:
+    """The tutorial's pyproject.toml, as shown, builds a wheel that carries the entry point."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    example = DOCS.parent / "examples" / "qf-example-plugin"
+    shutil.copytree(example, tmp_path / "p", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "w"), str(tmp_path / "p")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("qf_example_plugin-0.1.0-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        eps = next(n for n in z.namelist() if n.endswith("entry_points.txt"))
+        assert "mse-rtn = qf_example_plugin" in z.read(eps).decode()

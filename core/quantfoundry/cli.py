@@ -313,6 +313,8 @@ def _print_summary(result: Any, *, evaluated: Path | None = None) -> None:
         console.print(table)
     if result.artifact is not None and evaluated is None:
         console.print(f"artifact: {result.artifact}  ({result.seconds:.1f} s)")
+        if result.run_command:
+            console.print(f"run it: {result.run_command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -540,6 +542,21 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
         console.print(f"wrote {result.table}, {result.data}; no plot: {PLOT_EXTRA}", markup=False)
     else:
         console.print(f"wrote {result.table}, {result.plot}, {result.data}")
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["quantizer", "evaluator", "calibrator", "kernel"]),
+              help="What the plugin registers.")
+@click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder to create the package in.")
+def new_plugin(name: str, role: str, parent: Path) -> None:
+    """Write an installable plugin package (a working component, its entry point, passing tests)."""
+    from .scaffold import scaffold
+
+    folder = scaffold(name, role, parent)
+    click.echo(f"wrote {folder}: a {role} {name.removeprefix('qf-')!r}; next:\n"
+               f"  pip install -e \"{folder}[testing]\" && python -m pytest {folder}")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ Layout of the artifact folder:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,16 @@ class QFExporter(Exporter):
             "note": "QuantFoundry checkpoint: load it with quantfoundry.load() or `qf load`",
         })
         return {"tensors": self.tensors, "files": files}
+
+    def run_command(self, folder: Path) -> str | None:
+        """quantfoundry itself: reload the artifact with our kernels and generate."""
+        from ..toolkit.checkpoint import PROMPT, python_command
+
+        f, p = json.dumps(str(folder)), json.dumps(PROMPT)
+        return python_command(f"import quantfoundry as qf, transformers as t; m = qf.load({f}); "
+                              f"tok = t.AutoTokenizer.from_pretrained({f}); "
+                              f"print(tok.decode(m.generate(**tok({p}, return_tensors={json.dumps('pt')}), "
+                              "max_new_tokens=32)[0]))")
 
     def verify(self, folder: Path) -> None:
         from safetensors import safe_open

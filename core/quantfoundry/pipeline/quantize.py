@@ -163,7 +163,7 @@ def quantize_outside_blocks(
             w = source.read([weight_name])[weight_name]
         else:
             raise QFError(f"the plan quantizes {name}, but the checkpoint has no {weight_name}")
-        qw = replace(fmt.quantize(w.to(ctx.device, torch.float32), ctx.importance.get(name)),
+        qw = replace(fmt.quantize(w.to(ctx.device, torch.float32), dict.get(ctx.importance, name)),  # not the quantizer's read
                      dtype=stored_dtype(source, weight_name))
         out[weight_name] = qw
         if module is None or model is None:

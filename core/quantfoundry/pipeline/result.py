@@ -23,3 +23,5 @@ class RunResult:
     manifest: dict[str, Any]
     seconds: float
     model: torch.nn.Module | None = field(default=None, repr=False)
+    #: one shell command that runs the artifact in its engine (``Exporter.run_command``)
+    run_command: str | None = None

@@ -50,7 +50,8 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     quantize_and_export(state)
     evaluate(state)
     return RunResult(state.out, state.plan, state.metrics, state.notes, state.manifest,
-                     time.perf_counter() - state.t_start, model=state.model if state.request.keep_model else None)
+                     time.perf_counter() - state.t_start, model=state.model if state.request.keep_model else None,
+                     run_command=state.exporter.run_command(state.out) if state.out is not None else None)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None,

@@ -289,6 +289,11 @@ def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
         _quantize_blocks(state, journal)
         outside = quantize_outside_blocks(state.model if state.keep else None, source, state.plan, ctx,
                                           kernel_name=state.request.kernel, kernel_options=state.kernel_options())
+    if ctx.importance and not ctx.importance.read:
+        names = ", ".join(repr(n) for n, _ in state.stage_specs)
+        where = "--imatrix collected" if state.request.imatrix else f"exporter {state.exporter.name!r} brought"
+        ctx.note(f"{where} an importance matrix, but {names} never read it (QuantContext.importance): it changed "
+                 "nothing; drop it, or use a quantizer that weighs by it (rtn with a GGUF type, gptq, awq)")
     if state.hashing is not None:
         state.hashing.join()
     state.manifest = build_manifest(source=source, stages=[*state.transforms, state.quantizer],

@@ -23,6 +23,26 @@ if TYPE_CHECKING:  # pragma: no cover
     from .architecture import Architecture
 
 
+class Importance(dict[str, torch.Tensor]):
+    """The importance vectors of :class:`QuantContext`: a dict that remembers whether a quantizer
+    looked anything up (``[]``, ``get``, ``in``), so a run can say when ``--imatrix`` was
+    collected for a quantizer that ignored it."""
+
+    read = False
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read = True
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read = True
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read = True
+        return super().__contains__(key)
+
+
 @dataclass
 class QuantContext:
     """What a quantizer may use besides the block: device, source model, notes for the summary."""
@@ -30,8 +50,10 @@ class QuantContext:
     device: torch.device
     source: ModelSource | None = None
     notes: list[str] = field(default_factory=list)
-    #: per-linear importance (mean squared input activation per input channel), when collected
-    importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per-linear importance (mean squared input activation per input channel, ``[in]`` float32,
+    #: by full linear name, e.g. ``model.layers.0.mlp.up_proj``), when ``--imatrix`` collected it
+    #: or the exporter brought one; empty otherwise. A run whose quantizer never reads it says so.
+    importance: Importance = field(default_factory=lambda: Importance())
 
     def note(self, message: str) -> None:
         """Record a line for the run summary and the manifest (never silently skip work)."""

@@ -119,6 +119,11 @@ class Exporter(Component, ABC):
         checkpoint) in, for size accounting; called after :meth:`plan`. Default: unchanged."""
         return dtype
 
+    def run_command(self, folder: Path) -> str | None:
+        """One shell command that runs the artifact at ``folder`` in the engine it is made for
+        (``qf run`` prints it last; ``docs/deploy.md`` lists every engine). None: there is none."""
+        return None
+
     def artifact_label(self) -> str | None:
         """What the artifact holds when no format was asked for (e.g. ``Q4_K_M``), to name the
         default output folder; None: the format's spec names it."""

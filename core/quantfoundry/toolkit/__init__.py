@@ -29,14 +29,17 @@ from ..model.capture import capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
 from ..roles.format import pack_bits, stored_params, unpack_bits
 from .checkpoint import (
+    PROMPT,
     TOKENIZER_GLOBS,
     CheckpointOptions,
     artifact_skeleton,
     copy_tokenizer_files,
     load_float_parameters,
     one_group_plan,
+    python_command,
     quant_method_of,
     stored_shapes,
+    transformers_command,
     write_hf_config,
 )
 from .fold import FoldPoint, Tie, apply_fold, fold_point
@@ -54,12 +57,12 @@ from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWr
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "PROMPT", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
-    "load_float_parameters", "load_full_model", "materialize", "one_group_plan", "pack_bits", "prepare_hessian",
+    "load_float_parameters", "load_full_model", "materialize", "one_group_plan", "pack_bits", "prepare_hessian", "python_command",
     "quant_method_of", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
-    "stored_params", "stored_shapes", "swap_in", "tied_source", "unpack_bits", "write_hf_config",
+    "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
     "write_json_atomic",
 ]

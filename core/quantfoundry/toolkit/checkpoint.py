@@ -133,3 +133,21 @@ def load_float_parameters(model: nn.Module, source: ModelSource, device: torch.d
             loaded[key] = nn.Parameter(source.read([key])[key].to(device=device, dtype=dtype), requires_grad=False)
         set_parameter(model, pname, loaded[key])
     return model.to(device).eval()
+
+
+#: the prompt of the commands exporters print (``Exporter.run_command``)
+PROMPT = "Once upon a time"
+
+
+def python_command(code: str) -> str:
+    """``python -c '<code>'`` quoted for a POSIX shell (write ``code`` with double-quoted strings)."""
+    import shlex
+
+    return f"python -c {shlex.quote(code)}"
+
+
+def transformers_command(folder: Path) -> str:
+    """A shell command that generates from a Hugging Face checkpoint folder with transformers."""
+    return python_command(f"from transformers import pipeline; print(pipeline({json.dumps('text-generation')}, "
+                          f"{json.dumps(str(folder))})({json.dumps(PROMPT)}, max_new_tokens=32)[0]"
+                          f"[{json.dumps('generated_text')}])")

@@ -95,7 +95,8 @@ def test_refuses_what_it_cannot_store_before_any_work(tmp_path):
 
 
 def test_zero_point_zero_is_refused_without_leaving_a_folder(tmp_path, monkeypatch):
-    """v1 stores zero − 1: a zero point of 0 cannot be written; the error names the fix."""
+    """v1 (asked for: checkpoint_format=gptq) stores zero − 1: a zero point of 0 cannot be written;
+    the error names the fix."""
     from qf_gptq import checkpoint
 
     real = checkpoint.to_gptq
@@ -106,7 +107,7 @@ def test_zero_point_zero_is_refused_without_leaving_a_folder(tmp_path, monkeypat
 
     monkeypatch.setattr("qf_gptq.exporter.to_gptq", with_a_zero)
     with pytest.raises(QFError, match="zero point 0.*gptq_v2.*-sym"):
-        run_gptq(tmp_path / "out", "int4-g128")
+        run_gptq(tmp_path / "out", "int4-g128", exporter_options={"checkpoint_format": "gptq"})
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
 
@@ -139,7 +140,7 @@ def test_gptq_v2_stores_zero_points_as_they_are(tmp_path, monkeypatch):
     for name, module in quantized.items():
         assert (weights[name] == module.qweight.dequantize(torch.float64).numpy()).all(), name
     assert result.manifest["evaluation"]["artifact_check"]["ok"]
-    with pytest.raises(UsageError, match="checkpoint_format must be one of gptq, gptq_v2"):
+    with pytest.raises(UsageError, match="checkpoint_format must be one of auto, gptq, gptq_v2"):
         qf.run(quantizer="gptq", exporter="hf-gptq", exporter_options={"checkpoint_format": "v3"},
                out=tmp_path / "bad", progress=False)
 
@@ -149,3 +150,16 @@ def test_act_order_without_static_groups_is_refused_for_gguf(tmp_path):
     with pytest.raises(IncompatiblePlanError, match="static_groups=true"):
         qf.run(quantizer="gptq", quantizer_options={"desc_act": True}, exporter="gguf", out=tmp_path / "g",
                progress=False)
+
+
+@pytest.mark.parametrize("fmt,layout", [(None, "gptq"), ("int4-g128", "gptq_v2"), ("int4-g128-sym", "gptq")])
+def test_defaults_every_loader_reads(tmp_path, fmt, layout):
+    """No options: int4-g128-sym as v1 (GPTQModel, transformers, vLLM); an asymmetric grid goes
+    to gptq_v2, which GPTQModel reads from any writer (tests/engines/ loads both)."""
+    result = qf.run(quantizer="rtn", exporter="hf-gptq", format=fmt, out=tmp_path / "o", evaluators=[],
+                    progress=False)
+    qcfg, _weights, _ = read_gptq(tmp_path / "o")
+    assert qcfg["checkpoint_format"] == layout and qcfg["sym"] == (layout == "gptq")
+    legacy = json.loads((tmp_path / "o" / "quantize_config.json").read_text())
+    assert legacy["checkpoint_format"] == layout and legacy["meta"]["quantizer"][0].startswith("quantfoundry:")
+    assert result.run_command.endswith("# needs: pip install gptqmodel optimum")

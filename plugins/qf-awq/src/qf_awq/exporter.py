@@ -31,6 +31,7 @@ from quantfoundry.toolkit import (
     select_kernel,
     stored_shapes,
     swap_in,
+    transformers_command,
     write_hf_config,
 )
 from torch import nn
@@ -110,6 +111,10 @@ class HFAWQExporter(Exporter):
         legacy = {"zero_point": True, "q_group_size": qcfg["group_size"], "w_bit": 4, "version": "GEMM"}
         (self.folder / "quant_config.json").write_text(json.dumps(legacy, indent=2) + "\n")
         return {"files": files, "awq_linears": list(self.quantized)}
+
+    def run_command(self, folder: Path) -> str | None:
+        """transformers with its AWQ backend (``pip install gptqmodel``); docs/deploy.md: vLLM."""
+        return transformers_command(folder) + "  # needs: pip install gptqmodel"
 
     def verify(self, folder: Path) -> None:
         manifest = read_manifest(folder)

@@ -31,6 +31,7 @@ from quantfoundry import (
     resolve_format,
 )
 from quantfoundry.errors import ArtifactError, EngineUnavailable, IncompatiblePlanError, UsageError
+from quantfoundry.toolkit import PROMPT
 
 from .engine import LlamaCppEngine
 from .imatrix import Imatrix, read_imatrix, write_imatrix
@@ -160,6 +161,13 @@ class GGUFExporter(Exporter):
 
     def artifact_label(self) -> str | None:
         return self.options.type.upper()
+
+    def run_command(self, folder: Path) -> str | None:
+        """llama.cpp's plain completion tool (``llama-cli`` is its chat; docs/deploy.md: Ollama)."""
+        import shlex
+
+        return (f"llama-completion -m {shlex.quote(str(Path(folder) / GGUF_FILE))} -no-cnv "
+                f"-p {shlex.quote(PROMPT)} -n 32")
 
     def stored_float_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
         g = self._names.get(name)

@@ -1,14 +1,20 @@
 """Exporter ``hf-gptq``: a Hugging Face folder in the GPTQ checkpoint layout (see
-:mod:`qf_gptq.checkpoint`), loadable by transformers (GPTQModel/optimum), vLLM and TGI.
+:mod:`qf_gptq.checkpoint`) for GPTQModel, transformers (with ``gptqmodel`` and ``optimum``
+installed), vLLM and TGI.
 
 Decoder-block linears become ``qweight``/``qzeros``/``scales``/``g_idx``; everything else
 (embeddings, norms, the output head) stays in the checkpoint's float dtype. ``config.json``
 gets ``quantization_config`` (``quant_method: gptq``, bits, group_size, desc_act, sym,
-``checkpoint_format``) and ``quantize_config.json`` is written for AutoGPTQ-era loaders.
+``checkpoint_format``, ``meta``) and ``quantize_config.json`` the same for loaders that read
+that file first (GPTQModel, AutoGPTQ-era tools).
 
-``checkpoint_format=gptq`` (default, v1) is what every GPTQ loader reads; ``gptq_v2`` stores the
-zero points without v1's ``− 1`` — GPTQModel reads it (and, through it, transformers), and it is
-the way to ship an asymmetric grid to GPTQModel, which refuses asymmetric v1 from other writers.
+The default format is ``int4-g128-sym``, the one every maintained loader reads: GPTQModel,
+transformers and vLLM (which serves symmetric 4- and 8-bit GPTQ only). ``checkpoint_format``
+``auto`` writes a symmetric grid as v1 (``gptq``) and an asymmetric one as ``gptq_v2`` (zero
+points without v1's ``− 1``): GPTQModel refuses asymmetric v1 checkpoints it did not write
+itself, and reads v2 from any writer — so does transformers through it. No GPTQ layout makes an
+asymmetric grid servable by vLLM; ``hf-awq`` is the asymmetric 4-bit checkpoint vLLM serves.
+``docs/deploy.md`` has the commands for every engine.
 
 A GPTQ checkpoint has one ``group_size`` for all linears, so when a width is not a multiple
 of the requested group (SmolLM2's 576 columns at g128) the plan uses the largest group, halving
@@ -38,6 +44,7 @@ from quantfoundry.toolkit import (
     select_kernel,
     stored_shapes,
     swap_in,
+    transformers_command,
     write_hf_config,
 )
 from torch import nn
@@ -49,22 +56,28 @@ PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 @dataclass(frozen=True, kw_only=True)
 class HFGPTQOptions(CheckpointOptions):
-    checkpoint_format: str = field(default="gptq", metadata={
-        "help": "gptq (v1: zero points stored minus one; every GPTQ loader) or gptq_v2 (GPTQModel; "
-                "asymmetric grids for GPTQModel)"})
+    checkpoint_format: str = field(default="auto", metadata={
+        "help": "auto (gptq for symmetric grids, gptq_v2 for asymmetric ones: what every loader reads), "
+                "gptq (v1: zero points stored minus one) or gptq_v2 (zero points as they are; GPTQModel)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.checkpoint_format not in ZERO_OFFSET:
-            raise ValueError(f"checkpoint_format must be one of {', '.join(ZERO_OFFSET)}, "
+        if self.checkpoint_format not in ("auto", *ZERO_OFFSET):
+            raise ValueError(f"checkpoint_format must be one of auto, {', '.join(ZERO_OFFSET)}, "
                              f"got {self.checkpoint_format!r}")
+
+    def layout(self, sym: bool) -> str:
+        """The checkpoint format written for a symmetric (or asymmetric) grid."""
+        if self.checkpoint_format != "auto":
+            return self.checkpoint_format
+        return "gptq" if sym else "gptq_v2"
 
 
 class HFGPTQExporter(Exporter):
     name = "hf-gptq"
     description = "GPTQ checkpoint (qweight/qzeros/scales/g_idx, quant_method gptq) for transformers, vLLM, TGI"
     Options = HFGPTQOptions
-    default_format = "int4-g128"
+    default_format = "int4-g128-sym"
     stores_permutation = True
     can_load = True
 
@@ -84,7 +97,7 @@ class HFGPTQExporter(Exporter):
         return None
 
     def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
-        requested = requested or IntFormat(IntFormat.Options())
+        requested = requested or IntFormat(IntFormat.Options(sym=True))
         reason = self.check_format(requested)
         if reason or not isinstance(requested, IntFormat):
             raise UsageError(f"exporter hf-gptq cannot store {requested.spec}: {reason}; "
@@ -114,7 +127,7 @@ class HFGPTQExporter(Exporter):
             return
         prefix = name.removesuffix(".weight")
         try:
-            parts = to_gptq(tensor, self.options.checkpoint_format)
+            parts = to_gptq(tensor, self.options.layout(tensor.format.options.sym))
         except ValueError as exc:
             raise ArtifactError(f"{prefix}: {exc}") from None
         self.desc_act |= tensor.perm is not None
@@ -136,7 +149,7 @@ class HFGPTQExporter(Exporter):
             "true_sequential": bool(qopts.get("true_sequential", True)),
             "damp_percent": float(qopts.get("damp_percent", 0.01)),
             "lm_head": False,
-            "checkpoint_format": self.options.checkpoint_format,
+            "checkpoint_format": self.options.layout(o.sym),
             "meta": {"quantizer": [f"quantfoundry:{_qf_version()}"],
                      "method": [s.get("name") for s in manifest.get("quantizer", [])]},
         }
@@ -145,10 +158,14 @@ class HFGPTQExporter(Exporter):
         files = self.writer.finish()
         qcfg = self.quantization_config(manifest)
         write_hf_config(self.source.path, self.folder, qcfg)
-        legacy = {k: v for k, v in qcfg.items() if k not in ("lm_head", "meta")}
+        legacy = {k: v for k, v in qcfg.items() if k != "lm_head"}
         legacy.update(model_name_or_path=None, model_file_base_name="model")
         (self.folder / "quantize_config.json").write_text(json.dumps(legacy, indent=2) + "\n")
         return {"files": files, "gptq_linears": list(self.quantized)}
+
+    def run_command(self, folder: Path) -> str | None:
+        """transformers with its GPTQ backend (``pip install gptqmodel optimum``); docs/deploy.md: vLLM."""
+        return transformers_command(folder) + "  # needs: pip install gptqmodel optimum"
 
     def verify(self, folder: Path) -> None:
         manifest = read_manifest(folder)

@@ -1,0 +1,5 @@
+"""``python -m quantfoundry``: the ``qf`` command line."""
+
+from .cli import main
+
+main()
