@@ -546,7 +546,7 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
 
 @cli.command("new-plugin")
 @click.argument("name")
-@click.option("--role", required=True, type=click.Choice(["quantizer", "evaluator", "calibrator", "kernel"]),
+@click.option("--role", required=True, type=click.Choice(["quantizer", "format", "evaluator", "calibrator", "kernel"]),
               help="What the plugin registers.")
 @click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder to create the package in.")

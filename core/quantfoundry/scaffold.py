@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-ROLES = ("quantizer", "evaluator", "calibrator", "kernel")
+ROLES = ("quantizer", "format", "evaluator", "calibrator", "kernel")
 
 PYPROJECT = '''\
 [build-system]
@@ -106,6 +106,93 @@ class {cls}(qf.Quantizer):
 
 @hookimpl
 def qf_register_quantizers(register):
+    register({cls})
+''',
+    "format": '''\
+"""{dist}: the format ``{name}``.
+
+A starting point made by ``qf new-plugin``: a symmetric grid of ``bits``-bit codes, one
+float16 scale per group of ``group`` input columns (``scale = absmax / (2^(bits−1) − 1)``),
+codes stored offset by ``2^(bits−1)``. Spec: ``{name}`` or ``{name}-b<bits>-g<group>``.
+Replace ``fit``/``round``/``decode`` with your grid; keep their contracts (docs/lifecycle.md):
+parameters already in their storage dtype, ``round`` and ``decode`` of a column slice equal to
+those of the whole tile.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import quantfoundry as qf
+import torch
+from quantfoundry import hookimpl
+
+
+@dataclass(frozen=True, kw_only=True)
+class {cls}Options(qf.Options):
+    bits: int = field(default=4, metadata={{"help": "bits per code, 2-8"}})
+    group: int = field(default=32, metadata={{"help": "input columns per scale (a power of two >= 8)"}})
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be 2-8, got {{self.bits}}")
+        if self.group < 8 or self.group & (self.group - 1):
+            raise ValueError(f"group must be a power of two >= 8, got {{self.group}}")
+
+
+class {cls}(qf.Format):
+    name = "{name}"
+    description = "symmetric absmax grid, one float16 scale per group (a qf new-plugin starting point)"
+    Options = {cls}Options
+
+    options: {cls}Options
+
+    @property
+    def spec(self) -> str:
+        return f"{{self.name}}-b{{self.options.bits}}-g{{self.options.group}}"
+
+    @classmethod
+    def from_spec(cls, spec: str) -> {cls}Options | None:
+        m = re.fullmatch(re.escape(cls.name) + r"(?:-b(\\d+))?(?:-g(\\d+))?", spec.strip().lower())
+        if m is None:
+            return None
+        return {cls}Options(bits=int(m.group(1) or 4), group=int(m.group(2) or 32))
+
+    @classmethod
+    def spec_help(cls) -> str:
+        return f"{{cls.name}}[-b<bits>][-g<group>], e.g. {{cls.name}}-b4-g32"
+
+    def group_size(self, in_features: int) -> int:
+        return self.options.group
+
+    def _half(self) -> int:
+        return 1 << (self.options.bits - 1)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> qf.Params:
+        rows, cols = w.shape
+        amax = w.float().reshape(rows, cols // self.options.group, self.options.group).abs().amax(-1)
+        return {{"scale": (amax / (self._half() - 1)).to(torch.float16)}}  # rounded as stored
+
+    def _scales(self, params: qf.Params, col0: int, ncols: int, device: torch.device) -> torch.Tensor:
+        cols = torch.arange(col0, col0 + ncols, device=device) // self.options.group
+        return params["scale"].float()[:, cols]
+
+    def round(self, w: torch.Tensor, params: qf.Params, col0: int = 0) -> torch.Tensor:
+        s = self._scales(params, col0, w.shape[1], w.device)
+        q = torch.where(s > 0, torch.round(w.float() / torch.where(s > 0, s, 1.0)), 0.0)
+        return (q.clamp(1 - self._half(), self._half() - 1) + self._half()).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, params: qf.Params, col0: int = 0) -> torch.Tensor:
+        s = self._scales(params, col0, codes.shape[1], codes.device)
+        return (codes.float() - self._half()) * s
+
+    def code_bits(self) -> int:
+        return self.options.bits
+
+
+@hookimpl
+def qf_register_formats(register):
     register({cls})
 ''',
     "evaluator": '''\
@@ -251,6 +338,26 @@ def test_shrink_1_is_round_to_nearest() -> None:
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     ctx = qf.QuantContext(device=torch.device("cpu"))
     assert torch.equal({cls}().quantize_tensor("w", w, fmt, ctx).dequantize(), fmt.quantize(w).dequantize())
+''',
+    "format": '''\
+import quantfoundry as qf
+import torch
+from quantfoundry.testing.conformance import FormatConformance
+
+
+class Test{cls}Conformance(FormatConformance):
+    spec = "{name}-b4-g32"
+
+
+def test_values_are_the_float64_grid() -> None:
+    fmt = qf.resolve_format("{name}-b3-g16")
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    qw = fmt.quantize(w)
+    scale = w.double().view(8, 4, 16).abs().amax(-1) / 3
+    scale = scale.to(torch.float16).double().repeat_interleave(16, dim=1)
+    want = torch.round(w.double() / scale).clamp(-3, 3) * scale
+    assert torch.equal(qw.dequantize(torch.float64), want)
+    assert fmt.bits_per_weight((8, 64)) == 3 + 16 / 16
 ''',
     "evaluator": '''\
 import quantfoundry as qf
