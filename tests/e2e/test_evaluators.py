@@ -36,12 +36,12 @@ def test_calibration_mismatch_reports_both_domains(tiny_model, tmp_path) -> None
     other.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     r = qf.run(folder, format="int3-g32", out=None, progress=False, evaluators=[
         ("calibration-mismatch", {"out_domain": str(other), **SMALL}),
-        ("kl", {"path": str(other), **SMALL}), ("kl", SMALL)])
+        ("kl", {"path": str(other), **SMALL}), ("kl", {"path": str(default_eval_text()), **SMALL})])
     m = {k: v["quantized"] for k, v in r.metrics["calibration-mismatch"].items()}
-    assert m["in_text"] == default_eval_text().name and m["out_text"] == "prose.txt"
+    assert m["in_text"] == f"{default_eval_text().name} (embedded, Python code)" and m["out_text"] == "prose.txt"
     # the same figures as the kl evaluator on each text on its own
     assert m["out_kl_mean"] == pytest.approx(r.metrics["kl[path=prose.txt]"]["kl_mean"]["quantized"], rel=1e-12)
-    assert m["in_kl_mean"] == pytest.approx(r.metrics["kl[path=default]"]["kl_mean"]["quantized"], rel=1e-12)
+    assert m["in_kl_mean"] == pytest.approx(r.metrics["kl[path=python_eval.txt]"]["kl_mean"]["quantized"], rel=1e-12)
     assert m["out_in_kl_ratio"] == pytest.approx(m["out_kl_mean"] / m["in_kl_mean"])
     assert "out-of-domain damage" in m["verdict"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..evaluation.windows import TextOptions
 from ..hookspecs import hookimpl
 from ..roles.evaluator import EvalTarget, Evaluator, Metric
+from ..data import default_eval_text
 from .kl import compare_on_text
 
 
@@ -53,7 +54,9 @@ class CalibrationMismatchEvaluator(Evaluator):
         o = self.options
         out: dict[str, Metric] = {}
         calib = (target.info.get("calibration") or {}).get("source")
-        for side, path in (("in", o.in_domain), ("out", o.out_domain)):
+        # in-domain by default: the held-out text of the default calibration text's domain (Python
+        # code), whatever the model — not the general-English default of the other text evaluators
+        for side, path in (("in", o.in_domain or default_eval_text()), ("out", o.out_domain)):
             shared = {f.name: getattr(o, f.name) for f in dataclasses.fields(TextOptions)}
             text_opts = TextOptions(**{**shared, "path": path})
             r = compare_on_text(target, text_opts, o.top_k)
