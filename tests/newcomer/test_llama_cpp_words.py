@@ -43,3 +43,12 @@ def test_conflicting_file_types_are_refused(tmp_path) -> None:
 def test_unknown_names_are_still_unknown(tmp_path) -> None:
     r = CliRunner().invoke(cli, ["run", "--no-progress", "--format", "Q4_K_X", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown format 'Q4_K_X'" in r.output
+
+
+def test_the_default_model_is_named_pycode_7m(tmp_path, monkeypatch) -> None:
+    """Folders and GGUF general.name say pycode-7m, not the embedded folder's name (default-model)."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["run", "--no-progress", "--no-eval", "--format", "Q8_0", "--exporter", "gguf"])
+    assert r.exit_code == 0, r.output
+    reader = gguf.GGUFReader(tmp_path / "qf-out" / "pycode-7m-rtn-Q8_0" / "model.gguf")
+    assert reader.fields["general.name"].contents() == "pycode-7m"

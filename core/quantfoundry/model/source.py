@@ -70,7 +70,7 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if not self.name:
-            self.name = self.path.resolve().name
+            self.name = model_name(self.path)
 
     # -- description ---------------------------------------------------------------------
     @property
@@ -280,11 +280,15 @@ def _local_folder(model: str | Path, revision: str | None) -> Path:
 
 
 def model_name(model: str | Path) -> str:
-    """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), else the
-    resolved folder's name."""
+    """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), ``pycode-7m``
+    for the embedded default model, else the resolved folder's name."""
+    from ..data import default_model_path
+
     path = Path(model).expanduser()
     if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         return str(model).split("/")[1]
+    if path.resolve() == default_model_path().resolve():
+        return "pycode-7m"
     return path.resolve().name
 
 
