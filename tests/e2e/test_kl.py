@@ -91,7 +91,8 @@ def test_kl_matches_a_float64_formula(tiny_pair) -> None:
     orig, damaged = tiny_pair
     want = float64_kl(orig, damaged, default_eval_text().read_text())
     ref = _reference(orig)
-    got = KLEvaluator(KLOptions(ctx=CTX, max_tokens=MAX_TOKENS, top_k=0)).evaluate(_target(damaged, ref))
+    got = KLEvaluator(KLOptions(ctx=CTX, max_tokens=MAX_TOKENS, top_k=0, path=default_eval_text())).evaluate(
+        _target(damaged, ref))
     assert want["kl_mean"] > 1e-3  # the damage is real, so the comparison means something
     assert got["tokens"] == want["tokens"]
     for key in ("kl_mean", "kl_median", "kl_p99", "kl_max", "ppl_original", "ppl_quantized"):
