@@ -153,8 +153,11 @@ def test_run_checks_the_artifact_in_llama_cpp_and_qf_eval_serves_it(engine_cls, 
 
 
 def test_without_llama_cpp_python_the_run_notes_it_and_qf_eval_says_how(tmp_path, monkeypatch) -> None:
+    """No llama-cpp-python: transformers' GGUF reader checks the file and serves qf eval, and the
+    notes say so; with no reader at all, qf eval says what to install."""
     import builtins
 
+    from qf_gguf import reader
     from quantfoundry.errors import EngineUnavailable
     from quantfoundry.pipeline.evaluate import evaluate_artifact
 
@@ -167,8 +170,15 @@ def test_without_llama_cpp_python_the_run_notes_it_and_qf_eval_says_how(tmp_path
 
     monkeypatch.setattr(builtins, "__import__", no_llama)
     r = qf.run(exporter="gguf", out=tmp_path / "q", progress=False, evaluators=[("perplexity", {"max_tokens": 1024})])
-    assert any("artifact not evaluated: llama-cpp-python is not installed: pip install 'qf-gguf[engine]'" in n
-               for n in r.notes), r.notes
-    assert (tmp_path / "q" / "model.gguf").exists()  # the artifact itself is fine
-    with pytest.raises(EngineUnavailable, match=r"qf-gguf\[engine\]"):
+    served = [n for n in r.notes if n.startswith("artifact checked: served by transformers GGUF reader")]
+    assert served and "llama-cpp-python is not installed: pip install 'qf-gguf[engine]'" in served[0], r.notes
+    assert "artifact" in r.metrics["perplexity"]["perplexity"]
+    assert evaluate_artifact(tmp_path / "q", evaluators=[("perplexity", {"max_tokens": 1024})]).metrics
+
+    class NoReader(reader.TransformersGGUFEngine):
+        def __init__(self, path, device="cpu", *, instead_of=""):
+            raise EngineUnavailable(f"{instead_of}; transformers cannot read model.gguf either (test)")
+
+    monkeypatch.setattr("qf_gguf.exporter.TransformersGGUFEngine", NoReader)
+    with pytest.raises(EngineUnavailable, match=r"qf-gguf\[engine\].*transformers cannot read"):
         evaluate_artifact(tmp_path / "q", evaluators=[("perplexity", {})])
