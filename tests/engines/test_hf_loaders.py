@@ -109,11 +109,13 @@ def test_printed_command_runs(case, artifacts, gptqmodel_python) -> None:
 
 @pytest.mark.parametrize("case", ["gptq-default", "awq-default"])
 def test_deploy_page_commands_run(case, artifacts, gptqmodel_python) -> None:
-    """Every ``python -c`` line of docs/deploy.md's section for the exporter, as written."""
+    """Every ``python -c`` line of docs/deploy.md's section for the exporter, as written — those of
+    the engines this venv has (transformers, GPTQModel); vLLM's is marked untested there."""
     section = CASES[case][0]
     text = (ROOT / "docs" / "deploy.md").read_text().split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]
-    commands = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("python -c ")]
-    assert commands
+    commands = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("python -c ")
+                and "vllm" not in ln]
+    assert len(commands) == (2 if section == "hf-gptq" else 1), commands
     for command in commands:
         argv = shlex.split(command.replace("OUT", str(artifacts[case])))
         r = subprocess.run([gptqmodel_python, *argv[1:]], capture_output=True, text=True,

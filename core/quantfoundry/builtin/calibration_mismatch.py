@@ -14,10 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import default_eval_text
 from ..evaluation.windows import TextOptions
 from ..hookspecs import hookimpl
 from ..roles.evaluator import EvalTarget, Evaluator, Metric
-from ..data import default_eval_text
 from .kl import compare_on_text
 
 

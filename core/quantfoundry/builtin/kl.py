@@ -17,7 +17,9 @@ disk by :class:`~quantfoundry.evaluation.reference.Reference`:
   lower bound of the exact KL; the gap is at most the tail's own KL and is reported
   through ``tail_mass_mean`` (the mean probability outside the top K).
 
-All softmax and KL arithmetic runs in float64 on row chunks.
+All softmax and KL arithmetic runs in float64 on row chunks of at most 16 MiB per
+``[rows, vocab]`` temporary, into per-position tensors allocated once: besides the models,
+memory is the reference's size, one batch of logits and a few chunks, whatever the vocabulary.
 """
 
 from __future__ import annotations
@@ -28,12 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
-from ..evaluation.windows import TextOptions, Windows, make_windows, scored_logits
+from ..evaluation.windows import TextOptions, Windows, make_windows, row_chunks, scored_logits
 from ..hookspecs import hookimpl
 from ..roles.evaluator import EvalTarget, Evaluator, Metric
 from .perplexity import text_metrics
-
-_ROWS = 512  # rows per float64 chunk
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,21 +60,31 @@ def reference_logprobs(original: EvalTarget, wins: Windows, batch_size: int, top
 
     Logits are kept as the model's float32 values (lossless) with a float64 log-sum-exp, so
     the log-probabilities rebuilt from the cache are bit-identical to a fresh computation.
+    Each result is one CPU tensor of ``wins.scored`` rows, allocated at the first chunk and
+    filled in place (per-chunk pieces kept until a final ``torch.cat`` would double the peak and
+    pin glibc's heap between the float64 temporaries, which then never return to the system).
     """
-    parts: dict[str, list[torch.Tensor]] = {}
+    n = wins.scored
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
     for logits, tgt in scored_logits(original, wins, batch_size):
-        for rows, t in zip(logits.split(_ROWS), tgt.split(_ROWS)):
+        for rows, t in row_chunks(logits, tgt, 8):
             logp, lse = _logprobs(rows)
-            out = {"nll": -logp.gather(1, t[:, None])[:, 0], "lse": lse}
+            part = {"nll": -logp.gather(1, t[:, None])[:, 0], "lse": lse}
             if top_k and top_k < logp.shape[1]:
                 idx = rows.topk(top_k, dim=-1).indices
-                out["topk_logit"], out["topk_idx"] = rows.gather(1, idx), idx.int()
-                out["tail_logp"] = logp.scatter(1, idx, -math.inf).logsumexp(-1)
+                part["topk_logit"], part["topk_idx"] = rows.gather(1, idx), idx.int()
+                part["tail_logp"] = logp.scatter(1, idx, -math.inf).logsumexp(-1)
             else:
-                out["logits"] = rows
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v.cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+                part["logits"] = rows
+            if not out:
+                out = {k: torch.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+            for k, v in part.items():
+                out[k][pos: pos + v.shape[0]] = v
+            pos += rows.shape[0]
+    if pos != n:
+        raise RuntimeError(f"scored {pos} positions, the windows say {n}")
+    return out
 
 
 def _plogp_diff(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -94,7 +104,7 @@ def kl_against(target: EvalTarget, wins: Windows, ref: dict[str, torch.Tensor], 
     tail = torch.zeros(n, dtype=torch.float64)
     pos = 0
     for logits, tgt in scored_logits(target, wins, batch_size):
-        for rows, t in zip(logits.split(_ROWS), tgt.split(_ROWS)):
+        for rows, t in row_chunks(logits, tgt, 8):
             m = rows.shape[0]
             if pos + m > n:
                 raise UsageError("the cached reference has fewer positions than the text; "

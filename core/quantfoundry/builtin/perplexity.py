@@ -1,9 +1,9 @@
 """Built-in evaluator ``perplexity``, under the core or the llama.cpp protocol.
 
 Both protocols are defined in :mod:`quantfoundry.evaluation.windows` and ``docs/perplexity.md``.
-Logits are reduced in float32 (NLL summed in float64); perplexity = exp(total NLL / scored
-tokens). With pycode-7m (context 1024) the core protocol over 50,000 tokens scores 48 windows
-of 1024 and one of 848: 49,951 tokens.
+Logits are reduced in float32 on row chunks of at most 16 MiB (NLL summed in float64);
+perplexity = exp(total NLL / scored tokens). With pycode-7m (context 1024) the core protocol over
+50,000 tokens scores 48 windows of 1024 and one of 848: 49,951 tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.windows import TextOptions, Windows, make_windows, scored_logits
+from ..evaluation.windows import TextOptions, Windows, make_windows, row_chunks, scored_logits
 from ..hookspecs import hookimpl
 from ..roles.evaluator import EvalTarget, Evaluator, Metric
 
@@ -29,7 +29,8 @@ def total_nll(target: EvalTarget, wins: Windows, batch_size: int) -> tuple[float
     """Sum of negative log-likelihoods over the scored positions, and their count."""
     total, count = 0.0, 0
     for logits, tgt in scored_logits(target, wins, batch_size):
-        total += float(F.cross_entropy(logits, tgt, reduction="sum").double())
+        for rows, t in row_chunks(logits, tgt, 4):
+            total += float(F.cross_entropy(rows, t, reduction="sum").double())
         count += tgt.numel()
     return total, count
 

@@ -28,6 +28,9 @@ from ..roles.evaluator import EvalTarget
 
 Protocol = Literal["core", "llama.cpp"]
 
+#: bytes of one ``[rows, vocab]`` temporary when scored logits are reduced in row chunks
+CHUNK_BYTES = 16 << 20
+
 
 @dataclass(frozen=True, kw_only=True)
 class TextOptions(Options):
@@ -165,8 +168,12 @@ def default_text_warning(evaluators: list[Any], source: Any) -> str | None:
 
 
 def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch: float32 logits of the scored positions ``[n, vocab]`` and the tokens they predict.
+    """Per window: float32 logits of its scored positions ``[n, vocab]`` and the tokens they predict.
 
+    Windows run through the model ``batch_size`` at a time. A window's logits are a view of the
+    batch's, except the last window's, a copy: the batch's logits are then freed before the next
+    forward even while the caller still holds that window (one batch of logits and one window's
+    copy are alive at a time, where ``logits[:, s:-1]`` of the whole batch was a second batch).
     Shows a progress bar when ``target.info["progress"]`` is true (``qf run`` on a terminal).
     """
     from ..pipeline.progress import Progress
@@ -179,5 +186,15 @@ def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterato
         for x in batches:
             logits = target.logits(x)
             tgt = x[:, s + 1:].to(logits.device)
-            yield logits[:, s:-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1)
+            last = x.shape[0] - 1
+            for i in range(last + 1):
+                yield (logits[i, s:-1].clone() if i == last else logits[i, s:-1]), tgt[i]
+            del logits, tgt
             bar.advance()
+
+
+def row_chunks(logits: torch.Tensor, tgt: torch.Tensor, itemsize: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Row chunks of one window's logits and targets, sized so that a ``[rows, vocab]``
+    temporary of ``itemsize``-byte values takes at most :data:`CHUNK_BYTES`."""
+    rows = max(1, CHUNK_BYTES // (itemsize * logits.shape[-1]))
+    return zip(logits.split(rows), tgt.split(rows), strict=True)
