@@ -119,7 +119,7 @@ targeted Linear, checked before calibrating (exit status 2 naming the layers).
 Example::
 
     /work/venvs/llmc/bin/python benchmarks/peers/llmc_awq.py \\
-        --model /work/main/core/quantfoundry/data/default-model \\
+        --model /work/main/core/quantfoundry/data/pycode-7m \\
         --calib-ids calib.pt --bits 4 --group-size 128 --asym \\
         --device cpu --out /tmp/llmc/awq_w4g128.safetensors
 """

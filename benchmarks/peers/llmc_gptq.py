@@ -97,7 +97,7 @@ layers. Use a group size that divides them (g64 for SmolLM2) or 0 (per channel).
 Example::
 
     /work/venvs/llmc/bin/python benchmarks/peers/llmc_gptq.py \
-        --model /work/main/core/quantfoundry/data/default-model \
+        --model /work/main/core/quantfoundry/data/pycode-7m \
         --calib-ids calib.pt --bits 4 --group-size 128 --sym \
         --device cpu --out /tmp/llmc/w4g128.safetensors
 """

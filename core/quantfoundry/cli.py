@@ -546,7 +546,7 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
 
 @cli.command("new-plugin")
 @click.argument("name")
-@click.option("--role", required=True, type=click.Choice(["quantizer", "format", "evaluator", "calibrator", "kernel"]),
+@click.option("--role", required=True, type=click.Choice(["quantizer", "format", "exporter", "evaluator", "calibrator", "kernel"]),
               help="What the plugin registers.")
 @click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder to create the package in.")
@@ -555,7 +555,8 @@ def new_plugin(name: str, role: str, parent: Path) -> None:
     from .scaffold import scaffold
 
     folder = scaffold(name, role, parent)
-    click.echo(f"wrote {folder}: a {role} {name.removeprefix('qf-')!r}; next:\n"
+    article = "an" if role[0] in "aeiou" else "a"
+    click.echo(f"wrote {folder}: {article} {role} {name.removeprefix('qf-')!r}; next:\n"
                f"  pip install -e \"{folder}[testing]\" && python -m pytest {folder}")
 
 

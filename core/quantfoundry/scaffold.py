@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-ROLES = ("quantizer", "format", "evaluator", "calibrator", "kernel")
+ROLES = ("quantizer", "format", "exporter", "evaluator", "calibrator", "kernel")
 
 PYPROJECT = '''\
 [build-system]
@@ -195,6 +195,106 @@ class {cls}(qf.Format):
 def qf_register_formats(register):
     register({cls})
 ''',
+    "exporter": '''\
+\"\"\"{dist}: the exporter ``{name}``.
+
+A starting point made by ``qf new-plugin``: a plain Hugging Face checkpoint (no
+``quantization_config``) in which every quantized weight is stored dequantized, in ``dtype``
+(float32 by default: exactly the values the quantized model computes with) — the "fake-quant"
+model that any engine loads, for trying a format where no kernel reads its codes. Replace
+``write``/``finish`` with your layout (packed codes, grid parameters, the config your engine
+reads) and keep the contract (docs/lifecycle.md): ``begin`` once into an empty temporary
+folder, ``write`` for every tensor, ``finish`` once; ``verify`` reopens what was written
+before the folder is renamed into place.
+\"\"\"
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import quantfoundry as qf
+import torch
+from quantfoundry import hookimpl
+from quantfoundry.errors import ArtifactError
+from quantfoundry.toolkit import (
+    CheckpointOptions,
+    ShardedSafetensorsWriter,
+    artifact_skeleton,
+    copy_tokenizer_files,
+    load_float_parameters,
+    read_manifest,
+    stored_shapes,
+    transformers_command,
+)
+
+DTYPES = {{"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class {cls}Options(CheckpointOptions):
+    dtype: str = field(default="float32", metadata={{
+        "help": "dtype of the dequantized weights: float32 (exact), bfloat16 or float16 (half the size, rounded)"}})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {{', '.join(DTYPES)}}, got {{self.dtype}}")
+
+
+class {cls}(qf.Exporter):
+    name = "{name}"
+    description = "a plain checkpoint with the quantized weights stored dequantized (a qf new-plugin starting point)"
+    Options = {cls}Options
+    default_format = "int4-g128"
+    can_load = True
+
+    options: {cls}Options
+
+    def begin(self, folder: Path, source: qf.ModelSource, plan: qf.QuantPlan) -> None:
+        self.folder, self.source = folder, source
+        self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
+        self.dequantized: list[str] = []
+
+    def write(self, name: str, tensor: torch.Tensor | qf.QuantizedWeight) -> None:
+        if isinstance(tensor, qf.QuantizedWeight):
+            self.dequantized.append(name)
+            tensor = tensor.dequantize(DTYPES[self.options.dtype])
+        self.writer.add(name, tensor)
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        files = self.writer.finish()
+        config = json.loads((self.source.path / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\\n")
+        copy_tokenizer_files(self.source.path, self.folder)
+        return {{"files": files, "dequantized": self.dequantized}}
+
+    def verify(self, folder: Path) -> None:
+        manifest = read_manifest(folder)
+        shapes = stored_shapes(folder, manifest["files"])
+        missing = [n for n in manifest["dequantized"] if n not in shapes]
+        if missing:
+            raise ArtifactError(f"{{missing[0]}} is missing from the written files of {{folder}}")
+
+    def load(self, folder: Path, device: torch.device, kernel: str | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        model, source = artifact_skeleton(folder, dtype)
+        return load_float_parameters(model, source, device, dtype)
+
+    def dequantized_dtype(self, name: str) -> torch.dtype | None:
+        return DTYPES[self.options.dtype]  # every quantized weight is stored dequantized (size accounting)
+
+    def run_command(self, folder: Path) -> str | None:
+        return transformers_command(folder)
+
+
+@hookimpl
+def qf_register_exporters(register):
+    register({cls})
+''',
     "evaluator": '''\
 """{dist}: the evaluator ``{name}``.
 
@@ -322,6 +422,31 @@ def qf_register_kernels(register):
 }
 
 TESTS = {
+    "exporter": '''\
+import quantfoundry as qf
+import torch
+from quantfoundry.testing.conformance import ExporterConformance
+from transformers import AutoModelForCausalLM
+
+
+class Test{cls}Conformance(ExporterConformance):
+    exporter = "{name}"
+
+
+def test_plain_transformers_reads_the_rounded_weights(tiny_model, tmp_path) -> None:
+    folder = tiny_model("llama")
+    out = tmp_path / "artifact"
+    result = qf.run(str(folder), exporter="{name}", format="int4-g32", out=out, progress=False, evaluators=["size"])
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rounded = qf.resolve_format("int4-g32").quantize(original.get_parameter(name).detach())
+    assert torch.equal(loaded.get_parameter(name), rounded.dequantize(torch.float32))
+    assert torch.equal(loaded.get_parameter("model.norm.weight"), original.get_parameter("model.norm.weight"))
+    # the size report counts what the file stores: float32 weights, 32 bits each
+    weights = sum(original.get_submodule(n).weight.numel() for n in result.plan.quantized())
+    assert result.metrics["size"]["linear_bytes"]["artifact"] == 4 * weights
+''',
     "quantizer": '''\
 import quantfoundry as qf
 import torch

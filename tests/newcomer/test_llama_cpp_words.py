@@ -46,7 +46,7 @@ def test_unknown_names_are_still_unknown(tmp_path) -> None:
 
 
 def test_the_default_model_is_named_pycode_7m(tmp_path, monkeypatch) -> None:
-    """Folders and GGUF general.name say pycode-7m, not the embedded folder's name (default-model)."""
+    """Folders and GGUF general.name say pycode-7m, the embedded model's name."""
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(cli, ["run", "--no-progress", "--no-eval", "--format", "Q8_0", "--exporter", "gguf"])
     assert r.exit_code == 0, r.output

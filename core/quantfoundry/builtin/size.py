@@ -3,13 +3,14 @@
 Every figure counts the same tensors in every column, each as the artifact stores it:
 
 * ``linear_bytes`` / ``linear_bpw``: the weights of the linears the plan quantizes (codes,
-  grid parameters, permutations), or of the same linears in the checkpoint's float dtype for
+  grid parameters, permutations, or the dequantized weight where the artifact stores that), or of the same linears in the checkpoint's float dtype for
   the original;
 * ``model_bytes`` / ``model_bpw``: every parameter of the model, a tied embedding/output weight
   counted once; a tensor the plan quantizes at its format's bytes (also one that runs
   dequantized in memory, such as a GGUF file's K-quant token embedding), every other tensor in
   the dtype the artifact stores it in (``Exporter.stored_float_dtype``: GGUF's norms are F32),
-  the checkpoint's for the original;
+  the checkpoint's for the original; a quantized weight that the artifact stores dequantized
+  (``Exporter.dequantized_dtype``, a fake-quant checkpoint) at that dtype's bytes;
 * ``artifact_bytes``: for a written artifact, the bytes of its files on disk (what ships,
   metadata and tokenizer included; the ``quantfoundry.json`` manifest, which evaluation itself
   rewrites, not counted).
@@ -60,7 +61,8 @@ class SizeEvaluator(Evaluator):
             if isinstance(mod, QuantLinear):
                 qw = mod.qweight
                 n = qw.shape[0] * qw.shape[1]
-                b = qw.nbytes()
+                dequantized = float_dtypes.get(f"{name}.weight")  # stored dequantized (a fake-quant artifact)
+                b = n * dequantized.itemsize if dequantized is not None else qw.nbytes()
                 model_bytes += b
                 model_weights += n
                 if name in linears:

@@ -12,7 +12,7 @@ def _path(name: str) -> Path:
 
 def default_model_path() -> Path:
     """The embedded default model (pycode-7m)."""
-    return _path("default-model")
+    return _path("pycode-7m")
 
 
 def default_eval_text() -> Path:

@@ -280,15 +280,11 @@ def _local_folder(model: str | Path, revision: str | None) -> Path:
 
 
 def model_name(model: str | Path) -> str:
-    """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), ``pycode-7m``
-    for the embedded default model, else the resolved folder's name."""
-    from ..data import default_model_path
-
+    """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), else the
+    resolved folder's name (the embedded default model's folder is ``pycode-7m``)."""
     path = Path(model).expanduser()
     if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         return str(model).split("/")[1]
-    if path.resolve() == default_model_path().resolve():
-        return "pycode-7m"
     return path.resolve().name
 
 

@@ -14,7 +14,7 @@ bound (:attr:`Evaluator.agreement`): that means the export lost something.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,15 +208,27 @@ def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel
     return None, engine, f"served by {engine.name} {engine.version or ''}".strip()
 
 
-def stored_formats(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Name → Format of every tensor the artifact's manifest plans to store quantized."""
+def stored_formats(manifest: dict[str, Any], exporter: Exporter) -> dict[str, Any]:
+    """Name → Format of every tensor the artifact's manifest plans to store quantized (and the
+    exporter does not store dequantized)."""
     from ..formats import resolve_format
 
     out = {}
     for name, entry in (manifest.get("plan") or {}).items():
         spec = entry.get("format") if isinstance(entry, dict) else None
-        if spec:
+        if spec and exporter.dequantized_dtype(f"{name}.weight") is None:
             out[name] = resolve_format(spec)
+    return out
+
+
+def dequantized_dtypes(names: Iterable[str], exporter: Exporter) -> dict[str, torch.dtype]:
+    """``name.weight`` → dtype of the quantized linears ``names`` that the exporter stores
+    dequantized (:meth:`Exporter.dequantized_dtype`)."""
+    out = {}
+    for name in names:
+        dtype = exporter.dequantized_dtype(f"{name}.weight")
+        if dtype is not None:
+            out[f"{name}.weight"] = dtype
     return out
 
 
@@ -253,7 +265,8 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     plan = quantized_linears(model) if model is not None else QuantPlan()
     tokenizer = source.tokenizer()
     info = {"quantized_linears": list(plan.quantized()), "artifact_path": str(folder),
-            "stored_formats": stored_formats(manifest),
+            "stored_formats": stored_formats(manifest, exp),
+            "stored_float_dtypes": dequantized_dtypes(manifest.get("plan") or {}, exp),
             "calibration": manifest.get("calibration"), "progress": progress}
     reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
     target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,

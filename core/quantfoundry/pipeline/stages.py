@@ -35,7 +35,7 @@ from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, swap_in
 from . import artifact
 from .components import device_of, dtype_of, exporter_and_format, make
-from .evaluate import Evaluation, make_reference, open_artifact
+from .evaluate import Evaluation, dequantized_dtypes, make_reference, open_artifact
 from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
 from .manifest import build_manifest
@@ -427,8 +427,10 @@ def evaluate(state: RunState) -> None:
     evaluation = Evaluation.of(state.evaluators)
     linears = source.linear_shapes()
     info = {"quantized_linears": [n for n in state.plan.quantized() if n in linears],
-            "stored_formats": {n: e.format for n, e in state.plan.quantized().items()},
-            "stored_float_dtypes": _stored_float_dtypes(source, state.plan, state.exporter),
+            "stored_formats": {n: e.format for n, e in state.plan.quantized().items()
+                               if state.exporter.dequantized_dtype(f"{n}.weight") is None},
+            "stored_float_dtypes": {**_stored_float_dtypes(source, state.plan, state.exporter),
+                                    **dequantized_dtypes(state.plan.quantized(), state.exporter)},
             "calibration": state.manifest.get("calibration"), "progress": r.progress}
     reference = make_reference(source, state.tokenizer, dev, cache=r.cache, info=info)
     _float_params_to_float32(state.model)  # evaluation runs in float32 whatever the block dtype was

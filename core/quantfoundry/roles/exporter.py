@@ -119,6 +119,12 @@ class Exporter(Component, ABC):
         checkpoint) in, for size accounting; called after :meth:`plan`. Default: unchanged."""
         return dtype
 
+    def dequantized_dtype(self, name: str) -> torch.dtype | None:
+        """The float dtype the artifact stores quantized weight ``name`` (``...q_proj.weight``)
+        in when it stores it dequantized (a "fake-quant" checkpoint), for size accounting;
+        None (default): it stores the weight in its format (codes and grid parameters)."""
+        return None
+
     def run_command(self, folder: Path) -> str | None:
         """One shell command that runs the artifact at ``folder`` in the engine it is made for
         (``qf run`` prints it last; ``docs/deploy.md`` lists every engine). None: there is none."""
