@@ -544,6 +544,63 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
         console.print(f"wrote {result.table}, {result.plot}, {result.data}")
 
 
+@cli.command()
+@click.option("--model", default=None, help="Model folder or hub id whose tokenizer (and chat template) is used "
+              "(default: the embedded pycode-7m).")
+@click.option("--calibrator", default=None, help="Calibration source (default: text).")
+@click.option("--calibrator-opt", multiple=True, metavar="KEY=VALUE", help="Calibrator option (repeatable).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="TOML recipe: its model and [calibrator] table; flags override it.")
+@click.option("--show", type=int, default=1, show_default=True, help="Samples to print as the model reads them.")
+@click.option("--max-chars", type=int, default=2000, show_default=True, help="Characters shown per sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (no samples).")
+@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model's own Python code.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+def calib(model: str | None, calibrator: str | None, calibrator_opt: tuple[str, ...], recipe: Path | None,
+          show: int, max_chars: int, as_json: bool, trust_remote_code: bool, revision: str | None) -> None:
+    """Preview the calibration a run would use: counts, lengths, hashes and the first samples."""
+    import json
+
+    from .pipeline.preview import preview_calibration
+
+    args: dict[str, Any] = {}
+    if recipe is not None:
+        from .recipe import load_recipe
+
+        args = load_recipe(recipe)
+    options = {**args.get("calibrator_options", {}), **parse_key_values(calibrator_opt, flag="--calibrator-opt")}
+    p = preview_calibration(model or args.get("model"), calibrator or args.get("calibrator"), options,
+                            trust_remote_code=trust_remote_code, revision=revision)
+    if as_json:
+        click.echo(json.dumps(p.to_json(), indent=2, default=str))
+        return
+    c = p.calibration
+    d = c.describe()
+    info = c.info
+    click.echo(f"calibrator: {p.calibrator} ({p.plugin}), tokenizer of {p.model}")
+    click.echo(f"source: {c.source}")
+    packing = {True: "packed windows", False: "one document per sequence"}.get(info.get("packing"), "")
+    click.echo(f"samples: {d['samples']:,}  tokens: {d['tokens']:,}  length min/mean/max: {d['min_length']:,} / "
+               f"{d['mean_length']:,} / {d['max_length']:,}" + (f"  ({packing})" if packing else ""))
+    click.echo(f"sha256 of the source: {c.sha256 or '-'}\nsha256 of the token ids: {d['ids_sha256']}")
+    for part in info.get("parts", []):
+        click.echo(f"  part {part['name']} (weight {part['weight']:g}): {part['samples']:,} samples, "
+                   f"{part['tokens']:,} tokens ({100 * part['token_share']:.1f}% of the tokens) from {part['source']}")
+    hist = p.histogram()
+    top = max(n for _, _, n in hist)
+    click.echo("lengths (tokens):")
+    for lo, hi, n in hist:
+        label = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        click.echo(f"  {label:>11}  {'#' * max(1 if n else 0, round(40 * n / top)):<40}  {n:,}")
+    for w in info.get("warnings", []):
+        click.echo(f"warning: {w}")
+    lengths = c.sample_lengths().tolist()
+    for i in range(min(show, c.n_samples)):
+        text = p.sample_text(i)
+        more = f"\n… ({len(text) - max_chars:,} more characters)" if len(text) > max_chars else ""
+        click.echo(f"\n--- sample {i + 1} of {c.n_samples} ({lengths[i]:,} tokens) ---\n{text[:max_chars]}{more}")
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--role", required=True, type=click.Choice(["quantizer", "format", "exporter", "evaluator", "calibrator", "kernel"]),

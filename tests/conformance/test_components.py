@@ -15,8 +15,11 @@ from quantfoundry.plugins import get_plugin_manager
 from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
-REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-example-plugin"}
+REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+ROOT = Path(__file__).resolve().parents[2]
+CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
+CHATML = str(ROOT / "plugins" / "qf-calibration" / "tests" / "data" / "chatml.jinja")
 
 #: what the kit cannot guess: options an evaluator requires, and for GGUF the architectures
 #: whose tiny test models llama.cpp tokenizes as transformers does — the tiny models carry
@@ -26,6 +29,10 @@ EXTRA: dict[str, dict[str, Any]] = {
     "calibration-mismatch": {"options": {"out_domain": str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"),
                                          "max_tokens": "2048"}},
     "gguf": {"architectures": ("llama", "mistral", "qwen3")},
+    # the kit calibrates with pycode-7m's tokenizer, which has no chat template
+    "chat": {"options": {"path": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
+    "hf-dataset": {"options": {"dataset": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
+    "mix": {"options": {"parts": "text:1,text:2", "n_samples": "3", "seq_len": "40"}},
 }
 
 
@@ -58,7 +65,8 @@ def _classes() -> dict[str, type]:
         out[f"TestKernel_{_ident(e.name)}"] = type("K", (kit.KernelConformance,),
                                                     {"kernel": e.name, "specs": tuple(_specs())})
     for e in _entries("calibrator"):
-        out[f"TestCalibrator_{_ident(e.name)}"] = type("C", (kit.CalibratorConformance,), {"calibrator": e.name})
+        out[f"TestCalibrator_{_ident(e.name)}"] = type("C", (kit.CalibratorConformance,),
+                                                            {"calibrator": e.name, **EXTRA.get(e.name, {})})
     for e in _entries("evaluator"):
         out[f"TestEvaluator_{_ident(e.name)}"] = type("V", (kit.EvaluatorConformance,),
                                                        {"evaluator": e.name, **EXTRA.get(e.name, {})})
@@ -76,6 +84,7 @@ def test_every_role_of_the_repository_is_covered() -> None:
     for expected in ("TestFormat_int4_g128", "TestFormat_Q4_K", "TestQuantizer_gptq", "TestQuantizer_awq",
                      "TestTransform_awq_scale", "TestQuantizer_mse_rtn", "TestExporter_gguf", "TestExporter_hf_gptq",
                      "TestExporter_hf_awq", "TestExporter_qf", "TestKernel_torch_dequant", "TestCalibrator_text",
+                     "TestCalibrator_chat", "TestCalibrator_hf_dataset", "TestCalibrator_mix",
                      "TestEvaluator_kl"):
         assert expected in names, expected
 

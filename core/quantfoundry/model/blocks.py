@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import QFError
 from ..roles.block import Block, BlockInputs
+from ..roles.calibrator import CalibrationSet
 from ..roles.format import Format
 from ..roles.plan import QuantPlan
 from .capture import capture_inputs
@@ -36,9 +37,10 @@ class BlockStream:
 
     :param model: the model skeleton to fill (default: a new one in ``dtype``); the pipeline
         passes its own so that kept blocks stay in the model it evaluates.
-    :param calibration: token ids ``[samples, tokens]``: the embeddings are materialized, the
-        first block's inputs captured, and every block gets :attr:`Block.inputs`; ``None``:
-        blocks come without inputs.
+    :param calibration: token ids ``[samples, tokens]``, or a :class:`CalibrationSet` (samples
+        of different lengths run in batches of one length each): the embeddings are
+        materialized, the first block's inputs captured, and every block gets
+        :attr:`Block.inputs`; ``None``: blocks come without inputs.
     :param batch_size: calibration samples per forward batch.
     :param plan: gives each block's :attr:`Block.formats` (default: none).
     :param keep: leave finished blocks materialized (for in-memory evaluation); otherwise a
@@ -51,7 +53,7 @@ class BlockStream:
     """
 
     def __init__(self, source: ModelSource, *, model: nn.Module | None = None,
-                 calibration: torch.Tensor | None = None, batch_size: int = 8,
+                 calibration: torch.Tensor | CalibrationSet | None = None, batch_size: int = 8,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  plan: QuantPlan | None = None, keep: bool = False):
         self.source = source
@@ -67,7 +69,9 @@ class BlockStream:
         if calibration is not None:
             if _on_meta(self.model, arch.embeddings):
                 materialize_outside_blocks(self.model, source, dtype=dtype, device=self.device)
-            batches = list(calibration.to(self.device).split(batch_size))
+            batches = [b.to(self.device) for b in (calibration.batches(batch_size)
+                                                   if isinstance(calibration, CalibrationSet)
+                                                   else calibration.split(batch_size))]
             first, self._kwargs = capture_inputs(self.model, self.layers, self.model.get_submodule(arch.final_norm),
                                                  batches)
             self._hidden = first.hidden

@@ -279,6 +279,24 @@ def _local_folder(model: str | Path, revision: str | None) -> Path:
             "check the id and your network, or pass a local folder") from None
 
 
+def load_tokenizer(model: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """A model's tokenizer alone (a local folder, or only the tokenizer files of a hub id): no
+    weight is read or downloaded."""
+    from transformers import AutoTokenizer
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        text = str(model)
+        if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+            raise ModelLoadError(f"model folder {model} does not exist; pass a local folder or a hub id (org/name)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(model), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the tokenizer of {model}: {first}") from None
+
+
 def model_name(model: str | Path) -> str:
     """A model's short name: a hub id's repository name (``org/Name`` → ``Name``), else the
     resolved folder's name (the embedded default model's folder is ``pycode-7m``)."""

@@ -62,8 +62,8 @@ def build_manifest(*, source: ModelSource, stages: list[Quantizer | Transform], 
         "exporter": {"name": exporter.name, "options": options_to_dict(exporter.options)},
         "calibration": None if calibration is None else {
             "source": calibration.source, "sha256": calibration.sha256,
-            "shape": list(calibration.input_ids.shape), **{k: v for k, v in calibration.info.items()
-                                                           if k != "warnings"}},
+            "shape": list(calibration.input_ids.shape), **calibration.describe(),
+            **{k: v for k, v in calibration.info.items() if k not in ("warnings", "preview")}},
         "plan": plan.to_json(),
         "notes": list(notes),
         "evaluation": evaluation,

@@ -4,7 +4,6 @@ the same inputs, refusing one with other inputs, and replacing journals no live 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ def journal_inputs(state: RunState) -> dict[str, Any]:
         "format": state.requested.to_json() if state.requested is not None else None,
         "exporter": [state.exporter.name, options_to_dict(state.exporter.options)],
         "files": _option_files([*state.transforms, state.quantizer, state.exporter]),
-        "calibration": None if cal is None else [cal.sha256, _tensor_sha(cal.input_ids)],
+        "calibration": None if cal is None else [cal.sha256, cal.ids_sha256],
         "plan": state.plan.to_json() if state.plan is not None else None,
         "run": {"dtype": r.dtype, "device": state.device.type, "batch_size": r.batch_size, "imatrix": r.imatrix},
         "versions": {"torch": torch.__version__, "plugins": plugin_versions()},
@@ -42,10 +41,6 @@ def journal_inputs(state: RunState) -> dict[str, Any]:
 
 def _sha_config(source: ModelSource) -> str:
     return sha256_file(Path(source.path) / "config.json")
-
-
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _option_files(components: list[Any]) -> dict[str, str]:

@@ -313,7 +313,7 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
     source, ctx = loaded(state)
     r = state.request
     calibrate = state.calibration is not None and state.needs_calibration
-    stream = BlockStream(source, model=state.model, calibration=state.calibration.input_ids if calibrate else None,
+    stream = BlockStream(source, model=state.model, calibration=state.calibration if calibrate else None,
                          batch_size=r.batch_size, device=state.device, dtype=state.dtype, plan=state.plan,
                          keep=state.keep)
     with Progress(enabled=r.progress, total=len(stream), label="quantizing") as bar, \
@@ -357,7 +357,13 @@ def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str,
     source, ctx = loaded(state)
     model, plan, quantizer = state.model, state.plan, state.quantizer
     materialize(model, model, "", source, dtype=state.dtype, device=state.device)
-    calibration = state.calibration.input_ids if state.calibration is not None else None
+    calibration = None
+    if state.calibration is not None:
+        if not state.calibration.uniform:
+            raise UsageError(f"quantizer {quantizer.name!r} trains on windows of one length, but the calibrator "
+                             f"{state.calibrator.name if state.calibrator else ''!r} gave samples of several lengths; "
+                             "pass --calibrator-opt packing=true")
+        calibration = state.calibration.input_ids
     out = quantizer.quantize_model(model, plan, calibration, ctx) or {}
     want = plan.quantized()
     missing = sorted(n for n in set(want) - set(out) if source.block_index(n) is not None)
@@ -403,10 +409,10 @@ def _export(state: RunState, journal: Journal, outside: dict[str, QuantizedWeigh
                 if not name.startswith(prefix):
                     exp.write(name, outside[name].to("cpu") if name in outside else source.read([name])[name])
         if state.request.imatrix and ctx.importance and state.calibration is not None:
-            ids = state.calibration.input_ids
+            cal = state.calibration
             exp.collected_importance(dict(ctx.importance), {
-                "source": state.calibration.source, "tokens": int(ids.numel()), "samples": int(ids.shape[0]),
-                "seq_len": int(ids.shape[1])})
+                "source": cal.source, "tokens": cal.n_tokens, "samples": cal.n_samples,
+                "seq_len": int(cal.input_ids.shape[1])})
         state.manifest.update(exp.finish(state.manifest) or {})
         write_json_atomic(tmp / "quantfoundry.json", state.manifest)
         exp.verify(tmp)

@@ -36,8 +36,9 @@ What each class checks:
   built-in architecture: the artifact's logits agree with the in-memory model's.
 * :class:`KernelConformance` — outputs equal the reference kernel ``torch-dequant``'s for every
   format it serves, with and without bias, for 2-D and 3-D inputs.
-* :class:`CalibratorConformance` — token windows of the asked shape, ids in the vocabulary, a
-  source description and hash.
+* :class:`CalibratorConformance` — samples of the asked count and length at most, ids in the
+  vocabulary, a source description and hash, batches without padding, and the same ids again
+  from the same options (seed).
 * :class:`EvaluatorConformance` — named metrics of numbers or strings on a quantized tiny model.
 """
 
@@ -308,23 +309,29 @@ class CalibratorConformance:
     calibrator: ClassVar[str]
     options: ClassVar[dict[str, Any]] = {"n_samples": "3", "seq_len": "40"}
 
-    def test_windows_of_the_asked_shape_and_a_source(self) -> None:
+    def test_samples_of_the_asked_shape_reproducible_with_a_source(self) -> None:
         from ..data import default_model_path
         from ..model.source import resolve_model
 
         source = resolve_model(default_model_path(), check_weights=False)
         tok = source.tokenizer()
-        cal = make("calibrator", self.calibrator, self.options).load(tok)
+        calibrator = make("calibrator", self.calibrator, self.options)
+        cal = calibrator.load(tok)
         ids = cal.input_ids
-        assert ids.dtype == torch.long and ids.dim() == 2
-        shape = {f.name: getattr(make("calibrator", self.calibrator, self.options).options, f.name)
-                 for f in dataclasses.fields(make("calibrator", self.calibrator, self.options).options)}
-        if "n_samples" in shape:
-            assert ids.shape[0] == shape["n_samples"]
-        if "seq_len" in shape:
-            assert ids.shape[1] <= shape["seq_len"]
-        assert int(ids.min()) >= 0 and int(ids.max()) < len(tok)
+        assert ids.dtype == torch.long and ids.dim() == 2 and cal.n_samples >= 1
+        opts = {f.name: getattr(calibrator.options, f.name) for f in dataclasses.fields(calibrator.options)}
+        lengths = cal.sample_lengths()
+        if "n_samples" in opts:
+            assert cal.n_samples <= opts["n_samples"]
+        if "seq_len" in opts:
+            assert int(lengths.max()) <= opts["seq_len"]
+        assert int(lengths.min()) >= 1 and cal.n_tokens == int(lengths.sum())
+        assert all(int(s.min()) >= 0 and int(s.max()) < len(tok) for s in cal.samples())
         assert cal.source and cal.sha256
+        assert sum(b.numel() for b in cal.batches(3)) == cal.n_tokens  # batched without padding
+        again = make("calibrator", self.calibrator, self.options).load(tok)  # same options, same seed
+        assert torch.equal(again.input_ids, ids) and again.ids_sha256 == cal.ids_sha256, \
+            "the same options must give the same token ids"
 
 
 class EvaluatorConformance:

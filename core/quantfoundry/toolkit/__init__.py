@@ -17,6 +17,8 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 * **the model, block by block** (:mod:`quantfoundry.model`): :class:`BlockStream` materializes
   each decoder block with its calibration inputs, for quantizers' tests and planners'
   sensitivity passes;
+* **components** (:mod:`.components`): a registered component built by name with checked
+  options (:func:`make_component`), for plugins that compose others (``mix``);
 * the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
 """
 
@@ -42,6 +44,7 @@ from .checkpoint import (
     transformers_command,
     write_hf_config,
 )
+from .components import make_component
 from .fold import FoldPoint, Tie, apply_fold, fold_point
 from .kernels import select_kernel, swap_in
 from .ldlq import (
@@ -61,7 +64,8 @@ __all__ = [
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
-    "load_float_parameters", "load_full_model", "materialize", "one_group_plan", "pack_bits", "prepare_hessian", "python_command",
+    "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",
+    "prepare_hessian", "python_command",
     "quant_method_of", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
     "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
     "write_json_atomic",

@@ -1,0 +1,157 @@
+"""Issue 17: what calibrating on the wrong traffic costs. SmolLM2-135M-Instruct (a chat model),
+GPTQ and AWQ int4-g64, calibrated on (a) WikiText, (b) Python code, (c) chat conversations
+rendered with the model's chat template — each scored with ``kl`` against the original on three
+held-out texts (chat conversations rendered the same way, WikiText, Python code) and with
+``calibration-mismatch`` (in: the held-out text of the calibration's own domain; out: the chat
+text, or WikiText for the chat calibration).
+
+Data (no network; ``benchmarks/make_chat_samples.py`` cut the conversations from ../shared/data):
+
+* calibration — WikiText: the text of WikiText-2 test articles 12-39; Python: the core's
+  ``python_calib.txt`` (CPython modules 29-32); chat: ``benchmarks/data/chat/chat-calib.jsonl``
+  (modules 5-16 and articles 12-39 as conversations), one conversation per sequence;
+* evaluation — chat: ``chat-eval.jsonl`` (modules 17-28, articles 40-61) rendered with the
+  model's template and joined; WikiText: the core's ``english_eval.txt`` (articles 0-11);
+  Python: the core's ``python_eval.txt`` (modules 1-4).
+
+The three calibration sets hold about the same number of tokens: the chat set's conversations
+(``--chats`` of them, at most ``--seq-len`` tokens each) first, then as many ``--seq-len``
+windows of each text as give as many tokens.
+
+    python benchmarks/calibration_mismatch.py [--device cuda] [--chats 128]
+    python benchmarks/calibration_mismatch.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import quantfoundry as qf
+from _common import load_rows, save_rows
+from quantfoundry.data import default_calibration_text, default_eval_text, english_eval_text
+from rtn_sweep import SHARED, model_folder
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "calibration_mismatch.json"
+CHAT = HERE / "data" / "chat"
+CALIBRATIONS = ("wikitext", "python", "chat")
+TEXTS = ("chat", "wikitext", "python")
+METHODS = ("gptq", "awq")
+FORMAT = "int4-g64"  # SmolLM2's 576-wide linears take no g128
+
+
+def wiki_articles(first: int, last: int) -> str:
+    """WikiText-2 test articles ``first``..``last - 1`` (raw, as the file has them)."""
+    text = (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    starts = [m.start() for m in re.finditer(r"^ = [^=].* = $", text, flags=re.M)] + [len(text)]
+    return text[starts[first]: starts[last]]
+
+
+def chat_eval_text(tokenizer: Any) -> str:
+    """The held-out conversations rendered with the model's template, one after the other."""
+    lines = (CHAT / "chat-eval.jsonl").read_text(encoding="utf-8").splitlines()
+    return "".join(tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chats", type=int, default=128, help="chat conversations (sets the token budget)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=CALIBRATIONS)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    rows = load_rows(args.results)
+    if args.table_only:
+        print(table(rows))
+        return
+    folder = model_folder("smollm2-135m")
+    source = qf.resolve_model(folder, check_weights=False)
+    tok = source.tokenizer()
+    work = Path(tempfile.mkdtemp(prefix="qf-calib-bench-"))
+    (work / "wiki-calib.txt").write_text(wiki_articles(12, 40), encoding="utf-8")
+    (work / "chat-eval.txt").write_text(chat_eval_text(tok), encoding="utf-8")
+    eval_texts = {"chat": work / "chat-eval.txt", "wikitext": english_eval_text(), "python": default_eval_text()}
+
+    chat_options = {"path": str(CHAT / "chat-calib.jsonl"), "n_samples": args.chats, "seq_len": args.seq_len}
+    from quantfoundry.pipeline.preview import preview_calibration
+
+    budget = preview_calibration(folder, "chat", chat_options).calibration.n_tokens
+    windows = max(1, round(budget / args.seq_len))
+    calibrations: dict[str, tuple[str, dict[str, Any]]] = {
+        "wikitext": ("text", {"path": str(work / "wiki-calib.txt"), "n_samples": windows, "seq_len": args.seq_len}),
+        "python": ("text", {"path": str(default_calibration_text()), "n_samples": windows, "seq_len": args.seq_len}),
+        "chat": ("chat", chat_options),
+    }
+    print(f"token budget: {budget} chat tokens, {windows} x {args.seq_len} text windows", flush=True)
+    for method in args.methods:
+        for calib in args.calibrations:
+            key = f"{method}|{calib}"
+            if key in rows:
+                continue
+            name, options = calibrations[calib]
+            in_domain = eval_texts[calib]
+            out_domain = eval_texts["wikitext" if calib == "chat" else "chat"]
+            evaluators: list[tuple[str, dict[str, Any]]] = [
+                ("kl", {"path": str(eval_texts[t]), "max_tokens": args.eval_tokens}) for t in TEXTS]
+            evaluators.append(("calibration-mismatch", {"in_domain": str(in_domain), "out_domain": str(out_domain),
+                                                        "max_tokens": args.eval_tokens}))
+            t0 = time.perf_counter()
+            r = qf.run(str(folder), quantizer=method, format=FORMAT, calibrator=name, calibrator_options=options,
+                       evaluators=evaluators, out=None, progress=False, device=args.device)
+            seconds = time.perf_counter() - t0
+            kl = {t: _pick(r.metrics, f"path={_short(eval_texts[t])}") for t in TEXTS}
+            cm = next(v for k, v in r.metrics.items() if k.startswith("calibration-mismatch"))
+            rows[key] = {"method": method, "calibration": calib, "tokens": r.manifest["calibration"]["tokens"],
+                         "samples": r.manifest["calibration"]["samples"], "seconds": round(seconds, 1),
+                         "kl": kl, "out_in_kl_ratio": cm["out_in_kl_ratio"]["quantized"],
+                         "device": args.device}
+            save_rows(args.results, rows)
+            print(key, json.dumps(rows[key]), flush=True)
+    print(table(rows))
+
+
+def _short(path: Path) -> str:
+    return Path(path).name
+
+
+def _pick(metrics: dict[str, Any], tag: str) -> dict[str, float]:
+    """The ``kl`` evaluator whose key names the text ``tag`` (``kl[path=...]``)."""
+    for key, m in metrics.items():
+        if key.startswith("kl[") and tag.split("=", 1)[1] in key:
+            return {k: m[k]["quantized"] for k in ("kl_mean", "same_top1_pct", "ppl_quantized", "ppl_original")}
+    raise KeyError(f"no kl result for {tag} in {list(metrics)}")
+
+
+def table(rows: dict[str, Any]) -> str:
+    head = ("| method | calibrated on | tokens | KL chat (held out) | top-1 % | KL WikiText | top-1 % | KL Python "
+            "| top-1 % | calibration-mismatch ratio |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in METHODS:
+        for calib in CALIBRATIONS:
+            r = rows.get(f"{method}|{calib}")
+            if r is None:
+                continue
+            cells = []
+            for t in TEXTS:
+                best = min(rows[k]["kl"][t]["kl_mean"] for k in rows if rows[k]["method"] == method)
+                v = r["kl"][t]
+                mark = "**" if v["kl_mean"] == best else ""
+                cells.append(f"{mark}{v['kl_mean']:.4f}{mark} | {v['same_top1_pct']:.2f}")
+            lines.append(f"| {method} | {calib} | {r['tokens']:,} | " + " | ".join(cells) +
+                         f" | {r['out_in_kl_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
