@@ -14,17 +14,20 @@ Data (no network; ``benchmarks/make_chat_samples.py`` cut the conversations from
   model's template and joined; WikiText: the core's ``english_eval.txt`` (articles 0-11);
   Python: the core's ``python_eval.txt`` (modules 1-4).
 
-The three calibration sets hold about the same number of tokens: the chat set's conversations
-(``--chats`` of them, at most ``--seq-len`` tokens each) first, then as many ``--seq-len``
-windows of each text as give as many tokens.
+The calibration sets hold about the same number of tokens: the chat set's conversations
+(``--chats`` of them, one per sequence, at most ``--seq-len`` tokens each) first, then as many
+``--seq-len`` windows of each text as give as many tokens; ``chat-packed`` is the same
+conversations packed into that many windows. Each seed draws other windows / conversations
+(``--seeds``): the table gives the mean and the range over them.
 
-    python benchmarks/calibration_mismatch.py [--device cuda] [--chats 128]
+    python benchmarks/calibration_mismatch.py [--device cuda] [--chats 128] [--seeds 0 1 2]
     python benchmarks/calibration_mismatch.py --table-only
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -39,9 +42,9 @@ from quantfoundry.data import default_calibration_text, default_eval_text, engli
 from rtn_sweep import SHARED, model_folder
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "calibration_mismatch.json"
+RESULTS = HERE / "results" / "cuda" / "calibration_mismatch_h100.json"
 CHAT = HERE / "data" / "chat"
-CALIBRATIONS = ("wikitext", "python", "chat")
+CALIBRATIONS = ("wikitext", "python", "chat", "chat-packed")
 TEXTS = ("chat", "wikitext", "python")
 METHODS = ("gptq", "awq")
 FORMAT = "int4-g64"  # SmolLM2's 576-wide linears take no g128
@@ -66,6 +69,7 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=128, help="chat conversations (sets the token budget)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (the sampling spread)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=CALIBRATIONS)
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -92,32 +96,35 @@ def main() -> None:
         "wikitext": ("text", {"path": str(work / "wiki-calib.txt"), "n_samples": windows, "seq_len": args.seq_len}),
         "python": ("text", {"path": str(default_calibration_text()), "n_samples": windows, "seq_len": args.seq_len}),
         "chat": ("chat", chat_options),
+        "chat-packed": ("chat", {**chat_options, "packing": True, "n_samples": windows}),
     }
     print(f"token budget: {budget} chat tokens, {windows} x {args.seq_len} text windows", flush=True)
-    for method in args.methods:
-        for calib in args.calibrations:
-            key = f"{method}|{calib}"
-            if key in rows:
-                continue
-            name, options = calibrations[calib]
-            in_domain = eval_texts[calib]
-            out_domain = eval_texts["wikitext" if calib == "chat" else "chat"]
-            evaluators: list[tuple[str, dict[str, Any]]] = [
-                ("kl", {"path": str(eval_texts[t]), "max_tokens": args.eval_tokens}) for t in TEXTS]
-            evaluators.append(("calibration-mismatch", {"in_domain": str(in_domain), "out_domain": str(out_domain),
-                                                        "max_tokens": args.eval_tokens}))
-            t0 = time.perf_counter()
-            r = qf.run(str(folder), quantizer=method, format=FORMAT, calibrator=name, calibrator_options=options,
-                       evaluators=evaluators, out=None, progress=False, device=args.device)
-            seconds = time.perf_counter() - t0
-            kl = {t: _pick(r.metrics, f"path={_short(eval_texts[t])}") for t in TEXTS}
-            cm = next(v for k, v in r.metrics.items() if k.startswith("calibration-mismatch"))
-            rows[key] = {"method": method, "calibration": calib, "tokens": r.manifest["calibration"]["tokens"],
-                         "samples": r.manifest["calibration"]["samples"], "seconds": round(seconds, 1),
-                         "kl": kl, "out_in_kl_ratio": cm["out_in_kl_ratio"]["quantized"],
-                         "device": args.device}
-            save_rows(args.results, rows)
-            print(key, json.dumps(rows[key]), flush=True)
+    for seed, method, calib in itertools.product(args.seeds, args.methods, args.calibrations):
+        key = f"{method}|{calib}|{seed}"
+        if key in rows:
+            continue
+        name, options = calibrations[calib]
+        options = {**options, "seed": seed}
+        domain = "chat" if calib.startswith("chat") else calib
+        in_domain = eval_texts[domain]
+        out_domain = eval_texts["wikitext" if domain == "chat" else "chat"]
+        evaluators: list[tuple[str, dict[str, Any]]] = [
+            ("kl", {"path": str(eval_texts[t]), "max_tokens": args.eval_tokens}) for t in TEXTS]
+        evaluators.append(("calibration-mismatch", {"in_domain": str(in_domain), "out_domain": str(out_domain),
+                                                    "max_tokens": args.eval_tokens}))
+        t0 = time.perf_counter()
+        r = qf.run(str(folder), quantizer=method, format=FORMAT, calibrator=name, calibrator_options=options,
+                   evaluators=evaluators, out=None, progress=False, device=args.device)
+        seconds = time.perf_counter() - t0
+        kl = {t: _pick(r.metrics, f"path={_short(eval_texts[t])}") for t in TEXTS}
+        cm = next(v for k, v in r.metrics.items() if k.startswith("calibration-mismatch"))
+        rows[key] = {"method": method, "calibration": calib, "seed": seed,
+                     "tokens": r.manifest["calibration"]["tokens"],
+                     "samples": r.manifest["calibration"]["samples"], "seconds": round(seconds, 1),
+                     "kl": kl, "out_in_kl_ratio": cm["out_in_kl_ratio"]["quantized"],
+                     "device": args.device}
+        save_rows(args.results, rows)
+        print(key, json.dumps(rows[key]), flush=True)
     print(table(rows))
 
 
@@ -134,23 +141,36 @@ def _pick(metrics: dict[str, Any], tag: str) -> dict[str, float]:
 
 
 def table(rows: dict[str, Any]) -> str:
-    head = ("| method | calibrated on | tokens | KL chat (held out) | top-1 % | KL WikiText | top-1 % | KL Python "
-            "| top-1 % | calibration-mismatch ratio |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """KL mean per evaluation text, the mean over the seeds measured (min-max when several)."""
+    head = ("| method | calibrated on | tokens | seeds | KL chat (held out) | top-1 % | KL WikiText | top-1 % "
+            "| KL Python | top-1 % | calibration-mismatch ratio |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method in METHODS:
-        for calib in CALIBRATIONS:
-            r = rows.get(f"{method}|{calib}")
-            if r is None:
-                continue
+        means = {c: _mean([r for r in rows.values() if r["method"] == method and r["calibration"] == c])
+                 for c in CALIBRATIONS}
+        means = {c: m for c, m in means.items() if m is not None}
+        for calib, m in means.items():
             cells = []
             for t in TEXTS:
-                best = min(rows[k]["kl"][t]["kl_mean"] for k in rows if rows[k]["method"] == method)
-                v = r["kl"][t]
-                mark = "**" if v["kl_mean"] == best else ""
-                cells.append(f"{mark}{v['kl_mean']:.4f}{mark} | {v['same_top1_pct']:.2f}")
-            lines.append(f"| {method} | {calib} | {r['tokens']:,} | " + " | ".join(cells) +
-                         f" | {r['out_in_kl_ratio']:.2f} |")
+                best = min(v["kl"][t][0] for v in means.values())
+                kl, lo, hi = m["kl"][t]
+                mark = "**" if kl == best else ""
+                spread = f" ({lo:.4f}-{hi:.4f})" if m["seeds"] > 1 else ""
+                cells.append(f"{mark}{kl:.4f}{mark}{spread} | {m['top1'][t]:.2f}")
+            lines.append(f"| {method} | {calib} | {m['tokens']:,} | {m['seeds']} | " + " | ".join(cells) +
+                         f" | {m['ratio']:.2f} |")
     return "\n".join(lines)
+
+
+def _mean(rs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not rs:
+        return None
+    n = len(rs)
+    kl = {t: (sum(r["kl"][t]["kl_mean"] for r in rs) / n, min(r["kl"][t]["kl_mean"] for r in rs),
+              max(r["kl"][t]["kl_mean"] for r in rs)) for t in TEXTS}
+    top1 = {t: sum(r["kl"][t]["same_top1_pct"] for r in rs) / n for t in TEXTS}
+    return {"seeds": n, "tokens": round(sum(r["tokens"] for r in rs) / n), "kl": kl, "top1": top1,
+            "ratio": sum(r["out_in_kl_ratio"] for r in rs) / n}
 
 
 if __name__ == "__main__":

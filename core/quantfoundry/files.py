@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged: re-run `qf run`") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, object)`` of every non-blank line of a JSON Lines file; a line that is
+    not JSON is one :class:`~quantfoundry.errors.UsageError` naming the file and line."""
+    from .errors import UsageError
+
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}:{i} is not valid JSON; a .jsonl file needs one object per line") from None

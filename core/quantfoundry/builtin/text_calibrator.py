@@ -11,7 +11,6 @@ an empty text is an error before any work.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from ..data import default_calibration_text
 from ..errors import UsageError
+from ..files import read_jsonl
 from ..hookspecs import hookimpl
 from ..options import Options
 from ..roles.calibrator import CalibrationSet, Calibrator
@@ -45,17 +45,10 @@ def read_text(path: Path) -> str:
     """A .txt file's text, or a .jsonl file's ``text`` fields joined by blank lines."""
     if not path.is_file():
         raise UsageError(f"text file {path} does not exist; pass an existing .txt or .jsonl file")
-    raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() != ".jsonl":
-        return raw
+        return path.read_text(encoding="utf-8", errors="replace")
     texts = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path}:{i} is not valid JSON; a .jsonl file needs one object per line") from None
+    for i, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UsageError(f"{path}:{i} has no string field 'text'; each line needs {{\"text\": ...}}")
         texts.append(obj["text"])

@@ -25,7 +25,7 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 from __future__ import annotations
 
 from ..builtin.int_format import MIN_FALLBACK_GROUP, IntFormat, IntOptions
-from ..files import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from ..files import MANIFEST, read_jsonl, read_manifest, sha256_file, write_json_atomic
 from ..model.blocks import BlockStream
 from ..model.capture import capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
@@ -66,7 +66,7 @@ __all__ = [
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",
     "prepare_hessian", "python_command",
-    "quant_method_of", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
+    "quant_method_of", "read_jsonl", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
     "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
     "write_json_atomic",
 ]

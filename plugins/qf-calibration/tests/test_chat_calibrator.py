@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from calib_data import CHATML, CHATS
+from qf_calibration.chat import ChatCalibrator
 from quantfoundry.errors import OptionsError, UsageError
 from quantfoundry.options import parse_options
-from qf_calibration.chat import ChatCalibrator
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

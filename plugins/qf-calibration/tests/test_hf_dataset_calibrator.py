@@ -8,10 +8,10 @@ import datasets
 import pytest
 import torch
 from calib_data import CHATML, CHATS
-from quantfoundry.errors import OptionsError, UsageError
-from quantfoundry.options import parse_options
 from qf_calibration.chat import ChatCalibrator
 from qf_calibration.hf_dataset import HFDatasetCalibrator
+from quantfoundry.errors import OptionsError, UsageError
+from quantfoundry.options import parse_options
 
 TEXTS = [f"Row {i}: " + " ".join(f"word{j}" for j in range(i % 7 + 3)) for i in range(40)]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from calib_data import CHATML, CHATS
 from click.testing import CliRunner
+from qf_calibration.chat import ChatCalibrator
+from qf_calibration.mix import MixCalibrator, shares
 from quantfoundry.cli import cli
 from quantfoundry.errors import OptionsError, UsageError
 from quantfoundry.options import parse_options
-from qf_calibration.chat import ChatCalibrator
-from qf_calibration.mix import MixCalibrator, shares
 
 
 def mix(**options) -> MixCalibrator:

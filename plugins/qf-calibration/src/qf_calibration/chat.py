@@ -9,7 +9,6 @@ work, with the option that supplies one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, cast
 
 import quantfoundry as qf
 from quantfoundry.errors import UsageError
+from quantfoundry.toolkit import read_jsonl
 
 from .conversations import ChatOptions, Renderer, conversation
 from .sampling import SamplingOptions, assemble, seeded_order
@@ -35,16 +35,7 @@ class ChatCalibratorOptions(SamplingOptions, ChatOptions):
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     """Every conversation of a JSONL file, checked (one line per error, naming file and line)."""
-    out = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}:{i} is not valid JSON; a .jsonl file needs one object per line") from None
-            out.append(conversation(record, f"{path}:{i}"))
+    out = [conversation(record, f"{path}:{i}") for i, record in read_jsonl(path)]
     if not out:
         raise UsageError(f"{path} holds no conversation; write one JSON object per line")
     return out
