@@ -45,10 +45,12 @@ def code_table(kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def _bounds(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Midpoints of the sorted table and the code of each sorted entry (bitsandbytes' rounding)."""
-    table = code_table(kind, device)
-    order = torch.argsort(table)
-    return (table[order[:-1]] + table[order[1:]]) / 2, order
+    """Midpoints of the sorted table and the code of each sorted entry (bitsandbytes' rounding).
+    Sorted on the CPU, stably: FP4 holds both 0 and -0, and an unstable sort on another device
+    could put -0's code first (a zero would then store code 8 instead of 0)."""
+    table = code_table(kind)
+    order = torch.argsort(table, stable=True)
+    return ((table[order[:-1]] + table[order[1:]]) / 2).to(device), order.to(device)
 
 
 @dataclass(frozen=True, kw_only=True)
