@@ -16,7 +16,7 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-example-plugin"}
+              "qf-hqq", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
@@ -86,7 +86,7 @@ def test_every_role_of_the_repository_is_covered() -> None:
                      "TestTransform_awq_scale", "TestQuantizer_mse_rtn", "TestExporter_gguf", "TestExporter_hf_gptq",
                      "TestExporter_hf_awq", "TestExporter_qf", "TestKernel_torch_dequant", "TestCalibrator_text",
                      "TestCalibrator_chat", "TestCalibrator_hf_dataset", "TestCalibrator_mix", "TestFormat_nf4",
-                     "TestFormat_fp4", "TestExporter_bnb_4bit", "TestKernel_bnb_4bit",
+                     "TestFormat_fp4", "TestExporter_bnb_4bit", "TestKernel_bnb_4bit", "TestQuantizer_hqq",
                      "TestEvaluator_kl"):
         assert expected in names, expected
 

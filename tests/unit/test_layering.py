@@ -63,7 +63,7 @@ def _core_module_names() -> dict[str, Path]:
 
 def test_there_are_plugins_to_check() -> None:
     assert {p.parent.name for p in PLUGIN_SOURCES} >= {"qf-gguf", "qf-gptq", "qf-awq", "qf-calibration",
-                                                       "qf-nf4", "qf-example-plugin"}
+                                                       "qf-nf4", "qf-hqq", "qf-example-plugin"}
 
 
 @pytest.mark.parametrize("src", PLUGIN_SOURCES, ids=lambda p: p.parent.name)

@@ -11,6 +11,9 @@ Grid (per group of columns, float32 arithmetic, scale stored in ``scale_dtype``)
   ``scale = (xmax - xmin) / (2^b - 1)``, ``zero = clamp(round(-xmin / scale), 0, 2^b - 1)``;
 * symmetric: ``scale = 2 max|w| / (2^b - 1)``, ``zero = 2^(b-1)`` (implied, not stored);
 * ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)``, ``w' = (q - zero) * scale``.
+* ``-zf16`` (``zero_dtype=float16``): the zero point is stored as float16, not rounded
+  (``zero = clamp(-xmin / scale, 0, 2^b - 1)``), and ``q = clamp(round(w / scale + zero), ...)``
+  — HQQ's grid, whose optimiser moves the zero point between integers.
 
 A group whose weights are all zero gets ``scale = 1`` (every code decodes to 0).
 
@@ -34,7 +37,7 @@ from ..roles.format import Format, Params
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _DTYPE_SUFFIX = {"float32": "sf32", "bfloat16": "sbf16"}
-_SPEC = re.compile(r"^int(\d)(?:-g(\d+))?(?:-(sym|asym))?(?:-(sf32|sbf16|sf16))?$")
+_SPEC = re.compile(r"^int(\d)(?:-g(\d+))?(?:-(sym|asym))?(?:-(sf32|sbf16|sf16))?(?:-(zf16))?$")
 MIN_FALLBACK_GROUP = 32
 
 
@@ -45,12 +48,16 @@ class IntOptions(Options):
     sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(bits-1))"})
     scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
         default="float16", metadata={"help": "storage dtype of the scales"})
+    zero_dtype: Literal["uint8", "float16"] = field(default="uint8", metadata={
+        "help": "storage of the zero points: uint8 (integer, GPTQ/AWQ) or float16 (HQQ's fractional zero points)"})
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
+        if self.sym and self.zero_dtype != "uint8":
+            raise ValueError("a symmetric grid stores no zero point; drop zero_dtype or use an asymmetric grid")
 
 
 class IntFormat(Format):
@@ -65,20 +72,23 @@ class IntFormat(Format):
     def spec(self) -> str:
         o = self.options
         s = f"int{o.bits}" + (f"-g{o.group_size}" if o.group_size else "") + ("-sym" if o.sym else "")
-        return s + (f"-{_DTYPE_SUFFIX[o.scale_dtype]}" if o.scale_dtype in _DTYPE_SUFFIX else "")
+        s += f"-{_DTYPE_SUFFIX[o.scale_dtype]}" if o.scale_dtype in _DTYPE_SUFFIX else ""
+        return s + ("-zf16" if o.zero_dtype == "float16" else "")
 
     @classmethod
     def from_spec(cls, spec: str) -> IntOptions | None:
         m = _SPEC.match(spec.strip().lower())
         if not m:
             return None
-        bits, group, sym, sdt = m.groups()
+        bits, group, sym, sdt, zdt = m.groups()
         scale_dtype = {"sf32": "float32", "sbf16": "bfloat16"}.get(sdt or "", "float16")
-        return IntOptions(bits=int(bits), group_size=int(group or 0), sym=sym == "sym", scale_dtype=scale_dtype)
+        return IntOptions(bits=int(bits), group_size=int(group or 0), sym=sym == "sym", scale_dtype=scale_dtype,
+                          zero_dtype="float16" if zdt else "uint8")
 
     @classmethod
     def spec_help(cls) -> str:
-        return "int<bits>[-g<group>][-sym] e.g. int4-g128, int8, int3-g64-sym (no -g: per channel)"
+        return ("int<bits>[-g<group>][-sym][-zf16] e.g. int4-g128, int8, int3-g64-sym, int4-g64-zf16 "
+                "(no -g: per channel; -zf16: float16 zero points)")
 
     @property
     def maxq(self) -> int:
@@ -122,8 +132,22 @@ class IntFormat(Format):
         scale = scale.clamp(min=info.tiny, max=info.max).to(sdt)
         if self.options.sym:
             return {"scale": scale}
-        zero = torch.round(-xmin / scale.to(torch.float32)).clamp(0, self.maxq).to(torch.uint8)
-        return {"scale": scale, "zero": zero}
+        zero = (-xmin / scale.to(torch.float32)).clamp(0, self.maxq)
+        if self.options.zero_dtype == "float16":
+            return {"scale": scale, "zero": zero.to(torch.float16)}
+        return {"scale": scale, "zero": torch.round(zero).to(torch.uint8)}
+
+    def params_from_affine(self, a: torch.Tensor, b: torch.Tensor, like: Params) -> Params:
+        """Grid parameters for ``value = a · code + b`` per group (``a``, ``b`` ``[rows, n_groups]``,
+        float32), rounded to their storage dtypes: ``scale = a``, ``zero = −b / scale`` (rounded
+        to an integer unless ``zero_dtype`` is float16); a symmetric grid keeps its implied zero."""
+        scale = a.to(_DTYPES[self.options.scale_dtype])
+        if self.options.sym:
+            return {"scale": scale}
+        zero = (-b / scale.to(torch.float32)).clamp(0, self.maxq)
+        if self.options.zero_dtype == "float16":
+            return {"scale": scale, "zero": zero.to(torch.float16)}
+        return {"scale": scale, "zero": torch.round(zero).to(torch.uint8)}
 
     def _grid(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Scale and zero shaped to broadcast over ``w.view(rows, -1, g)`` for the columns
@@ -162,7 +186,10 @@ class IntFormat(Format):
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         rows, ncols = w.shape
         s, z, g = self._grid(params, col0, ncols)
-        q = torch.round(w.to(torch.float32).reshape(rows, -1, g) / s).add_(z)
+        if self.options.zero_dtype == "float16":  # a fractional zero point: round after adding it (HQQ)
+            q = torch.round(w.to(torch.float32).reshape(rows, -1, g) / s + z)
+        else:
+            q = torch.round(w.to(torch.float32).reshape(rows, -1, g) / s).add_(z)
         return q.clamp_(0, self.maxq).to(torch.uint8).reshape(rows, ncols)
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:

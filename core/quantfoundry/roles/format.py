@@ -116,6 +116,14 @@ class Format(Component, ABC):
         column. ``None`` (the default) when the grid is not of that form."""
         return None
 
+    def params_from_affine(self, a: torch.Tensor, b: torch.Tensor, like: Params) -> Params | None:
+        """The inverse of :meth:`affine`: parameters for a tile whose groups have the value
+        ``a · code + b`` (``a``, ``b`` float32 ``[rows, n_groups]``, one value per group),
+        rounded to their storage dtypes, shaped like ``like`` (parameters :meth:`fit` made for the
+        same tile) — how an optimiser of the grid (HQQ's zero points, QAT's learned scales)
+        hands its values back. ``None`` (the default): the format takes no fitted values back."""
+        return None
+
     def quantize_dequantize(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         return self.decode(self.round(w, params, col0), params, col0)
 

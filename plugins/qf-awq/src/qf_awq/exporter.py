@@ -61,6 +61,8 @@ class HFAWQExporter(Exporter):
             return f"AWQ GEMM kernels read 4 bits, not {fmt.options.bits}"
         if fmt.options.scale_dtype != "float16":
             return f"AWQ scales are float16, not {fmt.options.scale_dtype}"
+        if fmt.options.zero_dtype != "uint8":
+            return "AWQ zero points are 4-bit integers, not float16 (-zf16)"
         if not fmt.options.group_size:
             return "AWQ kernels need a group size (per-channel int4 is not an AWQ layout)"
         return None

@@ -94,6 +94,8 @@ class HFGPTQExporter(Exporter):
             return f"GPTQ kernels read 2, 3, 4 or 8 bits, not {fmt.options.bits}"
         if fmt.options.scale_dtype != "float16":
             return f"GPTQ scales are float16, not {fmt.options.scale_dtype}"
+        if fmt.options.zero_dtype != "uint8":
+            return "GPTQ zero points are integers, not float16 (-zf16)"
         return None
 
     def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
