@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import quantfoundry as qf
 import torch
-from quantfoundry.testing.conformance import QuantizerConformance
 from qf_hqq import HQQQuantizer
+from quantfoundry.testing.conformance import QuantizerConformance
 
 
 def trained_like(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -30,15 +30,16 @@ import torch
 class HQQOptions(qf.Options):
     lp_norm: float = field(default=0.7, metadata={"help": "p of the lp-norm shrinkage (0 < p <= 1)"})
     beta: float = field(default=10.0, metadata={"help": "initial half-quadratic penalty"})
-    kappa: float = field(default=1.01, metadata={"help": "growth of beta per round (> 1)"})
+    kappa: float = field(default=1.01, metadata={
+        "help": "growth of beta per round (>= 1; the paper's schedule 1.01, the hqq library 0.2.8 keeps beta: 1)"})
     iters: int = field(default=20, metadata={"help": "rounds at most"})
     early_stop: bool = field(default=True, metadata={"help": "stop once the mean absolute error stops improving"})
 
     def __post_init__(self) -> None:
         if not 0 < self.lp_norm <= 1:
             raise ValueError(f"lp_norm must be in (0, 1], got {self.lp_norm}")
-        if self.beta <= 0 or self.kappa <= 1:
-            raise ValueError(f"beta must be > 0 and kappa > 1, got beta={self.beta}, kappa={self.kappa}")
+        if self.beta <= 0 or self.kappa < 1:
+            raise ValueError(f"beta must be > 0 and kappa >= 1, got beta={self.beta}, kappa={self.kappa}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
 
