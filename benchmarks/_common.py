@@ -40,3 +40,17 @@ def save_rows(path: Path, rows: dict[str, Any]) -> None:
 
     path.write_text(json.dumps({"machine": cpu_name(), "torch": torch.__version__, **core_version(),
                                 "rows": rows}, indent=1))
+
+
+def parse_results_args(ap: Any, default: Path, table: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Add ``--results`` (a resumable rows file, default ``default``) and ``--table-only`` to the
+    argparse parser ``ap`` and parse; returns ``(args, rows)``, or ``None`` after printing
+    ``table(rows)`` when ``--table-only`` was given."""
+    ap.add_argument("--results", type=Path, default=default, help="rows file (resumable)")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    rows = load_rows(args.results)
+    if args.table_only:
+        print(table(rows))
+        return None
+    return args, rows

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import quantfoundry as qf
-from _common import load_rows, save_rows
+from _common import parse_results_args, save_rows
 from quantfoundry.data import default_calibration_text, default_eval_text, english_eval_text
 from rtn_sweep import SHARED, model_folder
 
@@ -72,13 +72,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (the sampling spread)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=CALIBRATIONS)
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    rows = load_rows(args.results)
-    if args.table_only:
-        print(table(rows))
+    parsed = parse_results_args(ap, RESULTS, table)
+    if parsed is None:
         return
+    args, rows = parsed
     folder = model_folder("smollm2-135m")
     source = qf.resolve_model(folder, check_weights=False)
     tok = source.tokenizer()

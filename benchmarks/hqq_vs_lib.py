@@ -26,7 +26,7 @@ from typing import Any
 
 import quantfoundry as qf
 import torch
-from _common import load_rows, save_rows
+from _common import parse_results_args, save_rows
 from gptq_vs_peer import evaluate
 from quantfoundry.data import default_eval_text, english_eval_text
 from rtn_sweep import model_folder
@@ -63,13 +63,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["pycode-7m"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    rows = load_rows(args.results)
-    if args.table_only:
-        print(table(rows))
+    parsed = parse_results_args(ap, RESULTS, table)
+    if parsed is None:
         return
+    args, rows = parsed
     dev = torch.device(args.device)
     ours = HQQQuantizer()
     ctx = qf.QuantContext(device=dev)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import quantfoundry as qf
-from _common import load_rows, save_rows
+from _common import parse_results_args, save_rows
 from quantfoundry.data import default_eval_text, english_eval_text
 from rtn_sweep import model_folder
 
@@ -39,13 +39,10 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    rows = load_rows(args.results)
-    if args.table_only:
-        print(table(rows))
+    parsed = parse_results_args(ap, RESULTS, table)
+    if parsed is None:
         return
+    args, rows = parsed
     texts = {"python": default_eval_text(), "wikitext": english_eval_text()}
     for model, fmt, method in itertools.product(args.models, args.formats, args.methods):
         key = f"{model}|{fmt}|{method}"

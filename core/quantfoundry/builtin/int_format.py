@@ -130,21 +130,21 @@ class IntFormat(Format):
             scale = (xmax - xmin) / maxq
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         scale = scale.clamp(min=info.tiny, max=info.max).to(sdt)
-        if self.options.sym:
-            return {"scale": scale}
-        zero = (-xmin / scale.to(torch.float32)).clamp(0, self.maxq)
-        if self.options.zero_dtype == "float16":
-            return {"scale": scale, "zero": zero.to(torch.float16)}
-        return {"scale": scale, "zero": torch.round(zero).to(torch.uint8)}
+        return self._stored(scale, None if self.options.sym else -xmin / scale.to(torch.float32))
 
     def params_from_affine(self, a: torch.Tensor, b: torch.Tensor, like: Params) -> Params:
         """Grid parameters for ``value = a · code + b`` per group (``a``, ``b`` ``[rows, n_groups]``,
         float32), rounded to their storage dtypes: ``scale = a``, ``zero = −b / scale`` (rounded
         to an integer unless ``zero_dtype`` is float16); a symmetric grid keeps its implied zero."""
         scale = a.to(_DTYPES[self.options.scale_dtype])
-        if self.options.sym:
+        return self._stored(scale, None if self.options.sym else -b / scale.to(torch.float32))
+
+    def _stored(self, scale: torch.Tensor, zero: torch.Tensor | None) -> Params:
+        """The stored parameters: ``scale`` (in its storage dtype) and, for an asymmetric grid,
+        the float32 zero point clamped to the code range and rounded to ``zero_dtype``."""
+        if zero is None:
             return {"scale": scale}
-        zero = (-b / scale.to(torch.float32)).clamp(0, self.maxq)
+        zero = zero.clamp(0, self.maxq)
         if self.options.zero_dtype == "float16":
             return {"scale": scale, "zero": zero.to(torch.float16)}
         return {"scale": scale, "zero": torch.round(zero).to(torch.uint8)}
