@@ -4,11 +4,11 @@ dequantized values, and codes that are a nearest table entry in float64."""
 
 from __future__ import annotations
 
+# the oracle: bitsandbytes itself (a testing dependency, qf-nf4[testing]: missing, the tests fail, never skip)
+import bitsandbytes.functional as bnb_functional  # noqa: E402
 import pytest
 import quantfoundry as qf
 import torch
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="pip install bitsandbytes (qf-nf4[testing])")
 
 
 def trained_like(rows: int, cols: int, seed: int) -> torch.Tensor:
