@@ -5,7 +5,7 @@ dequantized values, and codes that are a nearest table entry in float64."""
 from __future__ import annotations
 
 # the oracle: bitsandbytes itself (a testing dependency, qf-nf4[testing]: missing, the tests fail, never skip)
-import bitsandbytes.functional as bnb_functional  # noqa: E402
+import bitsandbytes.functional as bnb_functional
 import pytest
 import quantfoundry as qf
 import torch

@@ -4,7 +4,7 @@ evaluates the same through it; without bitsandbytes it says how to get it."""
 
 from __future__ import annotations
 
-import bitsandbytes  # noqa: E402,F401  a dependency of the adapter: missing, the tests fail, never skip
+import bitsandbytes  # noqa: F401  a dependency of the adapter: missing, the tests fail, never skip
 import quantfoundry as qf
 import torch
 from quantfoundry.testing.conformance import KernelConformance
