@@ -58,12 +58,13 @@ class QFExporter(Exporter):
         if isinstance(tensor, QuantizedWeight):
             entries = {f"{name}{QF}packed": tensor.packed}
             entries.update({f"{name}{QF}{k}": v for k, v in tensor.params.items()})
+            entries.update({f"{name}{QF}tensor.{k}": v for k, v in tensor.tensor_params.items()})
             if tensor.perm is not None:
                 entries[f"{name}{QF}perm"] = tensor.perm.to(torch.int32)
             self.tensors[name] = {
                 "format": tensor.format.to_json(), "shape": list(tensor.shape),
                 "dtype": str(tensor.dtype).removeprefix("torch."), "params": sorted(tensor.params),
-                "perm": tensor.perm is not None,
+                "perm": tensor.perm is not None, "tensor_params": sorted(tensor.tensor_params),
             }
         else:
             entries = {name: tensor}
@@ -116,7 +117,9 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
     model, source = artifact_skeleton(folder, dtype)
     tensors: dict[str, dict[str, Any]] = manifest.get("tensors", {})
     for name, info in tensors.items():
-        keys = [f"{name}{QF}packed", *[f"{name}{QF}{p}" for p in info["params"]]]
+        tparams = info.get("tensor_params", [])
+        keys = [f"{name}{QF}packed", *[f"{name}{QF}{p}" for p in info["params"]],
+                *[f"{name}{QF}tensor.{p}" for p in tparams]]
         if info.get("perm"):
             keys.append(f"{name}{QF}perm")
         stored = source.read(keys)
@@ -125,6 +128,7 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
             fmt, tuple(info["shape"]), getattr(torch, info["dtype"]), stored[f"{name}{QF}packed"],
             {p: stored[f"{name}{QF}{p}"] for p in info["params"]},
             stored[f"{name}{QF}perm"].to(torch.int64) if info.get("perm") else None,
+            tensor_params={p: stored[f"{name}{QF}tensor.{p}"] for p in tparams},
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))

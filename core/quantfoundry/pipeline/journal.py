@@ -150,11 +150,13 @@ class Journal:
             if isinstance(value, QuantizedWeight):
                 tensors[f"{i}.packed"] = value.packed
                 tensors.update({f"{i}.p.{k}": v for k, v in value.params.items()})
+                tensors.update({f"{i}.tp.{k}": v for k, v in value.tensor_params.items()})
                 if value.perm is not None:
                     tensors[f"{i}.perm"] = value.perm
                 order.append({"name": key, "format": value.format.to_json(), "shape": list(value.shape),
                               "dtype": _dtype_name(value.dtype), "params": list(value.params),
-                              "perm": value.perm is not None, "meta": value.meta})
+                              "perm": value.perm is not None, "meta": value.meta,
+                              "tensor_params": list(value.tensor_params)})
             else:
                 tensors[f"{i}.t"] = value
                 order.append({"name": key})
@@ -194,7 +196,8 @@ class Journal:
                 entries.append((item["name"], QuantizedWeight(
                     format_from_json(item["format"]), tuple(item["shape"]), getattr(torch, item["dtype"]),
                     tensors[f"{i}.packed"], {k: tensors[f"{i}.p.{k}"] for k in item["params"]},
-                    tensors[f"{i}.perm"] if item["perm"] else None, dict(item.get("meta") or {}))))
+                    tensors[f"{i}.perm"] if item["perm"] else None, dict(item.get("meta") or {}),
+                    {k: tensors[f"{i}.tp.{k}"] for k in item.get("tensor_params", [])})))
             else:
                 entries.append((item["name"], tensors[f"{i}.t"]))
         importance = {n: tensors[f"imp{j}"] for j, n in enumerate(meta.get("importance", []))}

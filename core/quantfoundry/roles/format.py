@@ -18,6 +18,17 @@ exporter writes exactly what the quantizer used and a reload is bit-identical. A
 whose name starts with ``_`` is *transient*: :meth:`round` may use it (llama.cpp's encoders
 round with the float32 scale before it is stored as fp16), :meth:`decode` must not, and
 :class:`QuantizedWeight` drops it, so it is never stored or counted.
+
+**Per-tensor parameters** (data model v2): a format may fit parameters once per whole weight,
+before any group (:meth:`fit_tensor`; NF4's double quantization: one offset and the 8-bit scales
+of the absmax vector, in chunks that run across rows). They are stored once
+(:attr:`QuantizedWeight.tensor_params`) and reach the tile-level methods as a *view*:
+:meth:`tensor_view` turns them into group-indexed tensors ``[rows, n_groups, ...]`` (names
+starting with ``_``, never stored), which a driver slices like group parameters, passes to
+:meth:`fit` as ``view=`` and merges into the parameters it hands :meth:`round` and
+:meth:`decode` — which may read these view entries (they are rebuilt from the stored tensor
+parameters on load). Drivers pass ``view=`` only to formats whose :meth:`fit_tensor` returns
+something, so formats without per-tensor parameters never see it.
 """
 
 from __future__ import annotations
@@ -89,14 +100,28 @@ class Format(Component, ABC):
         return None
 
     # -- numerics ------------------------------------------------------------------------
+    def fit_tensor(self, w: torch.Tensor) -> Params:
+        """Parameters fitted once to a whole weight ``[out, in]`` before any group is fitted
+        (rounded to their storage dtypes; any shapes). Default: none."""
+        return {}
+
+    def tensor_view(self, tensor_params: Params, shape: tuple[int, int]) -> Params:
+        """Group-indexed views ``[rows, n_groups, ...]`` of :meth:`fit_tensor`'s parameters for a
+        weight of ``shape``, named with a leading ``_`` (see the module docstring)."""
+        return {}
+
     @abstractmethod
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, view: Params | None = None) -> Params:
         """Fit grid parameters to ``w`` ``[rows, k * group]`` → tensors shaped ``[rows, k, ...]``.
 
         :param importance: optional per-column weights ``[cols]`` (an importance matrix
             diagonal: mean squared activation per input channel) for weighted fitting, or
             ``[rows, cols]``: one such vector per row (e.g. several candidate weights stacked
             along the rows, each with its own importance). Rows are fitted independently.
+        :param view: for formats with per-tensor parameters, the slice of :meth:`tensor_view`
+            covering this tile's groups. Without it such a format treats ``w`` as the whole
+            weight: it fits the tensor parameters itself and returns their view among the
+            parameters (so ``decode(round(w, fit(w)), fit(w))`` works on a whole weight).
         """
 
     @abstractmethod
@@ -143,9 +168,12 @@ class Format(Component, ABC):
         return unpack_bits(packed, self.code_bits(), rows * n_codes).view(rows, n_codes)
 
     def param_nbytes(self, shape: tuple[int, int]) -> int:
-        """Bytes of grid parameters stored for a weight of ``shape``."""
+        """Bytes of grid parameters stored for a weight of ``shape`` (per-group and per-tensor)."""
         params = stored_params(self.fit(torch.zeros(1, shape[1])))
-        return shape[0] * sum(p.numel() * p.element_size() for p in params.values())
+        per_row = sum(p.numel() * p.element_size() for p in params.values())
+        # shapes only: a meta tensor costs no memory, however large the weight
+        tensor = stored_params(self.fit_tensor(torch.zeros(shape, device="meta")))
+        return shape[0] * per_row + sum(p.numel() * p.element_size() for p in tensor.values())
 
     def nbytes(self, shape: tuple[int, int]) -> int:
         """Bytes stored for a weight of ``shape``: packed codes plus grid parameters."""
@@ -163,14 +191,16 @@ class Format(Component, ABC):
         if reason:
             raise ValueError(f"format {self.spec} cannot store a {tuple(w.shape)} weight: {reason}")
         w32 = w.detach().to(torch.float32)
-        params = self.fit(w32, importance)
-        codes = self.round(w32, params)
-        return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params)
+        tensor = self.fit_tensor(w32)
+        view = self.tensor_view(tensor, tuple(w.shape)) if tensor else {}
+        params = self.fit(w32, importance, view=view) if view else self.fit(w32, importance)
+        codes = self.round(w32, {**params, **view})
+        return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params, tensor_params=tensor)
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
         """Values ``[out, in]`` (float32, in the order the codes are stored)."""
         codes = self.unpack(qw.packed, qw.shape)
-        return self.decode(codes, qw.params)
+        return self.decode(codes, qw.full_params())
 
 
 @dataclass
@@ -178,7 +208,8 @@ class QuantizedWeight:
     """One quantized tensor: format, packed codes, grid parameters, original shape and dtype.
 
     ``perm``, when set, is the input-column order the codes are stored in (act-order): stored
-    column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it.
+    column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it. ``tensor_params``
+    are the format's per-tensor parameters (:meth:`Format.fit_tensor`), stored and counted once.
     """
 
     format: Format
@@ -188,12 +219,21 @@ class QuantizedWeight:
     params: Params
     perm: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tensor_params: Params = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.params = stored_params(self.params)
+        self.tensor_params = stored_params(self.tensor_params)
 
     def codes(self) -> torch.Tensor:
         return self.format.unpack(self.packed, self.shape)
+
+    def full_params(self) -> Params:
+        """The per-group parameters with the view of the per-tensor ones: what :meth:`Format.decode`
+        of the whole weight reads."""
+        if not self.tensor_params:
+            return self.params
+        return {**self.params, **self.format.tensor_view(self.tensor_params, self.shape)}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.format.dequantize(self)
@@ -204,7 +244,7 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         """Stored bytes: packed codes, grid parameters and the permutation if any."""
         n = self.packed.numel() * self.packed.element_size()
-        n += sum(p.numel() * p.element_size() for p in self.params.values())
+        n += sum(p.numel() * p.element_size() for p in (*self.params.values(), *self.tensor_params.values()))
         if self.perm is not None:
             n += self.perm.numel() * 4  # stored as int32 (g_idx-style)
         return n
@@ -214,6 +254,7 @@ class QuantizedWeight:
             self.format, self.shape, self.dtype, self.packed.to(device),
             {k: v.to(device) for k, v in self.params.items()},
             None if self.perm is None else self.perm.to(device), dict(self.meta),
+            {k: v.to(device) for k, v in self.tensor_params.items()},
         )
 
     @property
@@ -224,6 +265,11 @@ class QuantizedWeight:
 def stored_params(params: Params) -> Params:
     """``params`` without the transient ones (names starting with ``_``)."""
     return {k: v for k, v in params.items() if not k.startswith("_")}
+
+
+def slice_groups(params: Params, g0: int, k: int) -> Params:
+    """Groups ``[g0, g0 + k)`` of group-indexed parameters (dim 1)."""
+    return {name: v[:, g0:g0 + k] for name, v in params.items()}
 
 
 # -- bit packing ---------------------------------------------------------------------------

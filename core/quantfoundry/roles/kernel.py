@@ -54,6 +54,9 @@ class QuantLinear(nn.Module):
         self._param_names = tuple(qw.params)
         for key, value in qw.params.items():
             self.register_buffer(f"param_{key}", value)
+        self._tensor_param_names = tuple(qw.tensor_params)
+        for key, value in qw.tensor_params.items():
+            self.register_buffer(f"tensor_{key}", value)
         self.register_buffer("perm", qw.perm)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._meta = dict(qw.meta)
@@ -65,6 +68,7 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(
             self.format, (self.out_features, self.in_features), self.weight_dtype, self.packed,
             {k: getattr(self, f"param_{k}") for k in self._param_names}, self.perm, dict(self._meta),
+            {k: getattr(self, f"tensor_{k}") for k in self._tensor_param_names},
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

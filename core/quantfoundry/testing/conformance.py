@@ -107,7 +107,7 @@ class FormatConformance:
         codes = fmt.unpack(qw.packed, qw.shape)
         assert codes.shape == (self.shape[0], self.shape[1] // fmt.block_width)
         assert torch.equal(fmt.pack(codes), qw.packed), "pack(unpack(packed)) changed the bytes"
-        values = fmt.decode(codes, qw.params)
+        values = fmt.decode(codes, qw.full_params())
         assert torch.equal(values, qw.dequantize(torch.float32))
         assert torch.isfinite(values).all()
         rel = float((values - w).norm() / w.norm())
@@ -117,8 +117,9 @@ class FormatConformance:
         fmt, _, qw = self.quantized()
         assert fmt.nbytes(self.shape) == qw.nbytes()
         assert fmt.bits_per_weight(self.shape) == 8 * qw.nbytes() / (self.shape[0] * self.shape[1])
-        stored = {k for k in qw.params if not k.startswith("_")}
-        assert stored == set(qw.params), "transient parameters (names starting with _) must not be stored"
+        for params in (qw.params, qw.tensor_params):
+            stored = {k for k in params if not k.startswith("_")}
+            assert stored == set(params), "transient parameters (names starting with _) must not be stored"
 
     def test_column_slices_round_and_decode_as_the_whole_tile(self) -> None:
         fmt, w, qw = self.quantized()
@@ -163,8 +164,8 @@ class FormatConformance:
         _, _, cpu = self.quantized()
         _, _, gpu = self.quantized("cuda")
         assert torch.equal(cpu.packed, gpu.packed.cpu())
-        for k, v in cpu.params.items():
-            assert torch.equal(v, gpu.params[k].cpu()), k
+        for k, v in (*cpu.params.items(), *cpu.tensor_params.items()):
+            assert torch.equal(v, {**gpu.params, **gpu.tensor_params}[k].cpu()), k
 
 
 def _run(folder: Path, out: Path | None, **kwargs: Any) -> Any:

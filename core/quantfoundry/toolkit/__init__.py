@@ -29,7 +29,7 @@ from ..files import MANIFEST, read_jsonl, read_manifest, sha256_file, write_json
 from ..model.blocks import BlockStream
 from ..model.capture import capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
-from ..roles.format import pack_bits, stored_params, unpack_bits
+from ..roles.format import pack_bits, slice_groups, stored_params, unpack_bits
 from .checkpoint import (
     PROMPT,
     TOKENIZER_GLOBS,
@@ -67,6 +67,6 @@ __all__ = [
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",
     "prepare_hessian", "python_command",
     "quant_method_of", "read_jsonl", "read_manifest", "release", "select_kernel", "set_parameter", "sha256_file",
-    "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
+    "slice_groups", "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
     "write_json_atomic",
 ]

@@ -42,22 +42,29 @@ class HessianError(RuntimeError):
 
 @dataclass
 class Segment:
-    """Rows ``[start, stop)`` of the stacked weight, rounded onto ``fmt``."""
+    """Rows ``[start, stop)`` of the stacked weight, rounded onto ``fmt``. ``tensors``: the row
+    counts of the weights stacked in it, when there are several (each gets its own per-tensor
+    parameters, :meth:`Format.fit_tensor`); default one weight."""
 
     start: int
     stop: int
     fmt: Format
+    tensors: list[int] | None = None
 
     @property
     def rows(self) -> slice:
         return slice(self.start, self.stop)
+
+    def row_counts(self) -> list[int]:
+        return list(self.tensors) if self.tensors else [self.stop - self.start]
 
 
 @dataclass
 class LDLQResult:
     """Per segment: codes ``[rows, cols / block_width]`` and grid parameters ``[rows, groups, ...]`` in the
     stored column order; ``perm`` (stored column ``i`` = original column ``perm[i]``) when the
-    codes are stored in act-order; the damping that made ``H`` factorisable."""
+    codes are stored in act-order; the damping that made ``H`` factorisable; per segment, the
+    per-tensor parameters of each weight stacked in it (empty dicts for most formats)."""
 
     codes: list[torch.Tensor]
     params: list[Params]
@@ -66,6 +73,7 @@ class LDLQResult:
     damp_tries: int
     dead_columns: int
     values: torch.Tensor = field(repr=False)  # dequantized weights, original column order
+    tensor_params: list[list[Params]] = field(default_factory=list)
 
 
 def prepare_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +138,38 @@ def _slice_group(params: Params, g: int) -> Params:
     return {k: v[:, g:g + 1] for k, v in params.items()}
 
 
+def _fit_tensors(w: torch.Tensor, seg: Segment) -> tuple[list[Params], Params]:
+    """Per-tensor parameters of each weight in ``seg`` (rows of ``w`` ``[seg rows, cols]``) and
+    their group-indexed views stacked along the rows (empty for formats without any)."""
+    tensors, views, r = [], [], 0
+    for n in seg.row_counts():
+        part = w[r:r + n]
+        tp = seg.fmt.fit_tensor(part)
+        tensors.append(tp)
+        views.append(seg.fmt.tensor_view(tp, tuple(part.shape)) if tp else {})
+        r += n
+    if not views[0]:
+        return tensors, {}
+    return tensors, {k: _stack_rows([v[k] for v in views]) for k in views[0]}
+
+
+def _stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Views stacked along the rows; one that is a broadcast (stride 0 along rows and groups) of
+    the same values in every part stays a broadcast (a per-tensor table is not copied per block)."""
+    first = parts[0]
+    if all(p.dim() >= 2 and p.stride(0) == 0 and p.stride(1) == 0 for p in parts) and \
+            all(torch.equal(p[:1, :1], first[:1, :1]) for p in parts[1:]):
+        return first[:1].expand(sum(p.shape[0] for p in parts), *first.shape[1:])
+    return torch.cat(parts)
+
+
+def _fit(fmt: Format, tile: torch.Tensor, imp: torch.Tensor | None, view: Params) -> Params:
+    """``fmt.fit`` of a tile with its slice of the tensor view merged in (``view=`` only when any)."""
+    if not view:
+        return fmt.fit(tile, imp)
+    return {**fmt.fit(tile, imp, view=view), **view}
+
+
 @torch.no_grad()
 def ldlq_solve(
     weight: torch.Tensor, hessian: torch.Tensor, segments: list[Segment], *,
@@ -164,10 +204,14 @@ def ldlq_solve(
     groups = [seg.fmt.group_size(cols) for seg in segments]
 
     static: list[Params] = []
-    if static_groups:
+    tensor_params: list[list[Params]] = []
+    views: list[Params] = []
+    if static_groups:  # groups (and per-tensor parameters) on the original weights, original order
         for seg in segments:
             imp = importance if importance is None else importance.to(w.device)
-            fitted = seg.fmt.fit(w[seg.rows], imp)
+            tps, view = _fit_tensors(w[seg.rows], seg)
+            tensor_params.append(tps)
+            fitted = _fit(seg.fmt, w[seg.rows], imp, view)
             static.append(_keep_group_params(fitted, cols // seg.fmt.group_size(cols)))
 
     perm = None
@@ -178,6 +222,11 @@ def ldlq_solve(
         if importance is not None:
             importance = importance.to(w.device)[perm]
     order = perm.tolist() if perm is not None else None
+    if not static_groups:  # fitted to the weights in the order their groups are stored
+        for seg in segments:
+            tps, view = _fit_tensors(w[seg.rows], seg)
+            tensor_params.append(tps)
+            views.append(view)
 
     u, damp, tries = inverse_cholesky(h, damp_percent, damp_max)
     del h
@@ -194,10 +243,10 @@ def ldlq_solve(
     del w
     valt = torch.empty_like(wt)
     if use_fused:
-        _fused_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted)
+        _fused_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted, views)
     else:
         _plain_loop(wt, u, segments, groups, bsz, importance, codes, valt, fitted,
-                    static if static_groups else None, order, bw)
+                    static if static_groups else None, order, bw, views)
 
     if use_fused:  # the kernel's values are a·q + b; store exactly what the codes decode to
         valt = torch.cat([torch.cat(fitted_decode(seg, codes[s], fitted[s]), dim=1)
@@ -206,14 +255,15 @@ def ldlq_solve(
     if static_groups:
         params = static
     else:
-        params = [{k: torch.cat([p[k] for p in fs], dim=1) for k in fs[0]} for fs in fitted]
+        params = [{k: torch.cat([p[k] for p in fs], dim=1) for k in fs[0] if not k.startswith("_")}
+                  for fs in fitted]  # transient entries are not stored: never concatenated
     if perm is not None:
         inv = torch.argsort(perm)
         values = values[:, inv]
         if static_groups:  # groups are in the original order: store the codes there too
             codes = [c[:, inv] for c in codes]
             perm = None
-    return LDLQResult(codes, params, perm, damp, tries, int(dead.sum()), values)
+    return LDLQResult(codes, params, perm, damp, tries, int(dead.sum()), values, tensor_params)
 
 
 def _fused_available(device: torch.device) -> bool:
@@ -227,7 +277,7 @@ def _fused_available(device: torch.device) -> bool:
 
 def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
                 importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
-                fitted: list[list[Params]]) -> None:
+                fitted: list[list[Params]], views: list[Params]) -> None:
     """The column loop with one Triton kernel per lazy batch (every group starts a batch)."""
     from . import _triton_ldlq as fuse
 
@@ -245,7 +295,8 @@ def _fused_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
             g = groups[s]
             if i1 % g == 0:
                 imp = None if importance is None else importance[i1:i1 + g].to(wt.device)
-                current[s] = _keep_group_params(seg.fmt.fit(wt[i1:i1 + g, seg.rows].T, imp), 1)
+                view = _slice_group(views[s], i1 // g) if views[s] else {}
+                current[s] = _keep_group_params(_fit(seg.fmt, wt[i1:i1 + g, seg.rows].T, imp, view), 1)
                 fitted[s].append(current[s])
             aff = seg.fmt.affine(current[s], i1 % g, i2 - i1)
             if aff is None:
@@ -271,7 +322,7 @@ def fitted_decode(seg: Segment, codes: torch.Tensor, fitted: list[Params]) -> li
 def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], groups: list[int], bsz: int,
                 importance: torch.Tensor | None, codes: list[torch.Tensor], valt: torch.Tensor,
                 fitted: list[list[Params]], static: list[Params] | None, order: list[int] | None,
-                bw: int = 1) -> None:
+                bw: int, views: list[Params]) -> None:
     """The column loop through the Format interface (any grid, any device): ``bw`` columns
     rounded jointly per step."""
     cols = wt.shape[0]
@@ -292,7 +343,8 @@ def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
                     if col % g == 0:
                         tile = w1[i:i + g, seg.rows] if i + g <= i2 - i1 else wt[col:col + g, seg.rows]
                         imp = None if importance is None else importance[col:col + g].to(wt.device)
-                        current[s] = _keep_group_params(seg.fmt.fit(tile.T, imp), 1)
+                        view = _slice_group(views[s], col // g) if views[s] else {}
+                        current[s] = _keep_group_params(_fit(seg.fmt, tile.T, imp, view), 1)
                         fitted[s].append(current[s])
                     p, col0 = current[s], col % g
                 q = seg.fmt.round(w1[i:i + bw, seg.rows].T, p, col0)  # [rows, 1]: one code per vector

@@ -12,7 +12,8 @@ import torch
 # bitsandbytes is a testing dependency (qf-nf4[testing]): without it these tests fail, never skip
 
 
-@pytest.mark.parametrize(("quantizer", "fmt"), [("rtn", "nf4"), ("rtn", "fp4-b128"), ("gptq", "nf4")])
+@pytest.mark.parametrize(("quantizer", "fmt"), [("rtn", "nf4"), ("rtn", "fp4-b128"), ("gptq", "nf4"),
+                                               ("rtn", "nf4-dq"), ("gptq", "fp4-dq")])
 def test_transformers_with_bitsandbytes_loads_the_checkpoint(quantizer, fmt, tiny_model, tmp_path) -> None:
     import bitsandbytes as bnb
 
@@ -24,7 +25,7 @@ def test_transformers_with_bitsandbytes_loads_the_checkpoint(quantizer, fmt, tin
     assert not [n for n in r.notes if n.startswith("MISMATCH")], r.notes
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "bitsandbytes" and cfg["load_in_4bit"] is True
-    assert cfg["bnb_4bit_quant_type"] == fmt[:3] and cfg["bnb_4bit_use_double_quant"] is False
+    assert cfg["bnb_4bit_quant_type"] == fmt[:3] and cfg["bnb_4bit_use_double_quant"] is fmt.endswith("-dq")
     assert "lm_head" in cfg["llm_int8_skip_modules"]
     from transformers import AutoModelForCausalLM
 
@@ -34,8 +35,12 @@ def test_transformers_with_bitsandbytes_loads_the_checkpoint(quantizer, fmt, tin
     ours_qw = r.model.get_submodule("model.layers.0.self_attn.q_proj").qweight
     # bitsandbytes' own dequantization of the stored weight is ours, bit for bit (before the first
     # forward: on the CPU bitsandbytes then repacks the weight for its kernel)
+    assert q_proj.weight.quant_state.nested is fmt.endswith("-dq")
     deq = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
     assert torch.equal(deq, ours_qw.dequantize())
+    # and qf reads the checkpoint back to the same weights
+    again = qf.load(out).get_submodule("model.layers.0.self_attn.q_proj").qweight
+    assert again.format == ours_qw.format and torch.equal(again.dequantize(), ours_qw.dequantize())
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = r.model.float()(input_ids=ids).logits.float()

@@ -12,7 +12,7 @@ from quantfoundry.testing.conformance import KernelConformance
 
 class TestBnB4BitKernelConformance(KernelConformance):
     kernel = "bnb-4bit"
-    specs = ("nf4", "fp4", "nf4-b128", "int4-g128")  # int4 is not served: the kit skips it
+    specs = ("nf4", "fp4", "nf4-b128", "nf4-dq", "int4-g128")  # int4 is not served: the kit skips it
 
 
 def test_float64_reference() -> None:

@@ -127,6 +127,7 @@ class GPTQQuantizer(Quantizer):
         for n, w in zip(members, weights, strict=True):
             fmt = block.formats[n]
             if segments and segments[-1].fmt == fmt:
+                segments[-1].tensors = [*segments[-1].row_counts(), w.shape[0]]
                 segments[-1].stop += w.shape[0]
             else:
                 segments.append(Segment(start, start + w.shape[0], fmt))
@@ -151,6 +152,7 @@ class GPTQQuantizer(Quantizer):
                      "in calibration: rounded to nearest, no error feedback")
         out = {}
         row = 0
+        taken = [0] * len(segments)  # weights of each segment handed out so far
         for n, w in zip(members, weights, strict=True):
             s = next(i for i, seg in enumerate(segments) if seg.start <= row < seg.stop)
             seg = segments[s]
@@ -159,6 +161,8 @@ class GPTQQuantizer(Quantizer):
             params = {k: v[r0:r1].contiguous() for k, v in res.params[s].items()}
             out[n] = QuantizedWeight(seg.fmt, tuple(w.shape), w.dtype, seg.fmt.pack(codes), params,
                                      perm=None if res.perm is None else res.perm.clone(),
-                                     meta={"gptq": {"damp": res.damp}})
+                                     meta={"gptq": {"damp": res.damp}},
+                                     tensor_params=res.tensor_params[s][taken[s]])
+            taken[s] += 1
             row += w.shape[0]
         return out

@@ -5,16 +5,21 @@ Each quantized linear ``L`` is stored as bitsandbytes' ``Linear4bit`` serializes
 
 * ``L.weight`` — the packed codes, ``uint8 [out * in / 2, 1]`` (two codes a byte, the first in
   the high nibble, row-major);
-* ``L.weight.absmax`` — ``float32 [out * in / blocksize]``, one per block;
+* ``L.weight.absmax`` — ``float32 [out * in / blocksize]``, one per block (with double
+  quantization: their ``uint8`` codes);
 * ``L.weight.quant_map`` — the 16-entry code table (``float32``);
+* with double quantization, ``L.weight.nested_absmax`` (``float32``, one per 256 blocks) and
+  ``L.weight.nested_quant_map`` (the 256-entry dynamic map);
 * ``L.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``) — the JSON of ``quant_type``,
-  ``blocksize``, ``dtype`` and ``shape`` as ``uint8`` bytes (bitsandbytes' ``pack_dict_to_tensor``).
+  ``blocksize``, ``dtype`` and ``shape`` (and ``nested_blocksize``, ``nested_dtype``,
+  ``nested_offset`` with double quantization) as ``uint8`` bytes (bitsandbytes'
+  ``pack_dict_to_tensor``).
 
 ``config.json`` gets transformers' own ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()``
-(``quant_method: bitsandbytes``, the quant type, ``bnb_4bit_use_double_quant: false``, the
-compute dtype = the checkpoint's) with every linear kept in float (the output head, widths that
-are no multiple of the block size) in ``llm_int8_skip_modules``, so transformers leaves those as
-``nn.Linear``. One quant type per checkpoint (the config has one).
+(``quant_method: bitsandbytes``, the quant type, ``bnb_4bit_use_double_quant``, the compute
+dtype = the checkpoint's) with every linear kept in float (the output head, widths that are no
+multiple of the block size) in ``llm_int8_skip_modules``, so transformers leaves those as
+``nn.Linear``. One quant type and one double-quant setting per checkpoint (the config has one).
 """
 
 from __future__ import annotations
@@ -42,16 +47,20 @@ from quantfoundry.toolkit import (
 )
 from torch import nn
 
-from .formats import BnB4Format, BnB4Options, FP4Format, NF4Format, code_table
+from .formats import NESTED_BLOCK, BnB4Format, BnB4Options, FP4Format, NF4Format, code_table
 
 PARTS = ("absmax", "quant_map")
+NESTED_PARTS = ("nested_absmax", "nested_quant_map")
 
 
-def quant_state_bytes(kind: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+def quant_state_bytes(kind: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, int],
+                      nested_offset: float | None = None) -> torch.Tensor:
     """``quant_state.bitsandbytes__<kind>``: the JSON bitsandbytes' ``QuantState.as_dict(packed=True)``
     packs, as ``uint8`` (its keys in its order)."""
-    state = {"quant_type": kind, "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."),
-             "shape": list(shape)}
+    state: dict[str, Any] = {"quant_type": kind, "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."),
+                             "shape": list(shape)}
+    if nested_offset is not None:
+        state.update({"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32", "nested_offset": nested_offset})
     return torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)
 
 
@@ -86,6 +95,7 @@ class BnB4BitExporter(Exporter):
         self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
         self.quantized: list[str] = []
         self.kinds: set[str] = set()
+        self.double: set[bool] = set()
 
     def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
         if not isinstance(tensor, QuantizedWeight):
@@ -97,11 +107,20 @@ class BnB4BitExporter(Exporter):
         if tensor.perm is not None:
             raise ArtifactError(f"{name} has a column permutation (act-order); bitsandbytes stores none")
         self.kinds.add(fmt.kind)
+        self.double.add(fmt.options.double_quant)
         self.writer.add(name, tensor.packed.reshape(-1, 1))
-        self.writer.add(f"{name}.absmax", tensor.params["absmax"].float().reshape(-1))
+        offset = None
+        if fmt.options.double_quant:
+            tp = tensor.tensor_params
+            self.writer.add(f"{name}.absmax", tensor.params["absmax"].reshape(-1))  # uint8 codes
+            self.writer.add(f"{name}.nested_absmax", tp["nested_absmax"].float())
+            self.writer.add(f"{name}.nested_quant_map", tp["nested_map"].float())
+            offset = float(tp["offset"].item())
+        else:
+            self.writer.add(f"{name}.absmax", tensor.params["absmax"].float().reshape(-1))
         self.writer.add(f"{name}.quant_map", code_table(fmt.kind))
         self.writer.add(f"{name}.quant_state.bitsandbytes__{fmt.kind}",
-                        quant_state_bytes(fmt.kind, fmt.options.blocksize, tensor.dtype, tensor.shape))
+                        quant_state_bytes(fmt.kind, fmt.options.blocksize, tensor.dtype, tensor.shape, offset))
         self.quantized.append(name.removesuffix(".weight"))
 
     def quantization_config(self) -> dict[str, Any]:
@@ -109,11 +128,13 @@ class BnB4BitExporter(Exporter):
 
         if len(self.kinds) > 1:
             raise ArtifactError(f"a bitsandbytes checkpoint has one quant type, got {sorted(self.kinds)}")
+        if len(self.double) > 1:
+            raise ArtifactError("a bitsandbytes checkpoint uses double quantization for all its linears or none")
         kept = sorted(self.plan_.kept_float())
         dtype = str(self.source.storage_dtype).removeprefix("torch.")
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=next(iter(self.kinds), "nf4"),
-                                 bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=dtype,
-                                 llm_int8_skip_modules=kept)
+                                 bnb_4bit_use_double_quant=next(iter(self.double), False),
+                                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=kept)
         return cfg.to_dict()
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +146,8 @@ class BnB4BitExporter(Exporter):
         manifest = read_manifest(folder)
         shapes = stored_shapes(folder, manifest.get("files") or [])
         for prefix in manifest.get("bnb_linears", []):
-            for key in (f"{prefix}.weight", *(f"{prefix}.weight.{p}" for p in PARTS)):
+            parts = PARTS + (NESTED_PARTS if f"{prefix}.weight.nested_absmax" in shapes else ())
+            for key in (f"{prefix}.weight", *(f"{prefix}.weight.{p}" for p in parts)):
                 if key not in shapes:
                     raise ArtifactError(f"{key} is missing from {folder}")
 
@@ -151,8 +173,8 @@ class BnB4BitExporter(Exporter):
 
 def load_bnb_checkpoint(folder: Path, *, device: torch.device, kernel: str | None = None,
                         dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A model from a bitsandbytes 4-bit checkpoint without double quantization (ours, or
-    transformers' with ``bnb_4bit_use_double_quant=False``), linears as QuantLinear."""
+    """A model from a bitsandbytes 4-bit checkpoint (ours, or one transformers wrote, with or
+    without double quantization), linears as QuantLinear."""
     model, source = artifact_skeleton(Path(folder), dtype)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -161,17 +183,30 @@ def load_bnb_checkpoint(folder: Path, *, device: torch.device, kernel: str | Non
                 if source.has_tensor(k)]
         if not keys:
             continue
-        stored = source.read([f"{name}.weight", f"{name}.weight.absmax", keys[0]])
+        double = source.has_tensor(f"{name}.weight.nested_absmax")
+        parts = [f"{name}.weight", f"{name}.weight.absmax", f"{name}.weight.quant_map", keys[0]]
+        stored = source.read(parts + ([f"{name}.weight.{p}" for p in NESTED_PARTS] if double else []))
         state = json.loads(bytes(stored[keys[0]].tolist()).decode("utf-8"))
-        if source.has_tensor(f"{name}.weight.nested_absmax"):
-            raise ArtifactError(f"{folder}: {name} uses double quantization, which this reader does not take yet")
         cls = NF4Format if state["quant_type"] == "nf4" else FP4Format
-        fmt = cls(BnB4Options(blocksize=int(state["blocksize"])))
+        fmt = cls(BnB4Options(blocksize=int(state["blocksize"]), double_quant=double))
         shape = (module.out_features, module.in_features)
         if tuple(state["shape"]) != shape:
             raise ArtifactError(f"{folder}: {name} stores shape {state['shape']}, the model has {list(shape)}")
-        absmax = stored[f"{name}.weight.absmax"].float().view(shape[0], -1)
+        if not torch.equal(stored[f"{name}.weight.quant_map"].float(), code_table(fmt.kind)):
+            raise ArtifactError(f"{folder}: {name} stores a {fmt.kind} code table that is not bitsandbytes' own")
+        absmax = stored[f"{name}.weight.absmax"].view(shape[0], -1)
+        tensor_params = {}
+        if double:
+            if int(state.get("nested_blocksize", 0)) != NESTED_BLOCK:
+                raise ArtifactError(f"{folder}: {name} has nested_blocksize {state.get('nested_blocksize')}; "
+                                    f"bitsandbytes writes {NESTED_BLOCK}")
+            tensor_params = {"offset": torch.tensor([float(state["nested_offset"])], dtype=torch.float32),
+                             "nested_absmax": stored[f"{name}.weight.nested_absmax"].float(),
+                             "nested_map": stored[f"{name}.weight.nested_quant_map"].float()}
+            absmax = absmax.to(torch.uint8)
+        else:
+            absmax = absmax.float()
         qw = QuantizedWeight(fmt, shape, getattr(torch, state["dtype"]), stored[f"{name}.weight"].reshape(-1),
-                             {"absmax": absmax})
+                             {"absmax": absmax}, tensor_params=tensor_params)
         swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
     return load_float_parameters(model, source, device, dtype)

@@ -45,9 +45,17 @@ class BnB4BitKernel(qf.Kernel):
         import bitsandbytes.functional as F
 
         kind = qw.format.name
-        state = F.QuantState(absmax=qw.params["absmax"].reshape(-1).float().contiguous(), shape=torch.Size(qw.shape),
+        absmax, offset, nested = qw.params["absmax"].reshape(-1).contiguous(), None, None
+        if qw.tensor_params:  # double quantization: 8-bit absmax codes, their scales and offset
+            tp = qw.tensor_params
+            nested = F.QuantState(absmax=tp["nested_absmax"].float().contiguous(), code=tp["nested_map"].float(),
+                                  blocksize=256, dtype=torch.float32)
+            offset = tp["offset"].float().reshape(())
+        else:
+            absmax = absmax.float()
+        state = F.QuantState(absmax=absmax, shape=torch.Size(qw.shape),
                              code=F.get_4bit_type(kind, device=qw.device), blocksize=qw.format.options.blocksize,
-                             quant_type=kind, dtype=torch.float32)
+                             quant_type=kind, dtype=torch.float32, offset=offset, state2=nested)
         return {"weight": qw.packed.reshape(-1, 1).contiguous(), "state": state}
 
     def forward(self, x: torch.Tensor, qw: qf.QuantizedWeight, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
