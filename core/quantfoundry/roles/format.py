@@ -149,6 +149,19 @@ class Format(Component, ABC):
         hands its values back. ``None`` (the default): the format takes no fitted values back."""
         return None
 
+    def scaled_levels(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For lookup grids whose value is ``s · levels[code]`` with one scale per group (NF4,
+        FP4): ``(s, levels)``, ``s`` float32 ``[rows, ncols]`` for columns ``[col0, col0 + ncols)``
+        of the tile of ``params`` and ``levels`` the float32 values of the codes, in code order,
+        where :meth:`round` picks the level nearest ``w / s``. ``None`` (the default) otherwise."""
+        return None
+
+    def params_from_scale(self, s: torch.Tensor, like: Params) -> Params | None:
+        """The inverse of :meth:`scaled_levels`: parameters for groups with scale ``s`` (float32
+        ``[rows, n_groups]``), rounded to their storage dtypes, shaped like ``like`` — how an
+        optimiser of the scale (HQQ) hands it back. ``None`` (the default): not taken back."""
+        return None
+
     def quantize_dequantize(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         return self.decode(self.round(w, params, col0), params, col0)
 

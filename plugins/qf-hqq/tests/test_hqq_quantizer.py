@@ -58,9 +58,11 @@ def quantize(spec: str, w: torch.Tensor, **options) -> qf.QuantizedWeight:
     return q.quantize_tensor("w", w, qf.resolve_format(spec), qf.QuantContext(device=torch.device("cpu")))
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2])
-def test_zero_points_follow_the_float64_equations(bits: int) -> None:
-    w = trained_like(16, 256, seed=bits)
+@pytest.mark.parametrize(("bits", "magnitude"), [(4, 1), (3, 1), (2, 1), (4, 300), (2, 60)])
+def test_zero_points_follow_the_float64_equations(bits: int, magnitude: float) -> None:
+    """``magnitude``: weights that large make the lp shrinkage act on some groups (at the usual
+    scale of trained weights, β = 10 shrinks nothing and the update is a least-squares one)."""
+    w = trained_like(16, 256, seed=bits) * magnitude
     qw = quantize(f"int{bits}-g64-zf16", w)
     scale, zero = hqq_reference(w.double().numpy(), 64, bits)
     assert torch.equal(qw.params["scale"].double(), torch.from_numpy(scale))
@@ -86,6 +88,36 @@ def test_hqq_beats_round_to_nearest_on_the_lp_error(spec: str) -> None:
     assert err["hqq"].pow(0.7).mean() < err["rtn"].pow(0.7).mean()
 
 
+def test_the_fast_rounds_are_the_textbook_rounds() -> None:
+    """:func:`optimize_zero` (code units, the shrink as a clamp, the pow only where it acts)
+    against the loop written as the paper writes it, with :func:`shrink`, on groups where the
+    shrinkage acts and groups where it does not."""
+    from qf_hqq.quantizer import HQQOptions, optimize_zero, shrink
+
+    w = trained_like(32, 256, seed=5)
+    w[:8] *= 400  # these rows' groups are shrunk
+    groups = w.view(32, 4, 64)
+    lo, hi = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zero0 = -lo / scale
+    o = HQQOptions()
+    zero, beta, best = zero0.clone(), o.beta, float("inf")
+    acted = False
+    for _ in range(o.iters):
+        wq = torch.clamp(torch.round(groups / scale + zero), 0, 15)
+        wr = (wq - zero) * scale
+        we = shrink(groups - wr, beta, o.lp_norm)
+        acted |= bool((we != 0).any())
+        zero = torch.mean(wq - (groups - we) / scale, dim=-1, keepdim=True)
+        beta *= o.kappa
+        error = float((groups - wr).abs().mean())
+        if error >= best:
+            break
+        best = error
+    assert acted
+    torch.testing.assert_close(optimize_zero(groups, scale, zero0, 0, 15, o), zero, rtol=0, atol=1e-4)
+
+
 def test_integer_zero_points_are_rounded_and_stored_as_such() -> None:
     w = trained_like(8, 256, seed=1)
     qw = quantize("int4-g64", w)
@@ -104,12 +136,58 @@ def test_cuda_gives_the_cpu_result() -> None:
     torch.testing.assert_close(a.dequantize(), b.dequantize().cpu(), rtol=0, atol=1e-3)
 
 
-def test_lookup_grids_are_refused_before_any_work(tiny_model) -> None:
-    nf4 = qf.resolve_format("nf4")  # qf-nf4's lookup grid (a testing dependency)
-    assert "not an affine grid" in (HQQQuantizer().check_format(nf4) or "")
-    with pytest.raises(qf.QFError, match="not an affine grid"):
-        qf.run(str(tiny_model("llama")), quantizer="hqq", format="nf4", out=None, progress=False)
-    assert HQQQuantizer().check_format(qf.resolve_format("int4-g64")) is None
+def test_grids_without_a_free_zero_or_scale_are_refused_before_any_work(tiny_model) -> None:
+    dq = qf.resolve_format("nf4-dq")  # qf-nf4 (a testing dependency): its absmax is quantized per tensor
+    assert "neither an affine grid" in (HQQQuantizer().check_format(dq) or "")
+    with pytest.raises(qf.QFError, match="neither an affine grid"):
+        qf.run(str(tiny_model("llama")), quantizer="hqq", format="nf4-dq", out=None, progress=False)
+    for spec in ("int4-g64", "nf4", "fp4-b128"):
+        assert HQQQuantizer().check_format(qf.resolve_format(spec)) is None
+
+
+def scale_levels_reference(w: np.ndarray, levels: np.ndarray, block: int, p=0.7, beta=10.0, kappa=1.01, iters=20):
+    """HQQ's splitting for ``value = s · level`` in float64, group by group: nearest level of
+    ``w / s``, ``We = shrink_p(w − s·L)``, ``s = <w − We, L> / <L, L>``; the best scale seen."""
+    blocks = w.reshape(-1, block)
+    scale = np.abs(blocks).max(-1)
+    best, best_scale, b = np.inf, scale.copy(), beta
+    for _ in range(iters):
+        new, err_sum = [], 0.0
+        for x, s in zip(blocks, scale, strict=True):
+            lv = levels[np.abs(x[:, None] / s - levels[None, :]).argmin(-1)]
+            e = x - s * lv
+            err_sum += np.abs(e).sum()
+            shrunk = np.sign(e) * np.maximum(np.abs(e) - (1 / b) * np.power(np.abs(e) + 1e-8, p - 1), 0)
+            new.append(np.dot(x - shrunk, lv) / np.dot(lv, lv))
+        error = err_sum / w.size
+        if error >= best:
+            break
+        best, best_scale = error, scale
+        scale, b = np.array(new), b * kappa
+    return best_scale.reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize(("kind", "magnitude"), [("nf4", 1), ("fp4", 1), ("nf4", 300)])
+def test_the_scale_of_a_lookup_grid_follows_the_float64_equations(kind: str, magnitude: float) -> None:
+    from qf_nf4.formats import code_table
+
+    w = trained_like(16, 256, seed=4) * magnitude
+    qw = quantize(kind, w)
+    want = scale_levels_reference(w.double().numpy(), code_table(kind).double().numpy(), 64)
+    got = qw.params["absmax"].double().numpy()
+    assert np.mean(np.abs(got - want) <= 1e-4 * np.abs(want)) >= 0.95  # float32 vs float64 sums, ties
+    rtn = qf.resolve_format(kind).quantize(w)
+    assert (qw.dequantize() - w).abs().mean() < (rtn.dequantize() - w).abs().mean()
+
+
+@pytest.mark.parametrize("spec", ["int4-g64-zf16", "int3-g64-zf16", "int2-g64-zf16"])
+def test_freeing_the_scale_of_an_affine_grid_lowers_the_error(spec: str) -> None:
+    w = trained_like(64, 512, seed=9)
+    zero_only = quantize(spec, w)
+    both = quantize(spec, w, optimize_scale=True)
+    err = {k: float((v.dequantize() - w).abs().mean()) for k, v in (("zero", zero_only), ("both", both))}
+    assert err["both"] < err["zero"]
+    assert both.params["scale"].dtype == torch.float16
 
 
 class TestHQQConformance(QuantizerConformance):

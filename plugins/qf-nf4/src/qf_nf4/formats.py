@@ -202,6 +202,16 @@ class BnB4Format(Format):
         codes = params["absmax"].long().unsqueeze(-1)
         return torch.gather(params["_map"], 2, codes).squeeze(-1) * params["_nested"] + params["_offset"]
 
+    def scaled_levels(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.options.double_quant:  # the absmax is itself quantized per tensor: not a free scale
+            return None
+        return self._per_column(params["absmax"], col0, ncols), code_table(self.kind, params["absmax"].device)
+
+    def params_from_scale(self, s: torch.Tensor, like: Params) -> Params | None:
+        if self.options.double_quant:
+            return None
+        return {"absmax": s.to(torch.float32).reshape(like["absmax"].shape)}
+
     def _per_column(self, absmax: torch.Tensor, col0: int, ncols: int) -> torch.Tensor:
         idx = torch.arange(col0, col0 + ncols, device=absmax.device) // self.options.blocksize
         return absmax[:, idx]
