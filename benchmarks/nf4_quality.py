@@ -1,6 +1,8 @@
 """Issue 18: NF4 (bitsandbytes' layout, plugin ``qf-nf4``) reached by RTN — bitsandbytes' own
-result, byte for byte — and by GPTQ and AWQ through the Format interface, beside ``int4-g64``
-(asymmetric, float16 scale and zero point), which stores the same 4.5 bits per weight.
+result, byte for byte — and by GPTQ, AWQ and HQQ (its scale optimised) through the Format
+interface, with and without double quantization (``nf4-dq``, 4.127 bits), beside ``int4-g64``
+(asymmetric, float16 scale, integer zero point). A method that cannot drive a format (HQQ on
+``nf4-dq``, whose absmax is itself quantized) is left out.
 
 Protocol: the core's defaults — calibration on ``python_calib.txt`` (128 x 512 tokens, seed 0),
 ``kl`` against the original on the held-out ``python_eval.txt`` (pycode-7m's own domain) and on
@@ -28,8 +30,8 @@ from rtn_sweep import model_folder
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "nf4_quality.json"
-METHODS = ("rtn", "gptq", "awq")
-FORMATS = ("nf4", "int4-g64")
+METHODS = ("rtn", "gptq", "awq", "hqq")
+FORMATS = ("nf4", "nf4-dq", "int4-g64")
 
 
 def main() -> None:
@@ -51,6 +53,8 @@ def main() -> None:
         evaluators: list[tuple[str, dict[str, Any]]] = [
             ("kl", {"path": str(p), "max_tokens": args.eval_tokens}) for p in texts.values()]
         evaluators.append(("size", {}))
+        if qf.get_component("quantizer", method)().check_format(qf.resolve_format(fmt)):
+            continue
         t0 = time.perf_counter()
         r = qf.run(str(model_folder(model)), quantizer=method, format=fmt, out=None, progress=False,
                    device=args.device, evaluators=evaluators)

@@ -167,7 +167,8 @@ class BnB4Format(Format):
         if not self.options.double_quant:
             return {}
         absmax = self._absmax(w).reshape(-1)  # row-major: bitsandbytes' block order
-        offset = absmax.mean()
+        # the mean as bitsandbytes' CPU path sums it, on every device (a CUDA sum rounds differently)
+        offset = absmax.mean() if absmax.device.type in ("cpu", "meta") else absmax.cpu().mean().to(absmax.device)
         a = absmax - offset
         pad = (-a.numel()) % NESTED_BLOCK  # the last chunk may be short: zeros never raise a max of |a|
         nested = torch.nn.functional.pad(a, (0, pad)).view(-1, NESTED_BLOCK).abs().amax(-1)
