@@ -88,14 +88,15 @@ def test_hqq_beats_round_to_nearest_on_the_lp_error(spec: str) -> None:
     assert err["hqq"].pow(0.7).mean() < err["rtn"].pow(0.7).mean()
 
 
-def test_the_fast_rounds_are_the_textbook_rounds() -> None:
+@pytest.mark.parametrize("shrunk_rows", [2, 16])  # a few groups shrunk (gathered), many (dense pass)
+def test_the_fast_rounds_are_the_textbook_rounds(shrunk_rows: int) -> None:
     """:func:`optimize_zero` (code units, the shrink as a clamp, the pow only where it acts)
     against the loop written as the paper writes it, with :func:`shrink`, on groups where the
     shrinkage acts and groups where it does not."""
     from qf_hqq.quantizer import HQQOptions, optimize_zero, shrink
 
     w = trained_like(32, 256, seed=5)
-    w[:8] *= 400  # these rows' groups are shrunk
+    w[:shrunk_rows] *= 400  # these rows' groups are shrunk
     groups = w.view(32, 4, 64)
     lo, hi = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / 15
