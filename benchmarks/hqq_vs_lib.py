@@ -6,12 +6,10 @@ architecture, ``kl`` against the original on the held-out Python text and on Wik
 measured the same way, after one untimed warm-up call). Round-to-nearest on the same grid is the
 baseline.
 
-The hqq library runs in its own virtualenv that sees this environment's packages::
+The hqq library comes with ``third_party_plugins/qf-hqq-lib`` (hqq 0.2.8.post1)::
 
-    python -m venv --system-site-packages /tmp/hqqvenv
-    DISABLE_CUDA=1 /tmp/hqqvenv/bin/pip install --no-deps hqq==0.2.8.post1 einops termcolor
-    /tmp/hqqvenv/bin/python benchmarks/hqq_vs_lib.py [--models pycode-7m] [--device cpu]
-    /tmp/hqqvenv/bin/python benchmarks/hqq_vs_lib.py --retime 3      # times only (idle machine)
+    python benchmarks/hqq_vs_lib.py [--models pycode-7m] [--device cpu]
+    python benchmarks/hqq_vs_lib.py --retime 3      # times only (idle machine)
 """
 
 from __future__ import annotations
