@@ -13,7 +13,9 @@ Grid (per group of columns, float32 arithmetic, scale stored in ``scale_dtype``)
 * ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)``, ``w' = (q - zero) * scale``.
 * ``-zf16`` (``zero_dtype=float16``): the zero point is stored as float16, not rounded
   (``zero = clamp(-xmin / scale, 0, 2^b - 1)``), and ``q = clamp(round(w / scale + zero), ...)``
-  — HQQ's grid, whose optimiser moves the zero point between integers.
+  — HQQ's grid, whose optimiser moves the zero point between integers. A zero point handed
+  back (:meth:`IntFormat.params_from_affine`) is kept as given, inside float16's range: it may
+  lie outside the code range for a group whose values do not include 0.
 
 A group whose weights are all zero gets ``scale = 1`` (every code decodes to 0).
 
@@ -130,7 +132,7 @@ class IntFormat(Format):
             scale = (xmax - xmin) / maxq
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         scale = scale.clamp(min=info.tiny, max=info.max).to(sdt)
-        return self._stored(scale, None if self.options.sym else -xmin / scale.to(torch.float32))
+        return self._stored(scale, None if self.options.sym else (-xmin / scale.to(torch.float32)).clamp(0, self.maxq))
 
     def params_from_affine(self, a: torch.Tensor, b: torch.Tensor, like: Params) -> Params:
         """Grid parameters for ``value = a · code + b`` per group (``a``, ``b`` ``[rows, n_groups]``,
@@ -141,13 +143,12 @@ class IntFormat(Format):
 
     def _stored(self, scale: torch.Tensor, zero: torch.Tensor | None) -> Params:
         """The stored parameters: ``scale`` (in its storage dtype) and, for an asymmetric grid,
-        the float32 zero point clamped to the code range and rounded to ``zero_dtype``."""
+        the float32 zero point rounded to ``zero_dtype`` (clamped to the code range for ``uint8``)."""
         if zero is None:
             return {"scale": scale}
-        zero = zero.clamp(0, self.maxq)
         if self.options.zero_dtype == "float16":
-            return {"scale": scale, "zero": zero.to(torch.float16)}
-        return {"scale": scale, "zero": torch.round(zero).to(torch.uint8)}
+            return {"scale": scale, "zero": zero.clamp(-65504, 65504).to(torch.float16)}
+        return {"scale": scale, "zero": torch.round(zero.clamp(0, self.maxq)).to(torch.uint8)}
 
     def _grid(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Scale and zero shaped to broadcast over ``w.view(rows, -1, g)`` for the columns

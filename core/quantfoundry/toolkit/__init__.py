@@ -19,6 +19,8 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   sensitivity passes;
 * **components** (:mod:`.components`): a registered component built by name with checked
   options (:func:`make_component`), for plugins that compose others (``mix``);
+* **grids** (:mod:`.grids`): an affine format's code range and whether it takes a zero point
+  back (:func:`affine_grid`), for optimisers of the grid (HQQ and its adapter);
 * the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
 """
 
@@ -46,6 +48,7 @@ from .checkpoint import (
 )
 from .components import make_component
 from .fold import FoldPoint, Tie, apply_fold, fold_point
+from .grids import AffineGrid, affine_grid
 from .kernels import select_kernel, swap_in
 from .ldlq import (
     HessianError,
@@ -60,7 +63,7 @@ from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWr
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "PROMPT", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",

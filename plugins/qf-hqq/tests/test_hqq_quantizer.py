@@ -66,7 +66,7 @@ def test_zero_points_follow_the_float64_equations(bits: int, magnitude: float) -
     qw = quantize(f"int{bits}-g64-zf16", w)
     scale, zero = hqq_reference(w.double().numpy(), 64, bits)
     assert torch.equal(qw.params["scale"].double(), torch.from_numpy(scale))
-    want = torch.from_numpy(np.clip(zero, 0, 2 ** bits - 1)).to(torch.float16).double()
+    want = torch.from_numpy(zero).to(torch.float16).double()  # float16 zero points are stored as optimised
     got = qw.params["zero"].double()
     # float32 against float64 sums: the same zero points to float16 precision nearly everywhere (a
     # code on a rounding tie may flip in one group and move its later zero points), and an error
@@ -194,3 +194,15 @@ def test_freeing_the_scale_of_an_affine_grid_lowers_the_error(spec: str) -> None
 class TestHQQConformance(QuantizerConformance):
     quantizer = "hqq"
     format = "int4-g32-zf16"
+
+
+def test_minmax_start_serves_groups_that_do_not_straddle_zero() -> None:
+    """``init=minmax`` (the paper's and the library's start): a group of positive weights gets
+    its own range, its zero point below code 0 — stored as such on a float16-zero grid — and a
+    far smaller error than the ``int`` fit's range widened to include 0."""
+    w = torch.rand(16, 256, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.05
+    wide, own = quantize("int4-g64-zf16", w), quantize("int4-g64-zf16", w, init="minmax")
+    assert float(own.params["zero"].float().max()) < 0  # the grid starts above 0
+    assert (own.dequantize() - w).abs().mean() < 0.5 * (wide.dequantize() - w).abs().mean()
+    with pytest.raises(ValueError, match="init must be minmax or format"):
+        HQQQuantizer.Options(init="zeros")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import quantfoundry as qf
 import torch
+from quantfoundry.toolkit import affine_grid
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,10 @@ class HQQOptions(qf.Options):
         "help": "growth of beta per round (>= 1; the paper's schedule 1.01, the hqq library 0.2.8 keeps beta: 1)"})
     iters: int = field(default=20, metadata={"help": "rounds at most"})
     early_stop: bool = field(default=True, metadata={"help": "stop once the mean absolute error stops improving"})
+    init: str = field(default="format", metadata={
+        "help": "starting grid on affine grids: format (the format's own fit: int widens each group's range to "
+                "include 0) or minmax (each group's own min and max, as the paper and the hqq library start; "
+                "needs a free zero point)"})
     optimize_scale: bool = field(default=False, metadata={
         "help": "affine grids: fit the scale with the zero point (least squares on the shrunk weights); "
                 "lookup grids (nf4, fp4) always optimise their scale"})
@@ -50,6 +55,8 @@ class HQQOptions(qf.Options):
             raise ValueError(f"beta must be > 0 and kappa >= 1, got beta={self.beta}, kappa={self.kappa}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.init not in ("minmax", "format"):
+            raise ValueError(f"init must be minmax or format, got {self.init!r}")
 
 
 def shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -103,6 +110,19 @@ def optimize_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin
         elif o.early_stop:
             break
     return zero
+
+
+def minmax_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ's starting grid: each group's own min and max on the end codes (``value =
+    scale · (code − zero)``), as the paper and the hqq library start — not widened to include 0
+    as the ``int`` format's fit is. A group whose range is below 1e-4, or whose scale would fall
+    below 5e-5 (the library's guards, against huge zero points), keeps ``scale``/``zero``."""
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    s = (hi - lo) / (qmax - qmin)
+    ok = ((hi - lo) > 1e-4) & (s >= 5e-5)
+    s = torch.where(ok, s, scale)
+    return s, torch.where(ok, qmin - lo / s, zero)
 
 
 def _shrunk_part(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -205,6 +225,9 @@ class HQQQuantizer(qf.Quantizer):
             a, b, qmin, qmax = affine
             scale = a.view(rows, cols // g, g)[..., :1]
             zero = -b.view(rows, cols // g, g)[..., :1] / scale
+            grid = affine_grid(fmt, g)
+            if self.options.init == "minmax" and grid is not None and grid.free_zero:
+                scale, zero = minmax_grid(groups, scale, zero, qmin, qmax)
             if self.options.optimize_scale:
                 scale, zero = optimize_scale_affine(groups.reshape(-1, g), scale.reshape(-1, 1),
                                                     zero.reshape(-1, 1), qmin, qmax, self.options)

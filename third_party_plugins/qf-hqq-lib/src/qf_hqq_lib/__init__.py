@@ -17,13 +17,13 @@ used.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import quantfoundry as qf
 import torch
 from quantfoundry import hookimpl
+from quantfoundry.toolkit import affine_grid
 
 BITS = (1, 2, 3, 4, 8)  # hqq's Quantizer.SUPPORTED_BITS
 
@@ -43,28 +43,6 @@ class HQQLibOptions(qf.Options):
         "help": "run hqq's zero-point optimiser (false: hqq's min/max grid, rounded to nearest)"})
 
 
-def _grid(fmt: qf.Format, width: int) -> tuple[int, bool] | None:
-    """``(bits, free zero point)`` of an affine grid with codes ``0 … 2^b − 1``, else ``None``.
-    The zero point is free when the format keeps an offset handed back to it (a symmetric grid
-    keeps its implied one)."""
-    probe = torch.linspace(-0.5, 1.0, width).view(1, width)
-    params = fmt.fit(probe)
-    affine = fmt.affine(params, 0, width)
-    if affine is None:
-        return None
-    a, b, cmin, cmax = affine
-    bits = math.log2(cmax - cmin + 1)
-    if cmin != 0 or not bits.is_integer():
-        return None
-    g = fmt.group_size(width)
-    a0, b0 = a[:, ::g], b[:, ::g]
-    want = -a0 * cmax  # the top code as zero point: a symmetric grid keeps its own (the middle)
-    moved = fmt.params_from_affine(a0, want, params)
-    free = moved is not None and bool(torch.allclose(fmt.affine(moved, 0, width)[1][:, ::g], want, atol=1e-3))
-    del b0
-    return int(bits), free
-
-
 class HQQLibQuantizer(qf.Quantizer):
     name = "hqq-lib"
     description = "the hqq library's own HQQ optimiser (adapter; asymmetric int grids of 1-4 or 8 bits)"
@@ -74,14 +52,11 @@ class HQQLibQuantizer(qf.Quantizer):
     options: HQQLibOptions
 
     def check_format(self, fmt: qf.Format) -> str | None:
-        g = fmt.group_size(256)
-        grid = _grid(fmt, g if 256 % g else 256)
-        if grid is None or grid[0] not in BITS:
+        grid = affine_grid(fmt)
+        if grid is None or grid.cmin != 0 or grid.levels not in {2 ** b for b in BITS}:
             return f"hqq quantizes asymmetric integer grids of {', '.join(map(str, BITS))} bits, not {fmt.spec}"
-        if not grid[1]:
+        if not grid.free_zero:
             return f"hqq's grids are asymmetric; {fmt.spec} is symmetric (drop -sym)"
-        if type(fmt).params_from_affine is qf.Format.params_from_affine:
-            return f"{fmt.spec} takes no fitted values back (Format.params_from_affine)"
         _hqq()  # the library is there, before any work
         return None
 
@@ -91,10 +66,10 @@ class HQQLibQuantizer(qf.Quantizer):
         w = weight.to(ctx.device, torch.float32)
         rows, cols = w.shape
         g = fmt.group_size(cols)
-        grid = _grid(fmt, g)
+        grid = affine_grid(fmt, g)
         if grid is None:
             raise qf.QFError(f"{name}: {fmt.spec} is not an integer affine grid")
-        _, meta = quantizer.quantize(w, nbits=grid[0], channel_wise=True, group_size=g, optimize=self.options.optimize,
+        _, meta = quantizer.quantize(w, nbits=grid.levels.bit_length() - 1, channel_wise=True, group_size=g, optimize=self.options.optimize,
                                      round_zero=False, axis=1, bitpack=False, compute_dtype=torch.float32,
                                      device=str(ctx.device))
         scale = meta["scale"].reshape(rows, cols // g).float()  # hqq's dequantization scale, per group
