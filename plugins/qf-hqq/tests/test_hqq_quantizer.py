@@ -206,3 +206,36 @@ def test_minmax_start_serves_groups_that_do_not_straddle_zero() -> None:
     assert (own.dequantize() - w).abs().mean() < 0.5 * (wide.dequantize() - w).abs().mean()
     with pytest.raises(ValueError, match="init must be minmax or format"):
         HQQQuantizer.Options(init="zeros")
+
+
+@pytest.mark.parametrize("shrunk_rows", [0, 8])
+def test_the_sync_free_rounds_give_the_zero_points_of_the_loop(shrunk_rows: int) -> None:
+    """The CUDA loop's rounds (early stop kept on the device, frozen rounds after it, a dense
+    shrink) computed here on the CPU: the zero points of :func:`optimize_zero`."""
+    from qf_hqq.cuda_loop import rounds
+    from qf_hqq.quantizer import HQQOptions, optimize_zero
+
+    w = trained_like(64, 512, seed=6).view(64, 8, 64)
+    w[:shrunk_rows] *= 400
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    for o in (HQQOptions(), HQQOptions(early_stop=False), HQQOptions(kappa=1.0, iters=5)):
+        torch.testing.assert_close(rounds(w, scale, -lo / scale, 0, 15, o),
+                                   optimize_zero(w, scale, -lo / scale, 0, 15, o), rtol=0, atol=1e-5)
+
+
+def test_cuda_graphs_replay_per_shape() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: checked on the GPU machine")
+    from qf_hqq import cuda_loop
+    from qf_hqq.quantizer import HQQOptions, optimize_zero
+
+    o = HQQOptions()
+    for seed in (1, 2, 3):  # one capture, then replays with other weights of the same shape
+        w = trained_like(64, 512, seed=seed).view(64, 8, 64)
+        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / 15
+        cpu = optimize_zero(w, scale, -lo / scale, 0, 15, o)
+        gpu = optimize_zero(w.cuda(), scale.cuda(), (-lo / scale).cuda(), 0, 15, o)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+    assert len([k for k in cuda_loop._graphs if k[0] == (64, 8, 64)]) == 1

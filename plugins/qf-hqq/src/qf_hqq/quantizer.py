@@ -44,6 +44,8 @@ class HQQOptions(qf.Options):
         "help": "starting grid on affine grids: format (the format's own fit: int widens each group's range to "
                 "include 0) or minmax (each group's own min and max, as the paper and the hqq library start; "
                 "needs a free zero point)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "on CUDA, run the zero-point rounds sync-free from a CUDA graph per weight shape"})
     optimize_scale: bool = field(default=False, metadata={
         "help": "affine grids: fit the scale with the zero point (least squares on the shrunk weights); "
                 "lookup grids (nf4, fp4) always optimise their scale"})
@@ -79,7 +81,12 @@ def optimize_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin
     decides; only the other groups pay for an element-wise ``pow`` (all groups, in place, once
     more than an eighth of them need it). (With the paper's ``β = 10``
     that is nearly every group of a trained weight: ``t`` stays above ``|d|`` until
-    ``s·|d| ≈ 0.17``.) The result is the textbook loop's (:func:`shrink`; the tests compare)."""
+    ``s·|d| ≈ 0.17``.) The result is the textbook loop's (:func:`shrink`; the tests compare).
+    On CUDA the same rounds run without host syncs from a CUDA graph (:mod:`qf_hqq.cuda_loop`)."""
+    if w.is_cuda and o.cuda_graphs:
+        from .cuda_loop import optimize_zero_cuda
+
+        return optimize_zero_cuda(w, scale, zero, qmin, qmax, o)
     inv = 1.0 / scale
     v = w * inv  # W / s: constant over the rounds
     u, a = torch.empty_like(v), torch.empty_like(v)
