@@ -113,7 +113,7 @@ def test_unknown_hub_id_offline(monkeypatch, tmp_path) -> None:
         (["--quantizer", "gtpq"], "unknown quantizer 'gtpq'"),
         (["--quantizer-opt", "bits=4"], "unknown option 'bits' for quantizer 'rtn'; valid options: (none)"),
         (["--format", "int4-g128", "--format-opt", "bits=x"], "option 'bits' for format 'int4-g128': expected int"),
-        (["--format", "int9"], "bits must be between 2 and 8, got 9"),
+        (["--format", "int9"], "bits must be between 1 and 8, got 9"),
         (["--exporter-opt", "shard_mb=0"], "shard_mb must be >= 1"),
         (["--calibrator-opt", "n_samples=-1"], "n_samples must be >= 1"),
         (["--evaluator-opt", "path=x"], "prefix the key with one of perplexity, size"),

@@ -125,7 +125,24 @@ def test_column_slices_match_whole_tensor_rounding() -> None:
 
 
 def test_bad_specs_are_clear() -> None:
-    with pytest.raises(qf.QFError, match="bits must be between 2 and 8, got 9"):
+    with pytest.raises(qf.QFError, match="bits must be between 1 and 8, got 9"):
         qf.resolve_format("int9")
     with pytest.raises(qf.QFError, match="unknown format 'nf5'"):
         qf.resolve_format("nf5")
+
+
+def test_one_bit_grids_follow_the_float64_formula() -> None:
+    """``int1`` (asymmetric only; HQQ's 1-bit setting): two levels a group, codes packed eight a
+    byte; with an integer zero point the levels are ``{0, scale}`` or ``{-scale, 0}``, with a
+    float16 one the group's own ``{min, max}``."""
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0)).double()
+    for spec in ("int1-g64", "int1-g64-zf16"):
+        fmt = qf.resolve_format(spec)
+        qw = fmt.quantize(w.float())
+        assert qw.packed.numel() == 8 * 128 // 8
+        s = qw.params["scale"].double().repeat_interleave(64, 1)
+        z = qw.params["zero"].double().repeat_interleave(64, 1)
+        q = torch.clamp(torch.round(w / s + z) if spec.endswith("zf16") else torch.round(w / s) + z, 0, 1)
+        torch.testing.assert_close(qw.dequantize(torch.float64), (q - z) * s, rtol=1e-6, atol=1e-6)
+    with pytest.raises(qf.QFError, match="symmetric 1-bit"):
+        qf.resolve_format("int1-g64-sym")

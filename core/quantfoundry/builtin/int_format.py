@@ -1,4 +1,4 @@
-"""Built-in format ``int``: uniform integer grids, 2–8 bits, per group or per channel,
+"""Built-in format ``int``: uniform integer grids, 1–8 bits (1: asymmetric only), per group or per channel,
 symmetric or asymmetric (the GPTQ/AWQ conventions).
 
 Spec syntax: ``int<bits>[-g<group>][-sym|-asym][-sf32|-sbf16]`` — ``int4-g128`` (4 bits,
@@ -45,7 +45,7 @@ MIN_FALLBACK_GROUP = 32
 
 @dataclass(frozen=True, kw_only=True)
 class IntOptions(Options):
-    bits: int = field(default=4, metadata={"help": "bits per weight code (2-8)"})
+    bits: int = field(default=4, metadata={"help": "bits per weight code (1-8; 1 only asymmetric)"})
     group_size: int = field(default=128, metadata={"help": "input columns per scale; 0 = per output channel"})
     sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(bits-1))"})
     scale_dtype: Literal["float16", "bfloat16", "float32"] = field(
@@ -54,8 +54,10 @@ class IntOptions(Options):
         "help": "storage of the zero points: uint8 (integer, GPTQ/AWQ) or float16 (HQQ's fractional zero points)"})
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 1 and 8, got {self.bits}")
+        if self.bits == 1 and self.sym:
+            raise ValueError("a symmetric 1-bit grid has no zero code to be symmetric about; use int1 (asymmetric)")
         if self.group_size < 0:
             raise ValueError(f"group_size must be >= 0 (0 = per channel), got {self.group_size}")
         if self.sym and self.zero_dtype != "uint8":
@@ -64,7 +66,7 @@ class IntOptions(Options):
 
 class IntFormat(Format):
     name = "int"
-    description = "uniform integer grid, 2-8 bits, per group or per channel, sym/asym (GPTQ/AWQ style)"
+    description = "uniform integer grid, 1-8 bits, per group or per channel, sym/asym (GPTQ/AWQ style)"
     Options = IntOptions
     examples = ("int8", "int4-g128", "int4-g32", "int3-g128", "int2-g64")
 

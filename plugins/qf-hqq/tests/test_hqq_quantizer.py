@@ -58,7 +58,7 @@ def quantize(spec: str, w: torch.Tensor, **options) -> qf.QuantizedWeight:
     return q.quantize_tensor("w", w, qf.resolve_format(spec), qf.QuantContext(device=torch.device("cpu")))
 
 
-@pytest.mark.parametrize(("bits", "magnitude"), [(4, 1), (3, 1), (2, 1), (4, 300), (2, 60)])
+@pytest.mark.parametrize(("bits", "magnitude"), [(4, 1), (3, 1), (2, 1), (1, 1), (4, 300), (2, 60)])
 def test_zero_points_follow_the_float64_equations(bits: int, magnitude: float) -> None:
     """``magnitude``: weights that large make the lp shrinkage act on some groups (at the usual
     scale of trained weights, β = 10 shrinks nothing and the update is a least-squares one)."""

@@ -1,7 +1,7 @@
 """``nf4`` / ``fp4`` against bitsandbytes itself: the same packed bytes and absmax as
 ``bitsandbytes.functional.quantize_4bit`` for every block (edge cases included), with and
 without double quantization, the same dequantized values, and codes that are a nearest table
-entry in float64; the format conformance kit on every variant."""
+entry in float64; the format conformance kit on double quantization with chunks across rows."""
 
 from __future__ import annotations
 
@@ -177,14 +177,6 @@ def test_gptq_stores_the_per_tensor_parameters_it_rounded_with() -> None:
     assert not torch.equal(rtn, res.values)  # the loop moved codes
 
 
-class TestNF4Conformance(FormatConformance):
-    spec = "nf4"
-
-
-class TestFP4B128Conformance(FormatConformance):
-    spec = "fp4-b128"
-
-
-class TestNF4DoubleQuantConformance(FormatConformance):
+class TestNF4DoubleQuantConformance(FormatConformance):  # nf4, fp4: tests/conformance (the formats' examples)
     spec = "nf4-dq"
     shape = (40, 512)  # 320 blocks: chunks of 256 run across rows, the last one short
