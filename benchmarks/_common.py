@@ -54,3 +54,16 @@ def parse_results_args(ap: Any, default: Path, table: Any) -> tuple[Any, dict[st
         print(table(rows))
         return None
     return args, rows
+
+
+def kl_pair_table(rows: dict[str, Any], time_header: str, digits: int = 2) -> str:
+    """Markdown rows ``model|grid|method`` → KL and top-1 agreement on the held-out Python text
+    and on WikiText, and the row's ``seconds`` under ``time_header``."""
+    lines = [f"| model | grid | method | KL Python (held out) | top-1 % | KL WikiText | top-1 % | {time_header} |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for key, r in rows.items():
+        model, grid, method = key.split("|")
+        a, b = r["python"], r["wikitext"]
+        lines.append(f"| {model} | {grid} | {method} | {a['kl_mean']:.4f} | {a['same_top1_pct']:.2f} | "
+                     f"{b['kl_mean']:.4f} | {b['same_top1_pct']:.2f} | {r['seconds']:.{digits}f} |")
+    return "\n".join(lines)

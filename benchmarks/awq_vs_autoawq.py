@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import quantfoundry as qf
-from _common import parse_results_args, save_rows
+from _common import kl_pair_table, parse_results_args, save_rows
 from quantfoundry.data import default_eval_text, english_eval_text
 from rtn_sweep import model_folder
 
@@ -56,14 +56,7 @@ def main() -> None:
 
 
 def table(rows: dict[str, Any]) -> str:
-    lines = ["| model | grid | method | KL Python (held out) | top-1 % | KL WikiText | top-1 % | run s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for key, r in rows.items():
-        model, grid, method = key.split("|")
-        a, b = r["python"], r["wikitext"]
-        lines.append(f"| {model} | {grid} | {method} | {a['kl_mean']:.4f} | {a['same_top1_pct']:.2f} | "
-                     f"{b['kl_mean']:.4f} | {b['same_top1_pct']:.2f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+    return kl_pair_table(rows, "run s", 1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import quantfoundry as qf
 import torch
-from _common import parse_results_args, save_rows
+from _common import kl_pair_table, parse_results_args, save_rows
 from gptq_vs_peer import evaluate
 from quantfoundry.data import default_eval_text, english_eval_text
 from rtn_sweep import model_folder
@@ -109,14 +109,7 @@ def main() -> None:
 
 
 def table(rows: dict[str, Any]) -> str:
-    lines = ["| model | grid | method | KL Python (held out) | top-1 % | KL WikiText | top-1 % | quantization s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for key, r in rows.items():
-        model, grid, method = key.split("|")
-        a, b = r["python"], r["wikitext"]
-        lines.append(f"| {model} | {grid} | {method} | {a['kl_mean']:.4f} | {a['same_top1_pct']:.2f} | "
-                     f"{b['kl_mean']:.4f} | {b['same_top1_pct']:.2f} | {r['seconds']:.2f} |")
-    return "\n".join(lines)
+    return kl_pair_table(rows, "quantization s", 2)
 
 
 if __name__ == "__main__":
