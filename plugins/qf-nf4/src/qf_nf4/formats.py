@@ -93,7 +93,9 @@ def nested_codes(a: torch.Tensor, scale: torch.Tensor, dmap: torch.Tensor) -> to
     to step ``trunc((v + 1) · 0.5 · 65535 + 0.5)`` of a 65,536-step lookup table (so a value
     within about 1.5e-5 of a midpoint between two entries may take either: bitsandbytes' rule,
     not nearest); a chunk whose scale is 0 stores code 0."""
-    lut = _lut(tuple(dmap.cpu().tolist())).to(a.device)
+    lut = _lut(tuple(dmap.cpu().tolist()))
+    if lut.device != a.device:
+        lut = lut.to(a.device)
     v = torch.clamp(a * (1.0 / scale), -1.0, 1.0)
     step = ((v + 1.0) * 0.5 * float(LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, as the C cast
     return torch.where(scale == 0, torch.zeros_like(step, dtype=torch.uint8), lut[step.clamp(0, LUT_SIZE - 1)])
@@ -101,17 +103,29 @@ def nested_codes(a: torch.Tensor, scale: torch.Tensor, dmap: torch.Tensor) -> to
 
 def code_table(kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 float32 values a code decodes to (times its block's absmax), in code order."""
-    t = torch.tensor(TABLES[kind], dtype=torch.float32, device=device)
-    return t / t.abs().max()
+    return _table(kind, str(torch.device(device))).clone()
+
+
+@functools.cache
+def _table(kind: str, device: str) -> torch.Tensor:
+    """:func:`code_table`, made once per device (round and decode run once per column under
+    GPTQ: a fresh table each time would be a host-to-device copy each time). Read-only."""
+    t = torch.tensor(TABLES[kind], dtype=torch.float32)
+    return (t / t.abs().max()).to(device)
+
+
+@functools.cache
+def _bounds_on(kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    table = _table(kind, "cpu")
+    order = torch.argsort(table, stable=True)
+    return ((table[order[:-1]] + table[order[1:]]) / 2).to(device), order.to(device)
 
 
 def _bounds(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Midpoints of the sorted table and the code of each sorted entry (bitsandbytes' rounding).
-    Sorted on the CPU, stably: FP4 holds both 0 and -0, and an unstable sort on another device
-    could put -0's code first (a zero would then store code 8 instead of 0)."""
-    table = code_table(kind)
-    order = torch.argsort(table, stable=True)
-    return ((table[order[:-1]] + table[order[1:]]) / 2).to(device), order.to(device)
+    """Midpoints of the sorted table and the code of each sorted entry (bitsandbytes' rounding),
+    made once per device. Sorted on the CPU, stably: FP4 holds both 0 and -0, and an unstable
+    sort on another device could put -0's code first (a zero would then store code 8 instead of 0)."""
+    return _bounds_on(kind, str(torch.device(device)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,7 +241,7 @@ class BnB4Format(Format):
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         absmax = self._per_column(self.block_absmax(params), col0, codes.shape[1])
-        return code_table(self.kind, codes.device)[codes.long()] * absmax
+        return _table(self.kind, str(codes.device))[codes.long()] * absmax
 
     # -- storage: bitsandbytes' nibble order (first code in the high nibble) ----------------------
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
