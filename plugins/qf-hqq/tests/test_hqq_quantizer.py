@@ -239,3 +239,21 @@ def test_cuda_graphs_replay_per_shape() -> None:
         gpu = optimize_zero(w.cuda(), scale.cuda(), (-lo / scale).cuda(), 0, 15, o)
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
     assert len([k for k in cuda_loop._graphs if k[0] == (64, 8, 64)]) == 1
+
+
+def test_hqq_onto_nf4_is_a_bitsandbytes_checkpoint(tiny_model, tmp_path) -> None:
+    """HQQ's scale on NF4, exported by qf-nf4's ``bnb-4bit``: transformers + bitsandbytes load it
+    and bitsandbytes dequantizes the stored weight to ours, bit for bit."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    out = tmp_path / "bnb"
+    r = qf.run(str(folder), quantizer="hqq", format="nf4", exporter="bnb-4bit", out=out, keep_model=True,
+               progress=False, evaluators=[])
+    ours = r.model.get_submodule("model.layers.0.mlp.down_proj").qweight
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, bnb.nn.Linear4bit)
+    deq = bnb.functional.dequantize_4bit(down.weight.data, down.weight.quant_state).float()
+    assert torch.equal(deq, ours.dequantize())

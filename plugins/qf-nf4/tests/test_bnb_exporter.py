@@ -13,7 +13,7 @@ import torch
 
 
 @pytest.mark.parametrize(("quantizer", "fmt"), [("rtn", "nf4"), ("rtn", "fp4-b128"), ("gptq", "nf4"),
-                                               ("rtn", "nf4-dq"), ("gptq", "fp4-dq"), ("hqq", "nf4")])
+                                               ("rtn", "nf4-dq"), ("gptq", "fp4-dq")])
 def test_transformers_with_bitsandbytes_loads_the_checkpoint(quantizer, fmt, tiny_model, tmp_path) -> None:
     import bitsandbytes as bnb
 
