@@ -14,6 +14,7 @@ import quantfoundry as qf
 import torch
 from qf_autoawq import AutoAWQQuantizer, _cpu_backups_copy
 from quantfoundry import QuantPlan, TensorPlan
+from quantfoundry.testing.conformance import QuantizerConformance
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -104,3 +105,15 @@ def test_grids_autoawq_cannot_take_are_refused_in_one_line(tiny_model) -> None:
     assert q.check_format(qf.resolve_format("int4-g64")) is None
     with pytest.raises(qf.QFError, match="4-bit asymmetric"):
         qf.run(str(llama(tiny_model)[0]), quantizer="autoawq", format="int8", out=None, progress=False)
+
+
+def test_an_architecture_autoawq_does_not_know_is_one_line(tiny_model) -> None:
+    with pytest.raises(qf.QFError, match="AutoAWQ does not know model_type 'gemma3"):
+        qf.run(str(tiny_model("gemma3")), quantizer="autoawq", format="int4-g32", out=None, progress=False,
+               calibrator_options={"n_samples": "4", "seq_len": "64"}, evaluators=[])
+
+
+class TestAutoAWQConformance(QuantizerConformance):
+    quantizer = "autoawq"
+    options = {"apply_clip": "false"}  # the tiny models' widths: AutoAWQ's clip search wants multiples of 64
+    architectures = ("gemma", "gemma2", "llama", "mistral", "qwen2", "qwen3")  # AutoAWQ's map has no gemma3

@@ -108,6 +108,11 @@ class AutoAWQQuantizer(qf.Quantizer):
         model_type = getattr(model.config, "model_type", None)
         if model_type not in models:
             raise qf.QFError(f"AutoAWQ does not know model_type {model_type!r}; it knows {', '.join(sorted(models))}")
+        if self.options.apply_clip:
+            odd = [n for n, e in wanted.items() if e.shape[0] % 64]
+            if odd:
+                raise qf.QFError(f"AutoAWQ's clip search needs every linear's output width to be a multiple of 64; "
+                                 f"{odd[0]} has {wanted[odd[0]].shape[0]}: pass --quantizer-opt apply_clip=false")
         group = fmt.group_size(4096)
         awq_model = models[model_type](model, model_type, False, model.config, None, None)
         ids = [row.tolist() for row in calibration]
