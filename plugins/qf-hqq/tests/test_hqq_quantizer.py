@@ -4,6 +4,10 @@ points, and whole runs through the conformance kit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import quantfoundry as qf
@@ -224,13 +228,14 @@ def test_the_sync_free_rounds_give_the_zero_points_of_the_loop(shrunk_rows: int)
                                    optimize_zero(w, scale, -lo / scale, 0, 15, o), rtol=0, atol=1e-5)
 
 
-def test_cuda_graphs_replay_per_shape() -> None:
+@pytest.mark.parametrize("body", ["triton", "graph"])
+def test_cuda_graphs_replay_per_shape(body: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: checked on the GPU machine")
     from qf_hqq import cuda_loop
     from qf_hqq.quantizer import HQQOptions, optimize_zero
 
-    o = HQQOptions()
+    o = HQQOptions(cuda_loop=body)
     for seed in (1, 2, 3):  # one capture, then replays with other weights of the same shape
         w = trained_like(64, 512, seed=seed).view(64, 8, 64)
         lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
@@ -238,7 +243,36 @@ def test_cuda_graphs_replay_per_shape() -> None:
         cpu = optimize_zero(w, scale, -lo / scale, 0, 15, o)
         gpu = optimize_zero(w.cuda(), scale.cuda(), (-lo / scale).cuda(), 0, 15, o)
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
-    assert len([k for k in cuda_loop._graphs if k[0] == (64, 8, 64)]) == 1
+    assert len([k for k in cuda_loop._graphs if k[0] == (64, 8, 64) and k[-1] == o]) == 1
+
+
+_INTERPRETED = """
+import torch
+from qf_hqq.quantizer import HQQOptions, optimize_zero
+from qf_hqq.triton_loop import rounds
+w = torch.load({path!r})
+lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+for bits in (4, 2):
+    qmax = 2 ** bits - 1
+    scale = (hi - lo) / qmax
+    for o in (HQQOptions(), HQQOptions(early_stop=False), HQQOptions(kappa=1.0, iters=5, lp_norm=1.0)):
+        torch.testing.assert_close(rounds(w, scale, -lo / scale, 0, qmax, o),
+                                   optimize_zero(w, scale, -lo / scale, 0, qmax, o), rtol=0, atol=1e-5)
+print("same")
+"""
+
+
+def test_the_triton_rounds_give_the_zero_points_of_the_loop(tmp_path) -> None:
+    """The fused Triton kernels (the CUDA default), run by Triton's interpreter on the CPU:
+    the zero points of :func:`optimize_zero`, with and without the early stop, on groups of
+    48 (not a power of two: masked lanes) where some rows are shrunk."""
+    pytest.importorskip("triton")
+    w = trained_like(40, 480, seed=7).view(40, 10, 48)
+    w[:6] *= 400
+    torch.save(w, tmp_path / "w.pt")
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED.format(path=str(tmp_path / "w.pt"))],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-3000:]
 
 
 def test_hqq_onto_nf4_is_a_bitsandbytes_checkpoint(tiny_model, tmp_path) -> None:

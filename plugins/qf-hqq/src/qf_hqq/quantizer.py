@@ -44,8 +44,10 @@ class HQQOptions(qf.Options):
         "help": "starting grid on affine grids: format (the format's own fit: int widens each group's range to "
                 "include 0) or minmax (each group's own min and max, as the paper and the hqq library start; "
                 "needs a free zero point)"})
-    cuda_graphs: bool = field(default=True, metadata={
-        "help": "on CUDA, run the zero-point rounds sync-free from a CUDA graph per weight shape"})
+    cuda_loop: str = field(default="triton", metadata={
+        "help": "the zero-point rounds on CUDA: triton (two fused kernels a round, replayed from a CUDA graph per "
+                "weight shape; graph when triton cannot be imported), graph (the rounds as torch operations in a "
+                "CUDA graph), eager (the CPU loop: a host sync a round)"})
     optimize_scale: bool = field(default=False, metadata={
         "help": "affine grids: fit the scale with the zero point (least squares on the shrunk weights); "
                 "lookup grids (nf4, fp4) always optimise their scale"})
@@ -57,6 +59,8 @@ class HQQOptions(qf.Options):
             raise ValueError(f"beta must be > 0 and kappa >= 1, got beta={self.beta}, kappa={self.kappa}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.cuda_loop not in ("triton", "graph", "eager"):
+            raise ValueError(f"cuda_loop must be triton, graph or eager, got {self.cuda_loop!r}")
         if self.init not in ("minmax", "format"):
             raise ValueError(f"init must be minmax or format, got {self.init!r}")
 
@@ -82,8 +86,9 @@ def optimize_zero(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin
     more than an eighth of them need it). (With the paper's ``β = 10``
     that is nearly every group of a trained weight: ``t`` stays above ``|d|`` until
     ``s·|d| ≈ 0.17``.) The result is the textbook loop's (:func:`shrink`; the tests compare).
-    On CUDA the same rounds run without host syncs from a CUDA graph (:mod:`qf_hqq.cuda_loop`)."""
-    if w.is_cuda and o.cuda_graphs:
+    On CUDA the same rounds run without host syncs — fused Triton kernels, or torch operations,
+    replayed from a CUDA graph (:mod:`qf_hqq.cuda_loop`)."""
+    if w.is_cuda and o.cuda_loop != "eager":
         from .cuda_loop import optimize_zero_cuda
 
         return optimize_zero_cuda(w, scale, zero, qmin, qmax, o)
