@@ -5,8 +5,8 @@ A round of :func:`qf_hqq.quantizer.optimize_zero` in torch is a dozen element-wi
 each reading and writing the whole weight; here it is one pass: every program loads a tile of
 groups of ``W / s``, rounds, shrinks, moves the zero points in place and writes its part of
 the round's error. The early stop stays on the device: round ``r`` reads the errors of rounds
-``0 … r−1`` (at most :data:`MAX_ITERS`) and, once one of them did not improve on the best
-before it, leaves the zero points where they are — the CPU loop's semantics (the round that
+``0 … r−1`` (at most :data:`MAX_ITERS`, as one vector) and, once one of them did not improve
+on the best before it, leaves the zero points where they are — the CPU loop's semantics (the round that
 does not improve keeps its update, later ones do nothing). No host sync, so the rounds are
 captured once per weight shape in a CUDA graph (:mod:`qf_hqq.cuda_loop` keeps them).
 
@@ -44,7 +44,7 @@ def _build() -> dict[str, Any]:
 
     @triton.jit
     def hqq_round(v_ptr, z_ptr, s_ptr, part_ptr, err_ptr, n_groups, g, qmin, qmax, expo, inv_beta, r,
-                  EARLY_STOP: tl.constexpr, BG: tl.constexpr, G: tl.constexpr):
+                  EARLY_STOP: tl.constexpr, BG: tl.constexpr, G: tl.constexpr, MAX_ITERS: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BG + tl.arange(0, BG)
         cols = tl.arange(0, G)
@@ -52,11 +52,13 @@ def _build() -> dict[str, Any]:
         mask = rmask[:, None] & (cols[None, :] < g)
         stopped = False
         if EARLY_STOP:
-            best = tl.load(err_ptr)
-            for j in range(1, r):
-                e = tl.load(err_ptr + j)
-                stopped = stopped | (e >= best)
-                best = tl.minimum(best, e)
+            # a round j < r did not improve on the best before it; until the first such round
+            # the errors fall strictly, so that is the first j with err[j] >= err[j - 1]
+            j = tl.arange(0, MAX_ITERS)
+            seen = (j >= 1) & (j < r)
+            cur = tl.load(err_ptr + j, mask=seen, other=0.0)
+            prev = tl.load(err_ptr + j - 1, mask=seen, other=1.0)
+            stopped = tl.max(tl.where(seen & (cur >= prev), 1, 0), axis=0) > 0
         z = tl.load(z_ptr + rows, mask=rmask, other=0.0)
         s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
         v = tl.load(v_ptr + rows[:, None] * g + cols[None, :], mask=mask, other=0.0)
@@ -117,7 +119,7 @@ class Loop:
         for r in range(o.iters):
             k["round"][(self.n_parts,)](self.v, self.z, self.s, self.parts, self.err, self.n_groups, self.g,
                                         float(qmin), float(qmax), o.lp_norm - 1.0, 1.0 / beta, r,
-                                        EARLY_STOP=o.early_stop, BG=self.BG, G=self.G)
+                                        EARLY_STOP=o.early_stop, BG=self.BG, G=self.G, MAX_ITERS=MAX_ITERS)
             k["error"][(1,)](self.parts, self.err, self.n_parts, self.n_groups, r, B=1024)
             beta *= o.kappa
 
