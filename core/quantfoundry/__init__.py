@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .options import Options
     from .pipeline.result import RunResult
     from .plugins import get_component, get_plugin_manager
+    from .roles.activation import ActQuant
     from .roles.architecture import Architecture, InputGroup
     from .roles.block import Block, BlockInputs, QuantContext
     from .roles.calibrator import CalibrationSet, Calibrator
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
+    "ActQuant", "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
     "Exporter", "Format", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "QFError", "QuantContext",
     "QuantLinear", "QuantPlan", "QuantizedWeight", "Quantizer", "ReferenceModel", "TensorPlan", "Transform",
     "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
@@ -61,7 +62,8 @@ __all__ = [
 # imported on first use (PEP 562), so ``qf --help`` and a Ctrl-C during start-up do not wait for torch
 _LAZY = {
     "ModelSource": "model.source", "resolve_model": "model.source", "Options": "options",
-    "get_component": "plugins", "get_plugin_manager": "plugins", "Architecture": "roles.architecture",
+    "get_component": "plugins", "get_plugin_manager": "plugins", "ActQuant": "roles.activation",
+    "Architecture": "roles.architecture",
     "InputGroup": "roles.architecture", "Block": "roles.block", "BlockInputs": "roles.block",
     "QuantContext": "roles.block", "CalibrationSet": "roles.calibrator", "Calibrator": "roles.calibrator",
     "Engine": "roles.evaluator", "EvalTarget": "roles.evaluator", "Evaluator": "roles.evaluator",

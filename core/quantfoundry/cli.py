@@ -142,6 +142,11 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
 @click.option("--imatrix", is_flag=True, default=None,
               help="Collect an importance matrix from the calibration text and quantize with it (llama.cpp's imatrix).")
+@click.option("--activations", default=None, metavar="int8|int8-static|fp8|fp8-static",
+              help="The engine quantizes every quantized linear's input (W8A8): int8/fp8 per token at run time, "
+                   "or -static with one calibrated scale per tensor (default: the exporter's scheme, else none).")
+@click.option("--act-observer", default=None, type=click.Choice(["absmax", "percentile", "mse"]),
+              help="How static activation scales are calibrated (default: absmax).")
 @click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
 @click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -172,7 +177,8 @@ def run(**kw: Any) -> None:
                       ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
                       ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
-                      ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume")):
+                      ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
+                      ("activations", "activations"), ("act_observer", "act_observer")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel"):
@@ -249,11 +255,13 @@ def _print_plan(plan: Any) -> None:
     from rich.table import Table
 
     table = Table(title="plan")
-    for col in ("tensor", "shape", "format", "note"):
+    acts = any(e.input_quant is not None for e in plan.entries.values())
+    for col in ("tensor", "shape", "format", *(("input",) if acts else ()), "note"):
         table.add_column(col)
     for entry in plan.entries.values():
+        act = (entry.input_quant.spec if entry.input_quant else "float",) if acts else ()
         table.add_row(entry.name, "x".join(map(str, entry.shape)), entry.format.spec if entry.format else "float",
-                      entry.reason)
+                      *act, entry.reason)
     _console().print(table)
 
 

@@ -5,7 +5,10 @@ Layout of the artifact folder:
 * ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
   above ``shard_mb``, written tensor by tensor so the artifact is never held in memory): float tensors under their own names, in the checkpoint's dtype; each
   quantized weight ``W`` as ``W.qf.packed`` (uint8 bitstream), ``W.qf.<param>`` (grid
-  parameters in their storage dtype) and ``W.qf.perm`` (int32) when it has one;
+  parameters in their storage dtype), ``W.qf.tensor.<param>`` (per-tensor parameters),
+  ``W.qf.perm`` (int32) when it has one and ``W.qf.input_scale`` (float32) when its input has
+  a static activation scale; the manifest's tensor table holds the input scheme
+  (``input_quant``), so W8A8 models reload with the same simulated activations;
 * ``config.json`` with ``quantization_config = {"quant_method": "quantfoundry", ...}``, and the
   tokenizer / generation files copied from the source;
 * ``quantfoundry.json``: the manifest, whose ``tensors`` table names each tensor's format.
@@ -26,6 +29,7 @@ from ..errors import ArtifactError
 from ..files import read_manifest
 from ..formats import format_from_json
 from ..hookspecs import hookimpl
+from ..roles.activation import ActQuant
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
@@ -46,6 +50,9 @@ class QFExporter(Exporter):
 
     options: CheckpointOptions
 
+    def check_activations(self, act: ActQuant, fmt: Any) -> str | None:
+        return None  # any input scheme, with any weight format: qf's kernels simulate it
+
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder = folder
         self.source = source
@@ -61,11 +68,15 @@ class QFExporter(Exporter):
             entries.update({f"{name}{QF}tensor.{k}": v for k, v in tensor.tensor_params.items()})
             if tensor.perm is not None:
                 entries[f"{name}{QF}perm"] = tensor.perm.to(torch.int32)
+            if tensor.input_scale is not None:
+                entries[f"{name}{QF}input_scale"] = tensor.input_scale
             self.tensors[name] = {
                 "format": tensor.format.to_json(), "shape": list(tensor.shape),
                 "dtype": str(tensor.dtype).removeprefix("torch."), "params": sorted(tensor.params),
                 "perm": tensor.perm is not None, "tensor_params": sorted(tensor.tensor_params),
             }
+            if tensor.input_quant is not None:
+                self.tensors[name]["input_quant"] = tensor.input_quant.to_json()
         else:
             entries = {name: tensor}
         for key, value in entries.items():
@@ -122,13 +133,17 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
                 *[f"{name}{QF}tensor.{p}" for p in tparams]]
         if info.get("perm"):
             keys.append(f"{name}{QF}perm")
+        act = ActQuant.from_json(info["input_quant"]) if info.get("input_quant") else None
+        if act is not None and not act.dynamic:
+            keys.append(f"{name}{QF}input_scale")
         stored = source.read(keys)
         fmt = format_from_json(info["format"])
         qw = QuantizedWeight(
             fmt, tuple(info["shape"]), getattr(torch, info["dtype"]), stored[f"{name}{QF}packed"],
             {p: stored[f"{name}{QF}{p}"] for p in info["params"]},
             stored[f"{name}{QF}perm"].to(torch.int64) if info.get("perm") else None,
-            tensor_params={p: stored[f"{name}{QF}tensor.{p}"] for p in tparams},
+            tensor_params={p: stored[f"{name}{QF}tensor.{p}"] for p in tparams}, input_quant=act,
+            input_scale=stored.get(f"{name}{QF}input_scale"),
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import QFError
+from ..roles.activation import ActQuant
 from ..roles.block import Block, BlockInputs
 from ..roles.calibrator import CalibrationSet
 from ..roles.format import Format
@@ -62,6 +63,7 @@ class BlockStream:
         self.dtype = dtype
         self.keep = keep
         self._formats = _formats_by_block(source, plan)
+        self._acts = _acts_by_block(source, plan)
         arch = source.architecture
         self.layers: nn.ModuleList = self.model.get_submodule(arch.layers)
         self._hidden: list[torch.Tensor] | None = None
@@ -116,7 +118,8 @@ class BlockStream:
         inputs = None
         if self._hidden is not None:
             inputs = BlockInputs(hidden=self._hidden, kwargs=self._kwargs.get(index, []))
-        return Block(index, prefix, module, self.source.architecture, dict(self._formats.get(index, {})), inputs)
+        return Block(index, prefix, module, self.source.architecture, dict(self._formats.get(index, {})), inputs,
+                     input_quant=dict(self._acts.get(index, {})))
 
     @torch.no_grad()
     def finish(self, block: Block) -> None:
@@ -146,6 +149,16 @@ def _formats_by_block(source: ModelSource, plan: QuantPlan | None) -> dict[int, 
         index = source.block_index(full)
         if index is not None and entry.format is not None:
             out.setdefault(index, {})[full[len(source.layer_prefix(index)) + 1:]] = entry.format
+    return out
+
+
+def _acts_by_block(source: ModelSource, plan: QuantPlan | None) -> dict[int, dict[str, ActQuant]]:
+    """Block index → block-relative linear name → planned input scheme (W8A8)."""
+    out: dict[int, dict[str, ActQuant]] = {}
+    for full, act in (plan.activations() if plan is not None else {}).items():
+        index = source.block_index(full)
+        if index is not None:
+            out.setdefault(index, {})[full[len(source.layer_prefix(index)) + 1:]] = act
     return out
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import UsageError
 from ..formats import format_from_json
+from ..roles.activation import ActQuant
 from ..roles.format import QuantizedWeight
 
 Entry = tuple[str, "torch.Tensor | QuantizedWeight"]
@@ -153,10 +154,13 @@ class Journal:
                 tensors.update({f"{i}.tp.{k}": v for k, v in value.tensor_params.items()})
                 if value.perm is not None:
                     tensors[f"{i}.perm"] = value.perm
+                if value.input_scale is not None:
+                    tensors[f"{i}.input_scale"] = value.input_scale
                 order.append({"name": key, "format": value.format.to_json(), "shape": list(value.shape),
                               "dtype": _dtype_name(value.dtype), "params": list(value.params),
                               "perm": value.perm is not None, "meta": value.meta,
-                              "tensor_params": list(value.tensor_params)})
+                              "tensor_params": list(value.tensor_params),
+                              "input_quant": None if value.input_quant is None else value.input_quant.to_json()})
             else:
                 tensors[f"{i}.t"] = value
                 order.append({"name": key})
@@ -197,7 +201,9 @@ class Journal:
                     format_from_json(item["format"]), tuple(item["shape"]), getattr(torch, item["dtype"]),
                     tensors[f"{i}.packed"], {k: tensors[f"{i}.p.{k}"] for k in item["params"]},
                     tensors[f"{i}.perm"] if item["perm"] else None, dict(item.get("meta") or {}),
-                    {k: tensors[f"{i}.tp.{k}"] for k in item.get("tensor_params", [])})))
+                    {k: tensors[f"{i}.tp.{k}"] for k in item.get("tensor_params", [])},
+                    ActQuant.from_json(item["input_quant"]) if item.get("input_quant") else None,
+                    tensors.get(f"{i}.input_scale"))))
             else:
                 entries.append((item["name"], tensors[f"{i}.t"]))
         importance = {n: tensors[f"imp{j}"] for j, n in enumerate(meta.get("importance", []))}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,14 +27,16 @@ from ..model.blocks import BlockStream
 from ..model.materialize import materialize, materialize_outside_blocks
 from ..model.source import ModelSource, resolve_model
 from ..plugins import get_plugin_manager
+from ..roles.activation import ActQuant
 from ..roles.block import QuantContext
 from ..roles.evaluator import EvalTarget
 from ..roles.exporter import Exporter
-from ..roles.format import QuantizedWeight
+from ..roles.format import Format, QuantizedWeight
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, swap_in
 from . import artifact
+from .activations import attach_input_quant, simulated_inputs
 from .components import device_of, dtype_of, exporter_and_format, make
 from .evaluate import Evaluation, dequantized_dtypes, make_reference, open_artifact
 from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
@@ -80,7 +83,12 @@ def resolve(request: RunRequest) -> RunState:
     if request.resume and quantizer.scope == "model":
         raise UsageError(f"quantizer {quantizer.name!r} works on the whole model at once: there are no "
                          "finished blocks to resume from; drop --resume")
-    needs_calib = quantizer.needs_calibration or any(t.needs_calibration for t in transforms) or request.imatrix
+    acts = _activations(request, exp, requested)
+    if acts is not None and not acts.dynamic and quantizer.scope == "model":
+        raise UsageError(f"static activation scales are calibrated block by block, and quantizer {quantizer.name!r} "
+                         f"works on the whole model: use {acts.dtype} (dynamic per-token scales)")
+    needs_calib = quantizer.needs_calibration or any(t.needs_calibration for t in transforms) or request.imatrix \
+        or (acts is not None and not acts.dynamic)
     cal = None
     if needs_calib or request.calibrator or request.calibrator_options:
         cal = make("calibrator", request.calibrator or "text", request.calibrator_options)
@@ -88,7 +96,7 @@ def resolve(request: RunRequest) -> RunState:
     out = Path(request.out) if request.out is not None else None
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
-    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out)
+    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts)
     if preset_note:
         state.say(preset_note)
     if out is not None:
@@ -98,6 +106,36 @@ def resolve(request: RunRequest) -> RunState:
         if out.exists() and not request.overwrite:
             raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
     return state
+
+
+def _activations(request: RunRequest, exp: Exporter, requested: Format | None) -> ActQuant | None:
+    """The run's activation scheme: ``--activations``, else the exporter's own; checked against
+    the exporter before any work."""
+    own = exp.activations()
+    if request.activations is None:
+        if request.act_observer != "absmax" and (own is None or own.dynamic):
+            raise UsageError("--act-observer calibrates static activation scales; add --activations int8-static "
+                             "or fp8-static")
+        if own is not None and request.act_observer != own.observer:
+            own = ActQuant(own.dtype, dynamic=own.dynamic, observer=request.act_observer)  # type: ignore[arg-type]
+        act = own
+    else:
+        try:
+            act = ActQuant.from_spec(request.activations, request.act_observer)
+        except ValueError as exc:
+            raise UsageError(f"--activations: {exc}") from None
+        if own is not None and own.spec != act.spec:
+            raise UsageError(f"exporter {exp.name!r} is set up for {own.spec} activations and --activations asks "
+                             f"for {act.spec}: change one of them")
+        if act.dynamic and request.act_observer != "absmax":
+            raise UsageError(f"--act-observer calibrates static scales, and {act.spec} computes its scales per "
+                             f"token at run time; use {act.dtype}-static")
+    if act is None:
+        return None
+    reason = exp.check_activations(act, requested)
+    if reason:
+        raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store {act.spec} activations: {reason}")
+    return act
 
 
 def _recipe(specs: list[Spec]) -> tuple[list[Transform], Quantizer]:
@@ -137,6 +175,10 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         source.check_finite([n for n, (dt, _shape) in source.tensor_info.items()
                              if dt.is_floating_point and source.block_index(n) is None])
     plan = state.exporter.plan(source, state.requested, collects_importance=r.imatrix)
+    if state.activations is not None:
+        for entry in plan.quantized().values():
+            if source.block_index(entry.name) is not None:
+                entry.input_quant = state.activations
     _check_plan(plan, state)
     state.plan = plan
     if state.out is not None and not dry_run:
@@ -152,6 +194,9 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         ctx.note(f"importance of {len(brought)} linear(s) from exporter {state.exporter.name!r}")
     for line in summarize_plan(plan):
         ctx.note(line)
+    if state.activations is not None:
+        ctx.note(f"activations: {state.activations.describe()}, on the inputs of "
+                 f"{len(plan.activations())} quantized linear(s) (simulated in the block loop and in evaluation)")
     state.passthrough = _passthrough(source)
     if state.passthrough:
         names = [n for ns in state.passthrough.values() for n in ns]
@@ -219,6 +264,12 @@ def _check_plan(plan: QuantPlan, state: RunState) -> None:
             raise IncompatiblePlanError(
                 f"exporter {exp.name!r} cannot store {fmt.spec}: {reason}; it stores {exp.storable()}")
         select_kernel(fmt, state.device, state.request.kernel, state.kernel_options())
+    for entry in plan.quantized().values():
+        if entry.input_quant is not None and entry.format is not None:
+            reason = exp.check_activations(entry.input_quant, entry.format)
+            if reason:
+                raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store {entry.name} ({entry.format.spec}) "
+                                            f"with {entry.input_quant.spec} activations: {reason}")
     avoid = state.quantizer.permutes_columns()
     if avoid and not exp.stores_permutation:
         raise IncompatiblePlanError(
@@ -325,7 +376,8 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                 for line in record.notes:
                     ctx.note(line)
                 ctx.importance.update(record.importance)
-                stream.finish(block)
+                with simulated_inputs(block.module, out):
+                    stream.finish(block)
                 swap_in_block(block, out, r.kernel, state.kernel_options())
                 bar.advance()
                 continue
@@ -336,7 +388,11 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                 ctx.importance.update(importance)
             out = run_stages(state.transforms, state.quantizer, block, ctx)
             set_dequantized(block, out)
-            stream.finish(block)
+            out = attach_input_quant(block, out, state.plan)
+            with simulated_inputs(block.module, out) as simulated:
+                if simulated:
+                    block.outputs = None  # the rounding stage's run had float inputs
+                stream.finish(block)
             swap_in_block(block, out, r.kernel, state.kernel_options())
             if journal is not None:
                 entries = module_entries(state.model, block.module, block.prefix, source)
@@ -375,6 +431,9 @@ def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str,
             raise UsageError(f"quantizer {quantizer.name!r} returned {name} as {qw.format.spec}, "
                              f"but the plan wants {want[name].format.spec if name in want else 'float'}")
         qw = qw.to(state.device)
+        entry = plan.entries.get(name)
+        if entry is not None and entry.input_quant is not None:  # dynamic only (static is refused up front)
+            qw = replace(qw, input_quant=entry.input_quant)
         swap_in(model, name, qw, select_kernel(qw.format, state.device, state.request.kernel,
                                                state.kernel_options()))
     rest = QuantPlan({n: e for n, e in want.items() if n not in out})  # outside the blocks

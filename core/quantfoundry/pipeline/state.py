@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..model.source import ModelSource
+from ..roles.activation import ActQuant
 from ..roles.block import QuantContext
 from ..roles.calibrator import CalibrationSet, Calibrator
 from ..roles.evaluator import Evaluator
@@ -53,6 +54,11 @@ class RunRequest:
     artifact_eval: bool = True
     cache: bool = True
     imatrix: bool = False
+    #: the engine quantizes every quantized linear's input: int8 | int8-static | fp8 | fp8-static
+    #: (None: the exporter's scheme, if it has one; else weight-only)
+    activations: str | None = None
+    #: how static activation scales are calibrated: absmax | percentile | mse
+    act_observer: str = "absmax"
     progress: bool = True
     resume: bool = False
     #: where lines the user must see before the work starts go (a resumable journal, leftovers
@@ -75,6 +81,7 @@ class RunState:
     calibrator: Calibrator | None
     evaluators: list[Evaluator]
     out: Path | None
+    activations: ActQuant | None = None
     notes: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
     # load_and_plan
@@ -96,7 +103,7 @@ class RunState:
     @property
     def needs_calibration(self) -> bool:
         return self.quantizer.needs_calibration or any(t.needs_calibration for t in self.transforms) or \
-            self.request.imatrix
+            self.request.imatrix or (self.activations is not None and not self.activations.dynamic)
 
     @property
     def keep(self) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .activation import ActQuant
 from .format import Format
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,6 +80,8 @@ class Block:
 
     :param formats: block-relative linear name → format, for the linears to quantize.
     :param inputs: calibration inputs, or ``None`` when the run has no calibration.
+    :param input_quant: block-relative linear name → how the engine will quantize its input
+        (W8A8), for the linears that have an activation scheme (SmoothQuant balances for it).
     """
 
     index: int
@@ -91,6 +94,7 @@ class Block:
     #: weights (every quantized linear computing with exactly its dequantized weight, as the
     #: block loop would run it); left ``None``, the loop runs the block itself
     outputs: list[torch.Tensor] | None = None
+    input_quant: dict[str, ActQuant] = field(default_factory=dict)
 
     def linear(self, name: str) -> nn.Linear:
         mod = self.module.get_submodule(name)

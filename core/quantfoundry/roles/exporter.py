@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import UsageError
+from .activation import ActQuant
 from .component import Component
 from .format import Format, QuantizedWeight
 from .plan import QuantPlan, TensorPlan
@@ -50,6 +51,17 @@ class Exporter(Component, ABC):
     def storable(self) -> str:
         """Human description of what it stores (for error messages)."""
         return "any registered format"
+
+    def activations(self) -> ActQuant | None:
+        """The activation scheme this exporter's own options choose (a W8A8 scheme), used when
+        the run names none (``--activations``); ``None``: weight-only unless asked."""
+        return None
+
+    def check_activations(self, act: ActQuant, fmt: Format | None) -> str | None:
+        """``None`` if the artifact can tell its engine to quantize the inputs of linears stored
+        as ``fmt`` the way ``act`` says (and store their static scales), else the reason.
+        Default: weight-only artifacts."""
+        return "it writes weight-only models (the engines it targets run every input in float)"
 
     def plan(self, source: ModelSource, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         """Choose a format per tensor. Default: every decoder-block linear gets ``requested``

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..options import Options, options_to_dict
+from .activation import ActQuant
 from .component import Component
 
 Params = dict[str, torch.Tensor]
@@ -223,6 +224,8 @@ class QuantizedWeight:
     ``perm``, when set, is the input-column order the codes are stored in (act-order): stored
     column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it. ``tensor_params``
     are the format's per-tensor parameters (:meth:`Format.fit_tensor`), stored and counted once.
+    ``input_quant`` is how the engine quantizes the linear's input (W8A8), and ``input_scale``
+    its calibrated static scale (float32 ``[1]``; ``None`` for dynamic per-token scales).
     """
 
     format: Format
@@ -233,10 +236,14 @@ class QuantizedWeight:
     perm: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     tensor_params: Params = field(default_factory=dict)
+    input_quant: ActQuant | None = None
+    input_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.params = stored_params(self.params)
         self.tensor_params = stored_params(self.tensor_params)
+        if self.input_quant is not None and not self.input_quant.dynamic and self.input_scale is None:
+            raise ValueError(f"the static activation scheme {self.input_quant.spec} needs its input_scale")
 
     def codes(self) -> torch.Tensor:
         return self.format.unpack(self.packed, self.shape)
@@ -260,6 +267,8 @@ class QuantizedWeight:
         n += sum(p.numel() * p.element_size() for p in (*self.params.values(), *self.tensor_params.values()))
         if self.perm is not None:
             n += self.perm.numel() * 4  # stored as int32 (g_idx-style)
+        if self.input_scale is not None:
+            n += self.input_scale.numel() * self.input_scale.element_size()
         return n
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
@@ -267,7 +276,8 @@ class QuantizedWeight:
             self.format, self.shape, self.dtype, self.packed.to(device),
             {k: v.to(device) for k, v in self.params.items()},
             None if self.perm is None else self.perm.to(device), dict(self.meta),
-            {k: v.to(device) for k, v in self.tensor_params.items()},
+            {k: v.to(device) for k, v in self.tensor_params.items()}, self.input_quant,
+            None if self.input_scale is None else self.input_scale.to(device),
         )
 
     @property

@@ -22,6 +22,10 @@ class Kernel(Component, ABC):
     """Base class of every executor of quantized linears."""
 
     priority: ClassVar[int] = 0
+    #: True if :meth:`forward` quantizes the input itself as ``qw.input_quant`` says (a W8A8
+    #: kernel); otherwise :class:`QuantLinear` fake-quantizes the input before calling it, so
+    #: every kernel computes what the engine does
+    quantizes_inputs: ClassVar[bool] = False
 
     def serves(self, fmt: Format, device: torch.device) -> str | None:
         """``None`` if this kernel runs ``fmt`` on ``device``, else the reason it does not."""
@@ -58,6 +62,8 @@ class QuantLinear(nn.Module):
         for key, value in qw.tensor_params.items():
             self.register_buffer(f"tensor_{key}", value)
         self.register_buffer("perm", qw.perm)
+        self.input_quant = qw.input_quant
+        self.register_buffer("input_scale", qw.input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._meta = dict(qw.meta)
         self._state: Any = None
@@ -68,7 +74,8 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(
             self.format, (self.out_features, self.in_features), self.weight_dtype, self.packed,
             {k: getattr(self, f"param_{k}") for k in self._param_names}, self.perm, dict(self._meta),
-            {k: getattr(self, f"tensor_{k}") for k in self._tensor_param_names},
+            {k: getattr(self, f"tensor_{k}") for k in self._tensor_param_names}, self.input_quant,
+            self.input_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +83,11 @@ class QuantLinear(nn.Module):
         if self._state_key != key:
             self._state = self.kernel.prepare(self.qweight)
             self._state_key = key
+        if self.input_quant is not None and not self.kernel.quantizes_inputs:
+            x = self.input_quant.fake_quant(x, self.input_scale)
         return self.kernel.forward(x, self.qweight, self._state, self.bias)
 
     def extra_repr(self) -> str:
+        act = f", input={self.input_quant.spec}" if self.input_quant is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.format.spec}, kernel={self.kernel.name}")
+                f"format={self.format.spec}{act}, kernel={self.kernel.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .activation import ActQuant
 from .format import Format
 
 
@@ -17,6 +18,7 @@ class TensorPlan:
     :param format: the format it is quantized to, or ``None`` to keep it in float.
     :param reason: why it is kept in float, or why it got a fallback format.
     :param requested: the format that was asked for, when a fallback replaced it.
+    :param input_quant: how the engine quantizes this linear's input (W8A8), or ``None``.
     """
 
     name: str
@@ -24,6 +26,7 @@ class TensorPlan:
     format: Format | None
     reason: str = ""
     requested: Format | None = None
+    input_quant: ActQuant | None = None
 
     @property
     def is_fallback(self) -> bool:
@@ -35,14 +38,18 @@ class TensorPlan:
             out["reason"] = self.reason
         if self.requested is not None:
             out["requested"] = self.requested.spec
+        if self.input_quant is not None:
+            out["input_quant"] = self.input_quant.spec
         return out
 
 
 @dataclass
 class QuantPlan:
-    """Formats per tensor; made by the exporter, checked against quantizer and exporter."""
+    """Formats per tensor; made by the exporter, checked against quantizer and exporter.
+    ``kv_cache``: how the engine quantizes the attention's keys and values, or ``None``."""
 
     entries: dict[str, TensorPlan] = field(default_factory=dict)
+    kv_cache: ActQuant | None = None
 
     def add(self, entry: TensorPlan) -> None:
         if entry.name in self.entries:
@@ -68,6 +75,10 @@ class QuantPlan:
     def format_of(self, name: str) -> Format | None:
         entry = self.entries.get(name)
         return entry.format if entry else None
+
+    def activations(self) -> dict[str, ActQuant]:
+        """Linear name → its input scheme, for the quantized linears that have one."""
+        return {k: v.input_quant for k, v in self.entries.items() if v.format is not None and v.input_quant}
 
     def to_json(self) -> dict[str, Any]:
         return {k: v.to_json() for k, v in self.entries.items()}

@@ -8,8 +8,9 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   input channel, streamed from a block's calibration forward — :func:`collect_input_stats`;
 * **the LDLQ column loop** (:mod:`.ldlq`): damped inverse Cholesky (:func:`inverse_cholesky`),
   GPTQ/LDLQ error feedback over any format, scalar or vector (:func:`ldlq_solve`);
-* **scale folding** (:mod:`.fold`): per-input-channel scales into the norm or linear before a
-  group of linears (:func:`fold_point`, :func:`apply_fold`), GQA ties (:class:`Tie`);
+* **scale folding** (:mod:`.fold`): a block's input groups (:func:`block_groups`), per-input-channel
+  scales into the norm or linear before a group of linears (:func:`fold_point`,
+  :func:`apply_fold`), GQA ties (:class:`Tie`);
 * **Hugging Face checkpoints** (:mod:`.checkpoint`): config with ``quantization_config``,
   tokenizer files, written shapes, reloading float tensors, one-group-size plans; streaming
   safetensors writers (:mod:`.safetensors_stream`);
@@ -21,6 +22,8 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   options (:func:`make_component`), for plugins that compose others (``mix``);
 * **grids** (:mod:`.grids`): an affine format's code range and whether it takes a zero point
   back (:func:`affine_grid`), for optimisers of the grid (HQQ and its adapter);
+* **observers** (:mod:`.observers`): static activation scales from calibration inputs
+  (absmax, percentile, MSE), for W8A8 schemes (:class:`~quantfoundry.ActQuant`);
 * the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
 """
 
@@ -47,7 +50,7 @@ from .checkpoint import (
     write_hf_config,
 )
 from .components import make_component
-from .fold import FoldPoint, Tie, apply_fold, fold_point
+from .fold import BlockGroup, FoldPoint, Tie, apply_fold, block_groups, fold_point
 from .grids import AffineGrid, affine_grid
 from .kernels import select_kernel, swap_in
 from .ldlq import (
@@ -59,11 +62,12 @@ from .ldlq import (
     ldlq_solve,
     prepare_hessian,
 )
+from .observers import MSEObserver, Observer, PercentileObserver, make_observer
 from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWriter
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockStats", "BlockStream", "CheckpointOptions", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",

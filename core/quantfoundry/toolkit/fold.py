@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import QFError
 from ..roles.architecture import InputGroup
 from ..roles.block import Block
 
@@ -43,6 +44,36 @@ class Tie:
     def expand(self, v: torch.Tensor) -> torch.Tensor:
         """Per tied channel → per input channel, along the last dim."""
         return v[..., self.index(v.shape[-1] * self.heads_per_kv, v.device)]
+
+
+@dataclass
+class BlockGroup:
+    """One input group of the architecture map as it is in a real block: its ``group``, the
+    block-relative names of all its linears (``members``, patterns expanded) and of those the
+    plan quantizes (``planned``)."""
+
+    group: InputGroup
+    members: list[str]
+    planned: list[str]
+
+
+def block_groups(block: Block, who: str) -> list[BlockGroup]:
+    """The architecture's input groups present in ``block`` that hold a planned linear, in
+    execution order; a planned linear in no group is an error naming ``who`` (a method that
+    scales input channels per group cannot treat it)."""
+    arch = block.architecture
+    linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
+    groups = []
+    for group in arch.groups:
+        members = [n for pat in group.linears for n in arch.match(pat, linears)]
+        planned = [n for n in members if n in block.formats]
+        if planned:
+            groups.append(BlockGroup(group, members, planned))
+    missing = sorted(set(block.formats) - {n for g in groups for n in g.planned})
+    if missing:
+        raise QFError(f"{who}: {block.full_name(missing[0])} is in no input group of the "
+                      f"{arch.name!r} architecture map, so {who} cannot scale it")
+    return groups
 
 
 @dataclass

@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer, Transform
-from quantfoundry.toolkit import FoldPoint, apply_fold, collect_input_stats, fold_point
-from torch import nn
+from quantfoundry.toolkit import (
+    BlockGroup,
+    FoldPoint,
+    apply_fold,
+    block_groups,
+    collect_input_stats,
+    fold_point,
+)
 
 from .search import search_clip, search_scale
 
@@ -62,13 +68,6 @@ class AWQOptions(AWQScaleOptions):
 
 
 @dataclass
-class _Group:
-    key: str
-    members: list[str]
-    planned: list[str]
-
-
-@dataclass
 class _Scaled:
     """Per linear of a block after the scale search: the Gram matrix and importance of its
     (scaled) input, and what the search chose."""
@@ -76,7 +75,7 @@ class _Scaled:
     grams: dict[str, torch.Tensor | None] = field(default_factory=dict)
     imps: dict[str, torch.Tensor | None] = field(default_factory=dict)
     meta: dict[str, dict] = field(default_factory=dict)
-    groups: list[_Group] = field(default_factory=list)
+    groups: list[BlockGroup] = field(default_factory=list)
 
 
 def _check_scalar(fmt: Format) -> str | None:
@@ -144,7 +143,7 @@ def scale_block(block: Block, ctx: QuantContext, o: AWQScaleOptions, who: str) -
     """Search and fold every input group's scale, in order; the statistics of the scaled inputs."""
     if block.inputs is None:
         raise QFError(f"{who} needs calibration inputs; the run has none (use --calibrator text)")
-    groups = _groups(block, who)
+    groups = block_groups(block, who)
     stats = collect_input_stats(block, [g.members[0] for g in groups], want=("gram", "abs_sum"),
                                 device=ctx.device, share=False)
     config = ctx.source.config if ctx.source is not None else None
@@ -152,7 +151,7 @@ def scale_block(block: Block, ctx: QuantContext, o: AWQScaleOptions, who: str) -
     out = _Scaled(groups=groups)
     for g in groups:
         st = stats[g.members[0]]
-        group = block.architecture.group_of(g.members[0])
+        group = g.group
         if st.count == 0:
             ctx.note(f"{who}: {g.members[0]} saw no calibration token: its group is rounded to nearest")
             gram, imp = None, None
@@ -172,24 +171,7 @@ def scale_block(block: Block, ctx: QuantContext, o: AWQScaleOptions, who: str) -
     return out
 
 
-def _groups(block: Block, who: str) -> list[_Group]:
-    """The architecture's input groups present in this block, with their planned linears."""
-    arch = block.architecture
-    linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
-    groups = []
-    for i, group in enumerate(arch.groups):
-        members = [n for pat in group.linears for n in arch.match(pat, linears)]
-        planned = [n for n in members if n in block.formats]
-        if planned:
-            groups.append(_Group(str(i), members, planned))
-    missing = sorted(set(block.formats) - {n for g in groups for n in g.planned})
-    if missing:
-        raise QFError(f"{who}: {block.full_name(missing[0])} is in no input group of the "
-                      f"{arch.name!r} architecture map, so AWQ cannot scale it")
-    return groups
-
-
-def _scale(block: Block, g: _Group, point: FoldPoint, x_mean: torch.Tensor, gram: torch.Tensor,
+def _scale(block: Block, g: BlockGroup, point: FoldPoint, x_mean: torch.Tensor, gram: torch.Tensor,
        imp: torch.Tensor | None, stored: torch.dtype, o: AWQScaleOptions
        ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Search the group's scale, fold it; the Gram matrix and importance of the scaled input."""
@@ -198,7 +180,7 @@ def _scale(block: Block, g: _Group, point: FoldPoint, x_mean: torch.Tensor, gram
     formats = [block.formats.get(m) for m in g.members]
     res = search_scale(weights, formats, x_mean, gram, imp, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
                        tie=point.tie)
-    prev_name = block.architecture.group_of(g.members[0]).prev
+    prev_name = g.group.prev
     apply_fold(point, lins, res.scale.to(lins[0].weight.device), res.searched.to(lins[0].weight.device),
                block.architecture.norm_weight_offset, stored, quantized_prev=prev_name in block.formats)
     for m, lin in zip(g.members, lins, strict=True):
