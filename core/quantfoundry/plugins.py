@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "quantfoundry"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("architectures", "quantfoundry.builtin.architectures"),
     ("int-format", "quantfoundry.builtin.int_format"),
+    ("fp8-format", "quantfoundry.builtin.fp8_format"),
     ("rtn", "quantfoundry.builtin.rtn"),
     ("torch-dequant", "quantfoundry.builtin.torch_dequant"),
     ("text-calibrator", "quantfoundry.builtin.text_calibrator"),
