@@ -1,0 +1,3 @@
+"""SmoothQuant for QuantFoundry: the ``smoothquant`` transform."""
+
+__version__ = "0.1.0"
