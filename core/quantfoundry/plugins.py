@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("fp8-format", "quantfoundry.builtin.fp8_format"),
     ("rtn", "quantfoundry.builtin.rtn"),
     ("torch-dequant", "quantfoundry.builtin.torch_dequant"),
+    ("torch-w8a8", "quantfoundry.builtin.w8a8_kernel"),
     ("text-calibrator", "quantfoundry.builtin.text_calibrator"),
     ("perplexity", "quantfoundry.builtin.perplexity"),
     ("size", "quantfoundry.builtin.size"),

@@ -16,7 +16,7 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-hqq", "qf-example-plugin"}
+              "qf-hqq", "qf-smoothquant", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
@@ -34,6 +34,8 @@ EXTRA: dict[str, dict[str, Any]] = {
     "chat": {"options": {"path": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
     "hf-dataset": {"options": {"dataset": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
     "mix": {"options": {"parts": "text:1,text:2", "n_samples": "3", "seq_len": "40"}},
+    "torch-w8a8": {"act_specs": (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
+                                 ("fp8-e4m3-tensor", "fp8-static"), ("int8-sym", "fp8"))},
 }
 
 
@@ -64,7 +66,8 @@ def _classes() -> dict[str, type]:
                                                       {"exporter": e.name, **EXTRA.get(e.name, {})})
     for e in _entries("kernel"):
         out[f"TestKernel_{_ident(e.name)}"] = type("K", (kit.KernelConformance,),
-                                                    {"kernel": e.name, "specs": tuple(_specs())})
+                                                    {"kernel": e.name, "specs": tuple(_specs()),
+                                                     **EXTRA.get(e.name, {})})
     for e in _entries("calibrator"):
         out[f"TestCalibrator_{_ident(e.name)}"] = type("C", (kit.CalibratorConformance,),
                                                             {"calibrator": e.name, **EXTRA.get(e.name, {})})

@@ -303,6 +303,40 @@ class KernelConformance:
                     torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
         assert served, f"{self.kernel} serves none of {self.specs} on {device}"
 
+    #: for kernels that quantize inputs themselves (``Kernel.quantizes_inputs``): ``(format spec,
+    #: activation spec)`` pairs checked against the reference kernel's simulation
+    act_specs: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @pytest.mark.parametrize("device", ["cpu", "cuda"])
+    def test_quantized_inputs_equal_the_reference_simulation(self, device: str) -> None:
+        if not self.act_specs:
+            pytest.skip(f"{self.kernel} leaves the inputs to QuantLinear")
+        if device not in self.devices:
+            pytest.skip(f"{self.kernel} does not serve {device}")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device: the kernel's CUDA path is checked on the GPU machine")
+        from ..roles.activation import ActQuant
+
+        dev = torch.device(device)
+        kernel = make("kernel", self.kernel, self.options)
+        assert kernel.quantizes_inputs, f"{self.kernel} lists act_specs but does not set quantizes_inputs"
+        reference = make("kernel", "torch-dequant", {"cache": "false"})
+        for spec, act_spec in self.act_specs:
+            fmt = resolve_format(spec)
+            if kernel.serves(fmt, dev) is not None:
+                continue
+            act = ActQuant.from_spec(act_spec)
+            x = torch.randn(3, 9, 256, device=dev) * torch.logspace(-2, 1, 256, device=dev)
+            qw = fmt.quantize(_weight((96, 256), seed=2)).to(dev)
+            qw.input_quant = act
+            if not act.dynamic:
+                qw.input_scale = act.scale_for(0.8 * x.abs().amax().reshape(1)).to(dev)  # some values clip
+            for b in (None, torch.randn(96, device=dev)):
+                ours = QuantLinear(qw, b, kernel)(x)
+                ref = QuantLinear(qw, b, reference)(x)
+                assert ours.shape == (3, 9, 96)
+                torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
 
 class CalibratorConformance:
     """Subclass and set ``calibrator`` (and ``options``)."""

@@ -12,7 +12,9 @@ gate/up and, with ``folds=all``, v → o and up → down) with a fold point, per
 multiplied by ``s`` and the fold point divided by it (:func:`quantfoundry.toolkit.apply_fold`:
 the norm's weight, or the previous linear's rows; under grouped-query attention one scale per
 KV channel, ``max`` over the channels that share it). A channel that never fires (``max|X_j|
-= 0``) keeps ``s_j = 1``; ``s`` is at least ``1e-5`` (the paper's clamp).
+= 0``) keeps ``s_j = 1``; ``s`` is at least ``1e-5`` (the paper's clamp). Into a norm computing
+``x · (1 + w)`` (Gemma) stored in 16 bits, ``s`` is at most ``2|1 + w|`` (at least 1): the
+folded ``(1 + w)/s − 1`` must stay representable, or the float model would change.
 
 ``α`` (the migration strength) is 0.5 by default; ``search=true`` picks, per group, the ``α`` of
 ``{0, 1/alpha_grid, …, 1}`` whose W8A8 output error on a sample of the group's calibration
@@ -59,6 +61,14 @@ def smoothing_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> t
     x, w = x_max.float(), w_max.float().clamp(min=1e-5)
     s = (x.clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
     return torch.where(x > 0, s, torch.ones_like(s))
+
+
+def _cap_for_offset_norm(s: torch.Tensor, w: torch.Tensor, offset: float) -> torch.Tensor:
+    """A norm computing ``x · (offset + w)`` (Gemma: ``1 + w``) takes the scale as
+    ``w' = (offset + w)/s − offset``: for a large ``s`` that is ``−offset`` plus a sliver, which
+    the checkpoint's 16-bit dtype cannot hold. ``s ≤ 2|offset + w| / offset`` keeps
+    ``|offset + w'| ≥ offset/2``: the stored norm is then within twice its own rounding."""
+    return torch.minimum(s, (2 * (offset + w).abs() / offset).clamp(min=1.0))
 
 
 def _tied_max(v: torch.Tensor, tie: Tie | None) -> torch.Tensor:
@@ -109,6 +119,9 @@ class SmoothQuant(Transform):
                                            for lin in lins]).amax(0), point.tie)
             alpha = _search(block, g, samples[g.members[0]], x_max, w_max, point.tie, o) if o.search else o.alpha
             s = smoothing_scale(x_max, w_max, alpha)
+            offset = block.architecture.norm_weight_offset
+            if point.kind == "norm" and offset and stored != torch.float32:
+                s = _cap_for_offset_norm(s, point.prev.weight.detach().float().to(s.device), offset)
             scale = point.tie.expand(s) if point.tie is not None else s
             dev = lins[0].weight.device
             apply_fold(point, lins, scale.to(dev), s.to(dev), block.architecture.norm_weight_offset, stored,
