@@ -45,11 +45,9 @@ class TensorPlan:
 
 @dataclass
 class QuantPlan:
-    """Formats per tensor; made by the exporter, checked against quantizer and exporter.
-    ``kv_cache``: how the engine quantizes the attention's keys and values, or ``None``."""
+    """Formats per tensor; made by the exporter, checked against quantizer and exporter."""
 
     entries: dict[str, TensorPlan] = field(default_factory=dict)
-    kv_cache: ActQuant | None = None
 
     def add(self, entry: TensorPlan) -> None:
         if entry.name in self.entries:
