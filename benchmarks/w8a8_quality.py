@@ -51,8 +51,8 @@ METHODS: dict[str, tuple[str, str, list[tuple[str, dict[str, Any]]]]] = {
     "fp8 static|naive": ("fp8-e4m3", "fp8-static", [("rtn", {})]),
     "weight-only int8|naive": ("int8-sym", "", [("rtn", {})]),
 }
-PEERS = {"int8 dyn|llm-compressor": ("int8", "dynamic"), "int8 static|llm-compressor": ("int8-static", "static"),
-         "int8 dyn|llm-compressor norms": ("int8", "dynamic")}
+#: llm-compressor's SmoothQuantModifier (α = 0.5, its norm mappings) + W8A8
+PEERS = {"int8 dyn|llm-compressor": ("int8", "dynamic"), "int8 static|llm-compressor": ("int8-static", "static")}
 
 
 def simulate_inputs(model: torch.nn.Module, acts: dict[str, qf.ActQuant], scales: dict[str, float]) -> None:
