@@ -115,9 +115,6 @@ def run_peer(model: str, fmt: str, ids: Path, peer_python: str, device: str, *,
     The script writes ``OUT.safetensors`` (state-dict names: the quantized linears' dequantized
     weights, and — AWQ — every other tensor it changed, e.g. folded norms) and ``OUT.json``.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     spec = qf.resolve_format(fmt).options
     out = CACHE / f"peer-{tag}-{model}-{fmt}{''.join(args).replace('--', '-')}.safetensors"
     cmd = [peer_python, str(HERE / "peers" / script), "--model", str(model_folder(model)),
@@ -127,11 +124,19 @@ def run_peer(model: str, fmt: str, ids: Path, peer_python: str, device: str, *,
     if r.returncode != 0:
         raise RuntimeError(f"peer failed: {r.stderr[-3000:]}")
     info = json.loads(out.with_suffix(".json").read_text())
+    return info, peer_model(model, out).to(device)
+
+
+def peer_model(model: str, weights: Path) -> torch.nn.Module:
+    """The original architecture of ``model`` (float32) holding the peer's saved tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     model_obj = AutoModelForCausalLM.from_pretrained(str(model_folder(model)), dtype=torch.float32).eval()
-    result = model_obj.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()}, strict=False)
+    result = model_obj.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"peer weights not in the model: {result.unexpected_keys[:5]}")
-    return info, model_obj.to(device)
+    return model_obj
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import quantfoundry as qf
 import torch
 from _common import parse_results_args, save_rows
-from gptq_vs_peer import CACHE, HERE, calibration_ids, evaluate, split_text
+from gptq_vs_peer import CACHE, HERE, calibration_ids, evaluate, peer_model, split_text
 from quantfoundry.data import english_eval_text
 from rtn_sweep import model_folder
 
@@ -66,9 +66,6 @@ def simulate_inputs(model: torch.nn.Module, acts: dict[str, qf.ActQuant], scales
 
 
 def run_peer(model: str, ids: Path, peer_python: str, static: bool) -> tuple[dict[str, Any], torch.nn.Module]:
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     out = CACHE / f"peer-smoothquant-{model}-{'static' if static else 'dynamic'}.safetensors"
     cmd = [peer_python, str(HERE / "peers" / "llmc_smoothquant.py"), "--model", str(model_folder(model)),
            "--calib-ids", str(ids), "--out", str(out), *(["--static"] if static else [])]
@@ -76,10 +73,7 @@ def run_peer(model: str, ids: Path, peer_python: str, static: bool) -> tuple[dic
     if r.returncode != 0:
         raise RuntimeError(f"peer failed: {r.stderr[-3000:]}")
     info = json.loads(out.with_suffix(".json").read_text())
-    m = AutoModelForCausalLM.from_pretrained(str(model_folder(model)), dtype=torch.float32).eval()
-    res = m.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()}, strict=False)
-    if res.unexpected_keys:
-        raise RuntimeError(f"peer weights not in the model: {res.unexpected_keys[:5]}")
+    m = peer_model(model, out)
     act = qf.ActQuant("int8", dynamic=not static)
     simulate_inputs(m, {n: act for n in info["quantized_linears"]}, info.get("input_scales", {}))
     return info, m
