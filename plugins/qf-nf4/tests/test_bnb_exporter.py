@@ -76,7 +76,7 @@ def test_the_deploy_command_runs_as_written(tiny_model, tmp_path) -> None:
     r = qf.run(str(tiny_model("llama")), format="nf4", exporter="bnb-4bit", out=out, progress=False, evaluators=[])
     assert r.run_command is not None
     deploy = (Path(__file__).resolve().parents[3] / "docs" / "deploy.md").read_text()
-    body = deploy.split("## `bnb-4bit`", 1)[1]
+    body = deploy.split("## `bnb-4bit`", 1)[1].split("\n## ", 1)[0]
     lines = [ln.strip() for ln in body.splitlines() if ln.strip().startswith("python -c ")]
     assert lines == [r.run_command.split("  # needs")[0].replace(str(out), "OUT")]
     argv = shlex.split(lines[0].replace("OUT", str(out)))
