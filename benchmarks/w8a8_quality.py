@@ -10,7 +10,8 @@ on the held-out 40 % and on WikiText (``gptq_vs_peer.evaluate``). Every model, q
 peer's, is measured the same way: its dequantized weights in the original architecture, each
 quantized linear's input quantized as vLLM quantizes it (``quantfoundry.ActQuant``: per-token
 ``x · 127/max|x|``, or the stored static scale) — for the peer, its weights and static scales
-read from its ``save_compressed=False`` model.
+read from its ``save_compressed=False`` model. Rows "+ fp8 kv" add the FP8 KV cache
+(``--kv-cache fp8``: keys after RoPE and values in e4m3, one calibrated scale each per layer).
 
 Outliers: per linear input, ``max_j max|X_j| / median_j max|X_j|`` over the calibration tokens,
 before (the float model) and after SmoothQuant (the smoothed float model), the median over
@@ -50,7 +51,11 @@ METHODS: dict[str, tuple[str, str, list[tuple[str, dict[str, Any]]]]] = {
     "fp8 dyn|naive": ("fp8-e4m3", "fp8", [("rtn", {})]),
     "fp8 static|naive": ("fp8-e4m3", "fp8-static", [("rtn", {})]),
     "weight-only int8|naive": ("int8-sym", "", [("rtn", {})]),
+    "weight-only int8 + fp8 kv|naive": ("int8-sym", "", [("rtn", {})]),
+    "fp8 dyn + fp8 kv|naive": ("fp8-e4m3", "fp8", [("rtn", {})]),
 }
+#: rows with the FP8 KV cache (``--kv-cache fp8``)
+KV = {"weight-only int8 + fp8 kv|naive", "fp8 dyn + fp8 kv|naive"}
 #: llm-compressor's SmoothQuantModifier (α = 0.5, its norm mappings) + W8A8
 PEERS = {"int8 dyn|llm-compressor": ("int8", "dynamic"), "int8 static|llm-compressor": ("int8-static", "static")}
 
@@ -130,6 +135,7 @@ def main() -> None:
             if method in METHODS:
                 fmt, acts, stages = METHODS[method]
                 r = qf.run(str(model_folder(model)), quantizer=stages, format=fmt, activations=acts or None,
+                           kv_cache="fp8" if method in KV else None,
                            calibrator_options={"path": str(calib), "n_samples": 128, "seq_len": 512}, out=None,
                            keep_model=True, progress=False, device=args.device, evaluators=[])
                 quantized = r.model

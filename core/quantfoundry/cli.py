@@ -147,6 +147,9 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
                    "or -static with one calibrated scale per tensor (default: the exporter's scheme, else none).")
 @click.option("--act-observer", default=None, type=click.Choice(["absmax", "percentile", "mse"]),
               help="How static activation scales are calibrated (default: absmax).")
+@click.option("--kv-cache", default=None, metavar="fp8",
+              help="The engine keeps keys and values in fp8 with one calibrated scale each per layer (vLLM's fp8 KV "
+                   "cache): simulated and written to the artifact.")
 @click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
 @click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -178,7 +181,7 @@ def run(**kw: Any) -> None:
                       ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
-                      ("activations", "activations"), ("act_observer", "act_observer")):
+                      ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel"):

@@ -26,7 +26,7 @@ from .errors import UsageError
 
 TOP_LEVEL = {"model": str, "out": str, "device": str, "dtype": str, "batch_size": int, "allow_pickle": bool,
              "trust_remote_code": bool, "revision": str, "overwrite": bool, "imatrix": bool,
-             "activations": str, "act_observer": str}
+             "activations": str, "act_observer": str, "kv_cache": str}
 ROLE_TABLES = ("quantizer", "format", "exporter", "calibrator", "evaluator", "kernel")
 
 

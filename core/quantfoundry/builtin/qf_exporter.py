@@ -33,7 +33,13 @@ from ..roles.activation import ActQuant
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
 from ..roles.plan import QuantPlan
-from ..toolkit.checkpoint import CheckpointOptions, artifact_skeleton, load_float_parameters, write_hf_config
+from ..toolkit.checkpoint import (
+    CheckpointOptions,
+    artifact_skeleton,
+    attach_kv_scales,
+    load_float_parameters,
+    write_hf_config,
+)
 from ..toolkit.kernels import select_kernel, swap_in
 from ..toolkit.safetensors_stream import ShardedSafetensorsWriter
 
@@ -53,11 +59,15 @@ class QFExporter(Exporter):
     def check_activations(self, act: ActQuant, fmt: Any) -> str | None:
         return None  # any input scheme, with any weight format: qf's kernels simulate it
 
+    def check_kv_cache(self, act: ActQuant) -> str | None:
+        return None  # k_scale / v_scale under their names, the scheme in the manifest
+
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder = folder
         self.source = source
         self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
         self.tensors: dict[str, dict[str, Any]] = {}
+        self.kv_cache = plan.kv_cache
 
     def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
         if name in self.writer.names or f"{name}{QF}packed" in self.writer.names:
@@ -88,7 +98,10 @@ class QFExporter(Exporter):
             "quant_method": "quantfoundry",
             "note": "QuantFoundry checkpoint: load it with quantfoundry.load() or `qf load`",
         })
-        return {"tensors": self.tensors, "files": files}
+        out: dict[str, Any] = {"tensors": self.tensors, "files": files}
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache.to_json()
+        return out
 
     def run_command(self, folder: Path) -> str | None:
         """quantfoundry itself: reload the artifact with our kernels and generate."""
@@ -147,7 +160,10 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))
-    return load_float_parameters(model, source, device, dtype)
+    model = load_float_parameters(model, source, device, dtype)
+    if manifest.get("kv_cache"):
+        attach_kv_scales(model, source, ActQuant.from_json(manifest["kv_cache"]), device)
+    return model
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.kv_cache import KVState, attach, enable, state_of
 from ..roles.activation import ActQuant
 from ..roles.block import Block
 from ..roles.format import QuantizedWeight
@@ -75,3 +76,37 @@ def simulated_inputs(module: nn.Module, out: dict[str, QuantizedWeight]) -> Iter
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate_kv(block: Block, act: ActQuant | None, model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The block's KV-cache scales (``max|k|`` / 448 over the keys after RoPE, and the same for
+    the values, over every calibration token, with the block's quantized weights), attached to
+    its attention module so that it simulates them from now on; returned as block extras
+    (``<prefix>.<attention>.k_scale`` / ``v_scale``, float32 ``[1]``)."""
+    if act is None:
+        return {}
+    if block.inputs is None or model is None:
+        raise RuntimeError("KV-cache scales need calibration inputs and the run's model")
+    enable(model)
+    path = block.architecture.attention
+    state = KVState(act, observing=True)
+    attach(block.module.get_submodule(path), state)
+    block.run()
+    state.finish_observing()
+    name = f"{block.prefix}.{path}"
+    return {f"{name}.k_scale": state.k_scale, f"{name}.v_scale": state.v_scale}
+
+
+def restore_kv(block: Block, extras: dict[str, torch.Tensor], model: nn.Module | None) -> None:
+    """Put journaled KV-cache scales back on the block's attention module (a resumed run)."""
+    path = block.architecture.attention
+    name = f"{block.prefix}.{path}"
+    if f"{name}.k_scale" not in extras:
+        return
+    if model is not None:
+        enable(model)
+    attention = block.module.get_submodule(path)
+    state = state_of(attention) or KVState(ActQuant("fp8", dynamic=False))
+    state.k_scale, state.v_scale = extras[f"{name}.k_scale"].float(), extras[f"{name}.v_scale"].float()
+    attach(attention, state)

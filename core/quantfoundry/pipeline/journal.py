@@ -45,6 +45,9 @@ class BlockRecord:
     entries: list[Entry]
     notes: list[str] = field(default_factory=list)
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: tensors the artifact must hold that are no parameter of the model (block extras: the KV
+    #: cache's ``k_scale``/``v_scale``), by full name, written as they are
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def quantized(self) -> dict[str, QuantizedWeight]:
         return {n: t for n, t in self.entries if isinstance(t, QuantizedWeight)}
@@ -166,7 +169,10 @@ class Journal:
                 order.append({"name": key})
         for j, value in enumerate(record.importance.values()):
             tensors[f"imp{j}"] = value
-        meta = {"order": order, "notes": record.notes, "importance": list(record.importance)}
+        for j, value in enumerate(record.extras.values()):
+            tensors[f"x{j}"] = value
+        meta = {"order": order, "notes": record.notes, "importance": list(record.importance),
+                "extras": list(record.extras)}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tmp = self.folder / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata={"record": json.dumps(meta, default=str)})
@@ -207,7 +213,8 @@ class Journal:
             else:
                 entries.append((item["name"], tensors[f"{i}.t"]))
         importance = {n: tensors[f"imp{j}"] for j, n in enumerate(meta.get("importance", []))}
-        return BlockRecord(entries, list(meta.get("notes", [])), importance)
+        extras = {n: tensors[f"x{j}"] for j, n in enumerate(meta.get("extras", []))}
+        return BlockRecord(entries, list(meta.get("notes", [])), importance, extras)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -36,7 +36,7 @@ from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, swap_in
 from . import artifact
-from .activations import attach_input_quant, simulated_inputs
+from .activations import attach_input_quant, calibrate_kv, restore_kv, simulated_inputs
 from .components import device_of, dtype_of, exporter_and_format, make
 from .evaluate import Evaluation, dequantized_dtypes, make_reference, open_artifact
 from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
@@ -87,8 +87,9 @@ def resolve(request: RunRequest) -> RunState:
     if acts is not None and not acts.dynamic and quantizer.scope == "model":
         raise UsageError(f"static activation scales are calibrated block by block, and quantizer {quantizer.name!r} "
                          f"works on the whole model: use {acts.dtype} (dynamic per-token scales)")
+    kv = _kv_cache(request, exp, quantizer)
     needs_calib = quantizer.needs_calibration or any(t.needs_calibration for t in transforms) or request.imatrix \
-        or (acts is not None and not acts.dynamic)
+        or (acts is not None and not acts.dynamic) or kv is not None
     cal = None
     if needs_calib or request.calibrator or request.calibrator_options:
         cal = make("calibrator", request.calibrator or "text", request.calibrator_options)
@@ -96,7 +97,7 @@ def resolve(request: RunRequest) -> RunState:
     out = Path(request.out) if request.out is not None else None
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
-    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts)
+    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts, kv)
     if preset_note:
         state.say(preset_note)
     if out is not None:
@@ -135,6 +136,23 @@ def _activations(request: RunRequest, exp: Exporter, requested: Format | None) -
     reason = exp.check_activations(act, requested)
     if reason:
         raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store {act.spec} activations: {reason}")
+    return act
+
+
+def _kv_cache(request: RunRequest, exp: Exporter, quantizer: Quantizer) -> ActQuant | None:
+    """The run's KV-cache scheme (``--kv-cache fp8``), checked against the exporter before any work."""
+    if request.kv_cache is None:
+        return None
+    if request.kv_cache.strip().lower() != "fp8":
+        raise UsageError(f"--kv-cache: unknown scheme {request.kv_cache!r}; use fp8 (vLLM's fp8 KV cache: keys and "
+                         "values in e4m3 with one static scale each per layer)")
+    if quantizer.scope == "model":
+        raise UsageError(f"KV-cache scales are calibrated block by block, and quantizer {quantizer.name!r} works on "
+                         "the whole model; drop --kv-cache")
+    act = ActQuant("fp8", dynamic=False)
+    reason = exp.check_kv_cache(act)
+    if reason:
+        raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store an fp8 KV cache: {reason}")
     return act
 
 
@@ -194,6 +212,10 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         ctx.note(f"importance of {len(brought)} linear(s) from exporter {state.exporter.name!r}")
     for line in summarize_plan(plan):
         ctx.note(line)
+    plan.kv_cache = state.kv_cache
+    if state.kv_cache is not None:
+        ctx.note("KV cache: fp8 (e4m3) keys (after RoPE) and values, one static scale each per layer (absmax "
+                 "observer), simulated in the block loop and in evaluation")
     if state.activations is not None:
         ctx.note(f"activations: {state.activations.describe()}, on the inputs of "
                  f"{len(plan.activations())} quantized linear(s) (simulated in the block loop and in evaluation)")
@@ -376,6 +398,7 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                 for line in record.notes:
                     ctx.note(line)
                 ctx.importance.update(record.importance)
+                restore_kv(block, record.extras, state.model)
                 with simulated_inputs(block.module, out):
                     stream.finish(block)
                 swap_in_block(block, out, r.kernel, state.kernel_options())
@@ -389,14 +412,15 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
             out = run_stages(state.transforms, state.quantizer, block, ctx)
             set_dequantized(block, out)
             out = attach_input_quant(block, out, state.plan)
+            extras = calibrate_kv(block, state.plan.kv_cache, state.model)
             with simulated_inputs(block.module, out) as simulated:
-                if simulated:
-                    block.outputs = None  # the rounding stage's run had float inputs
+                if simulated or extras:
+                    block.outputs = None  # the rounding stage's run had float inputs and no KV cache
                 stream.finish(block)
             swap_in_block(block, out, r.kernel, state.kernel_options())
             if journal is not None:
                 entries = module_entries(state.model, block.module, block.prefix, source)
-                journal.write_block(block.index, BlockRecord(entries, ctx.notes[noted:], importance))
+                journal.write_block(block.index, BlockRecord(entries, ctx.notes[noted:], importance, extras))
             bar.advance()
             if stop.requested and block.index + 1 < len(stream):
                 where = f"block {block.index + 1} of {len(stream)}"
@@ -462,6 +486,8 @@ def _export(state: RunState, journal: Journal, outside: dict[str, QuantizedWeigh
             extra = [n for ns in state.passthrough.values() for n in ns] if whole else state.passthrough.get(index, [])
             for name in extra:
                 exp.write(name, source.read([name])[name])
+            for name, value in record.extras.items():  # block extras (KV-cache scales): as they are
+                exp.write(name, value.to("cpu"))
         if not whole:
             prefix = source.architecture.layers + "."
             for name in sorted(source.tensor_info):

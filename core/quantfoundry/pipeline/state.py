@@ -59,6 +59,8 @@ class RunRequest:
     activations: str | None = None
     #: how static activation scales are calibrated: absmax | percentile | mse
     act_observer: str = "absmax"
+    #: the engine's KV cache: fp8 (keys and values, static per-tensor scales), or None
+    kv_cache: str | None = None
     progress: bool = True
     resume: bool = False
     #: where lines the user must see before the work starts go (a resumable journal, leftovers
@@ -82,6 +84,7 @@ class RunState:
     evaluators: list[Evaluator]
     out: Path | None
     activations: ActQuant | None = None
+    kv_cache: ActQuant | None = None
     notes: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
     # load_and_plan
@@ -103,7 +106,8 @@ class RunState:
     @property
     def needs_calibration(self) -> bool:
         return self.quantizer.needs_calibration or any(t.needs_calibration for t in self.transforms) or \
-            self.request.imatrix or (self.activations is not None and not self.activations.dynamic)
+            self.request.imatrix or (self.activations is not None and not self.activations.dynamic) or \
+            self.kv_cache is not None
 
     @property
     def keep(self) -> bool:

@@ -56,6 +56,8 @@ class Architecture:
     :param norm_weight_offset: the norm computes ``x * (offset + weight)``: 0 for Llama-style
         RMSNorm, 1 for Gemma's (``1 + weight``) — folding a scale ``s`` into it means
         ``weight' = (offset + weight) / s - offset``.
+    :param attention: block-relative path of the attention module, whose keys and values the KV
+        cache holds (its KV-cache scales are ``<block>.<attention>.k_scale`` / ``v_scale``).
     """
 
     name: str
@@ -67,6 +69,7 @@ class Architecture:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     norm_weight_offset: float = 0.0
+    attention: str = "self_attn"
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -63,6 +63,11 @@ class Exporter(Component, ABC):
         Default: weight-only artifacts."""
         return "it writes weight-only models (the engines it targets run every input in float)"
 
+    def check_kv_cache(self, act: ActQuant) -> str | None:
+        """``None`` if the artifact can tell its engine to keep the KV cache as ``act`` says (and
+        store ``k_scale``/``v_scale``), else the reason. Default: it cannot."""
+        return "it has no place for KV-cache scales"
+
     def plan(self, source: ModelSource, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         """Choose a format per tensor. Default: every decoder-block linear gets ``requested``
         (or its documented fallback when the shape does not fit); embeddings, the output head

@@ -45,9 +45,11 @@ class TensorPlan:
 
 @dataclass
 class QuantPlan:
-    """Formats per tensor; made by the exporter, checked against quantizer and exporter."""
+    """Formats per tensor; made by the exporter, checked against quantizer and exporter.
+    ``kv_cache``: how the engine keeps the attention's keys and values (FP8), or ``None``."""
 
     entries: dict[str, TensorPlan] = field(default_factory=dict)
+    kv_cache: ActQuant | None = None
 
     def add(self, entry: TensorPlan) -> None:
         if entry.name in self.entries:

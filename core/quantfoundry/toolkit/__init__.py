@@ -40,6 +40,7 @@ from .checkpoint import (
     TOKENIZER_GLOBS,
     CheckpointOptions,
     artifact_skeleton,
+    attach_kv_scales,
     copy_tokenizer_files,
     load_float_parameters,
     one_group_plan,
@@ -69,7 +70,7 @@ from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 __all__ = [
     "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
-    "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "capture_inputs", "collect_input_stats",
+    "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",
     "prepare_hessian", "python_command",

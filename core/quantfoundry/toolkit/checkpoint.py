@@ -151,3 +151,19 @@ def transformers_command(folder: Path) -> str:
     return python_command(f"from transformers import pipeline; print(pipeline({json.dumps('text-generation')}, "
                           f"{json.dumps(str(folder))})({json.dumps(PROMPT)}, max_new_tokens=32)[0]"
                           f"[{json.dumps('generated_text')}])")
+
+
+def attach_kv_scales(model: nn.Module, source: ModelSource, act: Any, device: torch.device) -> None:
+    """Simulate the KV cache of a reloaded artifact: every block's ``k_scale``/``v_scale`` read
+    from the checkpoint onto its attention module (``quantfoundry.model.kv_cache``)."""
+    from ..model.kv_cache import KVState, attach, enable
+
+    arch = source.architecture
+    enable(model)
+    for i in range(source.num_layers):
+        name = f"{source.layer_prefix(i)}.{arch.attention}"
+        if not source.has_tensor(f"{name}.k_scale"):
+            raise ArtifactError(f"{name}.k_scale is missing: the artifact declares a KV-cache scheme")
+        t = source.read([f"{name}.k_scale", f"{name}.v_scale"])
+        attach(model.get_submodule(name), KVState(act, k_scale=t[f"{name}.k_scale"].float().to(device),
+                                                  v_scale=t[f"{name}.v_scale"].float().to(device)))

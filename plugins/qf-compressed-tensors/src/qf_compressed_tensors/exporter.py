@@ -26,6 +26,7 @@ from quantfoundry.toolkit import (
     IntFormat,
     ShardedSafetensorsWriter,
     artifact_skeleton,
+    attach_kv_scales,
     load_float_parameters,
     quant_method_of,
     read_manifest,
@@ -37,7 +38,7 @@ from quantfoundry.toolkit import (
 )
 from torch import nn
 
-from .layout import compressor, from_ct, input_args, to_ct, weight_args, weight_kind
+from .layout import compressor, from_ct, input_args, kv_args, to_ct, weight_args, weight_kind
 
 #: llm-compressor's preset names → (weight format, input scheme)
 SCHEMES: dict[str, tuple[str, str | None]] = {
@@ -104,6 +105,9 @@ class CompressedTensorsExporter(Exporter):
             return f"vLLM's W8A8 int8 takes int8 symmetric per-channel weights (int8-sym), not {fmt.spec}"
         return None
 
+    def check_kv_cache(self, act: ActQuant) -> str | None:
+        return None if act.dtype == "fp8" and not act.dynamic else "vLLM reads fp8 KV caches with static scales only"
+
     def plan(self, source: Any, requested: Format | None, *, collects_importance: bool = False) -> QuantPlan:
         if requested is None:
             raise UsageError("exporter compressed-tensors: choose a weight format (--format) or a scheme")
@@ -122,6 +126,7 @@ class CompressedTensorsExporter(Exporter):
     # -- writing -------------------------------------------------------------------------
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder, self.source, self.plan = folder, source, plan
+        self.kv_cache = plan.kv_cache
         self.writer = ShardedSafetensorsWriter(folder, self.options.shard_mb)
         self.groups: dict[tuple[str, str | None], list[str]] = {}
         self.formats: dict[str, dict[str, Any]] = {}
@@ -157,7 +162,8 @@ class CompressedTensorsExporter(Exporter):
                 "output_activations": None, "targets": ["Linear"] if len(self.groups) == 1 else sorted(names),
                 "weights": weight_args(fmt)}
         return {"config_groups": groups, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-                "global_compression_ratio": None, "ignore": ignore, "kv_cache_scheme": None,
+                "global_compression_ratio": None, "ignore": ignore,
+                "kv_cache_scheme": None if self.kv_cache is None else kv_args(),
                 "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
                 "transform_config": {}, "version": VERSION}
 
@@ -216,4 +222,7 @@ def load_ct_checkpoint(folder: Path, *, device: torch.device, kernel: str | None
         qw = from_ct({n: parts[f"{prefix}.{n}"] for n in names}, fmt, (module.out_features, module.in_features),
                      source.storage_dtype, act)
         swap_in(model, prefix, qw.to(device), select_kernel(fmt, device, kernel))
-    return load_float_parameters(model, source, device, dtype)
+    model = load_float_parameters(model, source, device, dtype)
+    if (json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}).get("kv_cache_scheme"):
+        attach_kv_scales(model, source, ActQuant("fp8", dynamic=False), device)
+    return model

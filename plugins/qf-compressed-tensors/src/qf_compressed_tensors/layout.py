@@ -69,7 +69,8 @@ def input_args(act: ActQuant) -> dict[str, Any]:
                  observer=observer)
 
 
-def kv_args() -> dict[str, Any]:  # pragma: no cover - the KV cache scheme comes with its simulation
+def kv_args() -> dict[str, Any]:
+    """The KV cache's ``QuantizationArgs``: fp8, one static scale per tensor (``k_scale``/``v_scale``)."""
     return _args(type="float")
 
 
