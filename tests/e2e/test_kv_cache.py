@@ -82,3 +82,15 @@ def test_the_journal_keeps_block_extras(tmp_path) -> None:
     back = journal.read_block(0)
     assert set(back.extras) == set(extras)
     assert all(torch.equal(back.extras[k], v) for k, v in extras.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gemma2", "gemma3"])
+def test_every_architecture_and_attention_implementation(tiny_model, tmp_path, arch: str) -> None:
+    """sdpa and eager (Gemma 2's softcapped attention) both run through the wrapper; the artifact
+    reproduces the in-memory model's KL exactly."""
+    r = qf.run(tiny_model(arch), format="int8-sym", kv_cache="fp8", calibrator_options=CAL, out=tmp_path / "kv",
+               evaluators=[("kl", {"max_tokens": 512})], progress=False, keep_model=True)
+    assert r.model.config._attn_implementation.startswith("qf-kv-")
+    kl = r.metrics["kl"]["kl_mean"]
+    assert kl["quantized"] == kl["artifact"] > 0
+    assert not [n for n in r.notes if "MISMATCH" in n]
