@@ -309,8 +309,10 @@ class KernelConformance:
 
     @pytest.mark.parametrize("device", ["cpu", "cuda"])
     def test_quantized_inputs_equal_the_reference_simulation(self, device: str) -> None:
-        if not self.act_specs:
-            pytest.skip(f"{self.kernel} leaves the inputs to QuantLinear")
+        if not self.act_specs:  # then QuantLinear quantizes the inputs: the kernel must not do it too
+            assert not make("kernel", self.kernel, self.options).quantizes_inputs, \
+                f"{self.kernel} quantizes inputs itself: list the (format, activation) pairs it serves in act_specs"
+            return
         if device not in self.devices:
             pytest.skip(f"{self.kernel} does not serve {device}")
         if device == "cuda" and not torch.cuda.is_available():
