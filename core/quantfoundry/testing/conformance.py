@@ -278,13 +278,17 @@ class KernelConformance:
     specs: ClassVar[tuple[str, ...]] = ("int4-g128", "int8")
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
 
-    @pytest.mark.parametrize("device", ["cpu", "cuda"])
-    def test_outputs_equal_the_reference_kernel(self, device: str) -> None:
+    def _device(self, device: str) -> torch.device:
+        """``device``, or a skip where the kernel does not serve it or this machine has none."""
         if device not in self.devices:
             pytest.skip(f"{self.kernel} does not serve {device}")
         if device == "cuda" and not torch.cuda.is_available():
             pytest.skip("no CUDA device: the kernel's CUDA path is checked on the GPU machine")
-        dev = torch.device(device)
+        return torch.device(device)
+
+    @pytest.mark.parametrize("device", ["cpu", "cuda"])
+    def test_outputs_equal_the_reference_kernel(self, device: str) -> None:
+        dev = self._device(device)
         kernel = make("kernel", self.kernel, self.options)
         reference = make("kernel", "torch-dequant", {"cache": "false"})
         served = 0
@@ -313,13 +317,9 @@ class KernelConformance:
             assert not make("kernel", self.kernel, self.options).quantizes_inputs, \
                 f"{self.kernel} quantizes inputs itself: list the (format, activation) pairs it serves in act_specs"
             return
-        if device not in self.devices:
-            pytest.skip(f"{self.kernel} does not serve {device}")
-        if device == "cuda" and not torch.cuda.is_available():
-            pytest.skip("no CUDA device: the kernel's CUDA path is checked on the GPU machine")
         from ..roles.activation import ActQuant
 
-        dev = torch.device(device)
+        dev = self._device(device)
         kernel = make("kernel", self.kernel, self.options)
         assert kernel.quantizes_inputs, f"{self.kernel} lists act_specs but does not set quantizes_inputs"
         reference = make("kernel", "torch-dequant", {"cache": "false"})
