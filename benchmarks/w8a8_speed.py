@@ -3,7 +3,9 @@ same linear in fp16/bf16 (cuBLAS through ``F.linear``), side by side on one GPU,
 (tokens) 1–256, on Llama-7B/8B linear shapes.
 
 Each W8A8 row includes the per-token quantization of the input (dynamic schemes) or its static
-scaling, the low-precision GEMM and the rescale — what one call of ``QuantLinear`` costs. Times:
+scaling, the low-precision GEMM and the rescale — what one call of ``QuantLinear`` costs — with
+the kernel's Triton quantization/rescale (``fuse=true``, the default) and with torch ops for
+them (``fuse=false``, ``_torchops`` columns). Times:
 median of CUDA-event timings of 50 calls after 10 warm-up calls, each case replayed from a CUDA
 graph (launch overhead out of both sides alike).
 
@@ -57,7 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    kernel = select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8")
+    kernels = {"": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8"),
+               "_torchops": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8", {"fuse": "false"})}
     rows: dict[str, dict] = {}
     for label, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device=dev) * 0.02
@@ -68,15 +71,16 @@ def main() -> None:
             qw.input_quant = act
             if not act.dynamic:
                 qw.input_scale = act.scale_for(torch.tensor([3.0], device=dev))
-            ql = QuantLinear(qw.to(dev), None, kernel).to(dev)
-            for m in TOKENS:
-                x = torch.randn(m, k, device=dev, dtype=dtype)
-                key = f"{label}|{m}"
-                row = rows.setdefault(key, {"dense_ms": timed(lambda t, d=dense: F.linear(t, d), x)})
-                row[f"{spec}+{act_spec}_ms"] = ms = timed(ql, x)
-                row[f"{spec}+{act_spec}_speedup"] = row["dense_ms"] / ms
-                print(key, f"{spec}+{act_spec}", f"{row['dense_ms']:.4f} ms dense, {ms:.4f} ms, "
-                      f"x{row['dense_ms'] / ms:.2f}", flush=True)
+            for tag, kernel in kernels.items():
+                ql = QuantLinear(qw.to(dev), None, kernel).to(dev)
+                for m in TOKENS:
+                    x = torch.randn(m, k, device=dev, dtype=dtype)
+                    key = f"{label}|{m}"
+                    row = rows.setdefault(key, {"dense_ms": timed(lambda t, d=dense: F.linear(t, d), x)})
+                    row[f"{spec}+{act_spec}{tag}_ms"] = ms = timed(ql, x)
+                    row[f"{spec}+{act_spec}{tag}_speedup"] = row["dense_ms"] / ms
+                    print(key, f"{spec}+{act_spec}{tag}", f"{row['dense_ms']:.4f} ms dense, {ms:.4f} ms, "
+                          f"x{row['dense_ms'] / ms:.2f}", flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -9,6 +9,11 @@ input's dtype. A weight without an input scheme (weight-only), or whose scheme d
 its grid (fp8 inputs on int8 weights), runs as the reference kernel does: dequantize, fake-quant
 the input, ``F.linear``.
 
+On CUDA the input's quantization is one Triton kernel and the rescale of an int32/float32
+product another (:mod:`quantfoundry.builtin.w8a8_triton`, the same numerics as the torch ops);
+fp8 in bfloat16 passes its per-token and per-channel scales to ``torch._scaled_mm`` itself
+(row-wise scaling), which writes ``y`` directly. ``fuse=false`` runs the torch ops instead.
+
 Opt in with ``--kernel torch-w8a8`` (priority below the reference): on a CPU the float GEMM is
 usually faster; on an H100 ``docs/benchmarks.md`` measures it against cuBLAS fp16. On CUDA,
 ``torch._int_mm`` needs more than 16 rows: fewer are padded.
@@ -16,7 +21,7 @@ usually faster; on an H100 ``docs/benchmarks.md`` measures it against cuBLAS fp1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +37,8 @@ MIN_INT_MM_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 
 @dataclass(frozen=True, kw_only=True)
 class W8A8Options(Options):
-    pass
+    fuse: bool = field(default=True, metadata={"help": "on CUDA: quantize inputs and rescale products in Triton "
+                                                       "kernels (else torch ops)"})
 
 
 def _kind(fmt: Format) -> str | None:
@@ -85,10 +91,19 @@ class W8A8Kernel(Kernel):
             return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if x2.is_cuda and self.options.fuse and _triton():
+            y = self._fused(x2, qw, state, bias)
+        else:
+            y = self._torch_ops(x2, qw, state, bias)
+        return y.reshape(*shape[:-1], qw.shape[0])
+
+    @staticmethod
+    def _torch_ops(x2: torch.Tensor, qw: QuantizedWeight, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        act = qw.input_quant
         if act.dynamic:
             codes, sx = act.quantize_dynamic(x2)
         else:
-            sx = qw.input_scale.to(torch.float32).reshape(1, 1).to(x.device)
+            sx = qw.input_scale.to(torch.float32).reshape(1, 1).to(x2.device)
             codes = act.quantize(x2, sx)
         w = state["w"]
         if state["kind"] == "int8":
@@ -97,12 +112,36 @@ class W8A8Kernel(Kernel):
                 codes = torch.cat([codes, codes.new_zeros(MIN_INT_MM_ROWS - rows, codes.shape[1])])
             acc = torch._int_mm(codes, w.t())[:rows].to(torch.float32)
         else:
-            one = torch.ones((), dtype=torch.float32, device=x.device)
+            one = torch.ones((), dtype=torch.float32, device=x2.device)
             acc = torch._scaled_mm(codes, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         y = acc * sx * state["scale"]
         if bias is not None:
             y = y + bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*shape[:-1], qw.shape[0])
+        return y.to(x2.dtype)
+
+    @staticmethod
+    def _fused(x2: torch.Tensor, qw: QuantizedWeight, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        act, rows = qw.input_quant, x2.shape[0]
+        int8 = state["kind"] == "int8"
+        from . import w8a8_triton
+
+        codes, sx = w8a8_triton.quantize_rows(x2, act, qw.input_scale, MIN_INT_MM_ROWS if int8 else 0)
+        if int8:
+            acc = torch._int_mm(codes, state["w"].t())
+        elif x2.dtype == torch.bfloat16:  # row-wise scales in the GEMM's epilogue: y in one kernel
+            sa = sx if act.dynamic else sx.expand(rows, 1).contiguous()
+            return torch._scaled_mm(codes, state["w"].t(), scale_a=sa, scale_b=state["scale"],
+                                    bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+        else:
+            one = torch.ones((), dtype=torch.float32, device=x2.device)
+            acc = torch._scaled_mm(codes, state["w"].t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return w8a8_triton.rescale(acc, rows, sx, state["scale"], bias, x2.dtype)
+
+
+def _triton() -> bool:
+    from . import w8a8_triton  # imports triton: only once a CUDA input comes
+
+    return w8a8_triton.available()
 
 
 @hookimpl
