@@ -407,7 +407,7 @@ class {cls}(qf.Kernel):
     description = "dequantize per call, then F.linear (a qf new-plugin starting point)"
     priority = -10  # below the built-in kernels: used only when asked for (--kernel {name})
 
-    def serves(self, fmt: qf.Format, device: torch.device) -> str | None:
+    def serves(self, fmt: qf.Format, device: torch.device, tokens: int | None = None) -> str | None:
         return None  # every format on every device
 
     def forward(self, x: torch.Tensor, qw: qf.QuantizedWeight, state: Any, bias: torch.Tensor | None

@@ -40,7 +40,7 @@ from ..toolkit.checkpoint import (
     load_float_parameters,
     write_hf_config,
 )
-from ..toolkit.kernels import select_kernel, swap_in
+from ..toolkit.kernels import select_kernels, swap_in
 from ..toolkit.safetensors_stream import ShardedSafetensorsWriter
 
 QF = ".qf."
@@ -159,7 +159,7 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
             input_scale=stored.get(f"{name}{QF}input_scale"),
         ).to(device)
         module_name = name.removesuffix(".weight")
-        swap_in(model, module_name, qw, select_kernel(fmt, device, kernel))
+        swap_in(model, module_name, qw, select_kernels(fmt, device, kernel))
     model = load_float_parameters(model, source, device, dtype)
     if manifest.get("kv_cache"):
         attach_kv_scales(model, source, ActQuant.from_json(manifest["kv_cache"]), device)

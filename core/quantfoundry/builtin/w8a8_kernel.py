@@ -60,7 +60,7 @@ class W8A8Kernel(Kernel):
     priority = -1
     quantizes_inputs = True
 
-    def serves(self, fmt: Format, device: torch.device) -> str | None:
+    def serves(self, fmt: Format, device: torch.device, tokens: int | None = None) -> str | None:
         kind = _kind(fmt)
         if kind is None:
             return "it runs int8-sym per-channel (int8) and fp8-e4m3 weights"

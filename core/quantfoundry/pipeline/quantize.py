@@ -17,7 +17,7 @@ from ..roles.format import QuantizedWeight
 from ..roles.kernel import QuantLinear
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
-from ..toolkit.kernels import select_kernel, swap_in
+from ..toolkit.kernels import select_kernels, swap_in
 from ..toolkit.stats import collect_input_stats
 from .journal import Entry
 
@@ -67,7 +67,7 @@ def set_dequantized(block: Block, out: dict[str, QuantizedWeight]) -> None:
 def swap_in_block(block: Block, out: dict[str, QuantizedWeight], kernel: str | None,
                   kernel_options: dict[str, str] | None) -> None:
     for rel, qw in out.items():
-        swap_in(block.module, rel, qw, select_kernel(qw.format, qw.device, kernel, kernel_options))
+        swap_in(block.module, rel, qw, select_kernels(qw.format, qw.device, kernel, kernel_options))
 
 
 @torch.no_grad()
@@ -169,7 +169,7 @@ def quantize_outside_blocks(
         if module is None or model is None:
             continue
         if name in linears:
-            swap_in(model, name, qw, select_kernel(fmt, ctx.device, kernel_name, kernel_options))
+            swap_in(model, name, qw, select_kernels(fmt, ctx.device, kernel_name, kernel_options))
         else:  # an embedding: same Parameter object, so a tied output head follows
             module.weight.data = qw.dequantize(module.weight.dtype).to(module.weight.device)
     return out

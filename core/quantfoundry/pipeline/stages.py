@@ -34,7 +34,7 @@ from ..roles.exporter import Exporter
 from ..roles.format import Format, QuantizedWeight
 from ..roles.plan import QuantPlan
 from ..roles.quantizer import Quantizer, Transform
-from ..toolkit.kernels import select_kernel, swap_in
+from ..toolkit.kernels import select_kernel, select_kernels, swap_in
 from . import artifact
 from .activations import attach_input_quant, calibrate_kv, restore_kv, simulated_inputs
 from .components import device_of, dtype_of, exporter_and_format, make
@@ -458,7 +458,7 @@ def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str,
         entry = plan.entries.get(name)
         if entry is not None and entry.input_quant is not None:  # dynamic only (static is refused up front)
             qw = replace(qw, input_quant=entry.input_quant)
-        swap_in(model, name, qw, select_kernel(qw.format, state.device, state.request.kernel,
+        swap_in(model, name, qw, select_kernels(qw.format, state.device, state.request.kernel,
                                                state.kernel_options()))
     rest = QuantPlan({n: e for n, e in want.items() if n not in out})  # outside the blocks
     outside = quantize_outside_blocks(model, source, rest, ctx, kernel_name=state.request.kernel,

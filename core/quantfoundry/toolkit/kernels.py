@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -11,9 +13,11 @@ from ..roles.format import Format, QuantizedWeight
 from ..roles.kernel import Kernel, QuantLinear
 
 
-def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
-                  options: dict[str, str] | None = None) -> Kernel:
-    """The named kernel (checked), or the highest-priority kernel that serves ``fmt`` on ``device``."""
+def select_kernels(fmt: Format, device: torch.device, name: str | None = None,
+                   options: dict[str, str] | None = None) -> list[Kernel]:
+    """The kernels that run ``fmt`` on ``device``, best (highest priority) first — a
+    :class:`QuantLinear` runs each call on the first that accepts its token count — or only
+    the named kernel (checked; ``options`` are its options), which then runs every call."""
     from ..options import parse_options
 
     registry = get_plugin_manager().registry("kernel")
@@ -23,7 +27,7 @@ def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
         reason = kernel.serves(fmt, device)
         if reason:
             raise IncompatiblePlanError(f"kernel {cls.name!r} cannot run {fmt.spec} on {device}: {reason}")
-        return kernel
+        return [kernel]
     candidates = []
     for entry in registry.entries.values():
         kernel = entry.component()
@@ -32,11 +36,18 @@ def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
     if not candidates:
         raise IncompatiblePlanError(f"no installed kernel runs {fmt.spec} on {device}; "
                                     "install one or use --kernel torch-dequant")
-    return max(candidates, key=lambda k: k.priority)
+    return sorted(candidates, key=lambda k: -k.priority)
 
 
-def swap_in(root: nn.Module, name: str, qw: QuantizedWeight, kernel: Kernel) -> QuantLinear:
-    """Replace the ``nn.Linear`` at ``name`` (relative to ``root``) by a :class:`QuantLinear`."""
+def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
+                  options: dict[str, str] | None = None) -> Kernel:
+    """The named kernel (checked), or the highest-priority kernel that serves ``fmt`` on ``device``."""
+    return select_kernels(fmt, device, name, options)[0]
+
+
+def swap_in(root: nn.Module, name: str, qw: QuantizedWeight, kernel: Kernel | Sequence[Kernel]) -> QuantLinear:
+    """Replace the ``nn.Linear`` at ``name`` (relative to ``root``) by a :class:`QuantLinear`
+    run by ``kernel`` (or by the first of ``kernel``'s kernels that accepts each call)."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)

@@ -28,7 +28,7 @@ from quantfoundry.toolkit import (
     one_group_plan,
     quant_method_of,
     read_manifest,
-    select_kernel,
+    select_kernels,
     stored_shapes,
     swap_in,
     transformers_command,
@@ -156,5 +156,5 @@ def load_awq_checkpoint(folder: Path, *, device: torch.device, kernel: str | Non
         parts = source.read([f"{name}.{p}" for p in PARTS])
         qw = from_awq({p: parts[f"{name}.{p}"] for p in PARTS}, fmt, (module.out_features, module.in_features),
                       source.storage_dtype)
-        swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
+        swap_in(model, name, qw.to(device), select_kernels(fmt, device, kernel))
     return load_float_parameters(model, source, device, dtype)

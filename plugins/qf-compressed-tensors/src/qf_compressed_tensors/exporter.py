@@ -30,7 +30,7 @@ from quantfoundry.toolkit import (
     load_float_parameters,
     quant_method_of,
     read_manifest,
-    select_kernel,
+    select_kernels,
     stored_shapes,
     swap_in,
     transformers_command,
@@ -221,7 +221,7 @@ def load_ct_checkpoint(folder: Path, *, device: torch.device, kernel: str | None
         module = model.get_submodule(prefix)
         qw = from_ct({n: parts[f"{prefix}.{n}"] for n in names}, fmt, (module.out_features, module.in_features),
                      source.storage_dtype, act)
-        swap_in(model, prefix, qw.to(device), select_kernel(fmt, device, kernel))
+        swap_in(model, prefix, qw.to(device), select_kernels(fmt, device, kernel))
     model = load_float_parameters(model, source, device, dtype)
     if (json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}).get("kv_cache_scheme"):
         attach_kv_scales(model, source, ActQuant("fp8", dynamic=False), device)

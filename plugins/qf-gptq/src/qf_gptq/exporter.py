@@ -41,7 +41,7 @@ from quantfoundry.toolkit import (
     one_group_plan,
     quant_method_of,
     read_manifest,
-    select_kernel,
+    select_kernels,
     stored_shapes,
     swap_in,
     transformers_command,
@@ -213,7 +213,7 @@ def load_gptq_checkpoint(folder: Path, *, device: torch.device, kernel: str | No
             qw = from_gptq(tensors, fmt, shape, source.storage_dtype, checkpoint_format)
         except ValueError as exc:
             raise ArtifactError(f"{folder}: {name}: {exc}") from None
-        swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
+        swap_in(model, name, qw.to(device), select_kernels(fmt, device, kernel))
     return load_float_parameters(model, source, device, dtype)
 
 

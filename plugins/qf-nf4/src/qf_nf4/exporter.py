@@ -40,7 +40,7 @@ from quantfoundry.toolkit import (
     python_command,
     quant_method_of,
     read_manifest,
-    select_kernel,
+    select_kernels,
     stored_shapes,
     swap_in,
     write_hf_config,
@@ -208,5 +208,5 @@ def load_bnb_checkpoint(folder: Path, *, device: torch.device, kernel: str | Non
             absmax = absmax.float()
         qw = QuantizedWeight(fmt, shape, getattr(torch, state["dtype"]), stored[f"{name}.weight"].reshape(-1),
                              {"absmax": absmax}, tensor_params=tensor_params)
-        swap_in(model, name, qw.to(device), select_kernel(fmt, device, kernel))
+        swap_in(model, name, qw.to(device), select_kernels(fmt, device, kernel))
     return load_float_parameters(model, source, device, dtype)

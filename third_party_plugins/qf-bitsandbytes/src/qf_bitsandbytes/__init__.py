@@ -32,7 +32,7 @@ class BnB4BitKernel(qf.Kernel):
     description = "bitsandbytes' matmul_4bit for nf4/fp4 weights (adapter; CPU and CUDA)"
     priority = -5  # used when asked for: --kernel bnb-4bit
 
-    def serves(self, fmt: qf.Format, device: torch.device) -> str | None:
+    def serves(self, fmt: qf.Format, device: torch.device, tokens: int | None = None) -> str | None:
         if fmt.name not in KINDS:
             return f"it runs bitsandbytes' nf4 and fp4, not {fmt.spec}"
         if device.type not in ("cpu", "cuda"):

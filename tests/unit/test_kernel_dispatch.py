@@ -1,0 +1,88 @@
+"""QuantLinear's choice of kernel per call (``Kernel.serves(fmt, device, tokens)``): the first
+kernel, best first, that accepts the call's token count runs it; the last takes any call; a
+forced kernel runs every call. The weight view and each kernel's state are built once and
+rebuilt after ``.to()``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantfoundry as qf
+from quantfoundry.errors import IncompatiblePlanError
+from quantfoundry.roles.kernel import Kernel, QuantLinear
+from quantfoundry.toolkit import select_kernels
+
+
+class Small(Kernel):
+    """Serves calls of at most 4 tokens; counts its prepares and calls."""
+
+    name = "small-test"
+    priority = 5
+
+    def __init__(self) -> None:
+        self.prepared = 0
+        self.calls: list[int] = []
+
+    def serves(self, fmt: qf.Format, device: torch.device, tokens: int | None = None) -> str | None:
+        return None if tokens is None or tokens <= 4 else "slower than a dense GEMM above 4 tokens"
+
+    def prepare(self, qw: qf.QuantizedWeight) -> Any:
+        self.prepared += 1
+        return qw.dequantize(torch.float64)
+
+    def forward(self, x: torch.Tensor, qw: qf.QuantizedWeight, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append(x.numel() // x.shape[-1])
+        return F.linear(x.double(), state, None if bias is None else bias.double()).to(x.dtype)
+
+
+def _linear(kernels: Any) -> QuantLinear:
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    return QuantLinear(qf.resolve_format("int4-g32").quantize(w), torch.randn(24), kernels)
+
+
+def test_each_call_runs_on_the_first_kernel_that_accepts_its_tokens() -> None:
+    small, ref = Small(), qf.get_component("kernel", "torch-dequant")()
+    lin = _linear([small, ref])
+    expect = F.linear(torch.ones(1, 64, dtype=torch.float64), lin.qweight.dequantize(torch.float64),
+                      lin.bias.double())
+    for shape, who in (((1, 64), small), ((2, 2, 64), small), ((3, 2, 64), ref), ((1, 64), small), ((5, 64), ref)):
+        y = lin(torch.ones(shape))
+        assert lin.kernel is who, shape
+        assert y.shape == (*shape[:-1], 24)
+        torch.testing.assert_close(y.reshape(-1, 24)[0].double(), expect[0], rtol=1e-5, atol=1e-5)
+    assert small.calls == [1, 4, 1] and small.prepared == 1
+    assert lin.qweight is lin.qweight  # one view, kept between calls
+    assert "small-test|torch-dequant" in repr(lin)
+
+
+def test_a_single_kernel_runs_every_call() -> None:
+    small = Small()
+    lin = _linear(small)  # forced (--kernel): its serves(tokens) is not asked
+    lin(torch.ones(9, 64))
+    assert small.calls == [9]
+
+
+def test_to_rebuilds_the_view_and_states() -> None:
+    small = Small()
+    lin = _linear([small, qf.get_component("kernel", "torch-dequant")()])
+    lin(torch.ones(1, 64))
+    view = lin.qweight
+    lin.to(torch.float64)  # the float buffers are new tensors
+    assert lin.qweight is not view and lin.qweight.params["scale"].dtype == torch.float64
+    lin(torch.ones(1, 64, dtype=torch.float64))
+    assert small.prepared == 2
+    lin.input_scale = None  # replacing a buffer forgets the view too
+    assert lin.qweight is not view
+
+
+def test_select_kernels_lists_the_serving_kernels_best_first() -> None:
+    fmt = qf.resolve_format("int8-sym")
+    names = [k.name for k in select_kernels(fmt, torch.device("cpu"))]
+    assert names[0] == "torch-dequant" and "torch-w8a8" in names  # the W8A8 kernel is opt-in (priority -1)
+    assert [k.name for k in select_kernels(fmt, torch.device("cpu"), "torch-w8a8")] == ["torch-w8a8"]
+    with pytest.raises(IncompatiblePlanError, match="cannot run int4"):
+        select_kernels(qf.resolve_format("int4-g32"), torch.device("cpu"), "torch-w8a8")
