@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("rtn", "quantfoundry.builtin.rtn"),
     ("torch-dequant", "quantfoundry.builtin.torch_dequant"),
     ("torch-w8a8", "quantfoundry.builtin.w8a8_kernel"),
+    ("torch-int4", "quantfoundry.builtin.int4_kernel"),
     ("text-calibrator", "quantfoundry.builtin.text_calibrator"),
     ("perplexity", "quantfoundry.builtin.perplexity"),
     ("size", "quantfoundry.builtin.size"),

@@ -34,6 +34,9 @@ EXTRA: dict[str, dict[str, Any]] = {
     "chat": {"options": {"path": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
     "hf-dataset": {"options": {"dataset": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
     "mix": {"options": {"parts": "text:1,text:2", "n_samples": "3", "seq_len": "40"}},
+    "torch-int4": {"specs": ("int4-g128-sym-sbf16", "int4-g32-sym-sbf16", "int4-g64-sym-sbf16"),
+                   # the last two: not tinygemm's tiles (dequantized instead)
+                   "shapes": ((96, 256), (48, 512), (24, 256), (32, 192))},
     "torch-w8a8": {"act_specs": (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
                                  ("fp8-e4m3-tensor", "fp8-static"), ("int8-sym", "fp8"))},
 }

@@ -69,6 +69,24 @@ WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "num_atten
 CALIBRATION = {"n_samples": "4", "seq_len": "64"}
 
 
+class _poisoned_memory:
+    """Within: every uninitialized tensor (``torch.empty``) is filled with NaN."""
+
+    def __enter__(self) -> None:
+        import torch.utils.deterministic as det
+
+        self._was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                     det.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        det.fill_uninitialized_memory = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch.utils.deterministic as det
+
+        torch.use_deterministic_algorithms(self._was[0], warn_only=self._was[1])
+        det.fill_uninitialized_memory = self._was[2]
+
+
 def _weight(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     """A weight with the spread of a trained one: mostly small values, a few large ones."""
     g = torch.Generator().manual_seed(seed)
@@ -270,13 +288,28 @@ class ExporterConformance:
         assert result.manifest["evaluation"]["artifact"]["path"] == str(out)
 
 
+#: error bound of a kernel's output per input dtype, relative to ``|x| · |W|ᵀ + |b|`` (the sum of
+#: the magnitudes of the products): float32 accumulates exactly enough; bfloat16/float16 round
+#: the weight (2^-9 / 2^-12) and the output (the same) once each, with room for the accumulator
+KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
 class KernelConformance:
-    """Subclass and set ``kernel`` and ``specs`` (formats it should serve)."""
+    """Subclass and set ``kernel`` and ``specs`` (formats it should serve).
+
+    Each served spec, weight shape it can store (``shapes``: tile multiples and not), input dtype
+    (``dtypes``) and token count (1, 5, 2 × 7, 33; fresh random inputs each) is checked against
+    the float64 product of the dequantized weight, within :data:`KERNEL_TOLERANCE`, and against
+    the reference kernel ``torch-dequant``. Outputs are computed with uninitialized memory
+    filled with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), so an output
+    element the kernel never writes fails the check."""
 
     kernel: ClassVar[str]
     options: ClassVar[dict[str, Any]] = {}
     specs: ClassVar[tuple[str, ...]] = ("int4-g128", "int8")
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    shapes: ClassVar[tuple[tuple[int, int], ...]] = ((96, 256), (40, 512))
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16)
 
     def _device(self, device: str) -> torch.device:
         """``device``, or a skip where the kernel does not serve it or this machine has none."""
@@ -292,19 +325,34 @@ class KernelConformance:
         kernel = make("kernel", self.kernel, self.options)
         reference = make("kernel", "torch-dequant", {"cache": "false"})
         served = 0
+        g = torch.Generator().manual_seed(5)
         for spec in self.specs:
             fmt = resolve_format(spec)
             if kernel.serves(fmt, dev) is not None:
                 continue
             served += 1
-            qw = fmt.quantize(_weight((96, 256), seed=1)).to(dev)
-            bias = torch.randn(96, device=dev)
-            for b in (None, bias):
-                for x in (torch.randn(5, 256, device=dev), torch.randn(2, 7, 256, device=dev)):
-                    ours = QuantLinear(qw, b, kernel)(x)
-                    ref = QuantLinear(qw, b, reference)(x)
-                    assert ours.shape == (*x.shape[:-1], 96)
-                    torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+            for shape in self.shapes:
+                if fmt.check_shape(shape):
+                    continue  # a shape the format cannot store
+                qw = fmt.quantize(_weight(shape, seed=1)).to(dev)
+                w64 = qw.dequantize(torch.float64)
+                for b in (None, torch.randn(shape[0], generator=g).to(dev)):
+                    for dtype in self.dtypes:
+                        for lead in ((1,), (5,), (2, 7), (33,)):
+                            x = torch.randn((*lead, shape[1]), generator=g).to(dev, dtype)
+                            bb = None if b is None else b.to(dtype)
+                            with _poisoned_memory():
+                                ours = QuantLinear(qw, bb, kernel)(x)
+                            ref = QuantLinear(qw, bb, reference)(x)
+                            assert ours.shape == (*lead, shape[0]) and ours.dtype == dtype, (spec, ours.shape, ours.dtype)
+                            exact = x.double() @ w64.T + (0 if bb is None else bb.double())
+                            mag = x.double().abs() @ w64.abs().T + (0 if bb is None else bb.double().abs())
+                            bound = KERNEL_TOLERANCE[dtype] * mag + 1e-6
+                            for name, y in (("kernel", ours), ("reference kernel", ref)):
+                                err = (y.double() - exact).abs()
+                                assert bool((err <= bound).all()), (
+                                    f"{self.kernel} {spec} {shape} {dtype} {lead}: {name} off the float64 product by "
+                                    f"{float((err / bound).max()):.2f}x the bound (NaN: an output never written)")
         assert served, f"{self.kernel} serves none of {self.specs} on {device}"
 
     #: for kernels that quantize inputs themselves (``Kernel.quantizes_inputs``): ``(format spec,
