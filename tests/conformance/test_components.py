@@ -16,7 +16,7 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-example-plugin"}
+              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
@@ -37,6 +37,8 @@ EXTRA: dict[str, dict[str, Any]] = {
     "torch-int4": {"specs": ("int4-g128-sym-sbf16", "int4-g32-sym-sbf16", "int4-g64-sym-sbf16"),
                    # the last two: not tinygemm's tiles (dequantized instead)
                    "shapes": ((96, 256), (48, 512), (24, 256), (32, 192))},
+    # compiled for CUDA (plugins/qf-triton/tests run the kit in Triton's interpreter on CPU)
+    "triton-w4a16": {"devices": ("cuda",)},
     "torch-w8a8": {"act_specs": (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
                                  ("fp8-e4m3-tensor", "fp8-static"), ("int8-sym", "fp8"))},
 }

@@ -5,9 +5,8 @@ on (a CPU, more than ``max_tokens`` rows)."""
 
 from __future__ import annotations
 
-import torch
-
 import quantfoundry as qf
+import torch
 from quantfoundry.pipeline.components import make
 from quantfoundry.roles.kernel import QuantLinear
 

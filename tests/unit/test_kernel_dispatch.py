@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import quantfoundry as qf
 import torch
 import torch.nn.functional as F
-
-import quantfoundry as qf
 from quantfoundry.errors import IncompatiblePlanError
 from quantfoundry.roles.kernel import Kernel, QuantLinear
 from quantfoundry.toolkit import select_kernels

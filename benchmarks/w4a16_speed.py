@@ -1,0 +1,97 @@
+"""Issue 20: 4-bit weight-only linears on the GPU, side by side in one run — our Triton kernel
+(``triton-w4a16``, fused dequantization), PyTorch's int4 kernel (``torch-int4``,
+``aten._weight_int4pack_mm``), the dispatching ``QuantLinear`` (the kernel chosen per call)
+and cuBLAS (``F.linear`` with the float weight) — on the linear shapes of Llama-3-8B and
+Llama-3-70B at 1–256 tokens per call.
+
+Times: median of CUDA-event timings of 50 replays of a CUDA graph of the call, after 10 warm-up
+calls (no Python launch overhead on either side). Bandwidth: the weight's stored bytes (codes,
+scales, zero points) over the time, against the int4-g128 roofline at the measured copy
+bandwidth of the device.
+
+    python benchmarks/w4a16_speed.py --out benchmarks/results/cuda/w4a16_speed_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import quantfoundry as qf
+import torch
+import torch.nn.functional as F
+from quantfoundry.roles.kernel import QuantLinear
+from quantfoundry.toolkit import select_kernels
+from w8a8_speed import timed
+
+SHAPES = {
+    "8B q/o 4096x4096": (4096, 4096), "8B kv 1024x4096": (1024, 4096), "8B gate_up 28672x4096": (28672, 4096),
+    "8B down 4096x14336": (4096, 14336), "70B q/o 8192x8192": (8192, 8192), "70B gate_up 57344x8192": (57344, 8192),
+    "70B down 8192x28672": (8192, 28672),
+}
+TOKENS = (1, 4, 16, 64, 256)
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    ms = timed(lambda t: b.copy_(t), a, reps=20)
+    return 2 * a.numel() / (ms / 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    ours_fmt, tiny_fmt = qf.resolve_format("int4-g128"), qf.resolve_format("int4-g128-sym-sbf16")
+    triton_k = qf.get_component("kernel", "triton-w4a16")(qf.get_component("kernel", "triton-w4a16").Options())
+    int4_k = qf.get_component("kernel", "torch-int4")(qf.get_component("kernel", "torch-int4").Options())
+    rows: dict[str, dict] = {}
+    for label in args.shapes:
+        n, k = SHAPES[label]
+        w = torch.randn(n, k, device=dev) * 0.02
+        qw, qt = ours_fmt.quantize(w), tiny_fmt.quantize(w)
+        nbytes = qw.nbytes()
+        linears = {
+            "triton": (QuantLinear(qw, None, triton_k), torch.float16),
+            "triton_bf16": (QuantLinear(qw, None, triton_k), torch.bfloat16),
+            "dispatch": (QuantLinear(qw, None, select_kernels(ours_fmt, dev)), torch.float16),
+            "tinygemm_bf16": (QuantLinear(qt, None, int4_k), torch.bfloat16),
+        }
+        dense = {torch.float16: w.half(), torch.bfloat16: w.bfloat16()}
+        del w
+        for m in TOKENS:
+            row: dict[str, float | str] = {}
+            for dt, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+                x = torch.randn(m, k, device=dev, dtype=dt)
+                row[f"cublas_{tag}_us"] = 1e3 * timed(lambda t, d=dense[dt]: F.linear(t, d), x)
+            for name, (lin, dt) in linears.items():
+                x = torch.randn(m, k, device=dev, dtype=dt)
+                us = 1e3 * timed(lin, x)
+                row[f"{name}_us"] = us
+                base = row["cublas_fp16_us" if dt == torch.float16 else "cublas_bf16_us"]
+                row[f"{name}_speedup"] = base / us
+                if name == "dispatch":
+                    row["dispatch_kernel"] = lin.kernel.name
+            row["triton_GBps"] = nbytes / (row["triton_us"] * 1e-6) / 1e9
+            row["roofline_speedup_fp16"] = (2 * n * k) / nbytes  # bytes ratio: the memory-bound limit
+            rows[f"{label}|{m}"] = row
+            print(f"{label} m={m}: cuBLAS fp16 {row['cublas_fp16_us']:.1f} us, triton {row['triton_us']:.1f} us "
+                  f"(x{row['triton_speedup']:.2f}, {row['triton_GBps']:.0f} GB/s), tinygemm bf16 "
+                  f"{row['tinygemm_bf16_us']:.1f} us (x{row['tinygemm_bf16_speedup']:.2f}), dispatch "
+                  f"x{row['dispatch_speedup']:.2f} [{row['dispatch_kernel']}]", flush=True)
+        del linears, dense, qw, qt
+        torch.cuda.empty_cache()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The Triton kernels of ``triton-w4a16``: ``y = x · Wᵀ (+ b)`` with ``W = (q − z) · s`` decoded
+tile by tile inside the matmul, never written out.
+
+Weight layout (built once by :func:`repack`): codes transposed and packed along the input
+dimension into int32 words, ``[K / per_word, N]`` (word ``(i, n)`` holds codes
+``k = per_word·i … per_word·i + per_word − 1`` of column ``n``, code ``j`` at bits
+``BITS·j``), so a tile's loads run along ``N``, contiguous; scales (and zero points) ``[K / g, N]``
+in float32. Each program computes a ``BM × BN`` tile of ``y`` over one ``K / SPLIT_K`` slice:
+it loads ``BK`` rows of words (one word serves ``per_word`` rows; the repeats hit the cache),
+shifts and masks the codes out, decodes them exactly in float32, rounds them to the input's
+dtype (as the reference kernel rounds its dequantized weight) and multiplies on tensor cores
+with a float32 accumulator. With ``SPLIT_K > 1`` (small batches: more programs than output
+tiles) the slices' partial sums go to a float32 buffer and :func:`_reduce` adds them in a
+fixed order (deterministic) with the bias.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight repacked for the kernels."""
+
+    words: torch.Tensor  # int32 [K / per_word, N]
+    scale: torch.Tensor  # float32 [K / g, N]
+    zero: torch.Tensor  # float32 [K / g, N]
+    bits: int
+    group: int
+    n: int
+    k: int
+
+
+def repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> Packed:
+    """``codes`` ``[N, K]`` (uint8, stored column order), ``scale``/``zero`` ``[N, K / group]``."""
+    n, k = codes.shape
+    per = 32 // bits
+    c = codes.t().to(torch.int32).reshape(k // per, per, n)
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits).view(1, per, 1)
+    words = (c << shifts).sum(dim=1, dtype=torch.int64).to(torch.int64)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    return Packed(words.contiguous(), scale.t().to(torch.float32).contiguous(),
+                  zero.t().to(torch.float32).contiguous(), bits, group, n, k)
+
+
+@triton.jit
+def _bf16_grid(v):
+    """float32 ``v`` rounded to bfloat16's grid, half to even (the interpreter's cast truncates)."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, k_split,
+          GROUP: tl.constexpr, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr, BF16: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k0 = pid_k * k_split
+    for kk in range(0, k_split, BK):
+        ks = k0 + kk + rk
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=m_ok[:, None], other=0.0)
+        words = tl.load(w_ptr + (ks // PER)[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :], other=0)
+        q = (words >> ((ks % PER) * BITS)[:, None]) & MASK
+        g = (k0 + kk) // GROUP  # BK divides GROUP: one group per step
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0)
+        w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+        if WIDEN and BF16:
+            w = _bf16_grid(w)
+        w = w.to(a.dtype)
+        if WIDEN:  # the same products in float32 (Triton's interpreter multiplies no 16-bit floats)
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if WIDEN and BF16:
+            acc = _bf16_grid(acc)
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        base = part_ptr + pid_k.to(tl.int64) * M * N
+        tl.store(base + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _reduce(part_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+            BLOCK: tl.constexpr, WIDEN: tl.constexpr, BF16: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLIT_K):  # a fixed order: the same sum every call
+        acc += tl.load(part_ptr + i * M * N + offs, mask=ok, other=0.0)
+    col = offs % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    row = offs // N
+    if WIDEN and BF16:
+        acc = _bf16_grid(acc)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + col, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@dataclass(frozen=True)
+class Config:
+    bm: int
+    bn: int
+    bk: int
+    split_k: int
+    warps: int
+    stages: int
+
+
+def config(m: int, p: Packed, sms: int) -> Config:
+    """The tile shape for ``m`` rows (see :data:`qf_triton.configs.TABLE`)."""
+    from .configs import pick
+
+    return pick(m, p.n, p.k, p.group, sms)
+
+
+def matmul(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """``x`` ``[M, K]`` (contiguous rows) times the packed weight: ``[M, N]`` in ``x``'s dtype."""
+    m = x.shape[0]
+    y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    k_split = p.k // cfg.split_k
+    part = torch.empty(cfg.split_k, m, p.n, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
+    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(p.n, cfg.bn), cfg.split_k)
+    b = y if bias is None else bias
+    _wa16[grid](x, p.words, p.scale, p.zero, b, y, part, m, p.n, p.k, x.stride(0), y.stride(0), k_split,
+                GROUP=p.group, BITS=p.bits, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
+                HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, WIDEN=_INTERPRETING, BF16=x.dtype == torch.bfloat16, num_warps=cfg.warps,
+                num_stages=cfg.stages)
+    if cfg.split_k > 1:
+        block = 1024
+        _reduce[(triton.cdiv(m * p.n, block),)](part, b, y, m, p.n, y.stride(0), SPLIT_K=cfg.split_k,
+                                                HAS_BIAS=bias is not None, BLOCK=block, WIDEN=_INTERPRETING,
+                                                BF16=x.dtype == torch.bfloat16)
+    return y

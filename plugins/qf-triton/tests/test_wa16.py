@@ -1,0 +1,66 @@
+"""``triton-w4a16``: the kernel kit (every served grid, several shapes, float32/bf16/fp16
+inputs, 1–33 rows, float64 error bound, NaN-poisoned memory) — on CPU CI through Triton's
+interpreter (``interpreted_kit.py`` in a subprocess with ``TRITON_INTERPRET=1``), compiled on a
+CUDA device; the repacked words against an independent unpacking; and the dispatch by token
+count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import quantfoundry as qf
+import torch
+from quantfoundry.pipeline.components import make
+from quantfoundry.testing.conformance import KernelConformance
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_the_kit_passes_in_tritons_interpreter() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device runs the compiled kernels instead (TestTritonWA16)")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpreted_kit.py")],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+class TestTritonWA16(KernelConformance):
+    """The same kit, compiled, on the GPU machine."""
+
+    kernel = "triton-w4a16"
+    devices = ("cuda",)
+    specs = ("int4-g128", "int4-g32-sym", "int4", "int4-g64-zf16", "int8-g64", "int8")
+    shapes: ClassVar[tuple[tuple[int, int], ...]] = ((96, 256), (40, 512), (24, 200), (4096, 4096))
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def test_repacked_words_hold_the_codes() -> None:
+    from qf_triton.wa16 import repack
+
+    g = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        codes = torch.randint(0, 1 << bits, (24, 64), generator=g, dtype=torch.uint8)
+        p = repack(codes, torch.rand(24, 2, generator=g), torch.rand(24, 2, generator=g), bits, 32)
+        per = 32 // bits
+        assert p.words.shape == (64 // per, 24) and p.words.dtype == torch.int32
+        words = p.words.to(torch.int64) & 0xFFFFFFFF
+        for k in range(64):  # code k of column n: word k // per, bits (k % per) * bits
+            got = (words[k // per] >> ((k % per) * bits)) & ((1 << bits) - 1)
+            assert torch.equal(got, codes[:, k].to(torch.int64)), (bits, k)
+        assert p.scale.shape == (2, 24) and p.scale.dtype == torch.float32
+
+
+def test_serves_and_hands_large_calls_on() -> None:
+    kernel = make("kernel", "triton-w4a16", {"max_tokens": "64"})
+    cuda = torch.device("cuda")
+    fmt = qf.resolve_format("int4-g128")
+    assert kernel.serves(qf.resolve_format("int3-g128"), cuda) is not None
+    assert kernel.serves(qf.resolve_format("int4-g8"), cuda) is not None  # groups under 16 columns
+    assert "CUDA" in kernel.serves(fmt, torch.device("cpu"))
+    assert kernel.serves(fmt, cuda, tokens=64) is None
+    assert "above 64 tokens" in kernel.serves(fmt, cuda, tokens=65)
