@@ -414,6 +414,46 @@ def formats() -> None:
         console.print(table)
 
 
+@cli.command()
+@click.option("--device", default=None, help="Device to ask the kernels about (default: cuda if present, else cpu).")
+def kernels(device: str | None) -> None:
+    """List the kernels: which formats each runs on a device, at which token counts, by priority."""
+    import torch
+    from rich.table import Table
+
+    from .formats import resolve_format
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this machine has no CUDA device; use --device cpu")
+    pm = get_plugin_manager()
+    specs = [spec for e in pm.registry("format").entries.values() for spec in (getattr(e.component, "examples", ()) or ())]
+    specs += [s for e in pm.registry("kernel").entries.values() for s in e.component.examples if s not in specs]
+    table = Table(title=f"kernels on {dev} (a call runs on the highest-priority kernel that accepts its token count)")
+    for col in ("kernel", "priority", "formats it runs", "tokens per call", "description"):
+        table.add_column(col)
+    entries = sorted(pm.registry("kernel").entries.values(), key=lambda e: -e.component.priority)
+    for entry in entries:
+        kernel = entry.component()
+        served = [spec for spec in specs if kernel.serves(resolve_format(spec), dev) is None]
+        why = kernel.serves(resolve_format(kernel.examples[0]), dev) if kernel.examples and not served else None
+        table.add_row(entry.name, str(kernel.priority), ", ".join(served) or f"- ({why or 'none of the examples'})",
+                      _token_range(kernel, resolve_format(served[0]), dev) if served else "-", entry.component.description)
+    _console().print(table)
+
+
+def _token_range(kernel: Any, fmt: Any, dev: Any) -> str:
+    """The token counts (probed at powers of two up to 4096) at which ``kernel`` takes a call."""
+    probes = [1 << i for i in range(13)]
+    ok = [t for t in probes if kernel.serves(fmt, dev, t) is None]
+    if len(ok) == len(probes):
+        return "any"
+    if not ok:
+        reason = kernel.serves(fmt, dev, 1)
+        return f"none unless forced ({reason})"
+    return f"{ok[0]}-{ok[-1]}" if ok == probes[probes.index(ok[0]):probes.index(ok[-1]) + 1] else ", ".join(map(str, ok))
+
+
 @cli.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--original", default=None, help="Original model to compare against (default: the manifest's source).")

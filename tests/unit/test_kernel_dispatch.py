@@ -85,3 +85,25 @@ def test_select_kernels_lists_the_serving_kernels_best_first() -> None:
     assert [k.name for k in select_kernels(fmt, torch.device("cpu"), "torch-w8a8")] == ["torch-w8a8"]
     with pytest.raises(IncompatiblePlanError, match="cannot run int4"):
         select_kernels(qf.resolve_format("int4-g32"), torch.device("cpu"), "torch-w8a8")
+
+
+def test_qf_kernels_lists_formats_and_token_ranges() -> None:
+    from click.testing import CliRunner
+    from quantfoundry.cli import cli
+
+    r = CliRunner().invoke(cli, ["kernels", "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows: list[list[str]] = []  # the table's rows, each cell's wrapped lines joined
+    for line in r.output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if not cells:
+            continue
+        if cells[0]:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells)]
+    lines = {row[0]: " | ".join(row) for row in rows}
+    assert "any" in lines["torch-dequant"] and "Q4_K" in lines["torch-dequant"]
+    # tinygemm runs its grids on a CPU only when forced: the dequantized GEMM is the faster path there
+    assert "int4-g128-sym-sbf16" in lines["torch-int4"] and "none unless forced" in lines["torch-int4"]
+    assert "int8-sym" in lines["torch-w8a8"]

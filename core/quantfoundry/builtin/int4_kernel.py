@@ -53,6 +53,7 @@ class Int4Kernel(Kernel):
     description = "int4 group-wise weights through aten._weight_int4pack_mm (tinygemm), bfloat16 inputs"
     Options = Int4Options
     priority = 10
+    examples = ("int4-g128-sym-sbf16", "int4-g32-sym-sbf16")
 
     options: Int4Options
 

@@ -58,6 +58,7 @@ class W8A8Kernel(Kernel):
                    "(fp8-e4m3 weights, fp8 inputs)")
     Options = W8A8Options
     priority = -1
+    examples = ("int8-sym", "fp8-e4m3", "fp8-e4m3-tensor")
     quantizes_inputs = True
 
     def serves(self, fmt: Format, device: torch.device, tokens: int | None = None) -> str | None:

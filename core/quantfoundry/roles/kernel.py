@@ -26,6 +26,8 @@ class Kernel(Component, ABC):
     """Base class of every executor of quantized linears."""
 
     priority: ClassVar[int] = 0
+    #: format specs this kernel is made for (``qf kernels`` asks it about these too)
+    examples: ClassVar[tuple[str, ...]] = ()
     #: True if :meth:`forward` quantizes the input itself as ``qw.input_quant`` says (a W8A8
     #: kernel); otherwise :class:`QuantLinear` fake-quantizes the input before calling it, so
     #: every kernel computes what the engine does

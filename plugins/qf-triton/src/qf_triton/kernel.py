@@ -41,6 +41,7 @@ class TritonWA16(qf.Kernel):
     description = "4/8-bit integer weights x fp16/bf16/fp32 inputs, dequantization fused into a Triton GEMM/GEMV"
     Options = TritonWA16Options
     priority = 20
+    examples = ("int4-g128", "int4-g32-sym", "int8-g128", "int8")
 
     options: TritonWA16Options
 
