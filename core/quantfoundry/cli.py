@@ -156,6 +156,8 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
               help="Output folder (default: qf-out/<model>-<quantizer>-<format>).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cpu).")
 @click.option("--dtype", default=None, help="Compute dtype of the block work: float32 (default), bfloat16, float16.")
+@click.option("--eval-dtype", default=None,
+              help="Dtype evaluation runs in, the original alike: float32 (default), or the deployment's bfloat16/float16.")
 @click.option("--batch-size", type=int, default=None, help="Calibration batch size (default: 8).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="TOML recipe; flags override it.")
 @click.option("--allow-pickle", is_flag=True, default=None, help="Allow loading pickled .bin weights.")
@@ -178,7 +180,7 @@ def run(**kw: Any) -> None:
         args.update(load_recipe(kw["recipe"]))
     for flag, key in (("model", "model"), ("format_", "format"), ("exporter", "exporter"),
                       ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
-                      ("dtype", "dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
+                      ("dtype", "dtype"), ("eval_dtype", "eval_dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache")):
@@ -462,15 +464,17 @@ def _token_range(kernel: Any, fmt: Any, dev: Any) -> str:
 @click.option("--evaluator-opt", multiple=True, metavar="[NAME.]KEY=VALUE", help="Evaluator option (repeatable).")
 @click.option("--kernel", default=None, help="Kernel to run the quantized linears.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--eval-dtype", default="float32",
+              help="Dtype both models run in: float32 (default), or the deployment's bfloat16/float16.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the original model's cached results.")
 def eval_(path: Path, original: str | None, evaluators: tuple[str, ...], evaluator_opt: tuple[str, ...],
-          kernel: str | None, device: str, no_cache: bool) -> None:
+          kernel: str | None, device: str, eval_dtype: str, no_cache: bool) -> None:
     """Evaluate a written artifact against its original model."""
     from .pipeline.evaluate import evaluate_artifact
 
     specs = _evaluator_specs(evaluators, evaluator_opt, [(e, {}) for e in DEFAULT_EVALUATORS])
     result = evaluate_artifact(path, original=original, evaluators=specs, kernel=kernel, device=device,
-                               cache=not no_cache, progress=sys.stderr.isatty())
+                               dtype=eval_dtype, cache=not no_cache, progress=sys.stderr.isatty())
     _print_summary(result, evaluated=path)
 
 

@@ -64,15 +64,18 @@ class Reference:
 
     :param source: the original model.
     :param tokenizer: its tokenizer.
-    :param device: where the original runs (in float32).
+    :param device: where the original runs.
     :param cache: the cache root, or ``None`` for no disk cache.
+    :param dtype: the dtype the original runs in (the evaluation's: float32, or the deployment's
+        bfloat16/float16); part of every cache key but float32's.
     """
 
     def __init__(self, source: Any, tokenizer: Any, device: torch.device, *, cache: Path | None = None,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
         self.source = source
         self.tokenizer = tokenizer
         self.device = device
+        self.dtype = dtype
         self.cache = cache
         self.info = dict(info or {})
         self._target: EvalTarget | None = None
@@ -84,9 +87,9 @@ class Reference:
 
     # -- the model ------------------------------------------------------------------------
     def target(self) -> EvalTarget:
-        """The original model in float32 on ``device`` (loaded on first use)."""
+        """The original model in ``dtype`` on ``device`` (loaded on first use)."""
         if self._target is None:
-            model = load_full_model(self.source, dtype=torch.float32, device=self.device)
+            model = load_full_model(self.source, dtype=self.dtype, device=self.device)
             self.loads += 1
             self._target = EvalTarget(model, self.tokenizer, self.source, "original", self.device,
                                       float_dtype=self.source.storage_dtype, info=self.info)
@@ -124,6 +127,8 @@ class Reference:
     def _path(self, kind: str, key: dict[str, Any], suffix: str) -> Path | None:
         if self.cache is None:
             return None
+        if self.dtype != torch.float32:
+            key = {**key, "dtype": str(self.dtype).removeprefix("torch.")}
         return self.cache / "reference" / self.fingerprint() / f"{kind}-{_key_hash(key)}{suffix}"
 
     # -- cached results ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ bound (:attr:`Evaluator.agreement`): that means the export lost something.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..options import options_to_dict
 from ..roles.evaluator import Engine, EvalTarget, Evaluator
 from ..roles.exporter import Exporter
 from ..roles.plan import QuantPlan, TensorPlan
-from .components import device_of, make
+from .components import device_of, dtype_of, make
 from .result import RunResult
 
 Metrics = dict[str, dict[str, dict[str, Any]]]
@@ -62,6 +63,9 @@ class Evaluation:
     #: the engine's tokenizer against the source's (``check_tokenizer``)
     tokenizer_mismatches: list[str] = field(default_factory=list)
     used_bounds: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    #: column → the kernels the quantized linears ran on ("a|b": a module whose calls went to
+    #: two kernels by token count) → how many modules
+    kernels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, evals: Sequence[Evaluator]) -> Evaluation:
@@ -94,6 +98,13 @@ class Evaluation:
             if which == "artifact" and not ev.on_artifact:
                 continue
             self.record(key, column, ev.evaluate(target))
+        if target.model is not None:
+            from ..roles.kernel import QuantLinear
+
+            used = Counter("|".join(sorted(m.kernels_used)) for m in target.model.modules()
+                           if isinstance(m, QuantLinear) and m.kernels_used)
+            if used:
+                self.kernels[column] = dict(sorted(used.items()))
 
     def measure_original(self, reference: Reference) -> None:
         """Per-model evaluators on the original, from the cache where allowed."""
@@ -164,7 +175,8 @@ class Evaluation:
             "evaluators": {k: {"name": e.name, "options": options_to_dict(e.options)}
                            for k, e in self.evaluators.items()},
             "device": str(device),
-            "precision": "float32",
+            "precision": "float32" if reference is None else str(reference.dtype).removeprefix("torch."),
+            "kernels": self.kernels,
             "reference": None if reference is None else {
                 "loads": reference.loads, "cache_hits": reference.hits, "cache_misses": reference.misses,
                 "cache": str(reference.cache) if reference.cache else None},
@@ -185,8 +197,8 @@ def _short(value: Any) -> str:
 
 
 def make_reference(source: Any, tokenizer: Any, device: torch.device, *, cache: bool = True,
-                   info: dict[str, Any] | None = None) -> Reference:
-    return Reference(source, tokenizer, device, cache=cache_root() if cache else None, info=info)
+                   info: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Reference:
+    return Reference(source, tokenizer, device, cache=cache_root() if cache else None, info=info, dtype=dtype)
 
 
 def open_artifact(folder: Path, exporter: Exporter, device: torch.device, kernel: str | None,
@@ -257,9 +269,8 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
     source = resolve_model(source_path, check_weights=False)
     dev = device_of(device)
     exp: Exporter = make("exporter", manifest["exporter"]["name"], manifest["exporter"].get("options", {}))
-    if dtype != "float32":
-        raise UsageError("evaluation runs in float32; drop --dtype")
-    model, engine, how = open_artifact(folder, exp, dev, kernel, strict=True)
+    eval_dtype = dtype_of(dtype)
+    model, engine, how = open_artifact(folder, exp, dev, kernel, eval_dtype, strict=True)
     if model is None and engine is None:
         raise UsageError(f"{how}; install the plugin that provides its engine")
     plan = quantized_linears(model) if model is not None else QuantPlan()
@@ -268,7 +279,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
             "stored_formats": stored_formats(manifest, exp),
             "stored_float_dtypes": dequantized_dtypes(manifest.get("plan") or {}, exp),
             "calibration": manifest.get("calibration"), "progress": progress}
-    reference = make_reference(source, tokenizer, dev, cache=cache, info=info)
+    reference = make_reference(source, tokenizer, dev, cache=cache, info=info, dtype=eval_dtype)
     target = EvalTarget(model, tokenizer, source, "artifact", dev, float_dtype=source.storage_dtype,
                         info=info, engine=engine, reference=reference)
     evaluation.artifact = {"path": str(folder), "opened": how}

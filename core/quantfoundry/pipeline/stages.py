@@ -66,6 +66,7 @@ def resolve(request: RunRequest) -> RunState:
     get_plugin_manager()
     dev = device_of(request.device)
     dtype = dtype_of(request.dtype)
+    dtype_of(request.eval_dtype)  # checked before any work
     if request.batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {request.batch_size}")
     specs: list[Spec] = [(request.quantizer, request.quantizer_options or {})] \
@@ -523,8 +524,9 @@ def evaluate(state: RunState) -> None:
             "stored_float_dtypes": {**_stored_float_dtypes(source, state.plan, state.exporter),
                                     **dequantized_dtypes(state.plan.quantized(), state.exporter)},
             "calibration": state.manifest.get("calibration"), "progress": r.progress}
-    reference = make_reference(source, state.tokenizer, dev, cache=r.cache, info=info)
-    _float_params_to_float32(state.model)  # evaluation runs in float32 whatever the block dtype was
+    eval_dtype = dtype_of(r.eval_dtype)
+    reference = make_reference(source, state.tokenizer, dev, cache=r.cache, info=info, dtype=eval_dtype)
+    _float_params_to(state.model, eval_dtype)  # evaluation runs in eval_dtype whatever the block dtype was
     engine = None
     try:
         evaluation.measure(EvalTarget(state.model, state.tokenizer, source, "quantized", dev,
@@ -533,7 +535,7 @@ def evaluate(state: RunState) -> None:
             if not r.keep_model:
                 state.model = None
                 trim_memory()
-            art_model, engine, how = open_artifact(state.out, state.exporter, dev, r.kernel)
+            art_model, engine, how = open_artifact(state.out, state.exporter, dev, r.kernel, eval_dtype)
             if art_model is None and engine is None:
                 ctx.note(f"artifact not evaluated: {how}")
             else:
@@ -584,10 +586,11 @@ def _stored_float_dtypes(source: ModelSource, plan: QuantPlan, exporter: Exporte
     return out
 
 
-def _float_params_to_float32(model: torch.nn.Module | None) -> None:
-    """Upcast float parameters (not QuantLinear codes or grid parameters, which stay as stored)."""
+def _float_params_to(model: torch.nn.Module | None, dtype: torch.dtype) -> None:
+    """Cast float parameters to ``dtype`` (not QuantLinear codes or grid parameters, which stay
+    as stored; their float biases are parameters and follow)."""
     if model is None:
         return
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -45,6 +45,9 @@ class RunRequest:
     out: str | Path | None = None
     device: str | torch.device = "cpu"
     dtype: str = "float32"
+    #: the dtype evaluation runs in — the quantized and the original model alike: float32, or
+    #: the deployment's bfloat16/float16 (so that speed and quality are those of what is served)
+    eval_dtype: str = "float32"
     batch_size: int = 8
     allow_pickle: bool = False
     trust_remote_code: bool = False

@@ -74,8 +74,9 @@ class QuantLinear(nn.Module):
         self.kernels: tuple[Kernel, ...] = (kernel,) if isinstance(kernel, Kernel) else tuple(kernel)
         if not self.kernels:
             raise ValueError("QuantLinear needs at least one kernel")
-        #: the kernel of the last call (before any call: the first)
+        #: the kernel of the last call (before any call: the first), and the names of all that ran
         self.kernel: Kernel = self.kernels[0]
+        self.kernels_used: set[str] = set()
         self.register_buffer("packed", qw.packed)
         self._param_names = tuple(qw.params)
         for key, value in qw.params.items():
@@ -136,7 +137,9 @@ class QuantLinear(nn.Module):
         state = self._states.get(id(kernel), _UNSET)
         if state is _UNSET:
             state = self._states[id(kernel)] = kernel.prepare(qw)
-        self.kernel = kernel
+        if kernel is not self.kernel or not self.kernels_used:
+            self.kernel = kernel
+            self.kernels_used.add(kernel.name)
         if self.input_quant is not None and not kernel.quantizes_inputs:
             x = self.input_quant.fake_quant(x, self.input_scale)
         return kernel.forward(x, qw, state, self.bias)
