@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from quantfoundry import Engine, QuantLinear
 from quantfoundry.builtin.qf_exporter import QFExporter
 from quantfoundry.cli import cli
+from quantfoundry.errors import OptionsError
 from quantfoundry.data import default_eval_text
 from quantfoundry.hookspecs import hookimpl
 
@@ -28,6 +29,20 @@ def test_speed_reports_both_models(tiny_model) -> None:
             assert math.isfinite(s[key][col]) and s[key][col] > 0, (key, col)
         assert s["peak_mib"][col] >= s["weights_mib"][col]
     assert s["weights_mib"]["quantized"] < s["weights_mib"]["original"]
+    assert s["kernels"] == {"quantized": "torch-dequant"}  # the original has no quantized linears
+
+
+def test_speed_decodes_several_batch_sizes(tiny_model) -> None:
+    r = qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"prompt_tokens": 8, "new_tokens": 3, "repeats": 1, "warmup": 0,
+                                      "batch_sizes": "1,3"})])
+    s = r.metrics["speed"]
+    for col in ("original", "quantized"):
+        assert math.isfinite(s["decode_tok_s@b3"][col]) and s["decode_tok_s@b3"][col] > 0
+    assert "decode_tok_s@b1" not in s  # batch 1 is decode_tok_s
+    with pytest.raises(OptionsError, match="batch_sizes"):
+        qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"batch_sizes": "1,x"})])
 
 
 def test_calibration_mismatch_reports_both_domains(tiny_model, tmp_path) -> None:

@@ -7,6 +7,10 @@ after the other in the same process, so the two columns are a side-by-side compa
   ``repeats`` timed runs after ``warmup`` untimed ones;
 * ``decode_tok_s``: ``new_tokens`` greedy steps with the KV cache after that prefill,
   tokens per second of the steps alone (median of ``repeats``);
+* ``decode_tok_s@bN``: with ``batch_sizes`` (``"1,4,16,64"``), the same for ``N`` sequences
+  decoded together (tokens of all sequences per second): where a kernel's batch range shows;
+* ``kernels``: the kernels the quantized linears ran on (a linear whose calls went to two
+  kernels by token count shows both);
 * ``weights_mib``: the bytes of the model's parameters and buffers;
 * ``peak_mib``: ``weights_mib`` plus the largest memory growth during the timed runs
   (CUDA: ``torch.cuda.max_memory_allocated``; CPU on Linux: the process's peak RSS, reset
@@ -39,8 +43,16 @@ class SpeedOptions(Options):
     repeats: int = field(default=3, metadata={"help": "timed repetitions (the median is reported)"})
     warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
     seed: int = field(default=0, metadata={"help": "seed of the random prompt"})
+    batch_sizes: str = field(default="1", metadata={
+        "help": "comma-separated numbers of sequences decoded together (decode_tok_s@bN for each N > 1)"})
 
     def __post_init__(self) -> None:
+        try:
+            sizes = [int(b) for b in self.batch_sizes.split(",")]
+        except ValueError:
+            raise ValueError(f"batch_sizes must be comma-separated integers, got {self.batch_sizes!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes!r}")
         for name in ("prompt_tokens", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -134,7 +146,9 @@ class SpeedEvaluator(Evaluator):
         vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
             else int(target.source.config.get_text_config().vocab_size)
         gen = torch.Generator().manual_seed(o.seed)
-        prompt = torch.randint(0, vocab, (1, o.prompt_tokens), generator=gen).to(target.device)
+        sizes = sorted({int(b) for b in o.batch_sizes.split(",")} | {1})
+        prompts = {b: torch.randint(0, vocab, (b, o.prompt_tokens), generator=gen).to(target.device) for b in sizes}
+        prompt = prompts[1]
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
                       if t.device.type != "meta")
         for _ in range(o.warmup):
@@ -153,6 +167,15 @@ class SpeedEvaluator(Evaluator):
         }
         if peak.growth is not None:
             out["peak_mib"] = (weights + peak.growth) / _MIB
+        for b in sizes[1:]:
+            _time_prefill_decode(model, prompts[b], min(o.new_tokens, 4), target.device)  # warm: new shapes
+            times = [_time_prefill_decode(model, prompts[b], o.new_tokens, target.device)[1] for _ in range(o.repeats)]
+            out[f"decode_tok_s@b{b}"] = b * o.new_tokens / statistics.median(times)
+        from ..roles.kernel import QuantLinear
+
+        used = sorted({name for m in model.modules() if isinstance(m, QuantLinear) for name in m.kernels_used})
+        if used:
+            out["kernels"] = ", ".join(used)
         return out
 
 
