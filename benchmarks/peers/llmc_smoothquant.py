@@ -93,7 +93,7 @@ def run(a: argparse.Namespace) -> int:
         for name, t in model.state_dict().items():
             if name not in tensors and t.dtype.is_floating_point and "weight_scale" not in name \
                     and "input_scale" not in name and "zero_point" not in name:
-                tensors[name] = t.float().cpu().contiguous()
+                tensors[name] = t.float().cpu().contiguous().clone()  # tied embeddings: no shared memory
     a.out.parent.mkdir(parents=True, exist_ok=True)
     settings: dict[str, Any] = {"smoothing_strength": a.alpha, "weights": "int8 channel symmetric",
                                 "inputs": "int8 tensor static (minmax)" if a.static else "int8 token dynamic",

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from quantfoundry import Engine, QuantLinear
 from quantfoundry.builtin.qf_exporter import QFExporter
 from quantfoundry.cli import cli
-from quantfoundry.errors import OptionsError
 from quantfoundry.data import default_eval_text
+from quantfoundry.errors import OptionsError
 from quantfoundry.hookspecs import hookimpl
 
 SMALL = {"ctx": 64, "max_tokens": 600}
