@@ -6,8 +6,8 @@ dimension into int32 words, ``[K / per_word, N]`` (word ``(i, n)`` holds codes
 ``k = per_word·i … per_word·i + per_word − 1`` of column ``n``, code ``j`` at bits
 ``BITS·j``), so a tile's loads run along ``N``, contiguous; scales (and zero points) ``[K / g, N]``
 in float32. Each program computes a ``BM × BN`` tile of ``y`` over one ``K / SPLIT_K`` slice:
-it loads ``BK`` rows of words (one word serves ``per_word`` rows; the repeats hit the cache),
-shifts and masks the codes out, decodes them exactly in float32, rounds them to the input's
+it loads the ``BK / per_word`` rows of words that hold a step's codes (each word once), shifts
+and masks the codes out, decodes them exactly in float32, rounds them to the input's
 dtype (as the reference kernel rounds its dequantized weight) and multiplies on tensor cores
 with a float32 accumulator. With ``SPLIT_K > 1`` (small batches: more programs than output
 tiles) the slices' partial sums go to a float32 buffer and :func:`_reduce` adds them in a
@@ -71,6 +71,8 @@ def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
+    rw = tl.arange(0, BK // PER)  # the rows of words that hold a step's BK codes
+    shifts = tl.arange(0, PER) * BITS
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -78,8 +80,10 @@ def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm
     for kk in range(0, k_split, BK):
         ks = k0 + kk + rk
         a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=m_ok[:, None], other=0.0)
-        words = tl.load(w_ptr + (ks // PER)[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :], other=0)
-        q = (words >> ((ks % PER) * BITS)[:, None]) & MASK
+        words = tl.load(w_ptr + ((k0 + kk) // PER + rw)[:, None].to(tl.int64) * N + rn[None, :],
+                        mask=n_ok[None, :], other=0)
+        # each word once: [BK/PER, PER, BN] codes, row i·PER + j is code j of word row i
+        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BK, BN))
         g = (k0 + kk) // GROUP  # BK divides GROUP: one group per step
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)
         z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0)
