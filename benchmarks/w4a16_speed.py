@@ -88,9 +88,10 @@ def main() -> None:
                   f"x{row['dispatch_speedup']:.2f} [{row['dispatch_kernel']}]", flush=True)
         del linears, dense, qw, qt
         torch.cuda.empty_cache()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12,
+               "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))  # after every shape: a cut run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def main() -> None:
     kernels = {"": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8"),
                "_torchops": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8", {"fuse": "false"})}
     rows: dict[str, dict] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for label, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device=dev) * 0.02
         dense = w.to(dtype)
@@ -81,9 +82,8 @@ def main() -> None:
                     row[f"{spec}+{act_spec}{tag}_speedup"] = row["dense_ms"] / ms
                     print(key, f"{spec}+{act_spec}{tag}", f"{row['dense_ms']:.4f} ms dense, {ms:.4f} ms, "
                           f"x{row['dense_ms'] / ms:.2f}", flush=True)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype, "rows": rows}
+        args.out.write_text(json.dumps(out, indent=1))  # after every shape: a cut run keeps what it measured
 
 
 if __name__ == "__main__":
