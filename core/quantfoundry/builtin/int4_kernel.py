@@ -11,7 +11,8 @@ tinygemm decodes ``w = (q − 8) · s + z`` per group of 32, 64, 128 or 256 inpu
   different weight (relative error up to 2^-9 per group); served only with
   ``approximate=true``.
 
-Calls in bfloat16 run tinygemm; other input dtypes, and weights of shapes tinygemm does not
+Opt-in (``--kernel torch-int4``) until its CUDA run is recorded (tested on CPU, where torch
+has the same kernel). Calls in bfloat16 run tinygemm; other input dtypes, and weights of shapes tinygemm does not
 take (``out % 8``, on a CPU ``out % 16``; ``in % (16 · inner_k_tiles)``), are dequantized and multiplied as the reference
 kernel does. Act-order weights gather the input's columns first. Above ``max_tokens`` rows per
 call the next kernel (dequantize + cuBLAS) takes over (:meth:`Kernel.serves` with ``tokens``).
@@ -52,7 +53,8 @@ class Int4Kernel(Kernel):
     name = "torch-int4"
     description = "int4 group-wise weights through aten._weight_int4pack_mm (tinygemm), bfloat16 inputs"
     Options = Int4Options
-    priority = 10
+    #: opt-in (``--kernel torch-int4``) until its CUDA run is recorded in docs/benchmarks.md
+    priority = -3
     examples = ("int4-g128-sym-sbf16", "int4-g32-sym-sbf16")
 
     options: Int4Options
