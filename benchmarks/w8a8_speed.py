@@ -4,8 +4,8 @@ same linear in fp16/bf16 (cuBLAS through ``F.linear``), side by side on one GPU,
 
 Each W8A8 row includes the per-token quantization of the input (dynamic schemes) or its static
 scaling, the low-precision GEMM and the rescale — what one call of ``QuantLinear`` costs — with
-the kernel's Triton quantization/rescale (``fuse=true``, the default) and with torch ops for
-them (``fuse=false``, ``_torchops`` columns). Times:
+the kernel's Triton quantization/rescale (``fuse=true``) and with torch ops for them (the
+default, ``fuse=false``: the ``_torchops`` columns). Times:
 median of CUDA-event timings of 50 calls after 10 warm-up calls, each case replayed from a CUDA
 graph (launch overhead out of both sides alike).
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    kernels = {"": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8"),
+    kernels = {"": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8", {"fuse": "true"}),
                "_torchops": select_kernel(qf.resolve_format("int8-sym"), dev, "torch-w8a8", {"fuse": "false"})}
     rows: dict[str, dict] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from quantfoundry.testing.conformance import KernelConformance
 
 CHECK = """
 import torch
@@ -74,3 +76,15 @@ def test_triton_ends_match_actquant_on_cuda() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the interpreted test checks the same kernels on CPU")
     exec(CHECK.format(device="cuda"), {})
+
+
+class TestW8A8Fused(KernelConformance):
+    """The kernel with its Triton ends (``fuse=true``) through the kit, on the GPU machine."""
+
+    kernel = "torch-w8a8"
+    options: ClassVar[dict[str, Any]] = {"fuse": "true"}
+    devices = ("cuda",)
+    specs = ("int8-sym", "fp8-e4m3")
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    act_specs = (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
+                 ("fp8-e4m3-tensor", "fp8-static"))
