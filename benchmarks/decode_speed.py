@@ -4,8 +4,9 @@ through ``torch-int4`` (tinygemm; its grid, ``int4-g128-sym-sbf16``) — against
 (cuBLAS), at batch 1 and 16, side by side in one process.
 
 A decode step (one token per sequence, a static KV cache) is captured once in a CUDA graph and
-replayed, so the figure is the kernels' time, not Python's launch overhead; where capture fails
-the step runs eagerly and the row says so.
+replayed (``quantfoundry.evaluation.decode``, as the ``speed`` evaluator does on CUDA), so the
+figure is the kernels' time, not Python's launch overhead; where capture fails the step runs
+eagerly over the static cache and the row says so.
 
     python benchmarks/decode_speed.py --out benchmarks/results/cuda/decode_speed_h100.json
 """
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 import quantfoundry as qf
 import torch
+from quantfoundry.evaluation.decode import time_decode
 from quantfoundry.toolkit import swap_in
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM
 
 MODELS = {
     "llama-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -39,53 +40,6 @@ def quantize_blocks(model: torch.nn.Module, spec: str, kernel_name: str) -> None
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             swap_in(model, name, fmt.quantize(mod.weight.data), kernel)
-
-
-@torch.no_grad()
-def decode_tok_s(model: torch.nn.Module, batch: int, prompt: int, steps: int, dev: torch.device) -> tuple[float, str]:
-    cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=prompt + steps + 16)
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=dev)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
-    tok = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([prompt], device=dev)
-
-    def step() -> torch.Tensor:
-        return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos).logits
-
-    how = "cuda graph"
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
-        run = graph.replay
-    except Exception as e:  # noqa: BLE001 - report, then time eagerly
-        how = f"eager ({type(e).__name__}: {str(e)[:120]})"
-        torch.cuda.synchronize()
-
-        def run() -> None:
-            nonlocal logits
-            logits = step()
-        logits = step()
-    times = []
-    for _ in range(5):
-        pos.fill_(prompt)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            run()
-            tok.copy_(logits[:, -1:].argmax(-1))
-            pos.add_(1)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return batch * steps / statistics.median(times), how
 
 
 def main() -> None:
@@ -106,14 +60,15 @@ def main() -> None:
             if spec is not None:
                 quantize_blocks(model, spec, kernel)
             for batch in args.batches:
-                tps, how = decode_tok_s(model, batch, 128, args.steps, dev)
-                rows[f"{mname}|{label}|b{batch}"] = {"tok_s": tps, "how": how}
-                print(mname, label, f"batch {batch}: {tps:.1f} tok/s ({how})", flush=True)
+                prompt = torch.randint(0, cfg.vocab_size, (batch, 128), device=dev)
+                t = time_decode(model, prompt, args.steps, mode="graph", repeats=5, warmup=1)
+                rows[f"{mname}|{label}|b{batch}"] = {"tok_s": t.tokens_per_s, "how": t.mode}
+                print(mname, label, f"batch {batch}: {t.tokens_per_s:.1f} tok/s ({t.mode})", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                                "rows": rows}, indent=1))
             del model
             torch.cuda.empty_cache()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

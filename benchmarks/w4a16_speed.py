@@ -78,7 +78,7 @@ def main() -> None:
                 base = row["cublas_fp16_us" if dt == torch.float16 else "cublas_bf16_us"]
                 row[f"{name}_speedup"] = base / us
                 if name == "dispatch":
-                    row["dispatch_kernel"] = lin.kernel.name
+                    row["dispatch_kernel"] = lin.kernel_for(m).name
             row["triton_GBps"] = nbytes / (row["triton_us"] * 1e-6) / 1e9
             row["roofline_speedup_fp16"] = (2 * n * k) / nbytes  # bytes ratio: the memory-bound limit
             rows[f"{label}|{m}"] = row

@@ -14,7 +14,7 @@ from quantfoundry import Engine, QuantLinear
 from quantfoundry.builtin.qf_exporter import QFExporter
 from quantfoundry.cli import cli
 from quantfoundry.data import default_eval_text
-from quantfoundry.errors import OptionsError
+from quantfoundry.errors import OptionsError, UsageError
 from quantfoundry.hookspecs import hookimpl
 
 SMALL = {"ctx": 64, "max_tokens": 600}
@@ -43,6 +43,25 @@ def test_speed_decodes_several_batch_sizes(tiny_model) -> None:
     with pytest.raises(OptionsError, match="batch_sizes"):
         qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
                evaluators=[("speed", {"batch_sizes": "1,x"})])
+
+
+def test_speed_decodes_over_a_static_cache(tiny_model) -> None:
+    r = qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"prompt_tokens": 8, "new_tokens": 3, "repeats": 1, "warmup": 0,
+                                      "decode": "static", "batch_sizes": "1,2"})])
+    s = r.metrics["speed"]
+    assert s["decode_mode"] == {"original": "static", "quantized": "static"}
+    assert s["decode_tok_s@b2"]["quantized"] > 0
+    # CPU runs decode eagerly by default; CUDA graphs are refused on CPU with the way out
+    r = qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1, "warmup": 0})])
+    assert r.metrics["speed"]["decode_mode"]["quantized"] == "eager"
+    with pytest.raises(UsageError, match="evaluator .speed.: decode=graph needs a CUDA device.*decode=static"):
+        qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"decode": "graph", "repeats": 1})])
+    with pytest.raises(OptionsError, match="decode must be one of"):
+        qf.run(tiny_model("llama"), format="int4-g32", out=None, progress=False,
+               evaluators=[("speed", {"decode": "fast"})])
 
 
 def test_calibration_mismatch_reports_both_domains(tiny_model, tmp_path) -> None:

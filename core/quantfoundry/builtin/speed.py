@@ -6,7 +6,11 @@ after the other in the same process, so the two columns are a side-by-side compa
 * ``prefill_tok_s``: a batch-1 forward over ``prompt_tokens`` tokens (no cache), median of
   ``repeats`` timed runs after ``warmup`` untimed ones;
 * ``decode_tok_s``: ``new_tokens`` greedy steps with the KV cache after that prefill,
-  tokens per second of the steps alone (median of ``repeats``);
+  tokens per second of the steps alone (median of ``repeats``). How the steps run is the
+  ``decode`` option (``quantfoundry.evaluation.decode``): on CUDA by default a static KV cache
+  and the step captured in a CUDA graph (``graph``), so batch-1 decode measures the kernels and
+  not Python's launch overhead; on CPU transformers' dynamic cache (``eager``). ``decode_mode``
+  says what ran (a kernel that cannot be captured falls back to ``static``, with the reason);
 * ``decode_tok_s@bN``: with ``batch_sizes`` (``"1,4,16,64"``), the same for ``N`` sequences
   decoded together (tokens of all sequences per second): where a kernel's batch range shows;
 * ``kernels``: the kernels the quantized linears ran on (a linear whose calls went to two
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..evaluation.decode import DECODE_MODES, resolve_mode, time_decode
 from ..hookspecs import hookimpl
 from ..options import Options
 from ..roles.evaluator import EvalTarget, Evaluator, Metric
@@ -45,6 +50,9 @@ class SpeedOptions(Options):
     seed: int = field(default=0, metadata={"help": "seed of the random prompt"})
     batch_sizes: str = field(default="1", metadata={
         "help": "comma-separated numbers of sequences decoded together (decode_tok_s@bN for each N > 1)"})
+    decode: str = field(default="auto", metadata={
+        "help": "how decode steps run: graph (static KV cache + CUDA graph; CUDA only), static (static "
+                "KV cache, eager), eager (dynamic cache), auto (graph on CUDA, eager on CPU)"})
 
     def __post_init__(self) -> None:
         try:
@@ -56,6 +64,8 @@ class SpeedOptions(Options):
         for name in ("prompt_tokens", "new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
@@ -108,23 +118,12 @@ class _PeakMemory:
 
 
 @torch.no_grad()
-def _time_prefill_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
-                         device: torch.device) -> tuple[float, float]:
+def _time_prefill(model: torch.nn.Module, prompt: torch.Tensor, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    model(input_ids=prompt, use_cache=True)
     _sync(device)
-    t1 = time.perf_counter()
-    cache = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    t2 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    t3 = time.perf_counter()
-    return t1 - t0, t3 - t2
+    return time.perf_counter() - t0
 
 
 class SpeedEvaluator(Evaluator):
@@ -136,6 +135,11 @@ class SpeedEvaluator(Evaluator):
     higher_is_better = {"prefill_tok_s": True, "decode_tok_s": True, "weights_mib": False, "peak_mib": False}
 
     options: SpeedOptions
+
+    def check_device(self, device: torch.device) -> str | None:
+        if resolve_mode(self.options.decode, device) == "graph" and device.type != "cuda":
+            return f"decode=graph needs a CUDA device (the run is on {device}); use decode=static or decode=eager"
+        return None
 
     def evaluate(self, target: EvalTarget) -> dict[str, Metric]:
         o = self.options
@@ -151,26 +155,24 @@ class SpeedEvaluator(Evaluator):
         prompt = prompts[1]
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
                       if t.device.type != "meta")
+        mode = resolve_mode(o.decode, target.device)
         for _ in range(o.warmup):
-            _time_prefill_decode(model, prompt, min(o.new_tokens, 4), target.device)
-        prefill, decode = [], []
+            _time_prefill(model, prompt, target.device)
         with _PeakMemory(target.device) as peak:
-            for _ in range(o.repeats):
-                p, d = _time_prefill_decode(model, prompt, o.new_tokens, target.device)
-                prefill.append(p)
-                decode.append(d)
+            prefill = [_time_prefill(model, prompt, target.device) for _ in range(o.repeats)]
+            dec = time_decode(model, prompt, o.new_tokens, mode=mode, repeats=o.repeats, warmup=o.warmup)
         out: dict[str, Metric] = {
             "prefill_tok_s": o.prompt_tokens / statistics.median(prefill),
-            "decode_tok_s": o.new_tokens / statistics.median(decode),
+            "decode_tok_s": dec.tokens_per_s,
+            "decode_mode": dec.mode,
             "weights_mib": weights / _MIB,
             "device": str(target.device),
         }
         if peak.growth is not None:
             out["peak_mib"] = (weights + peak.growth) / _MIB
         for b in sizes[1:]:
-            _time_prefill_decode(model, prompts[b], min(o.new_tokens, 4), target.device)  # warm: new shapes
-            times = [_time_prefill_decode(model, prompts[b], o.new_tokens, target.device)[1] for _ in range(o.repeats)]
-            out[f"decode_tok_s@b{b}"] = b * o.new_tokens / statistics.median(times)
+            out[f"decode_tok_s@b{b}"] = time_decode(model, prompts[b], o.new_tokens, mode=mode, repeats=o.repeats,
+                                                    warmup=max(1, o.warmup)).tokens_per_s
         from ..roles.kernel import QuantLinear
 
         used = sorted({name for m in model.modules() if isinstance(m, QuantLinear) for name in m.kernels_used})

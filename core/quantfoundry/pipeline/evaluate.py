@@ -254,6 +254,14 @@ def quantized_linears(model: torch.nn.Module) -> QuantPlan:
     return plan
 
 
+def check_evaluator_devices(evaluators: list[Evaluator], device: torch.device) -> None:
+    """Refuse, before any work, an evaluator that cannot run on the run's device."""
+    for ev in evaluators:
+        why = ev.check_device(device)
+        if why is not None:
+            raise UsageError(f"evaluator {ev.name!r}: {why}")
+
+
 def evaluate_artifact(path: str | Path, *, original: str | None = None,
                       evaluators: list[tuple[str, dict[str, Any]]], kernel: str | None = None,
                       device: str = "cpu", dtype: str = "float32", update_manifest: bool = True,
@@ -268,6 +276,7 @@ def evaluate_artifact(path: str | Path, *, original: str | None = None,
         raise ArtifactError(f"{folder}'s manifest names no source model; pass --original")
     source = resolve_model(source_path, check_weights=False)
     dev = device_of(device)
+    check_evaluator_devices(list(evaluation.evaluators.values()), dev)
     exp: Exporter = make("exporter", manifest["exporter"]["name"], manifest["exporter"].get("options", {}))
     eval_dtype = dtype_of(dtype)
     model, engine, how = open_artifact(folder, exp, dev, kernel, eval_dtype, strict=True)

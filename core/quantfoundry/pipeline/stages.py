@@ -38,7 +38,7 @@ from ..toolkit.kernels import select_kernel, select_kernels, swap_in
 from . import artifact
 from .activations import attach_input_quant, calibrate_kv, restore_kv, simulated_inputs
 from .components import device_of, dtype_of, exporter_and_format, make
-from .evaluate import Evaluation, dequantized_dtypes, make_reference, open_artifact
+from .evaluate import Evaluation, check_evaluator_devices, dequantized_dtypes, make_reference, open_artifact
 from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
 from .manifest import build_manifest
@@ -95,6 +95,7 @@ def resolve(request: RunRequest) -> RunState:
     if needs_calib or request.calibrator or request.calibrator_options:
         cal = make("calibrator", request.calibrator or "text", request.calibrator_options)
     evals = [make("evaluator", *((ev, {}) if isinstance(ev, str) else ev)) for ev in request.evaluators or []]
+    check_evaluator_devices(evals, dev)
     out = Path(request.out) if request.out is not None else None
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")

@@ -144,6 +144,10 @@ class Evaluator(Component, ABC):
     #: False: not measured again on the written artifact (e.g. timings of the same kernel)
     on_artifact: ClassVar[bool] = True
 
+    def check_device(self, device: torch.device) -> str | None:
+        """Why this evaluator cannot run on ``device`` as configured (checked before any work), or None."""
+        return None
+
     @abstractmethod
     def evaluate(self, target: EvalTarget) -> dict[str, Metric]:
         """Measure ``target`` and return ``{metric name: value}``."""
