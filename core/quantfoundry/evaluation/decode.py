@@ -127,6 +127,11 @@ class _StaticDecoder:
         self.graph = graph
         self.run = graph.replay
 
+    def _logits(self) -> torch.Tensor:
+        if self.logits is None:
+            raise RuntimeError("decode step produced no logits")
+        return self.logits
+
     @torch.no_grad()
     def timed(self) -> tuple[float, torch.Tensor]:
         self.prefill()
@@ -136,8 +141,7 @@ class _StaticDecoder:
         for i in range(self.steps):
             toks[:, i:i + 1] = self.tok
             self.run()
-            assert self.logits is not None
-            self.tok.copy_(self.logits[:, -1:].argmax(-1))
+            self.tok.copy_(self._logits()[:, -1:].argmax(-1))
             self.pos.add_(1)
         _sync(self.prompt.device)
         return time.perf_counter() - t0, toks
@@ -167,9 +171,10 @@ def time_decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, *, mod
         once = dec.timed
     for _ in range(warmup):
         once()
-    times, toks = [], None
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times = []
     for _ in range(repeats):
         t, toks = once()
         times.append(t)
-    assert toks is not None
     return DecodeTiming(prompt.shape[0] * steps / statistics.median(times), ran, toks)

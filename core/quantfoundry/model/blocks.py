@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import QFError
+from ..phases import phase
 from ..roles.activation import ActQuant
 from ..roles.block import Block, BlockInputs
 from ..roles.calibrator import CalibrationSet
@@ -74,8 +75,9 @@ class BlockStream:
             batches = [b.to(self.device) for b in (calibration.batches(batch_size)
                                                    if isinstance(calibration, CalibrationSet)
                                                    else calibration.split(batch_size))]
-            first, self._kwargs = capture_inputs(self.model, self.layers, self.model.get_submodule(arch.final_norm),
-                                                 batches)
+            with phase("calibrate"):
+                first, self._kwargs = capture_inputs(self.model, self.layers,
+                                                     self.model.get_submodule(arch.final_norm), batches)
             self._hidden = first.hidden
         self._finished: set[int] = set()
 
@@ -101,9 +103,10 @@ class BlockStream:
             for index in range(n):
                 if pending is None:  # pragma: no cover - one future per block, by construction
                     raise RuntimeError("block prefetch lost track of its reads")
-                tensors = pending.result()
-                pending = pool.submit(read, index + 1) if index + 1 < n else None
-                block = self._block(index, tensors)
+                with phase("load"):
+                    tensors = pending.result()
+                    pending = pool.submit(read, index + 1) if index + 1 < n else None
+                    block = self._block(index, tensors)
                 del tensors
                 yield block
                 if index not in self._finished:
@@ -131,6 +134,10 @@ class BlockStream:
         self._finished.add(block.index)
         if block.inputs is None or block.index + 1 >= len(self.layers):
             return
+        with phase("calibrate"):
+            self._advance(block)
+
+    def _advance(self, block: Block) -> None:
         if block.outputs is not None:
             if len(block.outputs) != len(block.inputs.hidden):
                 raise QFError(f"{block.prefix} handed over {len(block.outputs)} output batches for "

@@ -25,3 +25,6 @@ class RunResult:
     model: torch.nn.Module | None = field(default=None, repr=False)
     #: one shell command that runs the artifact in its engine (``Exporter.run_command``)
     run_command: str | None = None
+    #: exclusive seconds per phase of the run (``load``, ``calibrate``, ``quantize``, ``encode``,
+    #: ``search``, ``export``, ``evaluate``; :mod:`quantfoundry.phases`)
+    timings: dict[str, float] = field(default_factory=dict)

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UsageError
 from ..files import read_manifest
+from ..phases import measuring, phase
 from ..roles.exporter import Exporter
 from .components import device_of, dtype_of, make
 from .result import RunResult
@@ -45,13 +46,18 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"run() got an unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-    state = resolve(RunRequest(model=model, **options))
-    load_and_plan(state)
-    quantize_and_export(state)
-    evaluate(state)
+    with measuring() as clock:
+        state = resolve(RunRequest(model=model, **options))
+        with phase("load"):
+            load_and_plan(state)
+        with phase("quantize"):  # less its nested phases: block loads, calibration forwards, encode, export
+            quantize_and_export(state)
+        with phase("evaluate"):
+            evaluate(state)
     return RunResult(state.out, state.plan, state.metrics, state.notes, state.manifest,
                      time.perf_counter() - state.t_start, model=state.model if state.request.keep_model else None,
-                     run_command=state.exporter.run_command(state.out) if state.out is not None else None)
+                     run_command=state.exporter.run_command(state.out) if state.out is not None else None,
+                     timings=clock.seconds())
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None,

@@ -26,6 +26,7 @@ from ..memory import trim_memory
 from ..model.blocks import BlockStream
 from ..model.materialize import materialize, materialize_outside_blocks
 from ..model.source import ModelSource, resolve_model
+from ..phases import phase
 from ..plugins import get_plugin_manager
 from ..roles.activation import ActQuant
 from ..roles.block import QuantContext
@@ -378,7 +379,8 @@ def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
     if state.resumed_from:
         state.manifest["resumed"] = {"from_block": state.resumed_from, "journal": journal.folder.name}
     if journal is not None:
-        _export(state, journal, outside)
+        with phase("export"):
+            _export(state, journal, outside)
         journal.remove()
     if not state.keep:
         state.model = None
@@ -409,7 +411,8 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
             noted = len(ctx.notes)
             importance: dict[str, torch.Tensor] = {}
             if r.imatrix and block.inputs is not None:
-                importance = block_importance(block)
+                with phase("calibrate"):
+                    importance = block_importance(block)
                 ctx.importance.update(importance)
             out = run_stages(state.transforms, state.quantizer, block, ctx)
             set_dequantized(block, out)

@@ -24,6 +24,8 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   back (:func:`affine_grid`), for optimisers of the grid (HQQ and its adapter);
 * **observers** (:mod:`.observers`): static activation scales from calibration inputs
   (absmax, percentile, MSE), for W8A8 schemes (:class:`~quantfoundry.ActQuant`);
+* **phases** (:mod:`quantfoundry.phases`): where a run's time goes — a component marks its own phases
+  (:func:`phase`: a format's ``encode``, a quantizer's ``search``) inside the pipeline's;
 * the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
 """
 
@@ -34,6 +36,7 @@ from ..files import MANIFEST, read_jsonl, read_manifest, sha256_file, write_json
 from ..model.blocks import BlockStream
 from ..model.capture import capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
+from ..phases import PhaseClock, measuring, phase
 from ..roles.format import pack_bits, slice_groups, stored_params, unpack_bits
 from .checkpoint import (
     PROMPT,
@@ -68,7 +71,7 @@ from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWr
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",

@@ -207,3 +207,15 @@ def test_bits_per_weight_in_descriptions_are_derived_from_the_block_fields() -> 
         bpw = fmt.bits_per_weight((4, 256))
         assert cls.description.endswith(f"({bpw:g} bpw)"), (cls.ggml_name, cls.description)
         assert fmt.quantize(torch.randn(4, 256)).nbytes() * 8 / 1024 == bpw
+
+
+def test_counted_bytes_equal_the_generic_count_from_a_fit() -> None:
+    """GGML types count their bytes from the block size (no fit); the core's generic count
+    (fit a zero row, add the stored parameters and the packed codes) says the same."""
+    from quantfoundry import Format
+
+    for cls in (*LEGACY_FORMATS, *KQUANT_FORMATS):
+        fmt = cls(cls.Options())
+        for shape in ((3, 512), (7, 768), (1, 256)):
+            assert fmt.nbytes(shape) == Format.nbytes(fmt, shape), (cls.ggml_name, shape)
+            assert fmt.param_nbytes(shape) == Format.param_nbytes(fmt, shape), (cls.ggml_name, shape)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from quantfoundry import Format
-from quantfoundry.toolkit import Tie
+from quantfoundry.toolkit import Tie, phase
 
 #: most weights fitted in one batch of candidates (a format's fit holds a few temporaries of
 #: this many float32 values: 32 MiB each)
@@ -95,6 +95,7 @@ class ScaleResult:
 
 
 @torch.no_grad()
+@phase("search")
 def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_mean: torch.Tensor,
                  gram: torch.Tensor, importance: torch.Tensor | None, *, n_grid: int, duo_scaling: bool,
                  tie: Tie | None = None) -> ScaleResult:
@@ -126,6 +127,7 @@ def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_me
 
 
 @torch.no_grad()
+@phase("search")
 def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: torch.Tensor | None, *,
                 n_grid: int, max_shrink: float) -> tuple[torch.Tensor, float, float]:
     """``(clipped w, objective before, objective after)``: per row and fitting unit, the

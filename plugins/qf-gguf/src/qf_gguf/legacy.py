@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 from quantfoundry import Format, Options, Params, QuantizedWeight
+from quantfoundry.toolkit import phase
 
 from .search import _full, _seq_sum, _sqrtf, make_qkx2_quants, make_qx_quants
 
@@ -125,6 +126,14 @@ class GGMLFormat(Format):
             return f"{shape[1]} columns are not a multiple of the GGML block size {self.block}"
         return None
 
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """Whole GGML blocks: what the file stores (no fit needed to count them)."""
+        return shape[0] * (shape[1] // self.block) * self.block_bytes
+
+    def param_nbytes(self, shape: tuple[int, int]) -> int:
+        packed = next(count * dtype.itemsize for name, dtype, count in self.fields if name == "packed")
+        return shape[0] * (shape[1] // self.block) * (self.block_bytes - packed)
+
     # -- numerics ----------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         rows, cols = w.shape
@@ -141,10 +150,11 @@ class GGMLFormat(Format):
         reason = self.check_shape(tuple(w.shape))
         if reason:
             raise ValueError(f"format {self.spec} cannot store a {tuple(w.shape)} weight: {reason}")
-        w32 = w.detach().to(torch.float32)
-        params = self.fit(w32, importance)
-        codes = params["_L"] if "_L" in params else self.round(w32, params)
-        return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params)
+        with phase("encode"):
+            w32 = w.detach().to(torch.float32)
+            params = self.fit(w32, importance)
+            codes = params["_L"] if "_L" in params else self.round(w32, params)
+            return QuantizedWeight(self, tuple(w.shape), w.dtype, self.pack(codes), params)
 
     def _fit_importance(self, w: torch.Tensor, importance: torch.Tensor) -> Params:
         raise NotImplementedError(f"{self.ggml_name} has no importance-weighted encoder")
