@@ -53,6 +53,24 @@ def parse_retrying(argv: list, patterns: dict[str, str], tries: int = 4) -> dict
     raise AssertionError
 
 
+def prepare_base(model: str) -> tuple[Path, Path, Path]:
+    """llama.cpp's F16 conversion of ``model``, its imatrix on the calibration part and the KL
+    base on the held-out part (made once, under ``WORK``)."""
+    bin_dir, src = llama_cpp()
+    work = WORK / model
+    work.mkdir(parents=True, exist_ok=True)
+    calib, held = split_text(model)
+    base, imat, kld_base = work / "base-f16.gguf", work / "imatrix.gguf", work / "base.kld"
+    if not kld_base.exists():
+        run_cmd([sys.executable, src / "convert_hf_to_gguf.py", model_folder(model), "--outtype", "f16",
+                 "--outfile", base])
+        run_cmd([bin_dir / "llama-imatrix", "-m", base, "-f", calib, "-c", "512", "--chunks", "128",
+                 "-t", str(THREADS), "-o", imat])
+        run_cmd([bin_dir / "llama-perplexity", "-m", base, "-f", held, *PPL_ARGS, *CHUNKS,
+                 "--kl-divergence-base", kld_base])
+    return base, imat, kld_base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["pycode-7m"])
@@ -67,16 +85,9 @@ def main() -> None:
         bin_dir, src = llama_cpp()
         for model in args.models:
             work = WORK / model
-            work.mkdir(parents=True, exist_ok=True)
             folder = model_folder(model)
             calib, held = split_text(model)
-            base, imat, kld_base = work / "base-f16.gguf", work / "imatrix.gguf", work / "base.kld"
-            if not kld_base.exists():
-                run_cmd([sys.executable, src / "convert_hf_to_gguf.py", folder, "--outtype", "f16", "--outfile", base])
-                run_cmd([bin_dir / "llama-imatrix", "-m", base, "-f", calib, "-c", "512", "--chunks", "128",
-                         "-t", str(THREADS), "-o", imat])
-                run_cmd([bin_dir / "llama-perplexity", "-m", base, "-f", held, *PPL_ARGS, *CHUNKS,
-                         "--kl-divergence-base", kld_base])
+            base, imat, kld_base = prepare_base(model)
             base_ppl = parse_run([bin_dir / "llama-perplexity", "-m", base, "-f", held, *PPL_ARGS, *CHUNKS], PPL_LINE)["ppl"]
 
             def score(file: Path, kld_base: Path = kld_base) -> dict:

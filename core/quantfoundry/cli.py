@@ -159,6 +159,8 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--eval-dtype", default=None,
               help="Dtype evaluation runs in, the original alike: float32 (default), or the deployment's bfloat16/float16.")
 @click.option("--batch-size", type=int, default=None, help="Calibration batch size (default: 8).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for the run's work, encoders included (default: torch's, one per core).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="TOML recipe; flags override it.")
 @click.option("--allow-pickle", is_flag=True, default=None, help="Allow loading pickled .bin weights.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the model's own Python code.")
@@ -180,7 +182,8 @@ def run(**kw: Any) -> None:
         args.update(load_recipe(kw["recipe"]))
     for flag, key in (("model", "model"), ("format_", "format"), ("exporter", "exporter"),
                       ("calibrator", "calibrator"), ("kernel", "kernel"), ("out", "out"), ("device", "device"),
-                      ("dtype", "dtype"), ("eval_dtype", "eval_dtype"), ("batch_size", "batch_size"), ("allow_pickle", "allow_pickle"),
+                      ("dtype", "dtype"), ("eval_dtype", "eval_dtype"), ("batch_size", "batch_size"), ("threads", "threads"),
+                      ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache")):

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import UsageError
 
-TOP_LEVEL = {"model": str, "out": str, "device": str, "dtype": str, "batch_size": int, "allow_pickle": bool,
+TOP_LEVEL = {"model": str, "out": str, "device": str, "dtype": str, "batch_size": int, "threads": int, "allow_pickle": bool,
              "trust_remote_code": bool, "revision": str, "overwrite": bool, "imatrix": bool,
              "activations": str, "act_observer": str, "kv_cache": str}
 ROLE_TABLES = ("quantizer", "format", "exporter", "calibrator", "evaluator", "kernel")

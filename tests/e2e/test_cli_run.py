@@ -134,3 +134,22 @@ def test_size_counts_tied_embeddings_once(shared, tmp_path) -> None:
     assert on_disk - 16_384 < size["quantized"] <= on_disk  # the file adds only its JSON header
     loaded = qf.load(out)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_threads_set_torch_for_the_run_and_are_restored(tiny_model, monkeypatch, tmp_path) -> None:
+    import quantfoundry.pipeline.run as qf_run_module
+
+    seen: list[int] = []
+    real = qf_run_module.quantize_and_export
+
+    def spy(state):
+        seen.append(torch.get_num_threads())
+        return real(state)
+
+    monkeypatch.setattr(qf_run_module, "quantize_and_export", spy)
+    before = torch.get_num_threads()
+    r = CliRunner().invoke(cli, ["run", "--model", str(tiny_model("llama")), "--format", "int8", "--no-eval",
+                                 "--threads", "1", "--out", str(tmp_path / "o")], catch_exceptions=False)
+    assert seen == [1] and torch.get_num_threads() == before, r.output
+    r = CliRunner().invoke(cli, ["run", "--model", str(tiny_model("llama")), "--threads", "0", "--no-eval"])
+    assert r.exit_code != 0 and "threads must be a positive integer" in r.output

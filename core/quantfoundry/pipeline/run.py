@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,10 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"run() got an unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-    with measuring() as clock:
+    threads = options.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be a positive integer, got {threads!r}")
+    with measuring() as clock, _cpu_threads(threads):
         state = resolve(RunRequest(model=model, **options))
         with phase("load"):
             load_and_plan(state)
@@ -58,6 +63,21 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
                      time.perf_counter() - state.t_start, model=state.model if state.request.keep_model else None,
                      run_command=state.exporter.run_command(state.out) if state.out is not None else None,
                      timings=clock.seconds())
+
+
+@contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the run (plugins' pools, numba's, follow
+    ``torch.get_num_threads()``), restored after it."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", kernel: str | None = None,

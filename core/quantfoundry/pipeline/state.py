@@ -49,6 +49,8 @@ class RunRequest:
     #: the deployment's bfloat16/float16 (so that speed and quality are those of what is served)
     eval_dtype: str = "float32"
     batch_size: int = 8
+    #: CPU threads of the run (torch's, which plugins' own thread pools follow); None: torch's default
+    threads: int | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
