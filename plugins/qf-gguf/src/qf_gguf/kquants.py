@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from quantfoundry import Params
 
+from .backend import native_bytes
 from .legacy import GGMLFormat
 from .search import (
     EPS,
@@ -92,6 +93,10 @@ class _KQuant(GGMLFormat):
         rows, cols = w.shape
         if cols % QK_K:
             raise ValueError(f"{self.ggml_name}: {cols} columns are not whole super-blocks of {QK_K}")
+        raw = native_bytes(self.ggml_name, w, importance)
+        if raw is not None:  # compiled on CPU (qf_gguf.backend): the stored fields and codes, from the bytes
+            qw = self.from_ggml_bytes(raw, (rows, cols))
+            return {**qw.params, "_L": self.unpack(qw.packed, (rows, cols))}
         shape = (rows, cols // QK_K, QK_K // self.sub, self.sub)
         x = w.to(torch.float32).reshape(shape)
         # importance [cols] (one for every row) or [rows, cols]

@@ -24,6 +24,7 @@ import torch
 from quantfoundry import Format, Options, Params, QuantizedWeight
 from quantfoundry.toolkit import phase
 
+from .backend import native_bytes
 from .search import _full, _seq_sum, _sqrtf, make_qkx2_quants, make_qx_quants
 
 BLOCK = 32
@@ -151,6 +152,9 @@ class GGMLFormat(Format):
         if reason:
             raise ValueError(f"format {self.spec} cannot store a {tuple(w.shape)} weight: {reason}")
         with phase("encode"):
+            raw = native_bytes(self.ggml_name, w, importance if self.uses_importance else None)
+            if raw is not None:  # compiled on CPU (qf_gguf.backend): llama.cpp's bytes, written as it does
+                return self.from_ggml_bytes(raw, tuple(w.shape), w.dtype)
             w32 = w.detach().to(torch.float32)
             params = self.fit(w32, importance)
             codes = params["_L"] if "_L" in params else self.round(w32, params)
