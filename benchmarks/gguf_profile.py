@@ -31,22 +31,30 @@ PHASES = ("load", "calibrate", "quantize", "search", "encode", "export")
 
 
 def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: int | None) -> dict:
+    """One run; ``quantizer`` is a name or ``name:key=value,...`` (its options)."""
     t0 = time.perf_counter()
     import quantfoundry
+    from quantfoundry import QuantLinear
     from rtn_sweep import model_folder
 
     startup = time.perf_counter() - t0
-    opts = {"type": ftype} if threads is None else {"type": ftype, "threads": threads}
-    cal = {"calibrator_options": {"path": calib, "n_samples": 128, "seq_len": 512}} if quantizer != "rtn" else {}
-    r = quantfoundry.run(str(model_folder(model)), quantizer=quantizer, exporter="gguf", exporter_options=opts,
-                         evaluators=[], out=str(out), overwrite=True, progress=False, **cal)
-    return {"seconds": r.seconds, "startup": startup, "timings": r.timings}
+    name, _, rest = quantizer.partition(":")
+    qopts = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
+    cal = {"calibrator_options": {"path": calib, "n_samples": 128, "seq_len": 512}} if name != "rtn" else {}
+    r = quantfoundry.run(str(model_folder(model)), quantizer=[(name, qopts)], exporter="gguf",
+                         exporter_options={"type": ftype}, evaluators=[], out=str(out), overwrite=True,
+                         progress=False, threads=threads, keep_model=True, **cal)
+    # what AWQ's searches chose, per linear (the scale's alpha is its input group's)
+    chosen = {n: {k: v for k, v in (m.qweight.meta or {}).get("awq", {}).items() if k in ("alpha", "clip_loss_after")}
+              for n, m in r.model.named_modules() if isinstance(m, QuantLinear) and (m.qweight.meta or {}).get("awq")}
+    return {"seconds": r.seconds, "startup": startup, "timings": r.timings, "chosen": chosen}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["pycode-7m"])
-    ap.add_argument("--quantizers", nargs="+", default=["rtn", "gptq", "awq"])
+    ap.add_argument("--quantizers", nargs="+", default=["rtn", "gptq", "awq", "awq:exact_search=false"],
+                    help="names, or name:key=value,... with the quantizer's options (values as JSON)")
     ap.add_argument("--types", nargs="+", default=["Q4_K_M"])
     ap.add_argument("--backends", nargs="+", default=["native", "torch"])
     ap.add_argument("--threads", type=int, default=None, help="the exporter's threads option (default: all cores)")

@@ -65,10 +65,13 @@ SMOLLM2_BUILD = SHARED / "models" / "smollm2-135m-instruct-q4_1-dequant" / "buil
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PYCODE = SHARED / "data" / "python-code" / "cpython311_stdlib_sample.py"
 
-MODELS = ["pycode-7m", "smollm2-135m"]
-TEXT_OF = {"pycode-7m": PYCODE, "smollm2-135m": WIKITEXT}
+MODELS = ["pycode-7m", "smollm2-135m", "llama-1.5g"]
+TEXT_OF = {"pycode-7m": PYCODE, "smollm2-135m": WIKITEXT, "llama-1.5g": PYCODE}
+#: random weights (speed.py's 1.5B Llama): bytes and time only, no perplexity worth scoring
+NO_QUALITY = {"llama-1.5g"}
 ALL_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
-DEFAULT_TYPES = {"pycode-7m": ALL_TYPES, "smollm2-135m": ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"]}
+DEFAULT_TYPES = {"pycode-7m": ALL_TYPES, "smollm2-135m": ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"],
+                 "llama-1.5g": ["Q8_0", "Q6_K", "Q4_K_M", "Q2_K"]}
 THREADS = 2
 CALIB_CHARS = 40_000
 IMATRIX_ARGS = ["-c", "256", "--chunks", "40", "-t", str(THREADS)]
@@ -88,6 +91,10 @@ def llama_cpp() -> tuple[Path, Path]:
 def model_folder(name: str) -> Path:
     if name == "pycode-7m":
         return Path(default_model_path())
+    if name == "llama-1.5g":
+        from speed import model_folder as speed_model
+
+        return Path(str(speed_model(name)))
     out = subprocess.run(["bash", str(SMOLLM2_BUILD)], check=True, capture_output=True, text=True).stdout
     return Path(out.strip().splitlines()[-1])
 
@@ -237,33 +244,43 @@ class Bench:
         convert_s = round(time.perf_counter() - t0, 2)
         calib = self.work / "calib.txt"
         calib.write_text(self.text.read_text(encoding="utf-8")[:CALIB_CHARS], encoding="utf-8")
-        imat = [self.bin / "llama-imatrix", "-m", self.base, "-f", calib, *IMATRIX_ARGS, "-o", self.imatrix]
+        # a random-weight model's imatrix only needs to exist (its values drive the encoders either way)
+        imat_args = IMATRIX_ARGS if self.model not in NO_QUALITY else ["-c", "256", "--chunks", "4", "-t", str(THREADS)]
+        imat = [self.bin / "llama-imatrix", "-m", self.base, "-f", calib, *imat_args, "-o", self.imatrix]
         t0 = time.perf_counter()
         run_cmd(imat)
         imatrix_s = round(time.perf_counter() - t0, 2)
         chunks = gguf.GGUFReader(str(self.imatrix)).fields["imatrix.chunk_count"].contents()
-        base_ppl = parse_run(self.ppl_cmd(self.base), PPL_LINE)["ppl"]
-        kld_base = [self.bin / "llama-perplexity", "-m", self.base, "-f", self.text, *PPL_ARGS, *CHUNKS,
-                    "--kl-divergence-base", self.kld_base]
-        run_cmd(kld_base)
         base_t = tensors_of(self.base)
-        print(f"{self.model}: convert {convert_s} s, imatrix {imatrix_s} s ({chunks} chunks), F16 PPL {base_ppl}",
-              flush=True)
-        return {"folder": str(self.folder), "text": self.short([self.text]), "convert_s": convert_s,
-                "imatrix_s": imatrix_s, "imatrix_chunks": chunks, "calib_chars": CALIB_CHARS,
-                "base_ppl": base_ppl, "f16_rounding": f16_rounding(self.folder), "base_size_bytes": self.base.stat().st_size, "base_bpw": bpw(base_t),
-                "commands": {"convert": self.short(convert), "imatrix": self.short(imat),
-                             "perplexity_base": self.short(self.ppl_cmd(self.base)),
-                             "kld_base": self.short(kld_base)}}
+        info: dict[str, Any] = {
+            "folder": str(self.folder), "text": self.short([self.text]), "convert_s": convert_s,
+            "imatrix_s": imatrix_s, "imatrix_chunks": chunks, "calib_chars": CALIB_CHARS,
+            "base_size_bytes": self.base.stat().st_size, "base_bpw": bpw(base_t),
+            "commands": {"convert": self.short(convert), "imatrix": self.short(imat)}}
+        if self.model not in NO_QUALITY:
+            base_ppl = parse_run(self.ppl_cmd(self.base), PPL_LINE)["ppl"]
+            kld_base = [self.bin / "llama-perplexity", "-m", self.base, "-f", self.text, *PPL_ARGS, *CHUNKS,
+                        "--kl-divergence-base", self.kld_base]
+            run_cmd(kld_base)
+            info.update(base_ppl=base_ppl, f16_rounding=f16_rounding(self.folder))
+            info["commands"].update(perplexity_base=self.short(self.ppl_cmd(self.base)), kld_base=self.short(kld_base))
+        print(f"{self.model}: convert {convert_s} s, imatrix {imatrix_s} s ({chunks} chunks), "
+              f"F16 PPL {info.get('base_ppl', '-')}", flush=True)
+        return info
 
-    def ours(self, folder: Path, ftype: str, imatrix: bool, out: Path) -> None:
+    def ours(self, folder: Path, ftype: str, imatrix: bool, out: Path) -> dict[str, float]:
+        """One qf run; its phase timings (``encode``: the GGML encoders alone)."""
         opts: dict[str, Any] = {"type": ftype}
         if imatrix:
             opts["imatrix"] = str(self.imatrix)
-        quantfoundry.run(str(folder), exporter="gguf", exporter_options=opts, evaluators=[], out=str(out),
-                         overwrite=True, progress=False)
+        r = quantfoundry.run(str(folder), exporter="gguf", exporter_options=opts, evaluators=[], out=str(out),
+                             overwrite=True, progress=False, threads=THREADS)
+        self.last_timings = r.timings
+        return r.timings
 
     def quality(self, file: Path, tensors: dict[str, tuple[str, bytes, int, int]], label: str) -> dict[str, Any]:
+        if self.model in NO_QUALITY:
+            return {}
         key = digest(tensors)
         if key in self.scored:
             return {**self.scored[key], "quality_shared_with": self.scored[key]["scored_file"]}
@@ -280,7 +297,9 @@ class Bench:
                  theirs_file, ftype, str(THREADS)]
         load_before = load1()
         t_theirs, all_theirs = best_time(lambda: run_cmd(quant), self.repeats)
-        t_ours, all_ours = best_time(lambda: self.ours(self.folder, ftype, imatrix, out), self.repeats)
+        runs: list[dict[str, float]] = []
+        t_ours, all_ours = best_time(lambda: runs.append(self.ours(self.folder, ftype, imatrix, out)), self.repeats)
+        timings = runs[all_ours.index(t_ours)]
         ours_file = out / "model.gguf"
         qf_opts = {"type": ftype, **({"imatrix": f"$WORK/{self.model}/imatrix.gguf"} if imatrix else {})}
         a, b = tensors_of(ours_file), tensors_of(theirs_file)
@@ -292,7 +311,8 @@ class Bench:
              "tensors_identical": cmp["identical"], "tensors_total": cmp["total"], "differing": cmp["differing"],
              "size_bytes_ours": ours_file.stat().st_size, "size_bytes_theirs": theirs_file.stat().st_size,
              "bpw_ours": bpw(a), "bpw_theirs": bpw(b),
-             "time_ours_s": t_ours, "time_ours_all_s": all_ours,
+             "time_ours_s": t_ours, "time_ours_all_s": all_ours, "timings_ours": timings,
+             "encode_ours_s": round(timings.get("encode", 0.0), 3),
              "time_llama_quantize_s": t_theirs, "time_llama_quantize_all_s": all_theirs,
              "quality_ours": q_ours, "quality_theirs": q_theirs, "quality_scored_once": identical,
              "commands": {"llama_quantize": self.short(quant),
@@ -300,9 +320,9 @@ class Bench:
                                 "evaluators=[], out=..., overwrite=True, progress=False)",
                           "perplexity": self.short(self.ppl_cmd(theirs_file)),
                           "kld": self.short(self.kld_cmd(theirs_file))}}
-        print(f"{self.model} {tag}: identical {cmp['identical']}/{cmp['total']}, ours {t_ours:.2f} s, "
-              f"llama-quantize {t_theirs:.2f} s, PPL {q_ours['ppl']} / {q_theirs['ppl']}, "
-              f"KLD {q_ours['kld_mean']} / {q_theirs['kld_mean']}", flush=True)
+        print(f"{self.model} {tag}: identical {cmp['identical']}/{cmp['total']}, ours {t_ours:.2f} s "
+              f"(encode {r['encode_ours_s']:.2f} s), llama-quantize {t_theirs:.2f} s, PPL {q_ours.get('ppl')} / "
+              f"{q_theirs.get('ppl')}, KLD {q_ours.get('kld_mean')} / {q_theirs.get('kld_mean')}", flush=True)
         return r
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
@@ -376,42 +396,53 @@ def pair(a: float, b: float, fmt: str) -> str:
 
 def render(data: dict[str, Any]) -> str:
     out = ["| model | type | imatrix | identical tensors | size MiB ours / theirs | bpw | PPL ours / theirs | "
-           "mean KLD | same top p % | time ours s | time llama-quantize s | ratio |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "mean KLD | same top p % | qf run s | qf encode s | llama-quantize s | encode ratio | "
+           "convert + quantize s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in MODELS:
         info = data["models"].get(model)
         if info is None:
             continue
+        ppl = f"{info['base_ppl']:.4f}" if "base_ppl" in info else "—"
         out.append(f"| {model} | F16 (convert) | — | — | {info['base_size_bytes'] / 2**20:.2f} | "
-                   f"{info['base_bpw']:.3f} | {info['base_ppl']:.4f} | 0 | 100 | — | "
-                   f"{info['convert_s']:.2f} (convert) | — |")
+                   f"{info['base_bpw']:.3f} | {ppl} | 0 | 100 | — | — | — | — | {info['convert_s']:.2f} (convert) |")
         for ftype in ALL_TYPES:
             for im in (False, True):
                 r = data["rows"].get(f"{model}/{ftype}/{'imatrix' if im else 'plain'}")
                 if r is None:
                     continue
                 qo, qt = r["quality_ours"], r["quality_theirs"]
+                if qt:
+                    quality = (f"{pair(qo['ppl'], qt['ppl'], '.4f')} | {pair(qo['kld_mean'], qt['kld_mean'], '.6f')} | "
+                               f"{pair(qo['same_top_p_pct'], qt['same_top_p_pct'], '.3f')}")
+                else:
+                    quality = "— | — | —"
+                enc = r.get("encode_ours_s")
+                enc_s = f"{enc:.2f}" if enc is not None else "—"
+                ratio = f"{enc / r['time_llama_quantize_s']:.2f}×" if enc is not None else "—"
+                both = info["convert_s"] + r["time_llama_quantize_s"]
                 out.append(
                     f"| {model} | {ftype} | {'yes' if im else 'no'} | {r['tensors_identical']}/{r['tensors_total']} | "
                     f"{r['size_bytes_ours'] / 2**20:.3f} / {r['size_bytes_theirs'] / 2**20:.3f} | "
-                    f"{pair(r['bpw_ours'], r['bpw_theirs'], '.3f')} | {pair(qo['ppl'], qt['ppl'], '.4f')} | "
-                    f"{pair(qo['kld_mean'], qt['kld_mean'], '.6f')} | "
-                    f"{pair(qo['same_top_p_pct'], qt['same_top_p_pct'], '.3f')} | {r['time_ours_s']:.2f} | "
-                    f"{r['time_llama_quantize_s']:.2f} | {r['time_ours_s'] / r['time_llama_quantize_s']:.1f}× |")
+                    f"{pair(r['bpw_ours'], r['bpw_theirs'], '.3f')} | {quality} | {r['time_ours_s']:.2f} | {enc_s} | "
+                    f"{r['time_llama_quantize_s']:.2f} | {ratio} | {both:.2f} |")
     return "\n".join(out) + "\n"
 
 
 # -- main ------------------------------------------------------------------------------------
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     ap.add_argument("--types", nargs="*", choices=ALL_TYPES,
                     help="file types for every model (default: all seven for pycode-7m, "
                          + " ".join(DEFAULT_TYPES["smollm2-135m"]) + " for SmolLM2)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per file, the fastest is kept")
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads of llama-quantize and of qf (--threads)")
     ap.add_argument("--workdir", type=Path, help="keep the GGUF files here (default: a temporary folder)")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
+    THREADS = a.threads
     data: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     data.setdefault("models", {})
     data.setdefault("rows", {})

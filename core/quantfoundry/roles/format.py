@@ -125,6 +125,13 @@ class Format(Component, ABC):
             parameters (so ``decode(round(w, fit(w)), fit(w))`` works on a whole weight).
         """
 
+    def fit_for_search(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """Parameters of a whole weight for *ranking* candidates inside a search (AWQ's scale and
+        clip grids): what :meth:`fit` returns, or a cheaper approximation of it for formats whose
+        exact fit is itself a search (GGML K-quants). The final encode always uses :meth:`fit`.
+        Default: :meth:`fit`."""
+        return self.fit(w, importance)
+
     @abstractmethod
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         """Round columns ``[col0, col0 + w.shape[1])`` of the tile described by ``params`` to codes."""

@@ -132,6 +132,38 @@ def test_batched_searches_equal_one_candidate_at_a_time(spec, batch, monkeypatch
     assert chosen.max() > 0, "nothing clipped: the test would not see a wrong choice"
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_searches_rank_with_the_exact_or_the_cheaper_fit(exact, monkeypatch):
+    """``exact_search`` false ranks AWQ's candidates with the format's cheaper fit (``Format.fit_for_search``: for K-quants, sub-block ranges instead of llama.cpp's
+    searches), true (the default) with its exact ``fit``; either way the choice is the argmin of the losses
+    computed candidate by candidate with that fit, and only that fit is called."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 256, generator=gen)
+    x[:, [3, 100, 200]] *= 20
+    w = torch.randn(16, 256, generator=gen) * 0.05
+    fmt = qf.resolve_format("Q4_K")
+    gram = x.T @ x / x.shape[0]
+    imp = torch.diagonal(gram).clone()
+    fit = fmt.fit if exact else fmt.fit_for_search
+    calls = []
+    other = "fit_for_search" if exact else "fit"
+    monkeypatch.setattr(type(fmt), other, lambda *a, **k: calls.append(other))
+    res = search_scale([w], [fmt], x.abs().mean(0), gram, imp, n_grid=8, duo_scaling=False, exact=exact)
+    assert calls == []
+
+    def loss(s):
+        w_hat = fmt.quantize_dequantize(w * s, fit(w * s, imp / s.square())).double() / s.double()
+        return float(((x.double() @ (w.double() - w_hat).T) ** 2).sum() / x.shape[0])
+
+    losses = []
+    for i in range(8):
+        s = x.abs().mean(0).pow(i / 8).clamp(min=1e-4)
+        losses.append(loss(s / (s.max() * s.min()).sqrt()))
+    assert res.alpha == losses.index(min(losses)) / 8
+    assert res.loss == pytest.approx(min(losses), rel=1e-4)
+    assert AWQOptions().exact_search is True
+
+
 def test_group_without_fold_point_is_skipped_with_a_note(tiny_model):
     """An architecture map whose o_proj group has no fold point: that group is rounded
     without scaling, the run notes it, every other group is scaled."""

@@ -43,6 +43,10 @@ class AWQScaleOptions(Options):
         "help": "fold v_proj → o_proj under grouped-query attention, one scale per KV channel"})
     fit_importance: bool = field(default=True, metadata={
         "help": "fit grids weighted by mean x² of the (scaled) inputs where the format uses importance (GGUF)"})
+    exact_search: bool = field(default=True, metadata={
+        "help": "rank the search's candidates with the format's exact fit; false: its cheaper fit for searches "
+                "(GGML K-quants: sub-block ranges instead of llama.cpp's searches; the final encode stays exact; "
+                "on pycode-7m Q4_K_M 19% faster, KLD +4.7%)"})
 
     def __post_init__(self) -> None:
         if self.n_grid < 1:
@@ -115,7 +119,7 @@ class AWQQuantizer(Quantizer):
         """Before another quantizer: the scale search and fold only (``awq-scale``)."""
         o = self.options
         return AWQScale(AWQScaleOptions(n_grid=o.n_grid, duo_scaling=o.duo_scaling, fold_gqa=o.fold_gqa,
-                                        fit_importance=o.fit_importance))
+                                        fit_importance=o.fit_importance, exact_search=o.exact_search))
 
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
         o = self.options
@@ -131,7 +135,7 @@ class AWQQuantizer(Quantizer):
                 gram = scaled.grams[m]
                 if o.clip and gram is not None and not any(fnmatch.fnmatchcase(m, p) for p in no_clip):
                     w, before, after = search_clip(w, fmt, gram, scaled.imps[m], n_grid=o.clip_grid,
-                                                   max_shrink=o.max_shrink)
+                                                   max_shrink=o.max_shrink, exact=o.exact_search)
                     info.update(clip_loss_before=before, clip_loss_after=after)
                 qw = fmt.quantize(w, scaled.imps[m])
                 qw.meta = {**(qw.meta or {}), "awq": info}
@@ -179,7 +183,7 @@ def _scale(block: Block, g: BlockGroup, point: FoldPoint, x_mean: torch.Tensor, 
     weights = [lin.weight.detach().to(gram.device, torch.float32) for lin in lins]
     formats = [block.formats.get(m) for m in g.members]
     res = search_scale(weights, formats, x_mean, gram, imp, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
-                       tie=point.tie)
+                       tie=point.tie, exact=o.exact_search)
     prev_name = g.group.prev
     apply_fold(point, lins, res.scale.to(lins[0].weight.device), res.searched.to(lins[0].weight.device),
                block.architecture.norm_weight_offset, stored, quantized_prev=prev_name in block.formats)

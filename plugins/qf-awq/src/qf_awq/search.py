@@ -37,9 +37,11 @@ from quantfoundry.toolkit import Tie, phase
 BATCH_ELEMENTS = 1 << 23
 
 
-def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """What ``fmt.quantize(w, importance)`` decodes to (float32), without packing."""
-    return fmt.quantize_dequantize(w, fmt.fit(w, importance))
+def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None, exact: bool = True) -> torch.Tensor:
+    """What ``fmt.quantize(w, importance)`` decodes to (float32), without packing; with ``exact``
+    False, through the format's cheaper fit for ranking candidates (``Format.fit_for_search``)."""
+    params = fmt.fit(w, importance) if exact else fmt.fit_for_search(w, importance)
+    return fmt.quantize_dequantize(w, params)
 
 
 def output_error(e: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -56,14 +58,15 @@ def batches(n: int, elements_each: int) -> Iterator[slice]:
         yield slice(i, min(n, i + step))
 
 
-def quant_dequant_stack(fmt: Format, ws: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def quant_dequant_stack(fmt: Format, ws: torch.Tensor, importance: torch.Tensor | None,
+                        exact: bool = True) -> torch.Tensor:
     """:func:`quant_dequant` of each weight of a stack ``[k, rows, in]`` in one fit;
     ``importance`` ``[in]`` (shared) or ``[k, in]`` (one per weight)."""
     k, rows, n_in = ws.shape
     imp = importance
     if imp is not None and imp.ndim == 2:
         imp = imp[:, None, :].expand(k, rows, n_in).reshape(k * rows, n_in)
-    return quant_dequant(fmt, ws.reshape(k * rows, n_in), imp).view(k, rows, n_in)
+    return quant_dequant(fmt, ws.reshape(k * rows, n_in), imp, exact).view(k, rows, n_in)
 
 
 def weight_magnitude(weights: list[torch.Tensor], formats: list[Format]) -> torch.Tensor:
@@ -98,7 +101,7 @@ class ScaleResult:
 @phase("search")
 def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_mean: torch.Tensor,
                  gram: torch.Tensor, importance: torch.Tensor | None, *, n_grid: int, duo_scaling: bool,
-                 tie: Tie | None = None) -> ScaleResult:
+                 tie: Tie | None = None, exact: bool = True) -> ScaleResult:
     """The per-input-channel scale minimising the group's output error.
 
     :param weights: float32 ``[rows, in]`` weights of the group's linears (a ``None`` format:
@@ -120,7 +123,7 @@ def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_me
     for w, fmt in planned:
         for b in batches(n_grid, w.numel()):
             s = scales[b, None, :]
-            q = quant_dequant_stack(fmt, w * s, None if imps is None else imps[b]) / s
+            q = quant_dequant_stack(fmt, w * s, None if imps is None else imps[b], exact) / s
             losses[b] += output_error(w - q, gram)
     best = int(torch.argmin(losses))  # the first of equal minima: α = 0 (RTN) wins a tie
     return ScaleResult(scales[best], searched[best], alphas[best], float(losses[best]), float(losses[0]))
@@ -129,7 +132,7 @@ def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_me
 @torch.no_grad()
 @phase("search")
 def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: torch.Tensor | None, *,
-                n_grid: int, max_shrink: float) -> tuple[torch.Tensor, float, float]:
+                n_grid: int, max_shrink: float, exact: bool = True) -> tuple[torch.Tensor, float, float]:
     """``(clipped w, objective before, objective after)``: per row and fitting unit, the
     shrink of the largest magnitude that minimises the unit's own output error."""
     rows, cols = w.shape
@@ -145,7 +148,7 @@ def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: to
     for b in batches(len(shrinks), w.numel()):
         m = tops[b]
         wc = torch.maximum(torch.minimum(w3, m), -m).view(-1, rows, cols)
-        e = (w - quant_dequant_stack(fmt, wc, importance)).view(-1, rows, n_units, g)
+        e = (w - quant_dequant_stack(fmt, wc, importance, exact)).view(-1, rows, n_units, g)
         losses[b] = torch.einsum("krgi,gij,krgj->krg", e, blocks, e).double()
     best = losses.argmin(0)                                                     # first of equal minima
     best_top = tops.gather(0, best[None, :, :, None]).squeeze(0)
