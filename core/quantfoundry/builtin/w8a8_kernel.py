@@ -9,12 +9,12 @@ input's dtype. A weight without an input scheme (weight-only), or whose scheme d
 its grid (fp8 inputs on int8 weights), runs as the reference kernel does: dequantize, fake-quant
 the input, ``F.linear``.
 
-With ``fuse=true``, on CUDA the input's quantization is one Triton kernel and the rescale of an
-int32/float32 product another (:mod:`quantfoundry.builtin.w8a8_triton`, the same numerics as
-the torch ops, checked in Triton's interpreter); fp8 in bfloat16 passes its per-token and
-per-channel scales to ``torch._scaled_mm`` itself (row-wise scaling), which writes ``y``
-directly. It is off by default until it has run on a GPU: the torch-ops path is the one
-measured on the H100 (``docs/benchmarks.md``).
+By default (``fuse=true``), on CUDA the input's quantization is one Triton kernel and the
+rescale of an int32/float32 product another (:mod:`quantfoundry.builtin.w8a8_triton`, the codes
+of :class:`ActQuant` bit for bit); fp8 in bfloat16 passes its per-token and per-channel scales
+to ``torch._scaled_mm`` itself (row-wise scaling), which writes ``y`` directly. On the H100 that
+beat the torch-ops path (``fuse=false``) in 43 of 48 shape × batch × scheme cases
+(``docs/benchmarks.md``).
 
 Opt in with ``--kernel torch-w8a8`` (priority below the reference): on a CPU the float GEMM is
 usually faster; on an H100 ``docs/benchmarks.md`` measures it against cuBLAS fp16. On CUDA,
@@ -39,8 +39,8 @@ MIN_INT_MM_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 
 @dataclass(frozen=True, kw_only=True)
 class W8A8Options(Options):
-    fuse: bool = field(default=False, metadata={"help": "on CUDA: quantize inputs and rescale products in Triton "
-                                                        "kernels (else torch ops; not yet run on a GPU)"})
+    fuse: bool = field(default=True, metadata={"help": "on CUDA: quantize inputs and rescale products in Triton "
+                                                       "kernels (false: torch ops)"})
 
 
 def _kind(fmt: Format) -> str | None:

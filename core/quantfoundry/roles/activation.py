@@ -40,6 +40,13 @@ OBSERVERS = ("absmax", "percentile", "mse")
 _SPEC = re.compile(r"^(int8|fp8)(-static)?$")
 
 
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor on ``like``'s device: ``t / _const(c, t)`` is IEEE division on
+    every device (CUDA turns division by a Python number into a multiplication by its reciprocal,
+    one ulp off for some inputs)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
 @dataclass(frozen=True)
 class ActQuant:
     """The scheme of one run-time tensor.
@@ -109,8 +116,8 @@ class ActQuant:
         guards (fp8: vLLM's floor; int8: 1 where ``absmax`` is 0)."""
         a = absmax.float()
         if self.dtype == "fp8":
-            return torch.clamp(a / 448.0, min=FP8_MIN_SCALE)
-        return torch.where(a > 0, a / 127.0, torch.ones_like(a))
+            return torch.clamp(a / _const(448.0, a), min=FP8_MIN_SCALE)
+        return torch.where(a > 0, a / _const(127.0, a), torch.ones_like(a))
 
     def dynamic_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token scales ``[..., 1]`` (float32) of ``x`` ``[..., in]``."""
@@ -133,8 +140,8 @@ class ActQuant:
         if self.dtype == "fp8":
             scale = self.scale_for(absmax)
             return self._codes(x.float() / scale), scale
-        inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-        return self._codes(x.float() * inv), absmax / 127.0
+        inv = torch.where(absmax > 0, _const(127.0, absmax) / absmax, torch.zeros_like(absmax))
+        return self._codes(x.float() * inv), absmax / _const(127.0, absmax)
 
     def fake_quant(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """What the engine multiplies, in ``x``'s dtype: ``x`` quantized with ``scale`` (static)
