@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import ctypes
 
+import numba  # noqa: F401  (a dependency of qf-gguf: CI must run these tests, never skip them)
 import numpy as np
 import pytest
 import quantfoundry as qf
 import torch
-
-pytest.importorskip("numba")
-
-from qf_gguf import native  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from test_formats import ggml_library, importance, weights  # noqa: E402
+from qf_gguf import native
+from safetensors.torch import load_file
+from test_formats import ggml_library, importance, weights
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 GGML_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
@@ -137,7 +135,6 @@ def test_primitives() -> None:
     """fp32→fp16 is IEEE round-to-nearest-even with subnormals (numpy's cast), fp16→fp32 exact
     for all 65536 halves (NaNs aside), ``nearest_int`` rounds halves to even, ``roundf`` away
     from zero."""
-    import numba
     from qf_gguf.native import _kernels as k
 
     @numba.njit
@@ -181,7 +178,6 @@ def test_primitives() -> None:
 
 @pytest.mark.parametrize("spec", ["Q4_0", "Q4_K", "Q6_K"])
 def test_threads_do_not_change_the_bytes(spec: str) -> None:
-    import numba
 
     x = probes()[3]
     imp = importance(512, 2).numpy()
