@@ -415,7 +415,8 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                     importance = block_importance(block)
                 ctx.importance.update(importance)
             out = run_stages(state.transforms, state.quantizer, block, ctx)
-            set_dequantized(block, out)
+            if block.inputs is not None:  # the block runs again for the next block's inputs
+                set_dequantized(block, out)
             out = attach_input_quant(block, out, state.plan)
             extras = calibrate_kv(block, state.plan.kv_cache, state.model)
             with simulated_inputs(block.module, out) as simulated:
