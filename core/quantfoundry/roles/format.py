@@ -132,6 +132,15 @@ class Format(Component, ABC):
         Default: :meth:`fit`."""
         return self.fit(w, importance)
 
+    def roundtrip(self, w: torch.Tensor, importance: torch.Tensor | None = None, *,
+                  for_search: bool = False) -> torch.Tensor:
+        """What a whole weight ``w`` decodes to once quantized (float32): :meth:`fit` (or
+        :meth:`fit_for_search`), then :meth:`quantize_dequantize` — without packing. Formats
+        whose fit already finds the codes of this very ``w`` (GGML K-quants: the encoder's
+        own codes) override it to decode those instead of rounding again."""
+        params = self.fit_for_search(w, importance) if for_search else self.fit(w, importance)
+        return self.quantize_dequantize(w, params)
+
     @abstractmethod
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         """Round columns ``[col0, col0 + w.shape[1])`` of the tile described by ``params`` to codes."""

@@ -255,3 +255,19 @@ def test_fit_for_search_is_the_range_rule_with_llama_cpps_scale_storage(spec: st
     exact = float((fmt.quantize_dequantize(w, fmt.fit(w)) - w).square().mean())
     cheap = float((fmt.quantize_dequantize(w, p) - w).square().mean())
     assert exact <= cheap < 1.3 * exact
+
+
+@pytest.mark.parametrize("spec", [cls.ggml_name for cls in KQUANT_FORMATS])
+def test_roundtrip_decodes_the_encoders_own_codes(spec: str) -> None:
+    """``Format.roundtrip`` (what AWQ's searches score) skips rounding a second time for
+    K-quants; its values are still gguf-py's dequantization of the bytes llama.cpp's encoder
+    writes — with and without an importance vector, and on sub-blocks whose scale is 0."""
+    fmt = qf.resolve_format(spec)
+    w = weights(4)
+    w[3, :40] = 0
+    w[5, 256:300] = 1e-12
+    g = torch.Generator().manual_seed(9)
+    for imp in (None, torch.rand(w.shape[1], generator=g), torch.rand(*w.shape, generator=g)):
+        qw = fmt.quantize(w, imp)
+        want = gguf_dequantize(fmt.ggml_bytes(qw).numpy(), GGMLQuantizationType[spec])
+        np.testing.assert_array_equal(fmt.roundtrip(w, imp).numpy(), want)

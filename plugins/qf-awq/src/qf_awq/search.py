@@ -40,8 +40,7 @@ BATCH_ELEMENTS = 1 << 23
 def quant_dequant(fmt: Format, w: torch.Tensor, importance: torch.Tensor | None, exact: bool = True) -> torch.Tensor:
     """What ``fmt.quantize(w, importance)`` decodes to (float32), without packing; with ``exact``
     False, through the format's cheaper fit for ranking candidates (``Format.fit_for_search``)."""
-    params = fmt.fit(w, importance) if exact else fmt.fit_for_search(w, importance)
-    return fmt.quantize_dequantize(w, params)
+    return fmt.roundtrip(w, importance, for_search=not exact)
 
 
 def output_error(e: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

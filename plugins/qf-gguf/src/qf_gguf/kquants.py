@@ -132,6 +132,16 @@ class _KQuant(GGMLFormat):
         params["_L"] = torch.where(dd[:, blk, j] != 0, rule, params["_L"].to(rule.dtype))
         return params
 
+    def roundtrip(self, w: torch.Tensor, importance: torch.Tensor | None = None, *,
+                  for_search: bool = False) -> torch.Tensor:
+        """The values of the codes the fit wrote (``_L``: llama.cpp's own codes, which the
+        rounding rule reproduces wherever a sub-block's scale is not 0, and which decode to the
+        same values where it is), without rounding ``w`` a second time."""
+        if for_search:
+            return super().roundtrip(w, importance, for_search=True)
+        params = self.fit(w, importance)
+        return self.decode(params["_L"], params)
+
     def fit_for_search(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         """For ranking candidates (AWQ's grids): llama.cpp's storage of the sub-block scales (and
         mins) — integer sub-scales against fp16 ``d`` (``dmin``) — but each sub-block's scale
