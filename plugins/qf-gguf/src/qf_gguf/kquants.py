@@ -167,7 +167,23 @@ class _KQuant(GGMLFormat):
         return qw * _sqrtf(sigma2[:, :, None, None] + x * x)
 
     def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Effective per-sub-block scale (and min) ``[rows, k, n_sub]`` in float32."""
+        """Effective per-sub-block scale (and min) ``[rows, k, n_sub]`` in float32, kept for the
+        last parameters seen: GPTQ rounds a weight column block by column block with one fit
+        (the memo holds those very tensors, so it is never taken for others; an in-place change
+        bumps their version)."""
+        fields = tuple(params[k] for k in ("d", "dmin", "scales") if k in params)
+        versions = tuple(t._version for t in fields)
+        memo = self._memo
+        if memo is not None and len(memo[0]) == len(fields) and all(a is b for a, b in zip(memo[0], fields)) \
+                and memo[1] == versions:
+            return memo[2]
+        out = self._effective_scales(params)
+        object.__setattr__(self, "_memo", (fields, versions, out))
+        return out
+
+    _memo: tuple | None = None
+
+    def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
@@ -243,7 +259,7 @@ class _Q45K(_KQuant):
         lm, dmin = _to_levels(-mn, 63.0)
         return {"d": d.to(torch.float16), "dmin": dmin.to(torch.float16), "scales": pack_scale_min_k4(ls, lm)}
 
-    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         sc, m = unpack_scale_min_k4(params["scales"])
         return params["d"].float()[..., None] * sc.float(), params["dmin"].float()[..., None] * m.float()
 
@@ -338,7 +354,7 @@ class Q6_K(_KQuant):
         sc, d = _to_signed_levels(scales, 128.0, 127)
         return {"d": d.to(torch.float16), "scales": sc.to(torch.int8)}
 
-    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         return params["d"].float()[..., None] * params["scales"].float(), None
 
     def _code_bytes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -407,7 +423,7 @@ class Q2_K(_KQuant):
         return {"d": d.to(torch.float16), "dmin": dmin.to(torch.float16),
                 "scales": (ls | (lm << 4)).to(torch.uint8)}
 
-    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = params["scales"].to(torch.int32)
         return params["d"].float()[..., None] * (b & 0xF).float(), params["dmin"].float()[..., None] * (b >> 4).float()
 
@@ -459,7 +475,7 @@ class Q3_K(_KQuant):
         q, d = _to_signed_levels(scales, 32.0, 31)
         return {"d": d.to(torch.float16), "scales": _pack_q3_scales(q + 32)}
 
-    def _scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         s6 = _unpack_q3_scales(params["scales"])
         return params["d"].float()[..., None] * (s6 - 32).float(), None
 
