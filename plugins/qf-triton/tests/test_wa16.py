@@ -52,7 +52,8 @@ def test_repacked_words_hold_the_codes() -> None:
         for k in range(64):  # code k of column n: word k // per, bits (k % per) * bits
             got = (words[k // per] >> ((k % per) * bits)) & ((1 << bits) - 1)
             assert torch.equal(got, codes[:, k].to(torch.int64)), (bits, k)
-        assert p.scale.shape == (2, 24) and p.scale.dtype == torch.float32
+        assert p.scale.shape == (2, 24) and p.scale.dtype == torch.float32  # the storage dtype, kept
+        assert p.zero.dtype == torch.float16 and not p.sym
 
 
 def test_serves_and_hands_large_calls_on() -> None:
@@ -64,3 +65,33 @@ def test_serves_and_hands_large_calls_on() -> None:
     assert "CUDA" in kernel.serves(fmt, torch.device("cpu"))
     assert kernel.serves(fmt, cuda, tokens=64) is None
     assert "above 64 tokens" in kernel.serves(fmt, cuda, tokens=65)
+
+
+def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
+    """1-4 rows: the CUDA-core GEMV; 5-16 rows: the tensor-core GEMV where a step of 128 codes
+    stays in a group and zero points are integers, else the tiled kernel; above 16 rows and for
+    float32 inputs above 4 rows, the tiled kernel. Splits cut the input into whole steps."""
+    from qf_triton.configs import pick
+    from qf_triton.gemv import GemvConfig
+    from qf_triton.wa16 import Config, repack
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (256, 1024), generator=g, dtype=torch.uint8)
+
+    def packed(group: int, int_zero: bool = True):
+        s = torch.rand(256, 1024 // group, generator=g).half()
+        return repack(codes, s, torch.zeros_like(s, dtype=torch.uint8), 4, group, int_zero=int_zero)
+
+    p = packed(128)
+    for m in (1, 3, 4):
+        cfg = pick(m, p, 132, torch.float16, "no such device")
+        assert isinstance(cfg, GemvConfig) and cfg.kind == "fma", (m, cfg)
+        assert 1024 % (cfg.split * cfg.bk) == 0 and cfg.bk <= 128
+    for m in (5, 16):
+        cfg = pick(m, p, 132, torch.bfloat16, "no such device")
+        assert isinstance(cfg, GemvConfig) and cfg.kind == "dot" and cfg.bk == 128, (m, cfg)
+    assert isinstance(pick(8, p, 132, torch.float32, "no such device"), Config)
+    assert isinstance(pick(17, p, 132, torch.float16, "no such device"), Config)
+    assert isinstance(pick(8, packed(32), 132, torch.float16, "no such device"), Config)  # a step spans groups
+    assert isinstance(pick(8, packed(128, int_zero=False), 132, torch.float16, "no such device"), Config)
+    assert pick(1, packed(32), 132, torch.float16, "no such device").bk == 32

@@ -1,28 +1,83 @@
-"""Tile shapes of ``triton-w4a16`` per shape class, chosen without tuning at run time.
+"""Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
-Rows up to 16 run as a split-K GEMV on a 16-row tensor-core tile: the input dimension is cut
-into ``SPLIT_K`` slices so that the launch has about two programs per SM even when the output
-has few tiles (a 4096-wide output in 64-column tiles is 64 programs; an H100 has 132 SMs).
-Larger batches run as a tiled GEMM.
+* 1–4 rows: the CUDA-core GEMV (:func:`qf_triton.gemv._gemv_fma`);
+* 5–16 rows: the tensor-core GEMV (``_gemv_dot``) when a step of its codes fits in a group and
+  the zero points are integers, else the tiled kernel;
+* more rows, and float32 inputs above 4 rows: the tiled kernel (:func:`qf_triton.wa16.matmul`),
+  its input dimension split only when the output has few tiles.
+
+The GEMVs' tiles come from ``tuned.json`` — measured by ``benchmarks/w4a16_tune.py`` on a
+device of that name, per row bucket and shape class (output and input features, each "s"
+under 2048, "m" under 8192, "l" above) — or, on other devices and shapes, from the defaults
+below. ``split`` is re-derived for the call's shape when the tuned one does not divide it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
+from pathlib import Path
 
-from .wa16 import Config
+import torch
+
+from .gemv import GemvConfig
+from .wa16 import Config, Packed
+
+TUNED = Path(__file__).with_name("tuned.json")
 
 
-def _split(tiles: int, k: int, bk: int, sms: int) -> int:
-    """The largest power-of-two split (≤ 16) whose slices are whole ``bk`` steps and that keeps
-    the launch within about two programs per SM."""
+@lru_cache(maxsize=1)
+def _tuned() -> dict[str, dict[str, dict]]:
+    return json.loads(TUNED.read_text()) if TUNED.exists() else {}
+
+
+def rows_bucket(m: int) -> int:
+    """1, 2, 4, 8 or 16: the tuned row counts a call of ``m`` rows takes its tile from."""
+    return min(16, 1 << max(0, (m - 1).bit_length()))
+
+
+def shape_class(n: int) -> str:
+    return "s" if n < 2048 else "m" if n < 8192 else "l"
+
+
+def _split(tiles: int, steps: int, sms: int, most: int = 16) -> int:
+    """The largest power-of-two split (≤ ``most``) of ``steps`` steps of the input dimension
+    into whole steps, keeping the launch within about two programs per SM."""
     split = 1
-    while split < 16 and tiles * split * 2 <= 2 * sms and k % (split * 2 * bk) == 0:
+    while split < most and tiles * split * 2 <= 2 * sms and steps % (split * 2) == 0:
         split *= 2
     return split
 
 
-def pick(m: int, n: int, k: int, group: int, sms: int) -> Config:
+def _fits(split: int, k: int, bk: int) -> bool:
+    return split >= 1 and k % (split * bk) == 0
+
+
+def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfig | None:
+    per = 32 // p.bits
+    if kind == "dot":
+        bk = 16 * per  # 16 rows of words: one tensor-core K step per code position
+        if p.group % bk or not p.int_zero:
+            return None
+        default = {"bn": 64, "warps": 4, "stages": 3}
+    else:
+        bk = min(128, p.group & -p.group, 16 * per)  # a power of two dividing the group
+        if bk < per:
+            return None
+        default = {"bn": 128, "warps": 4, "stages": 2}
+    tuned = _tuned().get(device_name, {}).get(f"{kind}|{rows_bucket(m)}|{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}")
+    cfg = {**default, **(tuned or {})}
+    bk = cfg.get("bk", bk)
+    if p.group % bk or bk % per or p.k % bk:
+        return None
+    split = cfg.get("split")
+    if split is None or not _fits(split, p.k, bk):
+        split = _split(-(-p.n // cfg["bn"]), p.k // bk, sms)
+    return GemvConfig(kind, cfg["bn"], bk, split, cfg["warps"], cfg["stages"])
+
+
+def _tiled(m: int, n: int, k: int, group: int, sms: int) -> Config:
     """``k`` and ``group`` are multiples of 16; a step of ``bk`` rows stays inside one group."""
     common = math.gcd(k, group)
     bk = min(128 if m <= 16 else 64, common & -common)  # the largest power of two dividing both
@@ -33,4 +88,13 @@ def pick(m: int, n: int, k: int, group: int, sms: int) -> Config:
     else:
         bm, bn, warps, stages = 64, 128, 4, 3
     tiles = -(-m // bm) * -(-n // bn)
-    return Config(bm, bn, bk, _split(tiles, k, bk, sms), warps, stages)
+    return Config(bm, bn, bk, _split(tiles, k // bk, sms), warps, stages)
+
+
+def pick(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str) -> Config | GemvConfig:
+    cfg = None
+    if m <= 4:
+        cfg = _gemv("fma", m, p, sms, device_name)
+    elif m <= 16 and dtype != torch.float32:
+        cfg = _gemv("dot", m, p, sms, device_name)
+    return cfg if cfg is not None else _tiled(m, p.n, p.k, p.group, sms)

@@ -68,18 +68,20 @@ class TritonWA16(qf.Kernel):
         if k % 16 or k % 8 or group % 16:
             return {"packed": None}
         scale = qw.params["scale"]
-        zero = qw.params["zero"] if "zero" in qw.params else torch.full_like(scale, float(1 << (o.bits - 1)),
-                                                                              dtype=torch.float32)
+        zero = qw.params.get("zero")
         if not o.group_size:
-            scale, zero = scale[:, :1], zero[:, :1]
-        sms = torch.cuda.get_device_properties(qw.packed.device).multi_processor_count if qw.packed.is_cuda else 132
-        return {"packed": repack(qw.codes(), scale, zero, o.bits, group), "sms": sms, "configs": {}}
+            scale, zero = scale[:, :1], None if zero is None else zero[:, :1]
+        dev = qw.packed.device
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if qw.packed.is_cuda else 132
+        name = torch.cuda.get_device_name(dev) if qw.packed.is_cuda else "interpreter"
+        packed = repack(qw.codes(), scale, zero, o.bits, group, int_zero=getattr(o, "zero_dtype", "uint8") == "uint8")
+        return {"packed": packed, "sms": sms, "device_name": name, "configs": {}}
 
     def forward(self, x: torch.Tensor, qw: qf.QuantizedWeight, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
         p = state["packed"]
         if p is None or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return F.linear(x, qw.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
-        from .wa16 import config, matmul
+        from .wa16 import config, run
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -88,8 +90,9 @@ class TritonWA16(qf.Kernel):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        cfg = state["configs"].get(m)
+        key = (m, x2.dtype)
+        cfg = state["configs"].get(key)
         if cfg is None:
-            cfg = state["configs"][m] = config(m, p, state["sms"])
-        y = matmul(x2, p, None if bias is None else bias.to(x.dtype), cfg)
+            cfg = state["configs"][key] = config(m, p, state["sms"], x2.dtype, state["device_name"])
+        y = run(x2, p, None if bias is None else bias.to(x.dtype), cfg)
         return y.reshape(*shape[:-1], qw.shape[0])

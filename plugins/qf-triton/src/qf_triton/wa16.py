@@ -31,24 +31,31 @@ class Packed:
     """A weight repacked for the kernels."""
 
     words: torch.Tensor  # int32 [K / per_word, N]
-    scale: torch.Tensor  # float32 [K / g, N]
-    zero: torch.Tensor  # float32 [K / g, N]
+    scale: torch.Tensor  # [K / g, N], in the format's storage dtype (the kernels widen it to float32)
+    zero: torch.Tensor   # float16 [K / g, N] (integer and float16 zero points are exact in it)
     bits: int
     group: int
     n: int
     k: int
+    sym: bool = False       # the zero point is 2^(bits - 1) everywhere
+    int_zero: bool = True   # every zero point is an integer
 
 
-def repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> Packed:
-    """``codes`` ``[N, K]`` (uint8, stored column order), ``scale``/``zero`` ``[N, K / group]``."""
+def repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
+           *, int_zero: bool = True) -> Packed:
+    """``codes`` ``[N, K]`` (uint8, stored column order), ``scale``/``zero`` ``[N, K / group]``
+    (``zero`` None: symmetric, ``2^(bits - 1)``)."""
     n, k = codes.shape
     per = 32 // bits
     c = codes.t().to(torch.int32).reshape(k // per, per, n)
     shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits).view(1, per, 1)
     words = (c << shifts).sum(dim=1, dtype=torch.int64).to(torch.int64)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
-    return Packed(words.contiguous(), scale.t().to(torch.float32).contiguous(),
-                  zero.t().to(torch.float32).contiguous(), bits, group, n, k)
+    sym = zero is None
+    if sym:
+        zero = torch.full_like(scale, float(1 << (bits - 1)), dtype=torch.float16)
+    return Packed(words.contiguous(), scale.t().contiguous(), zero.t().to(torch.float16).contiguous(), bits, group,
+                  n, k, sym=sym, int_zero=int_zero or sym)
 
 
 @triton.jit
@@ -85,8 +92,8 @@ def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm
         # each word once: [BK/PER, PER, BN] codes, row i·PER + j is code j of word row i
         q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BK, BN))
         g = (k0 + kk) // GROUP  # BK divides GROUP: one group per step
-        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)
-        z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0)
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         w = (q.to(tl.float32) - z[None, :]) * s[None, :]
         if WIDEN and BF16:
             w = _bf16_grid(w)
@@ -136,15 +143,26 @@ class Config:
     stages: int
 
 
-def config(m: int, p: Packed, sms: int) -> Config:
-    """The tile shape for ``m`` rows (see :data:`qf_triton.configs.TABLE`)."""
+def config(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str):
+    """The kernel and tile shape for ``m`` rows (:func:`qf_triton.configs.pick`)."""
     from .configs import pick
 
-    return pick(m, p.n, p.k, p.group, sms)
+    return pick(m, p, sms, dtype, device_name)
+
+
+def reduce_parts(part: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, split: int, *,
+                 interpreting: bool = False) -> None:
+    """``y = Σ part[i] (+ bias)`` over the ``split`` float32 partial sums, in a fixed order."""
+    m, n = y.shape
+    block = 1024
+    _reduce[(triton.cdiv(m * n, block),)](part, y if bias is None else bias, y, m, n, y.stride(0), SPLIT_K=split,
+                                          HAS_BIAS=bias is not None, BLOCK=block, WIDEN=interpreting,
+                                          BF16=y.dtype == torch.bfloat16)
 
 
 def matmul(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
-    """``x`` ``[M, K]`` (contiguous rows) times the packed weight: ``[M, N]`` in ``x``'s dtype."""
+    """``x`` ``[M, K]`` (contiguous rows) times the packed weight with the tiled kernel:
+    ``[M, N]`` in ``x``'s dtype."""
     m = x.shape[0]
     y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -158,8 +176,15 @@ def matmul(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, cfg: Config) -
                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, WIDEN=_INTERPRETING, BF16=x.dtype == torch.bfloat16, num_warps=cfg.warps,
                 num_stages=cfg.stages)
     if cfg.split_k > 1:
-        block = 1024
-        _reduce[(triton.cdiv(m * p.n, block),)](part, b, y, m, p.n, y.stride(0), SPLIT_K=cfg.split_k,
-                                                HAS_BIAS=bias is not None, BLOCK=block, WIDEN=_INTERPRETING,
-                                                BF16=x.dtype == torch.bfloat16)
+        reduce_parts(part, y, bias, cfg.split_k, interpreting=_INTERPRETING)
     return y
+
+
+def run(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, cfg) -> torch.Tensor:
+    """``x`` times the packed weight with the kernel ``cfg`` names (a :class:`Config`: the tiled
+    kernel; a :class:`qf_triton.gemv.GemvConfig`: a GEMV)."""
+    if isinstance(cfg, Config):
+        return matmul(x, p, bias, cfg)
+    from .gemv import gemv
+
+    return gemv(x, p, bias, cfg, interpreting=_INTERPRETING)

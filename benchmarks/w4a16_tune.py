@@ -1,0 +1,169 @@
+"""Issue 20: tune the GEMV tiles of ``triton-w4a16`` on this GPU and write them to the plugin's
+``tuned.json``, so a user's first call runs tuned tiles without waiting for an autotuner.
+
+For each GEMV (``fma``: 1-4 rows on CUDA cores; ``dot``: up to 16 rows on tensor cores), row
+bucket (1, 2, 4, 8, 16), 4-bit int4-g128 weight of the Llama-3 linear shapes (and a 1B one), and
+candidate tile (``bn``, ``bk``, warps, pipeline stages, split of the input dimension), the call
+is checked against the float product and timed (median of CUDA-event timings of replays of a
+CUDA graph of 10 calls). The kernels are compiled first, in parallel worker processes that
+fill Triton's on-disk cache. Each shape class (``qf_triton.configs.shape_class`` of the output
+and input features) keeps the tile with the smallest sum over its shapes of time / that shape's
+best time; every timing goes to ``--out``.
+
+    python benchmarks/w4a16_tune.py --out benchmarks/results/cuda/w4a16_tune_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "1B q/o 2048x2048": (2048, 2048), "8B q/o 4096x4096": (4096, 4096), "8B kv 1024x4096": (1024, 4096),
+    "8B gate_up 28672x4096": (28672, 4096), "8B down 4096x14336": (4096, 14336), "70B q/o 8192x8192": (8192, 8192),
+    "70B gate_up 57344x8192": (57344, 8192), "70B down 8192x28672": (8192, 28672),
+}
+ROWS = {"fma": (1, 2, 4), "dot": (8, 16)}
+
+
+def candidates(kind: str) -> list[dict]:
+    if kind == "fma":
+        grid = itertools.product((64, 128, 256), (32, 64, 128), (2, 4), (1, 2, 3))
+    else:
+        grid = itertools.product((32, 64, 128), (128,), (2, 4, 8), (2, 3, 4))
+    return [{"bn": bn, "bk": bk, "warps": w, "stages": st} for bn, bk, w, st in grid]
+
+
+def problem(n: int, k: int, m: int, dev: torch.device, seed: int = 0):
+    from qf_triton.wa16 import repack
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // 128, generator=g) * 0.01 + 1e-3).half()
+    zero = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.uint8)
+    p = repack(codes.to(dev), scale.to(dev), zero.to(dev), 4, 128)
+    w = ((codes.float().view(n, -1, 128) - zero.float()[..., None]) * scale.float()[..., None]).view(n, k)
+    x = torch.randn(m, k, generator=g).half()
+    return p, w.to(dev), x.to(dev)
+
+
+def _compile(job: tuple[str, dict, int]) -> str | None:
+    from qf_triton.gemv import GemvConfig, gemv
+
+    kind, c, m = job
+    p, _, x = problem(256, 1024, m, torch.device("cuda"))
+    try:
+        for split in (1, 2):
+            gemv(x, p, None, GemvConfig(kind, c["bn"], c["bk"], split, c["warps"], c["stages"]))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001 - a config Triton cannot build is reported and skipped
+        return f"{kind} {c}: {type(e).__name__}: {str(e)[:160]}"
+
+
+def timed(fn, inner: int = 10, reps: int = 5) -> float:
+    """Median µs per call over ``reps`` replays of a CUDA graph of ``inner`` calls."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) * 1e3 / inner)
+    return sorted(out)[len(out) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None, help="the tuned.json to update (default: the plugin's)")
+    ap.add_argument("--jobs", type=int, default=14)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    args = ap.parse_args()
+    from qf_triton.configs import TUNED, rows_bucket, shape_class
+    from qf_triton.gemv import GemvConfig, gemv
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    t0 = time.time()
+    jobs = [(kind, c, m) for kind in ROWS for c in candidates(kind) for m in ROWS[kind][:1 if kind == "dot" else 3]]
+    with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as ex:
+        failed = {e.split(":")[0] for e in ex.map(_compile, jobs) if e}
+    print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s; {len(failed)} failed: {sorted(failed)[:4]}",
+          flush=True)
+    results: dict[str, dict[str, float]] = {}
+    for label in args.shapes:
+        n, k = SHAPES[label]
+        for kind, ms in ROWS.items():
+            for m in ms:
+                p, w, x = problem(n, k, m, dev)
+                ref = x.float() @ w.T
+                wh = w.half()
+                key = f"{label}|{m}"
+                row = results.setdefault(key, {"cublas_fp16_us": timed(lambda: torch.nn.functional.linear(x, wh))})
+                for c in candidates(kind):
+                    if f"{kind} {c}" in failed:
+                        continue
+                    for split in (1, 2, 4, 8, 16):
+                        progs = -(-n // c["bn"]) * split
+                        if k % (split * c["bk"]) or progs > 16 * sms or (split > 1 and progs > 6 * sms):
+                            continue
+                        cfg = GemvConfig(kind, c["bn"], c["bk"], split, c["warps"], c["stages"])
+                        y = gemv(x, p, None, cfg)
+                        err = float((y.float() - ref).abs().max() / ref.abs().max())
+                        if not err < 1e-2:
+                            print(f"WRONG {key} {cfg}: {err:.2e}", flush=True)
+                            continue
+                        row[json.dumps({"kind": kind, **c, "split": split})] = timed(lambda: gemv(x, p, None, cfg))
+                best = min((v, cfg) for cfg, v in row.items() if cfg.startswith('{"kind": "' + kind))
+                print(f"{key:>28} {kind}: cuBLAS {row['cublas_fp16_us']:6.1f} us, best {best[0]:6.1f} us "
+                      f"({row['cublas_fp16_us'] / best[0]:.2f}x) {best[1]}", flush=True)
+                del p, w, x, ref, wh
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": results}, indent=1))
+    # per tuned bucket and shape class: the tile with the smallest sum of time / best time
+    table_path = args.table or TUNED
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    entries: dict[str, dict] = {}
+    classes: dict[str, list[dict[str, float]]] = {}
+    for key, row in results.items():
+        label, m = key.split("|")
+        n, k = SHAPES[label]
+        for kind in ROWS:
+            timings = {c: v for c, v in row.items() if c.startswith('{"kind": "' + kind)}
+            if timings:
+                best = min(timings.values())
+                classes.setdefault(f"{kind}|{rows_bucket(int(m))}|{shape_class(n)}|{shape_class(k)}|4", []).append(
+                    {c: v / best for c, v in timings.items()})
+    for ckey, rows in classes.items():
+        common = set.intersection(*(set(r) for r in rows))
+        score = {c: sum(r[c] for r in rows) / len(rows) for c in common}
+        choice = json.loads(min(score, key=score.get))
+        choice.pop("kind")
+        entries[ckey] = {**choice, "mean_over_best": round(min(score.values()), 3), "shapes": len(rows)}
+    table[name] = dict(sorted(entries.items()))
+    table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(entries)} entries for {name} to {table_path} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
