@@ -43,14 +43,14 @@ def candidates(kind: str) -> list[dict]:
 def problem(n: int, k: int, m: int, dev: torch.device, seed: int = 0):
     from qf_triton.wa16 import repack
 
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // 128, generator=g) * 0.01 + 1e-3).half()
-    zero = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.uint8)
-    p = repack(codes.to(dev), scale.to(dev), zero.to(dev), 4, 128)
+    g = torch.Generator(dev).manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8, device=dev)
+    scale = (torch.rand(n, k // 128, generator=g, device=dev) * 0.01 + 1e-3).half()
+    zero = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.uint8, device=dev)
+    p = repack(codes, scale, zero, 4, 128)
     w = ((codes.float().view(n, -1, 128) - zero.float()[..., None]) * scale.float()[..., None]).view(n, k)
-    x = torch.randn(m, k, generator=g).half()
-    return p, w.to(dev), x.to(dev)
+    x = torch.randn(m, k, generator=g, device=dev).half()
+    return p, w, x
 
 
 def _compile(job: tuple[str, dict, int]) -> str | None:
@@ -91,6 +91,35 @@ def timed(fn, inner: int = 10, reps: int = 5) -> float:
     return sorted(out)[len(out) // 2]
 
 
+def write_table(results: dict[str, dict[str, float]], name: str, path: Path | None) -> dict[str, dict]:
+    """Per tuned bucket and shape class, the tile with the smallest mean of time / best time
+    over the class's shapes, into the device's section of ``tuned.json``."""
+    from qf_triton.configs import TUNED, rows_bucket, shape_class
+
+    table_path = path or TUNED
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    entries: dict[str, dict] = {}
+    classes: dict[str, list[dict[str, float]]] = {}
+    for key, row in results.items():
+        label, m = key.split("|")
+        n, k = SHAPES[label]
+        for kind in ROWS:
+            timings = {c: v for c, v in row.items() if c.startswith('{"kind": "' + kind)}
+            if timings:
+                best = min(timings.values())
+                classes.setdefault(f"{kind}|{rows_bucket(int(m))}|{shape_class(n)}|{shape_class(k)}|4", []).append(
+                    {c: v / best for c, v in timings.items()})
+    for ckey, rows in classes.items():
+        seen = set.union(*(set(r) for r in rows))  # a tile a shape could not run counts as 3x its best
+        score = {c: sum(r.get(c, 3.0) for r in rows) / len(rows) for c in seen}
+        choice = json.loads(min(score, key=score.get))
+        choice.pop("kind")
+        entries[ckey] = {**choice, "mean_over_best": round(min(score.values()), 3), "shapes": len(rows)}
+    table[name] = dict(sorted(entries.items()))
+    table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return entries
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -98,7 +127,6 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = ap.parse_args()
-    from qf_triton.configs import TUNED, rows_bucket, shape_class
     from qf_triton.gemv import GemvConfig, gemv
 
     dev = torch.device("cuda")
@@ -113,11 +141,12 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for label in args.shapes:
         n, k = SHAPES[label]
+        p, w, _ = problem(n, k, 1, dev)
+        wh = w.half()
         for kind, ms in ROWS.items():
             for m in ms:
-                p, w, x = problem(n, k, m, dev)
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 ref = x.float() @ w.T
-                wh = w.half()
                 key = f"{label}|{m}"
                 row = results.setdefault(key, {"cublas_fp16_us": timed(lambda: torch.nn.functional.linear(x, wh))})
                 for c in candidates(kind):
@@ -137,32 +166,11 @@ def main() -> None:
                 best = min((v, cfg) for cfg, v in row.items() if cfg.startswith('{"kind": "' + kind))
                 print(f"{key:>28} {kind}: cuBLAS {row['cublas_fp16_us']:6.1f} us, best {best[0]:6.1f} us "
                       f"({row['cublas_fp16_us'] / best[0]:.2f}x) {best[1]}", flush=True)
-                del p, w, x, ref, wh
+        del p, w, wh
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": results}, indent=1))
-    # per tuned bucket and shape class: the tile with the smallest sum of time / best time
-    table_path = args.table or TUNED
-    table = json.loads(table_path.read_text()) if table_path.exists() else {}
-    entries: dict[str, dict] = {}
-    classes: dict[str, list[dict[str, float]]] = {}
-    for key, row in results.items():
-        label, m = key.split("|")
-        n, k = SHAPES[label]
-        for kind in ROWS:
-            timings = {c: v for c, v in row.items() if c.startswith('{"kind": "' + kind)}
-            if timings:
-                best = min(timings.values())
-                classes.setdefault(f"{kind}|{rows_bucket(int(m))}|{shape_class(n)}|{shape_class(k)}|4", []).append(
-                    {c: v / best for c, v in timings.items()})
-    for ckey, rows in classes.items():
-        common = set.intersection(*(set(r) for r in rows))
-        score = {c: sum(r[c] for r in rows) / len(rows) for c in common}
-        choice = json.loads(min(score, key=score.get))
-        choice.pop("kind")
-        entries[ckey] = {**choice, "mean_over_best": round(min(score.values()), 3), "shapes": len(rows)}
-    table[name] = dict(sorted(entries.items()))
-    table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(entries)} entries for {name} to {table_path} in {time.time() - t0:.0f} s")
+        entries = write_table(results, name, args.table)  # after every shape: a cut run keeps what it measured
+    print(f"wrote {len(entries)} entries for {name} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
