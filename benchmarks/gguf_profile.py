@@ -30,7 +30,7 @@ WORK = HERE / ".cache" / "gguf-profile"
 PHASES = ("load", "calibrate", "quantize", "search", "encode", "export")
 
 
-def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: int | None) -> dict:
+def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: int | None, device: str) -> dict:
     """One run; ``quantizer`` is a name or ``name:key=value,...`` (its options)."""
     t0 = time.perf_counter()
     import quantfoundry
@@ -43,7 +43,7 @@ def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: 
     cal = {"calibrator_options": {"path": calib, "n_samples": 128, "seq_len": 512}} if name != "rtn" else {}
     r = quantfoundry.run(str(model_folder(model)), quantizer=[(name, qopts)], exporter="gguf",
                          exporter_options={"type": ftype}, evaluators=[], out=str(out), overwrite=True,
-                         progress=False, threads=threads, keep_model=True, **cal)
+                         progress=False, threads=threads, keep_model=True, device=device, **cal)
     # what AWQ's searches chose, per linear (the scale's alpha is its input group's)
     chosen = {n: {k: v for k, v in (m.qweight.meta or {}).get("awq", {}).items() if k in ("alpha", "clip_loss_after")}
               for n, m in r.model.named_modules() if isinstance(m, QuantLinear) and (m.qweight.meta or {}).get("awq")}
@@ -59,26 +59,29 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["native", "torch"])
     ap.add_argument("--threads", type=int, default=None, help="the exporter's threads option (default: all cores)")
     ap.add_argument("--no-score", action="store_true", help="skip llama.cpp's KL divergence of each file")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the JSON file the rows are added to")
+    ap.add_argument("--device", default="cpu", help="the run's device (cpu, cuda); rows off the CPU are keyed with it")
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "QUANTIZER", "TYPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(*args.one[:3], Path(args.one[3]), args.calib, args.threads)))
+        print("RESULT " + json.dumps(one(*args.one[:3], Path(args.one[3]), args.calib, args.threads, args.device)))
         return
 
     from _common import core_version, cpu_name
     from gptq_vs_peer import split_text
 
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    data = json.loads(args.results.read_text()) if args.results.exists() else {"rows": {}}
     for model in args.models:
         calib, _ = split_text(model)
         for quantizer in args.quantizers:
             for ftype in args.types:
                 for backend in args.backends:
-                    key = f"{model}|{quantizer}|{ftype}|{backend}"
+                    key = f"{model}|{quantizer}|{ftype}|{backend}" + ("" if args.device == "cpu" else f"|{args.device}")
                     out = WORK / key.replace("|", "-")
                     env = {**os.environ, "QF_GGUF_NATIVE": "1" if backend == "native" else "0"}
-                    cmd = [sys.executable, __file__, "--one", model, quantizer, ftype, str(out), "--calib", str(calib)]
+                    cmd = [sys.executable, __file__, "--one", model, quantizer, ftype, str(out), "--calib", str(calib),
+                           "--device", args.device]
                     if args.threads is not None:
                         cmd += ["--threads", str(args.threads)]
                     t0 = time.perf_counter()
@@ -93,8 +96,8 @@ def main() -> None:
                     data["rows"][key] = row
                     print(key, json.dumps(row), flush=True)
                     data.update(machine=cpu_name(), cores=os.cpu_count(), **core_version())
-                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                    RESULTS.write_text(json.dumps(data, indent=1))
+                    args.results.parent.mkdir(parents=True, exist_ok=True)
+                    args.results.write_text(json.dumps(data, indent=1))
     print(table(data))
 
 
@@ -113,7 +116,8 @@ def table(data: dict) -> str:
     lines = ["| model | quantizer | type | encoders | whole run s | " + " | ".join(PHASES) + " | start-up s | KLD |",
              "|---|---|---|---|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
     for key, row in data["rows"].items():
-        model, quantizer, ftype, backend = key.split("|")
+        model, quantizer, ftype, backend, *device = key.split("|")
+        backend += f" ({device[0]})" if device else ""
         t = row["timings"]
         kld = f"{row['kld_mean']:.5f}" if "kld_mean" in row else "—"
         lines.append(f"| {model} | {quantizer} | {ftype} | {backend} | {row['seconds']:.1f} | "
