@@ -47,13 +47,19 @@ def test_repacked_words_hold_the_codes() -> None:
         codes = torch.randint(0, 1 << bits, (24, 64), generator=g, dtype=torch.uint8)
         p = repack(codes, torch.rand(24, 2, generator=g), torch.rand(24, 2, generator=g), bits, 32)
         per = 32 // bits
-        assert p.words.shape == (64 // per, 24) and p.words.dtype == torch.int32
-        words = p.words.to(torch.int64) & 0xFFFFFFFF
+        assert p.words.dtype == torch.int32 and p.block == 24 and p.words.shape == (1, 64 // per, 24)
+        words = p.word_matrix().to(torch.int64) & 0xFFFFFFFF
         for k in range(64):  # code k of column n: word k // per, bits (k % per) * bits
             got = (words[k // per] >> ((k % per) * bits)) & ((1 << bits) - 1)
             assert torch.equal(got, codes[:, k].to(torch.int64)), (bits, k)
         assert p.scale.shape == (2, 24) and p.scale.dtype == torch.float32  # the storage dtype, kept
         assert p.zero.dtype == torch.float16 and not p.sym
+    # 512 columns: blocks of 256, each contiguous over the input dimension
+    codes = torch.randint(0, 16, (512, 64), generator=g, dtype=torch.uint8)
+    p = repack(codes, torch.rand(512, 1, generator=g), None, 4, 64)
+    assert p.block == 256 and p.words.shape == (2, 8, 256) and p.sym
+    got = (p.words[1, 3, 5].item() & 0xFFFFFFFF) >> 4 * 2 & 0xF  # column 256 + 5, code 8·3 + 2
+    assert got == codes[261, 26].item()
 
 
 def test_serves_and_hands_large_calls_on() -> None:

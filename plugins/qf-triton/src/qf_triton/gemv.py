@@ -1,7 +1,7 @@
 """The split-K GEMVs of ``triton-w4a16`` for decoding (1–16 rows per call).
 
-Both read the weight words of :class:`qf_triton.wa16.Packed` (``[K / per_word, N]`` int32: a
-tile's loads run along ``N``) and decode a step of ``BK`` input columns — inside one group —
+Both read the weight words of :class:`qf_triton.wa16.Packed` (int32, blocks of ``block``
+output columns, each ``[K / per_word, block]`` and contiguous: a tile's loads run along ``N``) and decode a step of ``BK`` input columns — inside one group —
 without an integer-to-float conversion: ``(q | 0x4B000000)`` read as a float32 is ``2^23 + q``
 exactly, so ``q − z = that − (2^23 + z)`` is one subtraction (two for a fractional float16
 zero point). The group's scale is factored out of the step's sum — ``Σ x·(q − z)·s =
@@ -59,7 +59,7 @@ def _step_consts(z_ptr, g, N, rn, n_ok, BITS: tl.constexpr, SYM: tl.constexpr, I
 
 
 @triton.jit
-def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split,
+def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
               BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -73,10 +73,10 @@ def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, RW, BN), dtype=tl.float32)
+    col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
     k0 = pid_k * k_split
     for kk in range(k0, k0 + k_split, BK):
-        words = tl.load(w_ptr + (kk // PER + rw)[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :],
-                        other=0)
+        words = tl.load(w_ptr + col[None, :] + (kk // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
         g = kk // GROUP
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         c, f = _step_consts(z_ptr, g, N, rn, n_ok, BITS, SYM, INT_ZERO)
@@ -101,7 +101,7 @@ def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
 
 
 @triton.jit
-def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split,
+def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
               BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
               WIDEN: tl.constexpr):
@@ -116,10 +116,10 @@ def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
     k0 = pid_k * k_split
     for kk in range(k0, k0 + k_split, BK):
-        words = tl.load(w_ptr + (kk // PER + rw)[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :],
-                        other=0)
+        words = tl.load(w_ptr + col[None, :] + (kk // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
         g = kk // GROUP
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         c, f = _step_consts(z_ptr, g, N, rn, n_ok, BITS, SYM, INT_ZERO)
@@ -166,7 +166,8 @@ def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, inte
     common = dict(BITS=p.bits, GROUP=p.group, BM=rows_tile(cfg.kind, m), BN=cfg.bn, BK=cfg.bk, SYM=p.sym,
                   INT_ZERO=p.int_zero, SPLIT=parts, HAS_BIAS=bias is not None and not parts,
                   num_warps=cfg.warps, num_stages=cfg.stages)
-    args = (x, p.words, p.scale, p.zero, y if bias is None else bias, y, part, m, p.n, x.stride(0), p.k // split)
+    args = (x, p.words, p.scale, p.zero, y if bias is None else bias, y, part, m, p.n, x.stride(0), p.k // split,
+            p.block, p.block * (p.k * p.bits // 32))
     if cfg.kind == "fma":
         _gemv_fma[grid](*args, **common)
     else:

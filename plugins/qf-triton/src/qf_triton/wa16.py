@@ -2,10 +2,11 @@
 tile by tile inside the matmul, never written out.
 
 Weight layout (built once by :func:`repack`): codes transposed and packed along the input
-dimension into int32 words, ``[K / per_word, N]`` (word ``(i, n)`` holds codes
-``k = per_word·i … per_word·i + per_word − 1`` of column ``n``, code ``j`` at bits
-``BITS·j``), so a tile's loads run along ``N``, contiguous; scales (and zero points) ``[K / g, N]``
-in float32. Each program computes a ``BM × BN`` tile of ``y`` over one ``K / SPLIT_K`` slice:
+dimension into int32 words, word ``(i, n)`` holding codes ``k = per_word·i … per_word·i +
+per_word − 1`` of column ``n``, code ``j`` at bits ``BITS·j``; stored in blocks of ``block``
+output columns (256 where ``N`` allows), each block ``[K / per_word, block]`` and contiguous, so
+a tile's loads run along ``N`` and a program streams through one region of memory; scales
+``[K / g, N]`` in their storage dtype and zero points in float16. Each program computes a ``BM × BN`` tile of ``y`` over one ``K / SPLIT_K`` slice:
 it loads the ``BK / per_word`` rows of words that hold a step's codes (each word once), shifts
 and masks the codes out, decodes them exactly in float32, rounds them to the input's
 dtype (as the reference kernel rounds its dequantized weight) and multiplies on tensor cores
@@ -30,7 +31,7 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 class Packed:
     """A weight repacked for the kernels."""
 
-    words: torch.Tensor  # int32 [K / per_word, N]
+    words: torch.Tensor  # int32 [N / block, K / per_word, block]: word (i, n) at [n // block, i, n % block]
     scale: torch.Tensor  # [K / g, N], in the format's storage dtype (the kernels widen it to float32)
     zero: torch.Tensor   # float16 [K / g, N] (integer and float16 zero points are exact in it)
     bits: int
@@ -39,6 +40,11 @@ class Packed:
     k: int
     sym: bool = False       # the zero point is 2^(bits - 1) everywhere
     int_zero: bool = True   # every zero point is an integer
+    block: int = 0          # output columns per contiguous block of words (0: N, one block)
+
+    def word_matrix(self) -> torch.Tensor:
+        """The words as ``[K / per_word, N]`` (word ``(i, n)`` holds codes ``per_word·i …`` of column ``n``)."""
+        return self.words.permute(1, 0, 2).reshape(self.words.shape[1], self.n)
 
 
 def repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
@@ -54,8 +60,12 @@ def repack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     sym = zero is None
     if sym:
         zero = torch.full_like(scale, float(1 << (bits - 1)), dtype=torch.float16)
-    return Packed(words.contiguous(), scale.t().contiguous(), zero.t().to(torch.float16).contiguous(), bits, group,
-                  n, k, sym=sym, int_zero=int_zero or sym)
+    # blocks of output columns, each contiguous over the whole input dimension: a program's
+    # loads stream through one region instead of rows N words apart
+    block = next((b for b in (256, 128, 64, 32, 16) if n % b == 0), n)
+    words = words.view(k // per, n // block, block).permute(1, 0, 2).contiguous()
+    return Packed(words, scale.t().contiguous(), zero.t().to(torch.float16).contiguous(), bits, group,
+                  n, k, sym=sym, int_zero=int_zero or sym, block=block)
 
 
 @triton.jit
@@ -67,7 +77,7 @@ def _bf16_grid(v):
 
 
 @triton.jit
-def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, k_split,
+def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm, stride_ym, k_split, LB, LBK,
           GROUP: tl.constexpr, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr, BF16: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -83,12 +93,12 @@ def _wa16(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K, stride_xm
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
     k0 = pid_k * k_split
     for kk in range(0, k_split, BK):
         ks = k0 + kk + rk
         a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + ks[None, :], mask=m_ok[:, None], other=0.0)
-        words = tl.load(w_ptr + ((k0 + kk) // PER + rw)[:, None].to(tl.int64) * N + rn[None, :],
-                        mask=n_ok[None, :], other=0)
+        words = tl.load(w_ptr + col[None, :] + ((k0 + kk) // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
         # each word once: [BK/PER, PER, BN] codes, row i·PER + j is code j of word row i
         q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BK, BN))
         g = (k0 + kk) // GROUP  # BK divides GROUP: one group per step
@@ -172,6 +182,7 @@ def matmul(x: torch.Tensor, p: Packed, bias: torch.Tensor | None, cfg: Config) -
     grid = (triton.cdiv(m, cfg.bm), triton.cdiv(p.n, cfg.bn), cfg.split_k)
     b = y if bias is None else bias
     _wa16[grid](x, p.words, p.scale, p.zero, b, y, part, m, p.n, p.k, x.stride(0), y.stride(0), k_split,
+                p.block, p.block * (p.k * p.bits // 32),
                 GROUP=p.group, BITS=p.bits, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SPLIT_K=cfg.split_k,
                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, WIDEN=_INTERPRETING, BF16=x.dtype == torch.bfloat16, num_warps=cfg.warps,
                 num_stages=cfg.stages)
