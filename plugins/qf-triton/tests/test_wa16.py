@@ -74,9 +74,9 @@ def test_serves_and_hands_large_calls_on() -> None:
 
 
 def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
-    """1-4 rows: the CUDA-core GEMV; 5-16 rows: the tensor-core GEMV where a step of 128 codes
-    stays in a group and zero points are integers, else the tiled kernel; above 16 rows and for
-    float32 inputs above 4 rows, the tiled kernel. Splits cut the input into whole steps."""
+    """1-16 rows of 16-bit inputs: the tensor-core GEMV where a step of 128 codes stays in a
+    group and zero points are integers; else 1-4 rows: the CUDA-core GEMV; else the tiled
+    kernel. Splits cut the input into whole steps."""
     from qf_triton.configs import pick
     from qf_triton.gemv import GemvConfig
     from qf_triton.wa16 import Config, repack
@@ -90,10 +90,11 @@ def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
 
     p = packed(128)
     for m in (1, 3, 4):
-        cfg = pick(m, p, 132, torch.float16, "no such device")
+        cfg = pick(m, p, 132, torch.float32, "no such device")
         assert isinstance(cfg, GemvConfig) and cfg.kind == "fma", (m, cfg)
         assert 1024 % (cfg.split * cfg.bk) == 0 and cfg.bk <= 128
-    for m in (5, 16):
+        assert pick(m, packed(32), 132, torch.float16, "no such device").kind == "fma"
+    for m in (1, 5, 16):
         cfg = pick(m, p, 132, torch.bfloat16, "no such device")
         assert isinstance(cfg, GemvConfig) and cfg.kind == "dot" and cfg.bk == 128, (m, cfg)
     assert isinstance(pick(8, p, 132, torch.float32, "no such device"), Config)

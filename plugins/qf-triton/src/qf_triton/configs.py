@@ -1,13 +1,16 @@
 """Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
-* 1–4 rows: the CUDA-core GEMV (:func:`qf_triton.gemv._gemv_fma`);
-* 5–16 rows: the tensor-core GEMV (``_gemv_dot``) when a step of its codes fits in a group and
-  the zero points are integers, else the tiled kernel;
-* more rows, and float32 inputs above 4 rows: the tiled kernel (:func:`qf_triton.wa16.matmul`),
-  its input dimension split only when the output has few tiles.
+* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv_dot`) when a
+  step of its codes (128 input columns at 4 bits) stays in one group and the zero points are
+  integers — on the H100 it was as fast as the CUDA-core GEMV or faster at one row on every
+  Llama shape but the smallest (``benchmarks/results/cuda/w4a16_tune_h100.json``);
+* otherwise 1–4 rows (float32 inputs, small groups, float16 zero points): the CUDA-core GEMV
+  (``_gemv_fma``);
+* the rest: the tiled kernel (:func:`qf_triton.wa16.matmul`), its input dimension split only
+  when the output has few tiles.
 
 The GEMVs' tiles come from ``tuned.json`` — measured by ``benchmarks/w4a16_tune.py`` on a
-device of that name, per row bucket and shape class (output and input features, each "s"
+device of that name, per row bucket (the nearest tuned one where the call's was not) and shape class (output and input features, each "s"
 under 2048, "m" under 8192, "l" above) — or, on other devices and shapes, from the defaults
 below. ``split`` is re-derived for the call's shape when the tuned one does not divide it.
 """
@@ -66,7 +69,11 @@ def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfi
         if bk < per:
             return None
         default = {"bn": 128, "warps": 4, "stages": 2}
-    tuned = _tuned().get(device_name, {}).get(f"{kind}|{rows_bucket(m)}|{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}")
+    table = _tuned().get(device_name, {})
+    rest = f"{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}"
+    mine = rows_bucket(m)  # the call's bucket, else the nearest tuned one (larger first)
+    order = sorted((1, 2, 4, 8, 16), key=lambda b: (abs(b.bit_length() - mine.bit_length()), b < mine))
+    tuned = next((table[k] for b in order if (k := f"{kind}|{b}|{rest}") in table), None)
     cfg = {**default, **(tuned or {})}
     bk = cfg.get("bk", bk)
     if p.group % bk or bk % per or p.k % bk:
@@ -93,8 +100,8 @@ def _tiled(m: int, n: int, k: int, group: int, sms: int) -> Config:
 
 def pick(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str) -> Config | GemvConfig:
     cfg = None
-    if m <= 4:
-        cfg = _gemv("fma", m, p, sms, device_name)
-    elif m <= 16 and dtype != torch.float32:
+    if m <= 16 and dtype != torch.float32:
         cfg = _gemv("dot", m, p, sms, device_name)
+    if cfg is None and m <= 4:
+        cfg = _gemv("fma", m, p, sms, device_name)
     return cfg if cfg is not None else _tiled(m, p.n, p.k, p.group, sms)
