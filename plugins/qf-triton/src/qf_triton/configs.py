@@ -1,6 +1,7 @@
 """Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
-* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv_dot`) when a
+* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv_dot`, or
+  ``_gemv_dot_t`` with the operands swapped where ``tuned.json`` measured it faster) when a
   step of its codes (128 input columns at 4 bits) stays in one group and the zero points are
   integers — on the H100 it was as fast as the CUDA-core GEMV or faster at one row on every
   Llama shape but the smallest (``benchmarks/results/cuda/w4a16_tune_h100.json``);
@@ -57,23 +58,27 @@ def _fits(split: int, k: int, bk: int) -> bool:
     return split >= 1 and k % (split * bk) == 0
 
 
+def _tuned_entry(kind: str, m: int, p: Packed, device_name: str) -> dict | None:
+    table = _tuned().get(device_name, {})
+    rest = f"{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}"
+    mine = rows_bucket(m)  # the call's bucket, else the nearest tuned one (larger first)
+    order = sorted((1, 2, 4, 8, 16), key=lambda b: (abs(b.bit_length() - mine.bit_length()), b < mine))
+    return next((table[k] for b in order if (k := f"{kind}|{b}|{rest}") in table), None)
+
+
 def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfig | None:
     per = 32 // p.bits
-    if kind == "dot":
+    if kind in ("dot", "dot_t"):
         bk = 16 * per  # 16 rows of words: one tensor-core K step per code position
         if p.group % bk or not p.int_zero:
             return None
-        default = {"bn": 64, "warps": 4, "stages": 3}
+        default = {"bn": 64 if kind == "dot" else 128, "warps": 4, "stages": 3}
     else:
         bk = min(128, p.group & -p.group, 16 * per)  # a power of two dividing the group
         if bk < per:
             return None
         default = {"bn": 128, "warps": 4, "stages": 2}
-    table = _tuned().get(device_name, {})
-    rest = f"{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}"
-    mine = rows_bucket(m)  # the call's bucket, else the nearest tuned one (larger first)
-    order = sorted((1, 2, 4, 8, 16), key=lambda b: (abs(b.bit_length() - mine.bit_length()), b < mine))
-    tuned = next((table[k] for b in order if (k := f"{kind}|{b}|{rest}") in table), None)
+    tuned = _tuned_entry(kind, m, p, device_name)
     cfg = {**default, **(tuned or {})}
     bk = cfg.get("bk", bk)
     if p.group % bk or bk % per or p.k % bk:
@@ -101,7 +106,10 @@ def _tiled(m: int, n: int, k: int, group: int, sms: int) -> Config:
 def pick(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str) -> Config | GemvConfig:
     cfg = None
     if m <= 16 and dtype != torch.float32:
-        cfg = _gemv("dot", m, p, sms, device_name)
+        # the tensor-core GEMV in the operand order that measured faster here (tuned.json)
+        t, plain = _tuned_entry("dot_t", m, p, device_name), _tuned_entry("dot", m, p, device_name)
+        swapped = t is not None and t.get("vs_cublas", 0) > (plain or {}).get("vs_cublas", 0)
+        cfg = _gemv("dot_t" if swapped else "dot", m, p, sms, device_name)
     if cfg is None and m <= 4:
         cfg = _gemv("fma", m, p, sms, device_name)
     return cfg if cfg is not None else _tiled(m, p.n, p.k, p.group, sms)

@@ -145,10 +145,59 @@ def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _gemv_dot_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                WIDEN: tl.constexpr):
+    """``_gemv_dot`` with the operands swapped: ``yᵀ = W·xᵀ``, the decoded weight the tensor
+    cores' first operand (``[BN, 16]`` per code position, fed from registers on Hopper) and the
+    few input rows the second."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    RW: tl.constexpr = BK // PER
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rw = tl.arange(0, RW)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    col = (rn // LB).to(tl.int64) * LBK + rn % LB
+    k0 = pid_k * k_split
+    for kk in range(k0, k0 + k_split, BK):
+        words = tl.load(w_ptr + col[:, None] + (kk // PER + rw)[None, :] * LB, mask=n_ok[:, None], other=0)  # [BN, RW]
+        g = kk // GROUP
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SYM:
+            c = tl.full((1, 1), 8388608.0 + (1 << (BITS - 1)), tl.float32)
+        else:
+            c = 8388608.0 + tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        t = tl.zeros((BN, BM), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            v = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+            qz = v - c
+            xj = tl.load(x_ptr + rm[None, :] * stride_xm + (kk + rw * PER + j)[:, None], mask=m_ok[None, :],
+                         other=0.0)  # [RW, BM]
+            if WIDEN:
+                t = tl.dot(qz.to(xj.dtype).to(tl.float32), xj.to(tl.float32), t, input_precision="ieee")
+            else:
+                t = tl.dot(qz.to(xj.dtype), xj, t)
+        acc += t * s[:, None]
+    omask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + rm[None, :] * N + rn[:, None], acc, mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
 def rows_tile(kind: str, m: int) -> int:
     """The row tile of a call with ``m`` rows: the next power of two (``fma``; at least 1) or 16
     (``dot``: a tensor-core tile)."""
-    return 16 if kind == "dot" else 1 << max(0, (m - 1).bit_length())
+    return 16 if kind.startswith("dot") else 1 << max(0, (m - 1).bit_length())
 
 
 def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, interpreting: bool = False) -> torch.Tensor:
@@ -170,6 +219,8 @@ def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, inte
             p.block, p.block * (p.k * p.bits // 32))
     if cfg.kind == "fma":
         _gemv_fma[grid](*args, **common)
+    elif cfg.kind == "dot_t":
+        _gemv_dot_t[grid](*args, WIDEN=interpreting, **common)
     else:
         _gemv_dot[grid](*args, WIDEN=interpreting, **common)
     if parts:
