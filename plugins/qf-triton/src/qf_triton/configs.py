@@ -1,12 +1,12 @@
 """Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
-* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv_dot`, or
+* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv` with ``TC``, or
   ``_gemv_dot_t`` with the operands swapped where ``tuned.json`` measured it faster) when a
   step of its codes (128 input columns at 4 bits) stays in one group and the zero points are
   integers — on the H100 it was as fast as the CUDA-core GEMV or faster at one row on every
   Llama shape but the smallest (``benchmarks/results/cuda/w4a16_tune_h100.json``);
 * otherwise 1–4 rows (float32 inputs, small groups, float16 zero points): the CUDA-core GEMV
-  (``_gemv_fma``);
+  (``_gemv`` without ``TC``);
 * the rest: the tiled kernel (:func:`qf_triton.wa16.matmul`), its input dimension split only
   when the output has few tiles.
 

@@ -59,9 +59,12 @@ def _step_consts(z_ptr, g, N, rn, n_ok, BITS: tl.constexpr, SYM: tl.constexpr, I
 
 
 @triton.jit
-def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
-              BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
+          BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+          TC: tl.constexpr, WIDEN: tl.constexpr):
+    """``fma`` (``TC`` false: a ``[BM, BK / per_word, BN]`` float32 product tile on CUDA cores,
+    reduced once at the end) and ``dot`` (``TC``: tensor cores, ``[BM, BN]``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -72,7 +75,10 @@ def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
     rw = tl.arange(0, RW)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BM, RW, BN), dtype=tl.float32)
+    if TC:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, RW, BN), dtype=tl.float32)
     col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
     k0 = pid_k * k_split
     for kk in range(k0, k0 + k_split, BK):
@@ -80,17 +86,31 @@ def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
         g = kk // GROUP
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         c, f = _step_consts(z_ptr, g, N, rn, n_ok, BITS, SYM, INT_ZERO)
-        t = tl.zeros((BM, RW, BN), dtype=tl.float32)
+        if TC:
+            t = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            t = tl.zeros((BM, RW, BN), dtype=tl.float32)
         for j in tl.static_range(PER):
             v = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
             qz = v - c
             if not INT_ZERO:
                 qz = qz - f
             xj = tl.load(x_ptr + rm[:, None] * stride_xm + (kk + rw * PER + j)[None, :], mask=m_ok[:, None],
-                         other=0.0).to(tl.float32)
-            t += xj[:, :, None] * qz[None, :, :]
-        acc += t * s[None, None, :]
-    out = tl.sum(acc, axis=1)
+                         other=0.0)
+            if not TC:
+                t += xj.to(tl.float32)[:, :, None] * qz[None, :, :]
+            elif WIDEN:  # Triton's interpreter multiplies no 16-bit floats: the same products in float32
+                t = tl.dot(xj.to(tl.float32), qz.to(xj.dtype).to(tl.float32), t, input_precision="ieee")
+            else:
+                t = tl.dot(xj, qz.to(xj.dtype), t)
+        if TC:
+            acc += t * s[None, :]
+        else:
+            acc += t * s[None, None, :]
+    if TC:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)
     omask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], out, mask=omask)
@@ -101,56 +121,11 @@ def _gemv_fma(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
 
 
 @triton.jit
-def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
-              BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              WIDEN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    RW: tl.constexpr = BK // PER
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rw = tl.arange(0, RW)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
-    k0 = pid_k * k_split
-    for kk in range(k0, k0 + k_split, BK):
-        words = tl.load(w_ptr + col[None, :] + (kk // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
-        g = kk // GROUP
-        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-        c, f = _step_consts(z_ptr, g, N, rn, n_ok, BITS, SYM, INT_ZERO)
-        t = tl.zeros((BM, BN), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            v = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
-            qz = v - c
-            if not INT_ZERO:
-                qz = qz - f
-            xj = tl.load(x_ptr + rm[:, None] * stride_xm + (kk + rw * PER + j)[None, :], mask=m_ok[:, None],
-                         other=0.0)
-            if WIDEN:  # Triton's interpreter multiplies no 16-bit floats: the same products in float32
-                t = tl.dot(xj.to(tl.float32), qz.to(xj.dtype).to(tl.float32), t, input_precision="ieee")
-            else:
-                t = tl.dot(xj, qz.to(xj.dtype), t)
-        acc += t * s[None, :]
-    omask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT:
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
 def _gemv_dot_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
                 BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 WIDEN: tl.constexpr):
-    """``_gemv_dot`` with the operands swapped: ``yᵀ = W·xᵀ``, the decoded weight the tensor
+    """``dot`` with the operands swapped: ``yᵀ = W·xᵀ``, the decoded weight the tensor
     cores' first operand (``[BN, 16]`` per code position, fed from registers on Hopper) and the
     few input rows the second."""
     pid_n = tl.program_id(0)
@@ -217,12 +192,10 @@ def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, inte
                   num_warps=cfg.warps, num_stages=cfg.stages)
     args = (x, p.words, p.scale, p.zero, y if bias is None else bias, y, part, m, p.n, x.stride(0), p.k // split,
             p.block, p.block * (p.k * p.bits // 32))
-    if cfg.kind == "fma":
-        _gemv_fma[grid](*args, **common)
-    elif cfg.kind == "dot_t":
+    if cfg.kind == "dot_t":
         _gemv_dot_t[grid](*args, WIDEN=interpreting, **common)
     else:
-        _gemv_dot[grid](*args, WIDEN=interpreting, **common)
+        _gemv[grid](*args, TC=cfg.kind == "dot", WIDEN=interpreting, **common)
     if parts:
         reduce_parts(part, y, bias, split, interpreting=interpreting)
     return y
