@@ -3,8 +3,9 @@
 * 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv` with ``TC``, or
   ``_gemv_dot_t`` with the operands swapped where ``tuned.json`` measured it faster) when a
   step of its codes (128 input columns at 4 bits) stays in one group and the zero points are
-  integers — on the H100 it was as fast as the CUDA-core GEMV or faster at one row on every
-  Llama shape but the smallest (``benchmarks/results/cuda/w4a16_tune_h100.json``);
+  integers — on the H100 it took no longer at 8 rows than the CUDA-core GEMV at one on every
+  Llama-3 shape but the two smallest, and the CUDA-core one loses from 2 rows on
+  (``benchmarks/results/cuda/w4a16_tune_h100.json``);
 * otherwise 1–4 rows (float32 inputs, small groups, float16 zero points): the CUDA-core GEMV
   (``_gemv`` without ``TC``);
 * the rest: the tiled kernel (:func:`qf_triton.wa16.matmul`), its input dimension split only
