@@ -82,9 +82,10 @@ def test_config_and_layout_are_llm_compressors(scheme: str, tmp_path: Path) -> N
 @pytest.mark.parametrize("scheme", ["w8a8_static", "fp8_dyn", "w4a16", "fp8_static_kv"])
 def test_transformers_and_compressed_tensors_load_what_qf_reloads(scheme: str, tmp_path: Path) -> None:
     """transformers (its compressed-tensors integration, the library decompressing the weights and
-    simulating the inputs) gives the logits of qf's own reload of the artifact — equal for static
-    inputs and weight-only; within the rounding of compressed-tensors' dynamic scales (it divides
-    by max/127.5 where vLLM, and qf, use max/127) for per-token ones."""
+    simulating the inputs) gives the logits of qf's own reload of the artifact — equal for int8
+    static inputs and weight-only; within the rounding of compressed-tensors' dynamic scales (it
+    divides by max/127.5 where vLLM, and qf, use max/127) for per-token ones, and of its division
+    by static fp8 scales (vLLM and qf multiply by the reciprocal)."""
     from transformers import AutoModelForCausalLM
 
     # without the KV cache: compressed-tensors 0.19 finds the attention to hook by a
@@ -95,7 +96,10 @@ def test_transformers_and_compressed_tensors_load_what_qf_reloads(scheme: str, t
     ids = torch.randint(0, 4000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
-    if scheme == "fp8_dyn":
+    if scheme in ("fp8_dyn", "fp8_static_kv"):
+        # static fp8: compressed-tensors divides by the scale where vLLM (and qf) multiply by its
+        # reciprocal — one ulp apart now and then, enough to move an activation across an fp8
+        # rounding boundary (seen on an AVX-512/AMX Xeon: 1.2% of the logits off, by < 1%)
         assert (a - b).abs().max() < 0.05 * b.abs().max()
     else:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
