@@ -120,7 +120,7 @@ def write_table(results: dict[str, dict[str, float]], name: str, path: Path | No
         speedup = sum(r[chosen][1] if chosen in r else 0.0 for r in rows) / len(rows)
         entries[ckey] = {**choice, "mean_over_best": round(score[chosen], 3), "vs_cublas": round(speedup, 3),
                          "shapes": len(rows)}
-    table[name] = dict(sorted(entries.items()))
+    table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))  # classes this run measured replace theirs
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return entries
 
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=None, help="the tuned.json to update (default: the plugin's)")
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--kinds", nargs="+", default=list(ROWS), choices=list(ROWS))
     args = ap.parse_args()
     from qf_triton.gemv import GemvConfig, gemv
 
@@ -138,7 +139,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     t0 = time.time()
-    jobs = [(kind, c, m) for kind in ROWS for c in candidates(kind) for m in (ROWS[kind][:1] if kind.startswith("dot") else ROWS[kind])]
+    kinds = {k: ROWS[k] for k in args.kinds}
+    jobs = [(kind, c, m) for kind in kinds for c in candidates(kind) for m in (ROWS[kind][:1] if kind.startswith("dot") else ROWS[kind])]
     with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as ex:
         failed = {e.split(":")[0] for e in ex.map(_compile, jobs) if e}
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f} s; {len(failed)} failed: {sorted(failed)[:4]}",
@@ -148,7 +150,7 @@ def main() -> None:
         n, k = SHAPES[label]
         p, w, _ = problem(n, k, 1, dev)
         wh = w.half()
-        for kind, ms in ROWS.items():
+        for kind, ms in kinds.items():
             for m in ms:
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 ref = x.float() @ w.T
