@@ -91,6 +91,15 @@ def nearest_int(fval):
 
 
 @njit
+def _round_clamp(fval, lo, hi):
+    """``MAX(lo, MIN(hi, nearest_int(fval)))`` as a float32, for the searches' candidate loops,
+    where ``|fval|`` stays within a few units of ``hi`` (the scale is the candidate's own
+    ``nmax / range``): there ``nearest_int``'s bit trick is round-half-to-even, which
+    ``np.rint`` is, without the trips through the integer unit (a quarter of the loop's time)."""
+    return min(max(np.rint(fval), lo), hi)
+
+
+@njit
 def fp32_to_fp16(f):
     """``ggml_compute_fp32_to_fp16`` (ggml-impl.h): round to nearest even, subnormals, overflow to
     inf, NaN to 0x7E00. Returns the half's bits as an int in 0..65535."""
@@ -173,6 +182,8 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw):
             L[i] = 0
         return F0
     fnmax = np.float32(nmax)
+    lo = np.float32(-nmax)
+    hi = np.float32(nmax - 1)
     iscale = np.float32(-nmax) / mx
     sumlx = F0
     suml2 = F0
@@ -193,10 +204,8 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw):
         sumlx = F0
         suml2 = F0
         for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
+            fl = _round_clamp(iscale * x[i], lo, hi)
             w = qw[i] if use_qw else x[i] * x[i]
-            fl = np.float32(l)
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
         if suml2 > F0 and sumlx * sumlx > best * suml2:
@@ -301,11 +310,9 @@ def make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, 
         sum_l2 = F0
         sum_xl = F0
         for i in range(n):
-            l = nearest_int(iscale * (x[i] - mn))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
+            fl = _round_clamp(iscale * (x[i] - mn), F0, fnmax)
+            Laux[i] = np.int32(fl)
             w = weights[i]
-            fl = np.float32(l)
             sum_l += w * fl
             sum_l2 += w * fl * fl
             sum_xl += w * fl * x[i]
