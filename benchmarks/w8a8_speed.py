@@ -30,8 +30,8 @@ TOKENS = (1, 16, 64, 256)
 SCHEMES = (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"), ("fp8-e4m3", "fp8-static"))
 
 
-def timed(fn, x: torch.Tensor, reps: int = 50) -> float:
-    """Median milliseconds of ``fn(x)`` replayed from a CUDA graph."""
+def timed(fn, x: torch.Tensor, reps: int = 50, inner: int = 1) -> float:
+    """Median milliseconds of ``fn(x)`` replayed from a CUDA graph of ``inner`` calls (per call)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -40,7 +40,8 @@ def timed(fn, x: torch.Tensor, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(x)
+        for _ in range(inner):
+            fn(x)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -48,7 +49,7 @@ def timed(fn, x: torch.Tensor, reps: int = 50) -> float:
         graph.replay()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
 
 

@@ -59,27 +59,32 @@ def _step_consts(z_ptr, g, N, rn, n_ok, BITS: tl.constexpr, SYM: tl.constexpr, I
 
 
 @triton.jit
+def _tile(M, N, LB, LBK, BM: tl.constexpr, BN: tl.constexpr, RW: tl.constexpr):
+    """A program's rows, columns and word rows, their masks, and the offset of word row 0 of
+    each column (:class:`qf_triton.wa16.Packed`'s blocks of ``LB`` columns, ``LBK`` words each)."""
+    rm = tl.arange(0, BM)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rw = tl.arange(0, RW)
+    col = (rn // LB).to(tl.int64) * LBK + rn % LB
+    return rm, rn, rw, rm < M, rn < N, col
+
+
+@triton.jit
 def _gemv(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_xm, k_split, LB, LBK,
           BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           SYM: tl.constexpr, INT_ZERO: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
           TC: tl.constexpr, WIDEN: tl.constexpr):
     """``fma`` (``TC`` false: a ``[BM, BK / per_word, BN]`` float32 product tile on CUDA cores,
     reduced once at the end) and ``dot`` (``TC``: tensor cores, ``[BM, BN]``)."""
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     RW: tl.constexpr = BK // PER
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rw = tl.arange(0, RW)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rw, m_ok, n_ok, col = _tile(M, N, LB, LBK, BM, BN, RW)
     if TC:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, RW, BN), dtype=tl.float32)
-    col = (rn // LB).to(tl.int64) * LBK + rn % LB  # word row 0 of each column (Packed.block layout)
     k0 = pid_k * k_split
     for kk in range(k0, k0 + k_split, BK):
         words = tl.load(w_ptr + col[None, :] + (kk // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
@@ -128,18 +133,12 @@ def _gemv_dot_t(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride
     """``dot`` with the operands swapped: ``yᵀ = W·xᵀ``, the decoded weight the tensor
     cores' first operand (``[BN, 16]`` per code position, fed from registers on Hopper) and the
     few input rows the second."""
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     RW: tl.constexpr = BK // PER
-    rm = tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rw = tl.arange(0, RW)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rw, m_ok, n_ok, col = _tile(M, N, LB, LBK, BM, BN, RW)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    col = (rn // LB).to(tl.int64) * LBK + rn % LB
     k0 = pid_k * k_split
     for kk in range(k0, k0 + k_split, BK):
         words = tl.load(w_ptr + col[:, None] + (kk // PER + rw)[None, :] * LB, mask=n_ok[:, None], other=0)  # [BN, RW]
