@@ -235,3 +235,107 @@ def test_input_validation() -> None:
         native.encode("Q4_K", x, np.ones((3, 256), np.float32))
     with pytest.raises(ValueError, match="importance must be"):
         native.encode("Q8_0", x, np.ones((4, 256, 1), np.float32))
+
+
+# ---------------------------------------------------------------- search kernels
+
+
+def lane_qkx_oracle(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    le_test: bool) -> tuple[np.float32, np.float32, np.ndarray]:
+    """``make_qkx2/3_quants`` (ggml-quants.c, squared error) in numpy float32 scalars, each
+    candidate's sums taken in 8 interleaved lanes (element i into lane i mod 8, in index order)
+    and the lanes added pairwise — the documented order of ``make_qkx_quants_lanes``."""
+    f = np.float32
+    n = len(x)
+
+    def lanes(p: list) -> np.float32:
+        acc = list(p[:8])
+        for i in range(8, n):
+            acc[i % 8] = f(acc[i % 8] + p[i])
+        for h in (4, 2, 1):
+            acc = [f(acc[j] + acc[j + h]) for j in range(h)]
+        return acc[0]
+
+    mn, mx = x[0], x[0]
+    sum_w, sum_x = w[0], f(w[0] * x[0])
+    for i in range(1, n):
+        mn, mx = min(mn, x[i]), max(mx, x[i])
+        sum_w = f(sum_w + w[i])
+        sum_x = f(sum_x + f(w[i] * x[i]))
+    mn = min(mn, f(0))
+    if (mx <= mn) if le_test else (mx == mn):
+        return f(0), f(-mn), np.zeros(n, np.int32)
+    iscale = f(f(nmax) / f(mx - mn))
+    scale = f(f(1) / iscale)
+    L = np.clip(np.rint(iscale * (x - mn)), 0, nmax).astype(np.int32)
+    best = f(0)
+    for i in range(n):
+        d = f(f(f(scale * f(L[i])) + mn) - x[i])
+        best = f(best + f(w[i] * f(d * d)))
+    for s in range(nstep + 1):
+        iscale = f(f(f(f(rmin) + f(f(rdelta) * f(s))) + f(nmax)) / f(mx - mn))
+        fl = np.clip(np.rint(f(iscale) * (x - mn)), 0, nmax).astype(np.float32)
+        wl = w * fl
+        sl, sl2, sxl = lanes(wl), lanes(wl * fl), lanes(wl * x)
+        D = f(f(sum_w * sl2) - f(sl * sl))
+        if not D > 0:
+            continue
+        this_scale = f(f(f(sum_w * sxl) - f(sum_x * sl)) / D)
+        this_min = f(f(f(sl2 * sum_x) - f(sl * sxl)) / D)
+        if this_min > 0:
+            this_min, this_scale = f(0), f(sxl / sl2)
+        diff = this_scale * fl + this_min - x
+        err = lanes(w * (diff * diff))
+        if err < best:
+            L, best, scale, mn = fl.astype(np.int32), err, this_scale, this_min
+    return scale, f(-mn), L
+
+
+def test_lane_search_equals_its_float32_oracle() -> None:
+    """``make_qkx_quants_lanes`` (the search kernels' scale search) is the numpy oracle bit for
+    bit, for Q4_K/Q5_K's 32-element sub-blocks with and without quant weights and Q2_K's 16."""
+    from qf_gguf.native import _kernels as k
+
+    @numba.njit
+    def run(x, w, L, Laux, nmax, rmin, rdelta, nstep, le_test):
+        return k.make_qkx_quants_lanes(x.shape[0], nmax, x, w, L, Laux, rmin, rdelta, nstep, False, le_test)
+
+    rng = np.random.default_rng(5)
+    f = np.float32
+    cases = [(32, 15, -1.0, 0.1, 20, False), (32, 15, -0.9, 0.05, 36, True), (32, 31, -0.5, 0.1, 15, False),
+             (16, 3, -0.5, 0.1, 15, False), (16, 3, -0.9, 0.05, 36, True)]
+    for n, nmax, rmin, rdelta, nstep, le_test in cases:
+        for t in range(60):
+            x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 1) + (t % 3 == 0) * 0.05).astype(np.float32)
+            w = (rng.random(n) ** 3 + 1e-3).astype(np.float32) if le_test else np.abs(x) + f(0.01)
+            L, Laux = np.empty(n, np.int32), np.empty(n, np.int32)
+            scale, the_min = run(x, w, L, Laux, nmax, f(rmin), f(rdelta), nstep, le_test)
+            want = lane_qkx_oracle(x, w, nmax, rmin, rdelta, nstep, le_test)
+            assert (f(scale), f(the_min)) == want[:2], (n, nmax, t)
+            np.testing.assert_array_equal(L, want[2])
+
+
+@pytest.mark.parametrize("spec", TYPES)
+def test_search_kernels(spec: str, lib, real) -> None:
+    """``encode(search=True)``: the exact bytes for the types without a qkx search; for the
+    others llama.cpp's bytes in most blocks, and in the rest a fit whose weighted error is
+    within rounding of llama.cpp's (they differ only where candidates tie within a rounding)."""
+    fmt = qf.resolve_format(spec)
+    lanes = spec in ("Q2_K", "Q4_K", "Q5_K", "Q4_1", "Q5_1")
+    for i, x in enumerate([probes()[0], real[1]]):
+        imp = importance(x.shape[1], i).numpy()
+        for q in (None, imp):
+            got, want = native.encode(spec, x, q, search=True), reference(lib, spec, x, q)
+            if not lanes:
+                assert_same_blocks(spec, got, want, f"tensor {i}, search kernel")
+                continue
+            nbytes = BLOCK[spec][1]
+            same = (got.reshape(-1, nbytes) == want.reshape(-1, nbytes)).all(-1).mean()
+            assert same >= 0.9, (i, same)
+            qw = np.ones_like(x) if q is None else np.broadcast_to(q, x.shape)
+
+            def err(raw: np.ndarray) -> float:
+                qwt = fmt.from_ggml_bytes(torch.from_numpy(raw), x.shape)
+                return float((qw * (fmt.dequantize(qwt).numpy() - x) ** 2).sum())
+
+            assert err(got) <= err(want) * 1.002, (i, err(got), err(want))

@@ -37,10 +37,11 @@ def native_enabled() -> bool:
     return False
 
 
-def native_bytes(ggml_name: str, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor | None:
+def native_bytes(ggml_name: str, w: torch.Tensor, importance: torch.Tensor | None, *,
+                 search: bool = False) -> torch.Tensor | None:
     """``uint8 [rows, row_bytes]`` from the compiled encoder, or None where it does not apply
     (a CUDA tensor, a type it lacks, numba missing or switched off). ``importance``: None,
-    ``[cols]`` or ``[rows, cols]``."""
+    ``[cols]`` or ``[rows, cols]``; ``search``: the search kernel (:func:`native.encode`)."""
     if w.device.type != "cpu" or ggml_name not in native.TYPES or not native_enabled():
         return None
     x = np.ascontiguousarray(w.detach().to(torch.float32).numpy())
@@ -48,4 +49,4 @@ def native_bytes(ggml_name: str, w: torch.Tensor, importance: torch.Tensor | Non
     if importance is not None:
         imp = np.ascontiguousarray(importance.detach().to("cpu", torch.float32).numpy())
     native.set_threads(torch.get_num_threads())
-    return torch.from_numpy(native.encode(ggml_name, x, imp))
+    return torch.from_numpy(native.encode(ggml_name, x, imp, search=search))
