@@ -53,7 +53,7 @@ def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["pycode-7m"])
-    ap.add_argument("--quantizers", nargs="+", default=["rtn", "gptq", "awq", "awq:exact_search=false"],
+    ap.add_argument("--quantizers", nargs="+", default=["rtn", "gptq", "awq", "awq:exact_search=true"],
                     help="names, or name:key=value,... with the quantizer's options (values as JSON)")
     ap.add_argument("--types", nargs="+", default=["Q4_K_M"])
     ap.add_argument("--backends", nargs="+", default=["native", "torch"])

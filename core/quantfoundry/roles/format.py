@@ -127,9 +127,10 @@ class Format(Component, ABC):
 
     def fit_for_search(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         """Parameters of a whole weight for *ranking* candidates inside a search (AWQ's scale and
-        clip grids): what :meth:`fit` returns, or a cheaper approximation of it for formats whose
-        exact fit is itself a search (GGML K-quants). The final encode always uses :meth:`fit`.
-        Default: :meth:`fit`."""
+        clip grids): what :meth:`fit` returns, or a cheaper approximation of it for a format
+        whose exact fit is itself a costly search (a format may instead override
+        :meth:`roundtrip`'s ``for_search``, as qf-gguf's K-quants do). The final encode always
+        uses :meth:`fit`. Default: :meth:`fit`."""
         return self.fit(w, importance)
 
     def roundtrip(self, w: torch.Tensor, importance: torch.Tensor | None = None, *,

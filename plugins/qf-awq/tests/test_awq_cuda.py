@@ -1,5 +1,7 @@
 """--device cuda: AWQ on the GPU gives the CPU's result (up to float rounding in the Gram
-matrices and objectives, which may move a near-tied α or clip). Runs where torch sees a GPU."""
+matrices and objectives, which may move a near-tied α or clip). Both rank candidates with the
+exact fit (``exact_search=true``: the CPU's default search kernels sum in another order).
+Runs where torch sees a GPU."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_run_on_cuda_matches_cpu(tmp_path, exporter, options, fmt):
     if exporter == "gguf":
         import qf_gguf  # noqa: F401 - a hard requirement: CI installs qf-gguf, so these checks run, never skip
-    common = dict(quantizer="awq", format=fmt, exporter=exporter, exporter_options=options, evaluators=["kl"],
+    common = dict(quantizer="awq", quantizer_options={"exact_search": True}, format=fmt, exporter=exporter, exporter_options=options, evaluators=["kl"],
                   calibrator_options={"n_samples": 8, "seq_len": 256}, keep_model=True, progress=False)
     cpu = qf.run(out=tmp_path / "cpu", **common)
     gpu = qf.run(out=tmp_path / "gpu", device="cuda", **common)

@@ -110,9 +110,11 @@ def test_batched_searches_equal_one_candidate_at_a_time(spec, batch, monkeypatch
     assert res.alpha == losses.index(min(losses)) / 10
     assert res.loss == pytest.approx(min(losses), rel=1e-4)
     assert res.loss_rtn == pytest.approx(losses[0], rel=1e-4)
+    assert res.losses.tolist() == pytest.approx(losses, rel=1e-4)
 
     w = ws[0]
-    clipped, before, after = search_clip(w, fmt, gram, imp, n_grid=10, max_shrink=0.5)
+    clip = search_clip(w, fmt, gram, imp, n_grid=10, max_shrink=0.5)
+    clipped, before, after = clip.clipped, clip.loss_before, clip.loss_after
     g = fmt.group_size(256)
     top = w.view(16, -1, g).abs().amax(-1, keepdim=True)
     unit_losses = []
@@ -130,13 +132,15 @@ def test_batched_searches_equal_one_candidate_at_a_time(spec, batch, monkeypatch
     picked = stacked.gather(0, chosen[None]).squeeze(0)
     assert (picked <= stacked.amin(0) * (1 + 1e-5)).all()
     assert chosen.max() > 0, "nothing clipped: the test would not see a wrong choice"
+    assert torch.equal(clip.best, chosen) and torch.allclose(clip.losses, stacked, rtol=1e-4)
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_searches_rank_with_the_exact_or_the_cheaper_fit(exact, monkeypatch):
-    """``exact_search`` false ranks AWQ's candidates with the format's cheaper fit (``Format.fit_for_search``: for K-quants, sub-block ranges instead of llama.cpp's
-    searches), true (the default) with its exact ``fit``; either way the choice is the argmin of the losses
-    computed candidate by candidate with that fit, and only that fit is called."""
+def test_searches_rank_with_the_exact_or_the_search_roundtrip(exact, monkeypatch):
+    """``exact_search`` true ranks AWQ's candidates with the format's exact round trip, false
+    (the default) with its round trip for searches (``Format.roundtrip(for_search=True)``: for
+    K-quants on CPU, qf-gguf's search kernels); either way the choice is the argmin of the
+    losses computed candidate by candidate with that round trip, and only it is called."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(300, 256, generator=gen)
     x[:, [3, 100, 200]] *= 20
@@ -144,15 +148,19 @@ def test_searches_rank_with_the_exact_or_the_cheaper_fit(exact, monkeypatch):
     fmt = qf.resolve_format("Q4_K")
     gram = x.T @ x / x.shape[0]
     imp = torch.diagonal(gram).clone()
-    fit = fmt.fit if exact else fmt.fit_for_search
-    calls = []
-    other = "fit_for_search" if exact else "fit"
-    monkeypatch.setattr(type(fmt), other, lambda *a, **k: calls.append(other))
+    roundtrip = type(fmt).roundtrip
+    seen = []
+
+    def spy(self, w, importance=None, *, for_search=False):
+        seen.append(for_search)
+        return roundtrip(self, w, importance, for_search=for_search)
+
+    monkeypatch.setattr(type(fmt), "roundtrip", spy)
     res = search_scale([w], [fmt], x.abs().mean(0), gram, imp, n_grid=8, duo_scaling=False, exact=exact)
-    assert calls == []
+    assert seen and set(seen) == {not exact}
 
     def loss(s):
-        w_hat = fmt.quantize_dequantize(w * s, fit(w * s, imp / s.square())).double() / s.double()
+        w_hat = roundtrip(fmt, w * s, imp / s.square(), for_search=not exact).double() / s.double()
         return float(((x.double() @ (w.double() - w_hat).T) ** 2).sum() / x.shape[0])
 
     losses = []
@@ -161,7 +169,7 @@ def test_searches_rank_with_the_exact_or_the_cheaper_fit(exact, monkeypatch):
         losses.append(loss(s / (s.max() * s.min()).sqrt()))
     assert res.alpha == losses.index(min(losses)) / 8
     assert res.loss == pytest.approx(min(losses), rel=1e-4)
-    assert AWQOptions().exact_search is True
+    assert AWQOptions().exact_search is False
 
 
 def test_group_without_fold_point_is_skipped_with_a_note(tiny_model):

@@ -94,6 +94,7 @@ class ScaleResult:
     alpha: float
     loss: float              # objective at the chosen scale
     loss_rtn: float          # objective at s = 1
+    losses: torch.Tensor     # [n_grid] float64: the objective at every α
 
 
 @torch.no_grad()
@@ -125,15 +126,24 @@ def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_me
             q = quant_dequant_stack(fmt, w * s, None if imps is None else imps[b], exact) / s
             losses[b] += output_error(w - q, gram)
     best = int(torch.argmin(losses))  # the first of equal minima: α = 0 (RTN) wins a tie
-    return ScaleResult(scales[best], searched[best], alphas[best], float(losses[best]), float(losses[0]))
+    return ScaleResult(scales[best], searched[best], alphas[best], float(losses[best]), float(losses[0]), losses)
+
+
+@dataclass
+class ClipResult:
+    clipped: torch.Tensor    # [rows, in]: w with each unit's chosen shrink
+    loss_before: float       # objective unclipped
+    loss_after: float        # objective at the chosen shrinks
+    losses: torch.Tensor     # [n_shrinks, rows, units] float64: every unit's objective at every shrink
+    best: torch.Tensor       # [rows, units]: the chosen shrink's index
 
 
 @torch.no_grad()
 @phase("search")
 def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: torch.Tensor | None, *,
-                n_grid: int, max_shrink: float, exact: bool = True) -> tuple[torch.Tensor, float, float]:
-    """``(clipped w, objective before, objective after)``: per row and fitting unit, the
-    shrink of the largest magnitude that minimises the unit's own output error."""
+                n_grid: int, max_shrink: float, exact: bool = True) -> ClipResult:
+    """Per row and fitting unit, the shrink of the largest magnitude that minimises the unit's
+    own output error."""
     rows, cols = w.shape
     g = fmt.group_size(cols)
     n_units = cols // g
@@ -152,4 +162,4 @@ def search_clip(w: torch.Tensor, fmt: Format, gram: torch.Tensor, importance: to
     best = losses.argmin(0)                                                     # first of equal minima
     best_top = tops.gather(0, best[None, :, :, None]).squeeze(0)
     clipped = torch.maximum(torch.minimum(w3, best_top), -best_top).reshape(rows, cols)
-    return clipped, float(losses[0].sum()), float(losses.gather(0, best[None]).sum())
+    return ClipResult(clipped, float(losses[0].sum()), float(losses.gather(0, best[None]).sum()), losses, best)
