@@ -275,10 +275,10 @@ def make_q3_quants(n, nmax, x, L):
 
 
 @njit
-def _qkx_start(n, nmax, x, weights, L, use_mad, le_test):
-    """The first part of ``make_qkx2/3_quants``: ``(degenerate, min, max, sum_w, sum_x, scale,
+def _qkx_start(n, nmax, x, weights, L, nstep, use_mad, le_test):
+    """The first part of ``make_qkx2/3_quants``: ``(done, scale, min, max, sum_w, sum_x,
     best_error)``, ``L`` the codes of the plain ``nmax / (max - min)`` scale (all 0 when
-    degenerate)."""
+    degenerate); ``done``: the search ends here with ``(scale, -min)`` (degenerate, or no steps)."""
     mn = x[0]
     mx = x[0]
     sum_w = weights[0]
@@ -296,7 +296,7 @@ def _qkx_start(n, nmax, x, weights, L, use_mad, le_test):
     if (mx <= mn) if le_test else (mx == mn):
         for i in range(n):
             L[i] = 0
-        return True, mn, mx, sum_w, sum_x, F0, F0
+        return True, F0, mn, mx, sum_w, sum_x, F0
     iscale = np.float32(nmax) / (mx - mn)
     scale = F1 / iscale
     best_error = F0
@@ -306,7 +306,7 @@ def _qkx_start(n, nmax, x, weights, L, use_mad, le_test):
         diff = scale * np.float32(L[i]) + mn - x[i]
         diff = abs(diff) if use_mad else diff * diff
         best_error += weights[i] * diff
-    return False, mn, mx, sum_w, sum_x, scale, best_error
+    return nstep < 1, scale, mn, mx, sum_w, sum_x, best_error
 
 
 @njit
@@ -329,10 +329,8 @@ def make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, 
     ``make_qkx3_quants`` with weights (``le_test=True``: ``max <= min``). Returns
     ``(scale, the_min)``; ``L`` in ``0..nmax``. An accepted candidate moves ``min`` for the later
     ones, as in the C."""
-    degenerate, mn, mx, sum_w, sum_x, scale, best_error = _qkx_start(n, nmax, x, weights, L, use_mad, le_test)
-    if degenerate:
-        return F0, -mn
-    if nstep < 1:
+    done, scale, mn, mx, sum_w, sum_x, best_error = _qkx_start(n, nmax, x, weights, L, nstep, use_mad, le_test)
+    if done:
         return scale, -mn
     fnmax = np.float32(nmax)
     for is_ in range(nstep + 1):
@@ -368,19 +366,14 @@ LANES = 8
 
 @njit
 def _lane_sum(p, n):
-    """``p[0..n)`` summed in :data:`LANES` interleaved partial sums (element ``i`` into lane
-    ``i mod LANES``, in index order), then the lanes pairwise (``n`` a multiple of
-    :data:`LANES`; ``p`` is overwritten). A fixed order, so the same bits on every machine;
-    the lanes run side by side in SIMD registers."""
+    """``p[0..n)`` summed in :data:`LANES` (8) interleaved partial sums (element ``i`` into lane
+    ``i mod 8``, in index order), then the lanes pairwise, ``((0+4)+(2+6))+((1+5)+(3+7))``
+    (``n`` a multiple of 8; ``p`` is overwritten). A fixed order, so the same bits on every
+    machine; the lanes run side by side in SIMD registers."""
     for i0 in range(LANES, n, LANES):
         for j in range(LANES):
             p[j] += p[i0 + j]
-    h = LANES // 2
-    while h:
-        for j in range(h):
-            p[j] += p[j + h]
-        h //= 2
-    return p[0]
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
 
 
 @njit
@@ -389,10 +382,8 @@ def make_qkx_quants_lanes(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use
     :func:`_lane_sum` instead of sequentially (about twice as fast): for ranking candidates
     only (the search kernels, :data:`SEARCH`). The sums round differently, so a candidate
     within a rounding error of the best may win or lose the other way."""
-    degenerate, mn, mx, sum_w, sum_x, scale, best_error = _qkx_start(n, nmax, x, weights, L, use_mad, le_test)
-    if degenerate:
-        return F0, -mn
-    if nstep < 1:
+    done, scale, mn, mx, sum_w, sum_x, best_error = _qkx_start(n, nmax, x, weights, L, nstep, use_mad, le_test)
+    if done:
         return scale, -mn
     fnmax = np.float32(nmax)
     fl_ = np.empty(n, np.float32)
