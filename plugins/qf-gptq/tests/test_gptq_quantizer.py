@@ -69,9 +69,10 @@ def test_true_sequential_each_group_sees_the_quantized_groups_before_it(tiny_mod
 
 def test_replaying_finished_linears_changes_nothing(tiny_model, monkeypatch):
     """True-sequential forwards replay the outputs of linears that are already final (q/k/v in
-    the o, gate/up and output forwards; o in the latter two; gate/up in the last) instead of
-    recomputing them: the weights, and the block outputs handed to the next block, are those
-    of a run that recomputes everything."""
+    the o, gate/up and output forwards; o in the latter two; gate/up in the last), and of the
+    attention as a whole once all its linears are, instead of recomputing them: the weights,
+    and the block outputs handed to the next block, are those of a run that recomputes
+    everything."""
     from qf_gptq import quantizer as qmod
 
     made = []
@@ -86,10 +87,15 @@ def test_replaying_finished_linears_changes_nothing(tiny_model, monkeypatch):
     ctx = qf.QuantContext(torch.device("cpu"))
     plain, replayed = first_block(folder), first_block(folder)
     want = GPTQQuantizer(GPTQOptions(replay_mb=0)).quantize_block(plain, ctx)
+    q_calls = []
+    replayed.linear("self_attn.q_proj").register_forward_hook(lambda *a: q_calls.append(1))
     got = GPTQQuantizer(GPTQOptions()).quantize_block(replayed, ctx)
     assert made[0].replayed == 0 and plain.outputs is None
     n_batches = len(replayed.inputs.hidden)
     assert made[1].replayed == n_batches * (3 + 4 + 6)
+    # the attention as a whole is replayed once o_proj is final: q_proj runs in the q/k/v forward,
+    # is replayed in the o forward, and runs inside the attention once more, when that is recorded
+    assert "self_attn" in made[1].outputs and len(q_calls) == 3 * n_batches
     for name in LINEARS:
         assert torch.equal(want[name].codes(), got[name].codes()), name
         for k, v in want[name].params.items():

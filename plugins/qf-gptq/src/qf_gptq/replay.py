@@ -8,9 +8,14 @@ the later forwards skip those matmuls — q/k/v three times, o twice, gate/up on
 Whether a linear ran before another is the execution order of the forward, which follows the
 data flow, so "everything before it is final" implies "everything it depends on is final".
 
-Replayed values are copies of what the linear computed (no numerical change; copies, so an
+The same holds one level up: a child module of the block (``self_attn``, ``mlp``) whose
+planned linears are all final, reached with final inputs, gives the same output again, so the
+attention — its rotary embedding and softmax included — runs once after o_proj is final
+instead of in every later forward (``containers``).
+
+Replayed values are copies of what the module computed (no numerical change; copies, so an
 in-place operation downstream cannot alter the record). Memory is bounded by a byte budget;
-a linear whose outputs do not fit is computed as usual.
+a module whose outputs do not fit is computed as usual.
 """
 
 from __future__ import annotations
@@ -53,43 +58,81 @@ class OutputReplay:
             yield
             return
         n_batches = len(self.block.inputs.hidden) if self.block.inputs is not None else 0
-        patched: list[nn.Linear] = []
+        patched: list[nn.Module] = []
         for name in self.block.formats:
             lin = self.block.linear(name)
-            lin.forward = self._forward(name, lin, n_batches, record)  # instance attribute: hooks still run
+            lin.forward = self._forward(name, lin, (name,), n_batches, record)  # instance attribute: hooks still run
             patched.append(lin)
+        for name, members in self.containers().items():
+            child = self.block.module.get_submodule(name)
+            child.forward = self._forward(name, child, members, n_batches, record)
+            patched.append(child)
         try:
             yield
         finally:
-            for lin in patched:
-                del lin.forward
+            for mod in patched:
+                del mod.forward
 
-    def _forward(self, name: str, lin: nn.Linear, n_batches: int, record: bool) -> Any:
-        original = type(lin).forward
+    def containers(self) -> dict[str, tuple[str, ...]]:
+        """The block's direct children holding planned linears → those linears."""
+        out: dict[str, list[str]] = {}
+        for name in self.block.formats:
+            head, dot, _ = name.partition(".")
+            if dot:
+                out.setdefault(head, []).append(name)
+        return {k: tuple(v) for k, v in out.items()}
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            reusable = name in self.final and not self._unfinished_ran
-            if not reusable:
-                if name not in self.final:
+    def _forward(self, name: str, mod: nn.Module, members: tuple[str, ...], n_batches: int, record: bool) -> Any:
+        """``mod``'s forward, replaying its output once every linear of ``members`` (``mod``'s
+        planned linears; for a linear, itself) is final and nothing unfinished ran before it."""
+        original = type(mod).forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            final = all(m in self.final for m in members)
+            if not final or self._unfinished_ran:
+                if len(members) == 1 and not final:
                     self._unfinished_ran = True
-                return original(lin, x)
+                return original(mod, *args, **kwargs)
             stored = self.outputs.get(name)
             if stored is not None and stored[self.batch] is not None:
-                self.replayed += 1
-                return stored[self.batch].clone()
-            y = original(lin, x)
+                self.replayed += len(members)
+                return _copy(stored[self.batch])
+            y = original(mod, *args, **kwargs)
             if record and name not in self.refused:
+                if not _replayable(y):  # an output type other than tensors in tuples: computed as usual
+                    self.refused.add(name)
+                    return y
                 if stored is None:
-                    need = y.numel() * y.element_size() * n_batches
+                    need = _nbytes(y) * n_batches
                     if self.used + need > self.budget:
                         self.refused.add(name)
                         return y
                     self.used += need
                     stored = self.outputs[name] = [None] * n_batches
-                stored[self.batch] = y.clone()
+                stored[self.batch] = _copy(y)
             return y
 
         return forward
+
+
+def _replayable(y: Any) -> bool:
+    """A tensor, or a plain tuple of tensors and None (an attention module's output)."""
+    if isinstance(y, torch.Tensor) or y is None:
+        return True
+    return type(y) is tuple and all(_replayable(v) for v in y)
+
+
+def _copy(y: Any) -> Any:
+    """``y`` (:func:`_replayable`) with its tensors cloned."""
+    if isinstance(y, torch.Tensor):
+        return y.clone()
+    return tuple(_copy(v) for v in y) if isinstance(y, tuple) else None
+
+
+def _nbytes(y: Any) -> int:
+    if isinstance(y, torch.Tensor):
+        return y.numel() * y.element_size()
+    return sum(_nbytes(v) for v in y) if isinstance(y, tuple) else 0
 
 
 def default_budget(device: torch.device) -> int:
