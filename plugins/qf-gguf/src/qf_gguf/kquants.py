@@ -155,12 +155,24 @@ class _KQuant(GGMLFormat):
     def _effective_scales(self, params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def _per_column(self, t: torch.Tensor, col0: int, ncols: int) -> torch.Tensor:
+        """A per-sub-block tensor ``[rows, k, n_sub]`` spread over columns ``[col0, col0 +
+        ncols)`` → ``[rows, ncols]``: a broadcast where the columns are whole sub-blocks (whole
+        rows, AWQ's candidates), an index gather elsewhere (GPTQ's column blocks)."""
+        sub = self.sub
+        if col0 % sub == 0 and ncols % sub == 0:
+            rows = t.shape[0]
+            s0, count = col0 // sub, ncols // sub
+            flat = t.reshape(rows, -1)[:, s0:s0 + count]
+            return flat.unsqueeze(-1).expand(rows, count, sub).reshape(rows, ncols)
+        blk, j = _sub_index(col0, ncols, sub, t.device)
+        return t[:, blk, j]
+
     def round(self, w: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
-        blk, j = _sub_index(col0, w.shape[1], self.sub, w.device)
         dd, dm = self._scales(params)
-        dd = dd[:, blk, j]
+        dd = self._per_column(dd, col0, w.shape[1])
         x = w.to(torch.float32)
-        num = x if dm is None else x + dm[:, blk, j]
+        num = x if dm is None else x + self._per_column(dm, col0, w.shape[1])
         safe = torch.where(dd != 0, dd, torch.ones_like(dd))
         q = torch.clamp(torch.round(num / safe), self.lo, self.nmax) + self.offset
         return torch.where(dd != 0, q, torch.full_like(q, float(self.offset))).to(torch.int32)  # any code: value 0·q
@@ -168,19 +180,17 @@ class _KQuant(GGMLFormat):
     def affine(self, params: Params, col0: int, ncols: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``value = dd·(code − offset) − dm`` = ``a·code + b``; the rounding rule's codes."""
         dd, dm = self._scales(params)
-        blk, j = _sub_index(col0, ncols, self.sub, dd.device)
-        a = dd[:, blk, j]
+        a = self._per_column(dd, col0, ncols)
         b = -a * float(self.offset)
         if dm is not None:
-            b = b - dm[:, blk, j]
+            b = b - self._per_column(dm, col0, ncols)
         return a, b, self.lo + self.offset, self.nmax + self.offset
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
-        blk, j = _sub_index(col0, codes.shape[1], self.sub, codes.device)
         dd, dm = self._scales(params)
         q = (codes - self.offset).to(torch.float32)
-        y = dd[:, blk, j] * q
-        return y if dm is None else y - dm[:, blk, j]
+        y = self._per_column(dd, col0, codes.shape[1]) * q
+        return y if dm is None else y - self._per_column(dm, col0, codes.shape[1])
 
     lo: ClassVar[int] = 0       # smallest code before the offset
     offset: ClassVar[int] = 0   # added to the rounded value to make the stored code
