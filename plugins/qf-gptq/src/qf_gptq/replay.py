@@ -90,7 +90,7 @@ class OutputReplay:
         def forward(*args: Any, **kwargs: Any) -> Any:
             final = all(m in self.final for m in members)
             if not final or self._unfinished_ran:
-                if len(members) == 1 and not final:
+                if not final and members == (name,):  # an unfinished linear (a container: its linears say)
                     self._unfinished_ran = True
                 return original(mod, *args, **kwargs)
             stored = self.outputs.get(name)
