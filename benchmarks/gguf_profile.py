@@ -30,7 +30,8 @@ WORK = HERE / ".cache" / "gguf-profile"
 PHASES = ("load", "calibrate", "quantize", "search", "encode", "export")
 
 
-def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: int | None, device: str) -> dict:
+def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: int | None, device: str,
+        dtype: str = "float32") -> dict:
     """One run; ``quantizer`` is a name or ``name:key=value,...`` (its options)."""
     t0 = time.perf_counter()
     import quantfoundry
@@ -43,7 +44,7 @@ def one(model: str, quantizer: str, ftype: str, out: Path, calib: str, threads: 
     cal = {"calibrator_options": {"path": calib, "n_samples": 128, "seq_len": 512}} if name != "rtn" else {}
     r = quantfoundry.run(str(model_folder(model)), quantizer=[(name, qopts)], exporter="gguf",
                          exporter_options={"type": ftype}, evaluators=[], out=str(out), overwrite=True,
-                         progress=False, threads=threads, keep_model=True, device=device, **cal)
+                         progress=False, threads=threads, keep_model=True, device=device, dtype=dtype, **cal)
     # what AWQ's searches chose, per linear (the scale's alpha is its input group's)
     chosen = {n: {k: v for k, v in (m.qweight.meta or {}).get("awq", {}).items() if k in ("alpha", "clip_loss_after")}
               for n, m in r.model.named_modules() if isinstance(m, QuantLinear) and (m.qweight.meta or {}).get("awq")}
@@ -61,11 +62,14 @@ def main() -> None:
     ap.add_argument("--no-score", action="store_true", help="skip llama.cpp's KL divergence of each file")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the JSON file the rows are added to")
     ap.add_argument("--device", default="cpu", help="the run's device (cpu, cuda); rows off the CPU are keyed with it")
+    ap.add_argument("--dtype", default="float32", help="the block work's dtype (qf run --dtype); other than float32, "
+                                                       "rows are keyed with it")
     ap.add_argument("--one", nargs=4, metavar=("MODEL", "QUANTIZER", "TYPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(*args.one[:3], Path(args.one[3]), args.calib, args.threads, args.device)))
+        print("RESULT " + json.dumps(one(*args.one[:3], Path(args.one[3]), args.calib, args.threads, args.device,
+                                         args.dtype)))
         return
 
     from _common import core_version, cpu_name
@@ -77,11 +81,12 @@ def main() -> None:
         for quantizer in args.quantizers:
             for ftype in args.types:
                 for backend in args.backends:
-                    key = f"{model}|{quantizer}|{ftype}|{backend}" + ("" if args.device == "cpu" else f"|{args.device}")
+                    key = f"{model}|{quantizer}|{ftype}|{backend}" + ("" if args.device == "cpu" else f"|{args.device}") \
+                        + ("" if args.dtype == "float32" else f"|{args.dtype}")
                     out = WORK / key.replace("|", "-")
                     env = {**os.environ, "QF_GGUF_NATIVE": "1" if backend == "native" else "0"}
                     cmd = [sys.executable, __file__, "--one", model, quantizer, ftype, str(out), "--calib", str(calib),
-                           "--device", args.device]
+                           "--device", args.device, "--dtype", args.dtype]
                     if args.threads is not None:
                         cmd += ["--threads", str(args.threads)]
                     t0 = time.perf_counter()
@@ -116,8 +121,8 @@ def table(data: dict) -> str:
     lines = ["| model | quantizer | type | encoders | whole run s | " + " | ".join(PHASES) + " | start-up s | KLD |",
              "|---|---|---|---|---:|" + "---:|" * len(PHASES) + "---:|---:|"]
     for key, row in data["rows"].items():
-        model, quantizer, ftype, backend, *device = key.split("|")
-        backend += f" ({device[0]})" if device else ""
+        model, quantizer, ftype, backend, *extra = key.split("|")
+        backend += f" ({', '.join(extra)})" if extra else ""
         t = row["timings"]
         kld = f"{row['kld_mean']:.5f}" if "kld_mean" in row else "—"
         lines.append(f"| {model} | {quantizer} | {ftype} | {backend} | {row['seconds']:.1f} | "
