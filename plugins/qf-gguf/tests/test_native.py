@@ -339,3 +339,25 @@ def test_search_kernels(spec: str, lib, real) -> None:
                 return float((qw * (fmt.dequantize(qwt).numpy() - x) ** 2).sum())
 
             assert err(got) <= err(want) * 1.002, (i, err(got), err(want))
+
+
+@pytest.mark.parametrize("spec", sorted(native.DECODES))
+def test_decode_equals_gguf_py_and_the_format(spec: str, real) -> None:
+    """``native.decode``: the values of encoded rows bit for bit as gguf-py's
+    ``quants.dequantize`` (llama.cpp's ``dequantize_row_*`` in numpy) and as the format's own
+    torch decode, on the branch-probing rows and real weights, with and without importance."""
+    from gguf import GGMLQuantizationType, quants
+
+    fmt = qf.resolve_format(spec)
+    for i, x in enumerate([*probes(), real[1]]):
+        for q in (None, importance(x.shape[1], i).numpy()):
+            raw = native.encode(spec, x, q)
+            got = native.decode(spec, raw)
+            want = quants.dequantize(raw, getattr(GGMLQuantizationType, spec)).reshape(x.shape)
+            np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+            ours = fmt.dequantize(fmt.from_ggml_bytes(torch.from_numpy(raw), x.shape)).numpy()
+            np.testing.assert_array_equal(got.view(np.uint32), ours.view(np.uint32))
+    with pytest.raises(ValueError, match="no compiled decoder"):
+        native.decode("Q3_K", np.zeros((1, 110), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        native.decode(spec, np.zeros((1, 7), np.uint8))

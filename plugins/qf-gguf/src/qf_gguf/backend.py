@@ -50,3 +50,11 @@ def native_bytes(ggml_name: str, w: torch.Tensor, importance: torch.Tensor | Non
         imp = np.ascontiguousarray(importance.detach().to("cpu", torch.float32).numpy())
     native.set_threads(torch.get_num_threads())
     return torch.from_numpy(native.encode(ggml_name, x, imp, search=search))
+
+
+def native_values(ggml_name: str, raw: torch.Tensor) -> torch.Tensor | None:
+    """The values of encoded rows from the compiled decoder, or None where it has none."""
+    if ggml_name not in native.DECODES or not native_enabled():
+        return None
+    native.set_threads(torch.get_num_threads())
+    return torch.from_numpy(native.decode(ggml_name, raw.numpy()))

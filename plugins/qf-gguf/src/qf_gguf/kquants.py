@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from quantfoundry import Params
 
-from .backend import native_bytes
+from .backend import native_bytes, native_values
 from .legacy import GGMLFormat
 from .search import (
     EPS,
@@ -120,6 +120,9 @@ class _KQuant(GGMLFormat):
         of rows, the rest within a rounding of a tie); elsewhere the exact fit."""
         if for_search:
             raw = native_bytes(self.ggml_name, w, importance, search=True)
+            values = None if raw is None else native_values(self.ggml_name, raw)
+            if values is not None:
+                return values
             if raw is not None:
                 qw = self.from_ggml_bytes(raw, tuple(w.shape))
                 return self.decode(self.unpack(qw.packed, tuple(w.shape)), qw.params)

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["TYPES", "available", "encode", "row_bytes", "set_threads"]
+__all__ = ["DECODES", "TYPES", "available", "decode", "encode", "row_bytes", "set_threads"]
 
 # ggml name -> (elements per block, bytes per block)
 _BLOCKS: dict[str, tuple[int, int]] = {
@@ -33,6 +33,8 @@ _BLOCKS: dict[str, tuple[int, int]] = {
 }
 
 TYPES: frozenset[str] = frozenset(_BLOCKS)
+#: the types :func:`decode` has a compiled decoder for
+DECODES: frozenset[str] = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 
 _available: bool | None = None
 # One encode at a time: each call already runs on every thread it is given, and numba's fallback
@@ -137,4 +139,24 @@ def encode(ggml_name: str, x: np.ndarray, importance: np.ndarray | None = None, 
     kernel = _kernel(ggml_name, search)
     with _lock:
         kernel(np.ascontiguousarray(x), np.ascontiguousarray(qw), out)
+    return out
+
+
+def decode(ggml_name: str, raw: np.ndarray) -> np.ndarray:
+    """The float32 values ``[rows, cols]`` of encoded rows ``raw`` (``uint8 [rows, row_bytes]``),
+    as llama.cpp's ``dequantize_row_*`` computes them, for the types in :data:`DECODES`."""
+    if ggml_name not in DECODES:
+        raise ValueError(f"no compiled decoder for {ggml_name!r}; expected one of {', '.join(sorted(DECODES))}")
+    block, nbytes = _block(ggml_name)
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % nbytes:
+        raise ValueError(f"{ggml_name}: raw must be uint8 [rows, k * {nbytes}], got "
+                         f"{getattr(raw, 'dtype', type(raw).__name__)} {getattr(raw, 'shape', '')}")
+    if not available():
+        raise RuntimeError("qf_gguf.native needs numba (pip install 'numba>=0.60')")
+    from . import _kernels as k
+
+    out = np.empty((raw.shape[0], raw.shape[1] // nbytes * block), np.float32)
+    if out.size:
+        with _lock:
+            k.values_k(np.ascontiguousarray(raw), out, int(ggml_name[1]))
     return out

@@ -1252,3 +1252,80 @@ def _search_kernels() -> dict:
 
 #: ``rows_*`` kernel name → its search kernel
 SEARCH = {name: f for name, f in _search_kernels().items() if name.startswith("rows_")}
+
+
+# ---------------------------------------------------------------- decoders
+# ``dequantize_row_q{4,5,6}_K`` of ggml-quants.c: the values of encoded rows, in float32 as the C
+# computes them (``d * sc`` first, then times the code, minus ``dmin * m``). For AWQ's ranking of
+# candidates (the search kernels' bytes → values without a round trip through torch tensors).
+
+
+@njit
+def _scale_min_k4(y, j):
+    if j < 4:
+        return np.int64(y[4 + j]) & 63, np.int64(y[4 + j + 4]) & 63
+    sc = (np.int64(y[4 + j + 4]) & 0xF) | ((np.int64(y[4 + j - 4]) >> 6) << 4)
+    m = (np.int64(y[4 + j + 4]) >> 4) | ((np.int64(y[4 + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit
+def _k45_values(y, out, five):
+    d = fp16_to_fp32(np.int64(y[0]) | (np.int64(y[1]) << 8))
+    dmin = fp16_to_fp32(np.int64(y[2]) | (np.int64(y[3]) << 8))
+    qs = 48 if five else 16
+    for j in range(4):
+        sc1, m1 = _scale_min_k4(y, 2 * j)
+        sc2, m2 = _scale_min_k4(y, 2 * j + 1)
+        d1 = d * np.float32(sc1)
+        d2 = d * np.float32(sc2)
+        mm1 = dmin * np.float32(m1)
+        mm2 = dmin * np.float32(m2)
+        for l in range(32):
+            b = np.int64(y[qs + 32 * j + l])
+            q1 = b & 0xF
+            q2 = b >> 4
+            if five:
+                h = np.int64(y[16 + l])
+                q1 += 16 if h & (1 << (2 * j)) else 0
+                q2 += 16 if h & (2 << (2 * j)) else 0
+            out[64 * j + l] = d1 * np.float32(q1) - mm1
+            out[64 * j + 32 + l] = d2 * np.float32(q2) - mm2
+
+
+@njit
+def _q6_k_values(y, out):
+    d = fp16_to_fp32(np.int64(y[208]) | (np.int64(y[209]) << 8))
+    for n in range(2):
+        ql = 64 * n
+        qh = 128 + 32 * n
+        sc = 192 + 8 * n
+        for l in range(32):
+            s = l // 16
+            h = np.int64(y[qh + l])
+            a = np.int64(y[ql + l])
+            b = np.int64(y[ql + l + 32])
+            q1 = ((a & 0xF) | ((h & 3) << 4)) - 32
+            q2 = ((b & 0xF) | (((h >> 2) & 3) << 4)) - 32
+            q3 = ((a >> 4) | (((h >> 4) & 3) << 4)) - 32
+            q4 = ((b >> 4) | (((h >> 6) & 3) << 4)) - 32
+            o = 128 * n + l
+            out[o] = d * np.float32(i8(np.int64(y[sc + s]))) * np.float32(q1)
+            out[o + 32] = d * np.float32(i8(np.int64(y[sc + s + 2]))) * np.float32(q2)
+            out[o + 64] = d * np.float32(i8(np.int64(y[sc + s + 4]))) * np.float32(q3)
+            out[o + 96] = d * np.float32(i8(np.int64(y[sc + s + 6]))) * np.float32(q4)
+
+
+@pjit
+def values_k(raw, out, kind):
+    """Rows of Q4_K (``kind`` 4), Q5_K (5) or Q6_K (6) blocks → float32 values."""
+    nbytes = 144 if kind == 4 else (176 if kind == 5 else 210)
+    nb = raw.shape[1] // nbytes
+    for r in prange(raw.shape[0]):
+        for b in range(nb):
+            y = raw[r, nbytes * b:nbytes * b + nbytes]
+            o = out[r, QK_K * b:QK_K * b + QK_K]
+            if kind == 6:
+                _q6_k_values(y, o)
+            else:
+                _k45_values(y, o, kind == 5)
