@@ -7,6 +7,9 @@ encoders) or with one (the ``quantize_row_*_impl`` encoders; Q8_0 ignores it, as
 Rows are encoded in parallel (``numba.prange``; see :func:`set_threads`); the kernels are
 compiled on first use and cached on disk (numba's ``cache=True``).
 
+:func:`decode` reads Q4_K, Q5_K and Q6_K rows back to float32 values (llama.cpp's
+``dequantize_row_*``).
+
 numba is optional at import time: :func:`available` says whether it can be used.
 """
 
