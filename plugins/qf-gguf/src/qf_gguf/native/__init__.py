@@ -7,7 +7,7 @@ encoders) or with one (the ``quantize_row_*_impl`` encoders; Q8_0 ignores it, as
 Rows are encoded in parallel (``numba.prange``; see :func:`set_threads`); the kernels are
 compiled on first use and cached on disk (numba's ``cache=True``).
 
-:func:`decode` reads Q4_K, Q5_K and Q6_K rows back to float32 values (llama.cpp's
+:func:`decode` reads Q2_K … Q6_K rows back to float32 values (llama.cpp's
 ``dequantize_row_*``).
 
 numba is optional at import time: :func:`available` says whether it can be used.
@@ -37,7 +37,7 @@ _BLOCKS: dict[str, tuple[int, int]] = {
 
 TYPES: frozenset[str] = frozenset(_BLOCKS)
 #: the types :func:`decode` has a compiled decoder for
-DECODES: frozenset[str] = frozenset({"Q4_K", "Q5_K", "Q6_K"})
+DECODES: frozenset[str] = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
 
 _available: bool | None = None
 # One encode at a time: each call already runs on every thread it is given, and numba's fallback

@@ -1255,7 +1255,7 @@ SEARCH = {name: f for name, f in _search_kernels().items() if name.startswith("r
 
 
 # ---------------------------------------------------------------- decoders
-# ``dequantize_row_q{4,5,6}_K`` of ggml-quants.c: the values of encoded rows, in float32 as the C
+# ``dequantize_row_q{2,3,4,5,6}_K`` of ggml-quants.c: the values of encoded rows, in float32 as the C
 # computes them (``d * sc`` first, then times the code, minus ``dmin * m``). For AWQ's ranking of
 # candidates (the search kernels' bytes → values without a round trip through torch tensors).
 
@@ -1316,10 +1316,67 @@ def _q6_k_values(y, out):
             out[o + 96] = d * np.float32(i8(np.int64(y[sc + s + 6]))) * np.float32(q4)
 
 
+@njit
+def _q2_k_values(y, out):
+    d = fp16_to_fp32(np.int64(y[80]) | (np.int64(y[81]) << 8))
+    dmin = fp16_to_fp32(np.int64(y[82]) | (np.int64(y[83]) << 8))
+    o = 0
+    s = 0
+    for n in range(2):
+        q = 16 + 32 * n
+        for j in range(4):
+            shift = 2 * j
+            for half in range(2):
+                sc = np.int64(y[s])
+                s += 1
+                dl = d * np.float32(sc & 0xF)
+                ml = dmin * np.float32(sc >> 4)
+                for l in range(16):
+                    out[o] = dl * np.float32((np.int64(y[q + 16 * half + l]) >> shift) & 3) - ml
+                    o += 1
+
+
+@njit
+def _q3_k_scale(y, j):
+    g = j // 4
+    k = j % 4
+    hi = np.int64(y[104 + k])
+    if g == 0:
+        v = (np.int64(y[96 + k]) & 0xF) | ((hi & 3) << 4)
+    elif g == 1:
+        v = (np.int64(y[100 + k]) & 0xF) | (((hi >> 2) & 3) << 4)
+    elif g == 2:
+        v = (np.int64(y[96 + k]) >> 4) | (((hi >> 4) & 3) << 4)
+    else:
+        v = (np.int64(y[100 + k]) >> 4) | (((hi >> 6) & 3) << 4)
+    return v - 32
+
+
+@njit
+def _q3_k_values(y, out):
+    d = fp16_to_fp32(np.int64(y[108]) | (np.int64(y[109]) << 8))
+    o = 0
+    s = 0
+    m = 1
+    for n in range(2):
+        q = 32 + 32 * n
+        for j in range(4):
+            shift = 2 * j
+            for half in range(2):
+                dl = d * np.float32(_q3_k_scale(y, s))
+                s += 1
+                for l in range(16):
+                    i = 16 * half + l
+                    h = 0 if np.int64(y[i]) & m else 4
+                    out[o] = dl * np.float32(((np.int64(y[q + i]) >> shift) & 3) - h)
+                    o += 1
+            m <<= 1
+
+
 @pjit
 def values_k(raw, out, kind):
-    """Rows of Q4_K (``kind`` 4), Q5_K (5) or Q6_K (6) blocks → float32 values."""
-    nbytes = 144 if kind == 4 else (176 if kind == 5 else 210)
+    """Rows of Q2_K … Q6_K blocks (``kind`` 2 … 6) → float32 values."""
+    nbytes = (84, 110, 144, 176, 210)[kind - 2]
     nb = raw.shape[1] // nbytes
     for r in prange(raw.shape[0]):
         for b in range(nb):
@@ -1327,5 +1384,9 @@ def values_k(raw, out, kind):
             o = out[r, QK_K * b:QK_K * b + QK_K]
             if kind == 6:
                 _q6_k_values(y, o)
+            elif kind == 2:
+                _q2_k_values(y, o)
+            elif kind == 3:
+                _q3_k_values(y, o)
             else:
                 _k45_values(y, o, kind == 5)
