@@ -1317,23 +1317,28 @@ def _q6_k_values(y, out):
 
 
 @njit
-def _q2_k_values(y, out):
+def _low2_codes(y, qs, codes):
+    """The 2-bit codes of Q2_K's and Q3_K's ``qs[64]`` (at ``y[qs]``) in value order: 128-value
+    halves of 32 bytes, four 2-bit planes each, every plane two runs of 16 bytes."""
+    o = 0
+    for n in range(2):
+        for j in range(4):
+            for i in range(32):
+                codes[o] = (np.int64(y[qs + 32 * n + i]) >> (2 * j)) & 3
+                o += 1
+
+
+@njit
+def _q2_k_values(y, out, codes):
     d = fp16_to_fp32(np.int64(y[80]) | (np.int64(y[81]) << 8))
     dmin = fp16_to_fp32(np.int64(y[82]) | (np.int64(y[83]) << 8))
-    o = 0
-    s = 0
-    for n in range(2):
-        q = 16 + 32 * n
-        for j in range(4):
-            shift = 2 * j
-            for half in range(2):
-                sc = np.int64(y[s])
-                s += 1
-                dl = d * np.float32(sc & 0xF)
-                ml = dmin * np.float32(sc >> 4)
-                for l in range(16):
-                    out[o] = dl * np.float32((np.int64(y[q + 16 * half + l]) >> shift) & 3) - ml
-                    o += 1
+    _low2_codes(y, 16, codes)
+    for s in range(16):
+        sc = np.int64(y[s])
+        dl = d * np.float32(sc & 0xF)
+        ml = dmin * np.float32(sc >> 4)
+        for l in range(16):
+            out[16 * s + l] = dl * np.float32(codes[16 * s + l]) - ml
 
 
 @njit
@@ -1353,24 +1358,16 @@ def _q3_k_scale(y, j):
 
 
 @njit
-def _q3_k_values(y, out):
+def _q3_k_values(y, out, codes):
     d = fp16_to_fp32(np.int64(y[108]) | (np.int64(y[109]) << 8))
-    o = 0
-    s = 0
-    m = 1
-    for n in range(2):
-        q = 32 + 32 * n
-        for j in range(4):
-            shift = 2 * j
-            for half in range(2):
-                dl = d * np.float32(_q3_k_scale(y, s))
-                s += 1
-                for l in range(16):
-                    i = 16 * half + l
-                    h = 0 if np.int64(y[i]) & m else 4
-                    out[o] = dl * np.float32(((np.int64(y[q + i]) >> shift) & 3) - h)
-                    o += 1
-            m <<= 1
+    _low2_codes(y, 32, codes)
+    for s in range(16):
+        dl = d * np.float32(_q3_k_scale(y, s))
+        m = 1 << (s // 2)  # the hmask bit of this plane
+        for l in range(16):
+            i = 16 * (s % 2) + l
+            h = 0 if np.int64(y[i]) & m else 4
+            out[16 * s + l] = dl * np.float32(codes[16 * s + l] - h)
 
 
 @pjit
@@ -1379,14 +1376,15 @@ def values_k(raw, out, kind):
     nbytes = (84, 110, 144, 176, 210)[kind - 2]
     nb = raw.shape[1] // nbytes
     for r in prange(raw.shape[0]):
+        codes = np.empty(QK_K, np.int64)
         for b in range(nb):
             y = raw[r, nbytes * b:nbytes * b + nbytes]
             o = out[r, QK_K * b:QK_K * b + QK_K]
             if kind == 6:
                 _q6_k_values(y, o)
             elif kind == 2:
-                _q2_k_values(y, o)
+                _q2_k_values(y, o, codes)
             elif kind == 3:
-                _q3_k_values(y, o)
+                _q3_k_values(y, o, codes)
             else:
                 _k45_values(y, o, kind == 5)
