@@ -21,33 +21,38 @@ class TestTritonWA16Interpreted(KernelConformance):
 
 def test_every_gemv_against_float64() -> None:
     """Each GEMV (``fma``, ``dot``, ``dot_t`` — the dispatch picks ``dot_t`` only where a
-    device's tuned table says so, so the kit alone would not run it here) on asymmetric,
-    symmetric and (``fma``) fractional zero points, with and without bias and a split of the
-    input dimension, against the float64 product within the kit's bound."""
+    device's tuned table says so, so the kit alone would not run it here) on 4- and 8-bit codes
+    (8 bits in bfloat16: the tensor-core GEMVs' float32 decode; else their 16-bit one), with
+    asymmetric, symmetric and (``fma``) fractional zero points, with and without bias and a
+    split of the input dimension, against the float64 product within the kit's bound."""
     from qf_triton.gemv import GemvConfig, gemv
     from qf_triton.wa16 import repack
     from quantfoundry.testing.conformance import KERNEL_TOLERANCE
 
     g = torch.Generator().manual_seed(0)
     n, k = 96, 512
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    s = (torch.rand(n, k // 128, generator=g) * 0.01 + 1e-3).half()
-    zeros = {"asym": torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.uint8), "sym": None,
-             "fractional": (torch.rand(n, k // 128, generator=g) * 15).half()}
-    for zname, z in zeros.items():
-        p = repack(codes, s, z, 4, 128, int_zero=zname != "fractional")
-        zf = torch.full_like(s, 8.0, dtype=torch.float32) if z is None else z.float()
-        w = ((codes.double().view(n, -1, 128) - zf.double()[..., None]) * s.double()[..., None]).view(n, k)
-        for kind in ("fma", "dot", "dot_t"):
-            if kind != "fma" and zname == "fractional":
-                continue
-            for m in (1, 3) if kind == "fma" else (1, 5, 16):
-                for dtype in (torch.float32, torch.bfloat16) if kind == "fma" else (torch.float16, torch.bfloat16):
-                    x = torch.randn(m, k, generator=g).to(dtype)
-                    for b in (None, torch.randn(n, generator=g).to(dtype)):
-                        for split in (1, 2):
-                            y = gemv(x, p, b, GemvConfig(kind, 64, 128, split, 4, 2), interpreting=True)
-                            exact = x.double() @ w.T + (0 if b is None else b.double())
-                            mag = x.double().abs() @ w.abs().T + (0 if b is None else b.double().abs())
-                            err = (y.double() - exact).abs()
-                            assert bool((err <= KERNEL_TOLERANCE[dtype] * mag + 1e-6).all()), (kind, zname, m, dtype, split)
+    for bits in (4, 8):
+        top = 1 << bits
+        codes = torch.randint(0, top, (n, k), generator=g, dtype=torch.uint8)
+        s = (torch.rand(n, k // 128, generator=g) * 0.01 + 1e-3).half()
+        zeros = {"asym": torch.randint(0, top, (n, k // 128), generator=g, dtype=torch.uint8), "sym": None,
+                 "fractional": (torch.rand(n, k // 128, generator=g) * (top - 1)).half()}
+        for zname, z in zeros.items():
+            p = repack(codes, s, z, bits, 128, int_zero=zname != "fractional")
+            zf = torch.full_like(s, top / 2, dtype=torch.float32) if z is None else z.float()
+            w = ((codes.double().view(n, -1, 128) - zf.double()[..., None]) * s.double()[..., None]).view(n, k)
+            for kind in ("fma", "dot", "dot_t"):
+                if kind != "fma" and zname == "fractional":
+                    continue
+                bk = 128 if kind == "fma" or bits == 4 else 64  # 16 rows of words
+                for m in (1, 3) if kind == "fma" else (1, 5, 16):
+                    for dtype in (torch.float32, torch.bfloat16) if kind == "fma" else (torch.float16, torch.bfloat16):
+                        x = torch.randn(m, k, generator=g).to(dtype)
+                        for b in (None, torch.randn(n, generator=g).to(dtype)):
+                            for split in (1, 2):
+                                y = gemv(x, p, b, GemvConfig(kind, 64, bk, split, 4, 2), interpreting=True)
+                                exact = x.double() @ w.T + (0 if b is None else b.double())
+                                mag = x.double().abs() @ w.abs().T + (0 if b is None else b.double().abs())
+                                err = (y.double() - exact).abs()
+                                ok = bool((err <= KERNEL_TOLERANCE[dtype] * mag + 1e-6).all())
+                                assert ok, (bits, kind, zname, m, dtype, split)
