@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -35,9 +36,7 @@ ROWS = {"fma": (1, 4), "dot": (1, 4, 16), "dot_t": (1, 4, 16)}
 def candidates(kind: str) -> list[dict]:
     if kind == "fma":
         grid = itertools.product((64, 128, 256), (32, 64, 128), (2, 4), (1, 2, 3))
-    elif kind == "dot":
-        grid = itertools.product((32, 64, 128), (128,), (2, 4, 8), (2, 3, 4))
-    else:  # the weight as the first operand: 64-row multiples for Hopper's warpgroup MMA
+    else:  # dot_t: the weight as the first operand, 64-row multiples for Hopper's warpgroup MMA
         grid = itertools.product((64, 128, 256), (128,), (4, 8), (2, 3, 4))
     return [{"bn": bn, "bk": bk, "warps": w, "stages": st} for bn, bk, w, st in grid]
 
@@ -76,33 +75,53 @@ def timed(fn) -> float:
     return 1e3 * timed_ms(lambda _: fn(), None, reps=5, inner=10)
 
 
-def write_table(results: dict[str, dict[str, float]], name: str, path: Path | None) -> dict[str, dict]:
-    """Per tuned bucket and shape class, the tile with the smallest mean of time / best time
-    over the class's shapes, into the device's section of ``tuned.json``."""
+def _timings(row: dict[str, float], kind: str) -> dict[tuple, tuple[float, int]]:
+    """A shape's timings of ``kind``: per tile (bn, bk, warps, stages), its best µs over the
+    splits tried and that split."""
+    best: dict[tuple, tuple[float, int]] = {}
+    for key, us in row.items():
+        if not key.startswith("{"):
+            continue
+        c = json.loads(key)
+        if c["kind"] != kind:
+            continue
+        tile = (c["bn"], c["bk"], c["warps"], c["stages"])
+        if tile not in best or us < best[tile][0]:
+            best[tile] = (us, c["split"])
+    return best
+
+
+def write_table(results: dict[str, dict[str, float]], name: str, path: Path | None, sms: int) -> dict[str, dict]:
+    """Per tuned bucket and shape class, the tile (each shape at its best split) with the
+    smallest mean of time / best time over the class's shapes, into the device's section of
+    ``tuned.json``. The split is kept as ``waves``, programs per SM (the geometric mean over the
+    class's shapes of output tiles × best split / SMs): :func:`qf_triton.configs.split_for`
+    turns it back into a split for any shape."""
     from qf_triton.configs import TUNED, rows_bucket, shape_class
 
     table_path = path or TUNED
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     entries: dict[str, dict] = {}
-    classes: dict[str, list[dict[str, float]]] = {}
+    classes: dict[str, list[tuple[int, float, dict[tuple, tuple[float, int]]]]] = {}
     for key, row in results.items():
         label, m = key.split("|")
         n, k = SHAPES[label]
         for kind in ROWS:
-            timings = {c: v for c, v in row.items() if c.startswith('{"kind": "' + kind)}
+            timings = _timings(row, kind)
             if timings:
-                best = min(timings.values())
                 classes.setdefault(f"{kind}|{rows_bucket(int(m))}|{shape_class(n)}|{shape_class(k)}|4", []).append(
-                    {c: (v / best, row["cublas_fp16_us"] / v) for c, v in timings.items()})
+                    (n, row["cublas_fp16_us"], timings))
     for ckey, rows in classes.items():
-        seen = set.union(*(set(r) for r in rows))  # a tile a shape could not run counts as 3x its best
-        score = {c: sum(r[c][0] if c in r else 3.0 for r in rows) / len(rows) for c in seen}
+        seen = set.union(*(set(t) for _, _, t in rows))  # a tile a shape could not run counts as 3x its best
+        best = [min(us for us, _ in t.values()) for _, _, t in rows]
+        score = {c: sum(t[c][0] / b if c in t else 3.0 for (_, _, t), b in zip(rows, best)) / len(rows) for c in seen}
         chosen = min(score, key=score.get)
-        choice = json.loads(chosen)
-        choice.pop("kind")
-        speedup = sum(r[chosen][1] if chosen in r else 0.0 for r in rows) / len(rows)
-        entries[ckey] = {**choice, "mean_over_best": round(score[chosen], 3), "vs_cublas": round(speedup, 3),
-                         "shapes": len(rows)}
+        bn, bk, warps, stages = chosen
+        ran = [(n, cublas, t[chosen]) for n, cublas, t in rows if chosen in t]
+        waves = math.exp(sum(math.log(-(-n // bn) * split / sms) for n, _, (_, split) in ran) / len(ran))
+        speedup = sum(cublas / us for _, cublas, (us, _) in ran) / len(rows)
+        entries[ckey] = {"bn": bn, "bk": bk, "warps": warps, "stages": stages, "waves": round(waves, 3),
+                         "mean_over_best": round(score[chosen], 3), "vs_cublas": round(speedup, 3), "shapes": len(rows)}
     table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))  # classes this run measured replace theirs
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return entries
@@ -153,13 +172,13 @@ def main() -> None:
                             print(f"WRONG {key} {cfg}: {err:.2e}", flush=True)
                             continue
                         row[json.dumps({"kind": kind, **c, "split": split})] = timed(lambda: gemv(x, p, None, cfg))
-                best = min((v, cfg) for cfg, v in row.items() if cfg.startswith('{"kind": "' + kind))
+                best = min((us, (kind, *tile, split)) for tile, (us, split) in _timings(row, kind).items())
                 print(f"{key:>28} {kind}: cuBLAS {row['cublas_fp16_us']:6.1f} us, best {best[0]:6.1f} us "
                       f"({row['cublas_fp16_us'] / best[0]:.2f}x) {best[1]}", flush=True)
         del p, w, wh
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": results}, indent=1))
-        entries = write_table(results, name, args.table)  # after every shape: a cut run keeps what it measured
+        entries = write_table(results, name, args.table, sms)  # after every shape: a cut run keeps what it measured
     print(f"wrote {len(entries)} entries for {name} in {time.time() - t0:.0f} s")
 
 

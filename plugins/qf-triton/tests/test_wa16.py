@@ -74,10 +74,11 @@ def test_serves_and_hands_large_calls_on() -> None:
 
 
 def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
-    """1-16 rows of 16-bit inputs: the tensor-core GEMV where a step of 128 codes stays in a
-    group and zero points are integers; else 1-4 rows: the CUDA-core GEMV; else the tiled
-    kernel. Splits cut the input into whole steps."""
-    from qf_triton.configs import pick
+    """1-16 rows of 16-bit inputs: the tensor-core GEMV (weight first, untuned) where a step of
+    128 codes stays in a group and zero points are integers; else 1-4 rows: the CUDA-core GEMV;
+    else the tiled kernel. Splits cut the input into whole steps, as near the tuned programs
+    per SM as powers of two come."""
+    from qf_triton.configs import pick, split_for
     from qf_triton.gemv import GemvConfig
     from qf_triton.wa16 import Config, repack
 
@@ -96,9 +97,16 @@ def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
         assert pick(m, packed(32), 132, torch.float16, "no such device").kind == "fma"
     for m in (1, 5, 16):
         cfg = pick(m, p, 132, torch.bfloat16, "no such device")
-        assert isinstance(cfg, GemvConfig) and cfg.kind == "dot" and cfg.bk == 128, (m, cfg)
+        assert isinstance(cfg, GemvConfig) and cfg.kind == "dot_t" and cfg.bk == 128, (m, cfg)
+        assert 1024 % (cfg.split * cfg.bk) == 0
     assert isinstance(pick(8, p, 132, torch.float32, "no such device"), Config)
     assert isinstance(pick(17, p, 132, torch.float16, "no such device"), Config)
     assert isinstance(pick(8, packed(32), 132, torch.float16, "no such device"), Config)  # a step spans groups
     assert isinstance(pick(8, packed(128, int_zero=False), 132, torch.float16, "no such device"), Config)
     assert pick(1, packed(32), 132, torch.float16, "no such device").bk == 32
+    # 448 output tiles at ~4.7 programs per SM: 1.4 slices wanted, 1 is nearer in ratio than 2;
+    # 64 tiles at 1.7: 3.5 wanted, 4; a split must leave whole steps (64 steps: at most 16 here)
+    assert split_for(448, 64, 4.674, 132) == 1
+    assert split_for(64, 64, 1.697, 132) == 4
+    assert split_for(8, 64, 4.0, 132) == 16
+    assert split_for(8, 6, 4.0, 132) == 2

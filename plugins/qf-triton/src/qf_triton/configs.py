@@ -1,20 +1,22 @@
 """Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
-* 1–16 rows of 16-bit inputs: the tensor-core GEMV (:func:`qf_triton.gemv._gemv` with ``TC``, or
-  ``_gemv_dot_t`` with the operands swapped where ``tuned.json`` measured it faster) when a
-  step of its codes (128 input columns at 4 bits) stays in one group and the zero points are
-  integers — on the H100 it took no longer at 8 rows than the CUDA-core GEMV at one on every
-  Llama-3 shape but the two smallest, and the CUDA-core one loses from 2 rows on
-  (``benchmarks/results/cuda/w4a16_tune_h100.json``);
+* 1–16 rows of 16-bit inputs: a tensor-core GEMV — ``dot_t`` (:func:`qf_triton.gemv._gemv_dot`
+  with the decoded weight as the first operand), or ``dot`` where ``tuned.json`` measured it
+  faster — when a step of its codes (128 input columns at 4 bits) stays in one group and the
+  zero points are integers. On the H200 ``dot_t`` was the faster of the two on every Llama-3
+  shape and row count, and the CUDA-core GEMV slower than both
+  (``benchmarks/results/cuda/w4a16_tune_h200.json``);
 * otherwise 1–4 rows (float32 inputs, small groups, float16 zero points): the CUDA-core GEMV
-  (``_gemv`` without ``TC``);
+  (``fma``, :func:`qf_triton.gemv._gemv`);
 * the rest: the tiled kernel (:func:`qf_triton.wa16.matmul`), its input dimension split only
   when the output has few tiles.
 
 The GEMVs' tiles come from ``tuned.json`` — measured by ``benchmarks/w4a16_tune.py`` on a
-device of that name, per row bucket (the nearest tuned one where the call's was not) and shape class (output and input features, each "s"
-under 2048, "m" under 8192, "l" above) — or, on other devices and shapes, from the defaults
-below. ``split`` is re-derived for the call's shape when the tuned one does not divide it.
+device of that name, per row bucket (the nearest tuned one where the call's was not) and shape
+class (output and input features, each "s" under 2048, "m" under 8192, "l" above) — or, on
+other devices and shapes, from the defaults below. The split of the input dimension is kept
+there as ``waves``, programs per SM, and :func:`split_for` turns it into a split for the
+call's shape.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def _split(tiles: int, steps: int, sms: int, most: int = 16) -> int:
     return split
 
 
+def split_for(tiles: int, steps: int, waves: float, sms: int) -> int:
+    """The power-of-two split (1–16, of ``steps`` steps into whole steps) whose launch of
+    ``tiles × split`` programs comes nearest (in ratio) to ``waves`` programs per SM."""
+    want = waves * sms / tiles
+    best = 1
+    for split in (2, 4, 8, 16):
+        if steps % split == 0 and abs(math.log(split / want)) < abs(math.log(best / want)):
+            best = split
+    return best
+
+
 def _fits(split: int, k: int, bk: int) -> bool:
     return split >= 1 and k % (split * bk) == 0
 
@@ -70,10 +83,11 @@ def _tuned_entry(kind: str, m: int, p: Packed, device_name: str) -> dict | None:
 def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfig | None:
     per = 32 // p.bits
     if kind in ("dot", "dot_t"):
-        bk = 16 * per  # 16 rows of words: one tensor-core K step per code position
+        bk = 16 * per  # 16 rows of words per step
         if p.group % bk or not p.int_zero:
             return None
-        default = {"bn": 64 if kind == "dot" else 128, "warps": 4, "stages": 3}
+        wide = p.n >= 2048
+        default = {"bn": 128 if wide else 64, "warps": 8 if wide else 4, "stages": 3, "waves": 2.0}
     else:
         bk = min(128, p.group & -p.group, 16 * per)  # a power of two dividing the group
         if bk < per:
@@ -84,9 +98,12 @@ def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfi
     bk = cfg.get("bk", bk)
     if p.group % bk or bk % per or p.k % bk:
         return None
+    tiles = -(-p.n // cfg["bn"])
     split = cfg.get("split")
-    if split is None or not _fits(split, p.k, bk):
-        split = _split(-(-p.n // cfg["bn"]), p.k // bk, sms)
+    if "waves" in cfg:
+        split = split_for(tiles, p.k // bk, cfg["waves"], sms)
+    elif split is None or not _fits(split, p.k, bk):
+        split = _split(tiles, p.k // bk, sms)
     return GemvConfig(kind, cfg["bn"], bk, split, cfg["warps"], cfg["stages"])
 
 
@@ -107,10 +124,10 @@ def _tiled(m: int, n: int, k: int, group: int, sms: int) -> Config:
 def pick(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str) -> Config | GemvConfig:
     cfg = None
     if m <= 16 and dtype != torch.float32:
-        # the tensor-core GEMV in the operand order that measured faster here (tuned.json)
+        # the tensor-core GEMV, weight first unless tuned.json measured the other order faster here
         t, plain = _tuned_entry("dot_t", m, p, device_name), _tuned_entry("dot", m, p, device_name)
-        swapped = t is not None and t.get("vs_cublas", 0) > (plain or {}).get("vs_cublas", 0)
-        cfg = _gemv("dot_t" if swapped else "dot", m, p, sms, device_name)
+        unswapped = plain is not None and plain.get("vs_cublas", 0) > (t or {}).get("vs_cublas", 0)
+        cfg = _gemv("dot" if unswapped else "dot_t", m, p, sms, device_name)
     if cfg is None and m <= 4:
         cfg = _gemv("fma", m, p, sms, device_name)
     return cfg if cfg is not None else _tiled(m, p.n, p.k, p.group, sms)

@@ -2,8 +2,9 @@
 columns, or per channel; symmetric or asymmetric, integer or float16 zero points; act-order)
 with 16/32-bit float inputs, the dequantization fused into the matmul (:mod:`qf_triton.wa16`).
 
-``prepare`` repacks our codes once (``[K / 8, N]`` int32 words, scales and zero points as
-``[groups, N]`` float32): a tile then loads along ``N``, contiguously. Weights whose shapes the
+``prepare`` repacks our codes once (:func:`qf_triton.wa16.repack`: int32 words along the input
+dimension in blocks of output columns, scales and float16 zero points as ``[groups, N]``): a
+tile then loads along ``N``, contiguously. Weights whose shapes the
 kernels do not tile (input features not a multiple of 16) are dequantized as the reference
 kernel does. Calls with more than ``max_tokens`` rows go to the next kernel (dequantize +
 cuBLAS) — :meth:`Kernel.serves` with ``tokens``.
@@ -24,8 +25,9 @@ BITS = (4, 8)
 
 @dataclass(frozen=True, kw_only=True)
 class TritonWA16Options(qf.Options):
-    max_tokens: int = field(default=128, metadata={
-        "help": "calls with more rows (batch x sequence) go to the next kernel (dequantize + cuBLAS)"})
+    max_tokens: int = field(default=16, metadata={
+        "help": "calls with more rows (batch x sequence) go to the next kernel (dequantize + cuBLAS): above 16 "
+                "the tiled kernel measured slower than cuBLAS on the H100"})
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -40,9 +42,10 @@ class TritonWA16(qf.Kernel):
     name = "triton-w4a16"
     description = "4/8-bit integer weights x fp16/bf16/fp32 inputs, dequantization fused into a Triton GEMM/GEMV"
     Options = TritonWA16Options
-    #: opt-in (``--kernel triton-w4a16``) until its H100 run is recorded in docs/benchmarks.md;
-    #: then 20, ahead of torch-int4 and the reference
-    priority = -2
+    #: ahead of the reference kernel (dequantize + cuBLAS) up to ``max_tokens``, behind
+    #: ``torch-int4`` (tinygemm, 10) on its one grid, which it beats at a single token on the H100
+    #: (docs/benchmarks.md, "W4A16 GEMVs for decoding")
+    priority = 5
     examples = ("int4-g128", "int4-g32-sym", "int8-g128", "int8")
 
     options: TritonWA16Options
