@@ -16,7 +16,7 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-example-plugin"}
+              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-quip", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")

@@ -1,0 +1,132 @@
+"""QuIP#'s E8P12 codebook (``qf_quip.e8p``) and the format ``e8p``, against independent oracles:
+the codebook rebuilt as QuIP#'s reference code builds it (its steps, literally), lattice
+membership, and brute-force nearest search over all 65,536 points."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import quantfoundry as qf
+import torch
+from qf_quip import e8p
+
+
+def reference_packed_abs_grid() -> list[int]:
+    """QuIP#'s ``get_packed_abs_grid``: D8 + 1/2 vectors with an even sum and squared norm ≤ 10
+    (enumerated from coordinates in ±{1/2, 3/2, 5/2}: a 7/2 alone has norm > 10 with the rest),
+    their absolute values made unique (lexicographic), then the 29 of norm 12; columns in the
+    order (0, 2, 1, 3, 4, 6, 5, 7), the last negated where the sum is odd, times 4 as int8 bytes."""
+    vals = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
+    d8 = np.array(list(itertools.product(vals, repeat=8)))
+    keep = (d8.sum(1) % 2 == 0) & ((d8 * d8).sum(1) <= 10)
+    d8abs = np.unique(np.abs(d8[keep]), axis=0)
+    cba = np.concatenate([d8abs, np.array(e8p.NORM12) / 2])[:, [0, 2, 1, 3, 4, 6, 5, 7]]
+    cba[:, 7] *= 1 - 2 * (cba.sum(1) % 2)
+    out = []
+    for row in (cba * 4).astype(np.int64):
+        acc = 0
+        for i, v in enumerate(row):
+            acc |= (int(v) & 0xFF) << (8 * i)
+        out.append(acc)
+    return out
+
+
+def reference_point(code: int, packed: list[int]) -> list[float]:
+    """QuIP#'s ``get_full_grid`` for one code, step by step."""
+    shuffle = [0, 2, 1, 3, 4, 6, 5, 7]
+    signs, idx = code & 255, code >> 8
+    parity = 0
+    for i in range(8):
+        parity ^= (signs >> i) & 1
+    signs ^= parity
+    out = []
+    for i in range(8):
+        ii = shuffle[i]
+        byte = (packed[idx] >> (8 * ii)) & 255
+        v = (byte - 256 if byte >= 128 else byte) / 4  # the byte as an int8
+        if (signs >> (7 - ii)) & 1:
+            v = -v
+        out.append(float(v) + (-0.25 if parity else 0.25))
+    return out
+
+
+def test_table_is_quip_sharps_codebook() -> None:
+    packed = reference_packed_abs_grid()
+    assert len(packed) == 256 and len(e8p.abs_patterns()) == 256
+    table = e8p.table()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.cat([torch.arange(512), torch.arange(65536 - 512, 65536),
+                       torch.randint(0, 65536, (3000,), generator=g)]).tolist()
+    ref = torch.tensor([reference_point(c, packed) for c in codes])
+    assert torch.equal(table[codes], ref)
+
+
+def test_codebook_is_a_subset_of_shifted_e8() -> None:
+    t = e8p.table().double()
+    assert torch.unique(t, dim=0).shape[0] == 65536
+    v = t - 0.25
+    integer = (v == v.round()).all(1)
+    half = (v - 0.5 == (v - 0.5).round()).all(1)
+    assert bool((integer | half).all()) and bool((v.sum(1).remainder(2) == 0).all())
+    assert int(integer.sum()) == 32768  # the −1/4 half of the codes
+    norms = ((t - 0.25 * torch.where(integer, -1.0, 1.0)[:, None]) ** 2).sum(1)
+    assert norms.max() == 12 and norms.min() == 2
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 1.5, 4.0])
+def test_nearest_is_the_brute_force_nearest(scale: float) -> None:
+    g = torch.Generator().manual_seed(int(scale * 10))
+    x = torch.randn(1500, 8, generator=g) * scale
+    x[:50] = e8p.table()[torch.randint(0, 65536, (50,), generator=g)]  # on the codebook itself
+    x[50:60] = 0.0
+    codes = e8p.nearest(x).long()
+    d = torch.cdist(x.double(), e8p.table().double()) ** 2
+    best = d.min(1).values
+    assert torch.allclose(d.gather(1, codes[:, None]).squeeze(1), best, atol=1e-9, rtol=0)
+    assert torch.equal(e8p.decode(codes[:50]), x[:50])  # a point rounds to itself
+
+
+def test_format_roundtrip_and_storage() -> None:
+    fmt = qf.resolve_format("e8p")
+    row = qf.resolve_format("e8p-row")
+    assert fmt.block_width == 8 and fmt.spec == "e8p" and row.spec == "e8p-row"
+    assert fmt.bits_per_weight((512, 1024)) == pytest.approx(2 + 32 / (512 * 1024))
+    assert row.bits_per_weight((512, 1024)) == pytest.approx(2 + 32 / 1024)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 256, generator=g) * 0.02
+    for f in (fmt, row):
+        qw = f.quantize(w)
+        scale = (w.square().mean() if f is fmt else w.square().mean(1, keepdim=True)).sqrt() / e8p.OPT_SCALE
+        expect = e8p.decode(e8p.nearest((w / scale).reshape(-1, 8))).reshape(96, 256) * scale
+        assert torch.allclose(qw.dequantize(), expect, atol=1e-9, rtol=0)
+        assert qw.codes().shape == (96, 32) and qw.nbytes() == f.nbytes((96, 256))
+        # QuIP#'s E8P12 on Gaussian weights: relative squared error about 0.09
+        assert 0.07 < float(((qw.dequantize() - w) ** 2).sum() / (w ** 2).sum()) < 0.11
+    zero = fmt.quantize(torch.zeros(8, 64)).dequantize()
+    assert torch.equal(zero, torch.zeros(8, 64))
+
+
+def test_blockldlq_through_the_core_loop() -> None:
+    """The core's LDLQ loop with ``e8p`` (8 columns rounded jointly) lowers the proxy loss
+    ``tr(E H Eᵀ)`` below rounding each vector to nearest, for inputs with correlated columns."""
+    from quantfoundry.toolkit.ldlq import Segment, ldlq_solve
+
+    g = torch.Generator().manual_seed(1)
+    n, rows = 128, 64
+    mix = torch.randn(n, n, generator=g) / math.sqrt(n) + torch.eye(n)
+    x = torch.randn(2048, n, generator=g) @ mix
+    h = (x.T @ x / x.shape[0]).double()
+    w = torch.randn(rows, n, generator=g)
+    fmt = qf.resolve_format("e8p")
+    res = ldlq_solve(w, h.float(), [Segment(0, rows, fmt)], damp_percent=0.01)
+    rtn = fmt.quantize(w).dequantize().double()
+    ldl = res.values.double()
+
+    def proxy(v: torch.Tensor) -> float:
+        e = v - w.double()
+        return float(torch.trace(e @ h @ e.T))
+
+    assert proxy(ldl) < 0.8 * proxy(rtn)
