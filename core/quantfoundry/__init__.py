@@ -49,14 +49,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .roles.kernel import Kernel, QuantLinear
     from .roles.plan import QuantPlan, TensorPlan
     from .roles.quantizer import Quantizer, Transform
+    from .roles.weight_transform import HadamardTransform, WeightTransform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActQuant", "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
-    "Exporter", "Format", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "QFError", "QuantContext",
+    "Exporter", "Format", "HadamardTransform", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "QFError", "QuantContext",
     "QuantLinear", "QuantPlan", "QuantizedWeight", "Quantizer", "ReferenceModel", "TensorPlan", "Transform",
-    "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
+    "WeightTransform", "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
 ]
 
 # imported on first use (PEP 562), so ``qf --help`` and a Ctrl-C during start-up do not wait for torch
@@ -71,6 +72,7 @@ _LAZY = {
     "Params": "roles.format", "QuantizedWeight": "roles.format", "Kernel": "roles.kernel",
     "QuantLinear": "roles.kernel", "QuantPlan": "roles.plan", "TensorPlan": "roles.plan",
     "Quantizer": "roles.quantizer", "Transform": "roles.quantizer",
+    "HadamardTransform": "roles.weight_transform", "WeightTransform": "roles.weight_transform",
 }
 
 

@@ -32,6 +32,7 @@ from ..hookspecs import hookimpl
 from ..roles.activation import ActQuant
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
+from ..roles.weight_transform import transform_from_stored
 from ..roles.plan import QuantPlan
 from ..toolkit.checkpoint import (
     CheckpointOptions,
@@ -52,6 +53,7 @@ class QFExporter(Exporter):
     Options = CheckpointOptions
     default_format = "int4-g128"
     stores_permutation = True
+    stores_transforms = frozenset({"rht"})
     can_load = True
 
     options: CheckpointOptions
@@ -80,11 +82,16 @@ class QFExporter(Exporter):
                 entries[f"{name}{QF}perm"] = tensor.perm.to(torch.int32)
             if tensor.input_scale is not None:
                 entries[f"{name}{QF}input_scale"] = tensor.input_scale
+            for i, t in enumerate(tensor.transforms):
+                entries.update({f"{name}{QF}transform{i}.{k}": v for k, v in t.tensors().items()})
             self.tensors[name] = {
                 "format": tensor.format.to_json(), "shape": list(tensor.shape),
                 "dtype": str(tensor.dtype).removeprefix("torch."), "params": sorted(tensor.params),
                 "perm": tensor.perm is not None, "tensor_params": sorted(tensor.tensor_params),
             }
+            if tensor.transforms:
+                self.tensors[name]["transforms"] = [{"info": t.to_json(), "tensors": sorted(t.tensors())}
+                                                    for t in tensor.transforms]
             if tensor.input_quant is not None:
                 self.tensors[name]["input_quant"] = tensor.input_quant.to_json()
         else:
@@ -149,6 +156,8 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
         act = ActQuant.from_json(info["input_quant"]) if info.get("input_quant") else None
         if act is not None and not act.dynamic:
             keys.append(f"{name}{QF}input_scale")
+        transforms = info.get("transforms", [])
+        keys += [f"{name}{QF}transform{i}.{k}" for i, t in enumerate(transforms) for k in t["tensors"]]
         stored = source.read(keys)
         fmt = format_from_json(info["format"])
         qw = QuantizedWeight(
@@ -157,6 +166,9 @@ def load_qf_artifact(folder: Path, *, device: torch.device, kernel: str | None =
             stored[f"{name}{QF}perm"].to(torch.int64) if info.get("perm") else None,
             tensor_params={p: stored[f"{name}{QF}tensor.{p}"] for p in tparams}, input_quant=act,
             input_scale=stored.get(f"{name}{QF}input_scale"),
+            transforms=tuple(transform_from_stored(t["info"], {k: stored[f"{name}{QF}transform{i}.{k}"]
+                                                               for k in t["tensors"]})
+                             for i, t in enumerate(transforms)),
         ).to(device)
         module_name = name.removesuffix(".weight")
         swap_in(model, module_name, qw, select_kernels(fmt, device, kernel))

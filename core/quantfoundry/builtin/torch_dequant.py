@@ -29,6 +29,7 @@ class TorchDequantKernel(Kernel):
     description = "reference kernel: dequantize with the format's own decode, then F.linear (any format, any device)"
     Options = TorchDequantOptions
     priority = 0
+    weight_transforms = "dense"  # the dequantized weight is the original one
 
     options: TorchDequantOptions
 

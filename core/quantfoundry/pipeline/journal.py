@@ -33,6 +33,7 @@ import torch
 from ..errors import UsageError
 from ..formats import format_from_json
 from ..roles.activation import ActQuant
+from ..roles.weight_transform import transform_from_stored
 from ..roles.format import QuantizedWeight
 
 Entry = tuple[str, "torch.Tensor | QuantizedWeight"]
@@ -159,11 +160,15 @@ class Journal:
                     tensors[f"{i}.perm"] = value.perm
                 if value.input_scale is not None:
                     tensors[f"{i}.input_scale"] = value.input_scale
+                for t_i, t in enumerate(value.transforms):
+                    tensors.update({f"{i}.tf{t_i}.{k}": v for k, v in t.tensors().items()})
                 order.append({"name": key, "format": value.format.to_json(), "shape": list(value.shape),
                               "dtype": _dtype_name(value.dtype), "params": list(value.params),
                               "perm": value.perm is not None, "meta": value.meta,
                               "tensor_params": list(value.tensor_params),
-                              "input_quant": None if value.input_quant is None else value.input_quant.to_json()})
+                              "input_quant": None if value.input_quant is None else value.input_quant.to_json(),
+                              "transforms": [{"info": t.to_json(), "tensors": list(t.tensors())}
+                                             for t in value.transforms]})
             else:
                 tensors[f"{i}.t"] = value
                 order.append({"name": key})
@@ -209,7 +214,9 @@ class Journal:
                     tensors[f"{i}.perm"] if item["perm"] else None, dict(item.get("meta") or {}),
                     {k: tensors[f"{i}.tp.{k}"] for k in item.get("tensor_params", [])},
                     ActQuant.from_json(item["input_quant"]) if item.get("input_quant") else None,
-                    tensors.get(f"{i}.input_scale"))))
+                    tensors.get(f"{i}.input_scale"),
+                    tuple(transform_from_stored(t["info"], {k: tensors[f"{i}.tf{t_i}.{k}"] for k in t["tensors"]})
+                          for t_i, t in enumerate(item.get("transforms", []))))))
             else:
                 entries.append((item["name"], tensors[f"{i}.t"]))
         importance = {n: tensors[f"imp{j}"] for j, n in enumerate(meta.get("importance", []))}

@@ -300,6 +300,11 @@ def _check_plan(plan: QuantPlan, state: RunState) -> None:
         raise IncompatiblePlanError(
             f"quantizer {state.quantizer.name!r} stores weights in a permuted column order, which exporter "
             f"{exp.name!r} cannot hold; {avoid}")
+    missing = state.quantizer.makes_transforms() - exp.stores_transforms
+    if missing:
+        raise IncompatiblePlanError(
+            f"quantizer {state.quantizer.name!r} stores weights with run-time transforms ({', '.join(sorted(missing))}) "
+            f"that exporter {exp.name!r} cannot hold; use --exporter qf")
     if not plan.quantized():
         raise IncompatiblePlanError("the plan quantizes no tensor: every linear was kept in float "
                                     "(see the reasons with `qf run ... --dry-run`)")

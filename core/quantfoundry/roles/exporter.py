@@ -39,6 +39,9 @@ class Exporter(Component, ABC):
     #: True if it stores a weight's input-column permutation (``QuantizedWeight.perm``, GPTQ's
     #: act-order ``g_idx``); a quantizer that permutes columns is refused before any work otherwise
     stores_permutation: ClassVar[bool] = False
+    #: the kinds of run-time weight transforms it stores (``QuantizedWeight.transforms``, e.g.
+    #: ``"rht"``); a quantizer that makes others is refused before any work
+    stores_transforms: ClassVar[frozenset[str]] = frozenset()
     #: True if :meth:`load` rebuilds its artifacts as a torch model (``qf load``, and the run's
     #: artifact check through quantfoundry kernels); otherwise :meth:`engine` serves them, if any
     can_load: ClassVar[bool] = False

@@ -42,7 +42,9 @@ import torch
 
 from ..options import Options, options_to_dict
 from .activation import ActQuant
+from .bits import pack_bits, unpack_bits  # re-exported: formats pack with them
 from .component import Component
+from .weight_transform import WeightTransform
 
 Params = dict[str, torch.Tensor]
 
@@ -239,7 +241,10 @@ class QuantizedWeight:
     """One quantized tensor: format, packed codes, grid parameters, original shape and dtype.
 
     ``perm``, when set, is the input-column order the codes are stored in (act-order): stored
-    column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it. ``tensor_params``
+    column ``i`` is original column ``perm[i]``. :meth:`dequantize` undoes it. ``transforms`` are
+    run-time maps between the original weight and the stored one (QuIP#'s randomized Hadamard
+    transforms: :mod:`quantfoundry.roles.weight_transform`), in the order they were applied
+    before ``perm``; :meth:`dequantize` undoes them too. ``tensor_params``
     are the format's per-tensor parameters (:meth:`Format.fit_tensor`), stored and counted once.
     ``input_quant`` is how the engine quantizes the linear's input (W8A8), and ``input_scale``
     its calibrated static scale (float32 ``[1]``; ``None`` for dynamic per-token scales).
@@ -255,8 +260,10 @@ class QuantizedWeight:
     tensor_params: Params = field(default_factory=dict)
     input_quant: ActQuant | None = None
     input_scale: torch.Tensor | None = None
+    transforms: tuple[WeightTransform, ...] = ()
 
     def __post_init__(self) -> None:
+        self.transforms = tuple(self.transforms)
         self.params = stored_params(self.params)
         self.tensor_params = stored_params(self.tensor_params)
         if self.input_quant is not None and not self.input_quant.dynamic and self.input_scale is None:
@@ -273,10 +280,20 @@ class QuantizedWeight:
         return {**self.params, **self.format.tensor_view(self.tensor_params, self.shape)}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The original weight's values: the codes decoded, ``perm`` and ``transforms`` undone."""
+        return self.undo_transforms(self.stored_dequantize()).to(dtype)
+
+    def stored_dequantize(self) -> torch.Tensor:
+        """The stored weight's values (float32): the codes decoded, ``perm`` undone, ``transforms`` not."""
         w = self.format.dequantize(self)
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
-        return w.to(dtype)
+        return w
+
+    def undo_transforms(self, w: torch.Tensor) -> torch.Tensor:
+        for t in reversed(self.transforms):
+            w = t.to_dense(w)
+        return w
 
     def nbytes(self) -> int:
         """Stored bytes: packed codes, grid parameters and the permutation if any."""
@@ -286,7 +303,7 @@ class QuantizedWeight:
             n += self.perm.numel() * 4  # stored as int32 (g_idx-style)
         if self.input_scale is not None:
             n += self.input_scale.numel() * self.input_scale.element_size()
-        return n
+        return n + sum(t.nbytes() for t in self.transforms)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
@@ -295,6 +312,7 @@ class QuantizedWeight:
             None if self.perm is None else self.perm.to(device), dict(self.meta),
             {k: v.to(device) for k, v in self.tensor_params.items()}, self.input_quant,
             None if self.input_scale is None else self.input_scale.to(device),
+            tuple(t.to(device) for t in self.transforms),
         )
 
     @property
@@ -311,76 +329,3 @@ def slice_groups(params: Params, g0: int, k: int) -> Params:
     """Groups ``[g0, g0 + k)`` of group-indexed parameters (dim 1)."""
     return {name: v[:, g0:g0 + k] for name, v in params.items()}
 
-
-# -- bit packing ---------------------------------------------------------------------------
-
-
-_CHUNK = 1 << 20  # values per chunk of the general bit packer (bounds its int64 temporaries)
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integer codes (< 2**bits) into a little-endian bitstream of bytes.
-
-    Value ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the stream; byte ``j`` holds stream
-    bits ``[8j, 8j+8)`` (least significant first). Vectorized; widths that divide 8 are packed
-    in uint8 arithmetic, others 8 codes (= ``bits`` bytes) at a time in bounded chunks.
-    """
-    if not (1 <= bits <= 8 or bits == 16):
-        raise ValueError(f"bits must be in 1..8 or 16, got {bits}")
-    flat = codes.reshape(-1)
-    n = flat.numel()
-    if bits == 8:
-        return flat.to(torch.uint8)
-    if bits == 16:
-        return flat.to(torch.int32).to(torch.int16).view(torch.uint8)
-    if 8 % bits == 0:
-        per = 8 // bits
-        pad = (-n) % per
-        c = flat.to(torch.uint8)
-        if pad:
-            c = torch.cat([c, c.new_zeros(pad)])
-        c = c.view(-1, per)
-        out = c[:, 0].clone()
-        for i in range(1, per):
-            out |= c[:, i] << (i * bits)
-        return out
-    pad = (-n) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, 8)
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    out = torch.empty(groups.shape[0], bits, dtype=torch.uint8, device=flat.device)
-    step = _CHUNK // 8
-    for a in range(0, groups.shape[0], step):
-        word = (groups[a:a + step].to(torch.int64) << shifts).sum(dim=1)  # disjoint bits: sum == or
-        out[a:a + step] = ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8)
-    return out.reshape(-1)[: math.ceil(n * bits / 8)]
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` codes, as ``uint8`` (``int32`` for 16 bits)."""
-    if bits == 8:
-        return packed[:n].clone()
-    if bits == 16:
-        return packed[: 2 * n].view(torch.int16).to(torch.int32) & 0xFFFF
-    if 8 % bits == 0:
-        per = 8 // bits
-        mask = (1 << bits) - 1
-        b = packed[: math.ceil(n / per)]
-        out = torch.stack([(b >> (i * bits)) & mask for i in range(per)], dim=1)
-        return out.reshape(-1)[:n]
-    n_groups = math.ceil(n / 8)
-    need = n_groups * bits
-    data = packed[:need]
-    if data.numel() < need:
-        data = torch.cat([data, data.new_zeros(need - data.numel())])
-    data = data.view(n_groups, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    out = torch.empty(n_groups, 8, dtype=torch.uint8, device=packed.device)
-    step = _CHUNK // 8
-    for a in range(0, n_groups, step):
-        word = (data[a:a + step].to(torch.int64) << byte_shifts).sum(dim=1)
-        out[a:a + step] = ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
-    return out.reshape(-1)[:n]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .component import Component
 from .format import Format, QuantizedWeight
+from .weight_transform import transform_from_stored
 
 
 class Kernel(Component, ABC):
@@ -32,6 +33,11 @@ class Kernel(Component, ABC):
     #: kernel); otherwise :class:`QuantLinear` fake-quantizes the input before calling it, so
     #: every kernel computes what the engine does
     quantizes_inputs: ClassVar[bool] = False
+    #: how it runs a weight with run-time transforms (``QuantizedWeight.transforms``): ``"dense"``
+    #: — it multiplies by :meth:`QuantizedWeight.dequantize` (transforms undone); ``"stored"`` — by
+    #: the stored weight, :class:`QuantLinear` applying the transforms to its input and output;
+    #: ``"none"`` — it does not run such weights (they go to the next kernel)
+    weight_transforms: ClassVar[str] = "none"
 
     def serves(self, fmt: Format, device: torch.device, tokens: int | None = None) -> str | None:
         """``None`` if this kernel runs ``fmt`` on ``device``, else the reason it does not.
@@ -74,6 +80,12 @@ class QuantLinear(nn.Module):
         self.kernels: tuple[Kernel, ...] = (kernel,) if isinstance(kernel, Kernel) else tuple(kernel)
         if not self.kernels:
             raise ValueError("QuantLinear needs at least one kernel")
+        if qw.transforms:
+            kinds = ", ".join(t.kind for t in qw.transforms)
+            self.kernels = tuple(k for k in self.kernels if k.weight_transforms in ("dense", "stored"))
+            if not self.kernels:
+                raise ValueError(f"no kernel given runs a weight with run-time transforms ({kinds}); "
+                                 "torch-dequant does (--kernel torch-dequant)")
         #: the kernel of the last call (before any call: the first), and the names of all that ran
         self.kernel: Kernel = self.kernels[0]
         self.kernels_used: set[str] = set()
@@ -85,6 +97,10 @@ class QuantLinear(nn.Module):
         for key, value in qw.tensor_params.items():
             self.register_buffer(f"tensor_{key}", value)
         self.register_buffer("perm", qw.perm)
+        self._transform_info = tuple((t.to_json(), tuple(t.tensors())) for t in qw.transforms)
+        for i, t in enumerate(qw.transforms):
+            for key, value in t.tensors().items():
+                self.register_buffer(f"transform{i}_{key}", value)
         self.input_quant = qw.input_quant
         self.register_buffer("input_scale", qw.input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -103,6 +119,8 @@ class QuantLinear(nn.Module):
                 {k: getattr(self, f"param_{k}") for k in self._param_names}, self.perm, dict(self._meta),
                 {k: getattr(self, f"tensor_{k}") for k in self._tensor_param_names}, self.input_quant,
                 self.input_scale,
+                tuple(transform_from_stored(info, {k: getattr(self, f"transform{i}_{k}") for k in keys})
+                      for i, (info, keys) in enumerate(self._transform_info)),
             )
         return self._qw
 
@@ -142,7 +160,14 @@ class QuantLinear(nn.Module):
             self.kernels_used.add(kernel.name)
         if self.input_quant is not None and not kernel.quantizes_inputs:
             x = self.input_quant.fake_quant(x, self.input_scale)
-        return kernel.forward(x, qw, state, self.bias)
+        if not qw.transforms or kernel.weight_transforms == "dense":
+            return kernel.forward(x, qw, state, self.bias)
+        for t in qw.transforms:
+            x = t.apply_input(x)
+        y = kernel.forward(x, qw, state, None)
+        for t in reversed(qw.transforms):
+            y = t.apply_output(y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         act = f", input={self.input_quant.spec}" if self.input_quant is not None else ""

@@ -68,6 +68,11 @@ class Quantizer(Component, ABC):
         before any work with that advice."""
         return None
 
+    def makes_transforms(self) -> frozenset[str]:
+        """The kinds of run-time weight transforms its weights carry (``QuantizedWeight.transforms``;
+        QuIP#'s ``"rht"``): the exporter must store them (checked before any work). Default: none."""
+        return frozenset()
+
     def as_transform(self) -> Transform | None:
         """The transform this quantizer contributes when a recipe puts it before another
         quantizer (AWQ: its scale search and fold, without clipping or rounding), or ``None``

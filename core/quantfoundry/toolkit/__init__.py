@@ -7,7 +7,11 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 * **input statistics** (:mod:`.stats`): Gram/Hessian, mean ``|x|``, mean ``x²``, absmax per
   input channel, streamed from a block's calibration forward — :func:`collect_input_stats`;
 * **the LDLQ column loop** (:mod:`.ldlq`): damped inverse Cholesky (:func:`inverse_cholesky`),
-  GPTQ/LDLQ error feedback over any format, scalar or vector (:func:`ldlq_solve`);
+  GPTQ/LDLQ error feedback over any format, scalar or vector (:func:`ldlq_solve`; weights that
+  read one input stacked, :func:`solve_stacked`), the order of a block's stages
+  (:func:`input_stages`);
+* **Hadamard transforms** (:mod:`.hadamard`): Sylvester × Paley matrices, fast randomized
+  Hadamard transforms (QuIP#'s incoherence processing);
 * **scale folding** (:mod:`.fold`): a block's input groups (:func:`block_groups`), per-input-channel
   scales into the norm or linear before a group of linears (:func:`fold_point`,
   :func:`apply_fold`), GQA ties (:class:`Tie`);
@@ -61,18 +65,21 @@ from .ldlq import (
     HessianError,
     LDLQResult,
     Segment,
+    SolvedWeight,
     inverse_cholesky,
     lazy_block_size,
     ldlq_solve,
     prepare_hessian,
+    solve_stacked,
 )
 from .observers import MSEObserver, Observer, PercentileObserver, make_observer
 from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWriter
+from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
     "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
-    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter",
+    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",

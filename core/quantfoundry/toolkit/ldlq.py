@@ -361,3 +361,44 @@ def _plain_loop(wt: torch.Tensor, u: torch.Tensor, segments: list[Segment], grou
                 err1[i:i + bw] = err
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+
+
+@dataclass
+class SolvedWeight:
+    """One weight's share of a stacked :func:`ldlq_solve`: its format, codes, grid parameters and
+    per-tensor parameters (what a :class:`~quantfoundry.QuantizedWeight` is built from)."""
+
+    fmt: Format
+    codes: torch.Tensor
+    params: Params
+    tensor_params: Params
+
+
+def solve_stacked(weights: list[torch.Tensor], formats: list[Format], hessian: torch.Tensor,
+                  **options: object) -> tuple[LDLQResult, list[SolvedWeight]]:
+    """:func:`ldlq_solve` over weights that read one input (q/k/v, gate/up), stacked along the
+    rows — each its own format, consecutive weights of one format in one segment — and the
+    result cut back per weight, in the order given. ``options`` go to :func:`ldlq_solve`."""
+    segments: list[Segment] = []
+    start = 0
+    for w, fmt in zip(weights, formats, strict=True):
+        if segments and segments[-1].fmt == fmt:
+            segments[-1].tensors = [*segments[-1].row_counts(), w.shape[0]]
+            segments[-1].stop += w.shape[0]
+        else:
+            segments.append(Segment(start, start + w.shape[0], fmt))
+        start += w.shape[0]
+    stacked = torch.cat([w.to(torch.float32) for w in weights])
+    res = ldlq_solve(stacked, hessian, segments, **options)  # type: ignore[arg-type]
+    out: list[SolvedWeight] = []
+    row = 0
+    taken = [0] * len(segments)  # weights of each segment handed out so far
+    for w in weights:
+        s = next(i for i, seg in enumerate(segments) if seg.start <= row < seg.stop)
+        r0, r1 = row - segments[s].start, row - segments[s].start + w.shape[0]
+        out.append(SolvedWeight(segments[s].fmt, res.codes[s][r0:r1],
+                                {k: v[r0:r1].contiguous() for k, v in res.params[s].items()},
+                                res.tensor_params[s][taken[s]]))
+        taken[s] += 1
+        row += w.shape[0]
+    return res, out

@@ -10,12 +10,11 @@ input share one Hessian and one column loop.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
-from quantfoundry.toolkit import HessianError, Segment, collect_input_stats, ldlq_solve
+from quantfoundry.toolkit import HessianError, collect_input_stats, input_stages, solve_stacked
 
 from .replay import OutputReplay, default_budget
 
@@ -75,7 +74,7 @@ class GPTQQuantizer(Quantizer):
         if block.inputs is None:
             raise QFError("gptq needs calibration inputs; the run has none (use --calibrator text)")
         out: dict[str, QuantizedWeight] = {}
-        stages = self._stages(block)
+        stages = input_stages(block, self.options.true_sequential)
         replay = OutputReplay(block, self._replay_budget(ctx) if len(stages) > 1 else 0)
         for names in stages:
             with replay.active():
@@ -104,43 +103,21 @@ class GPTQQuantizer(Quantizer):
         mb = self.options.replay_mb
         return default_budget(ctx.device) if mb < 0 else mb * 2**20
 
-    def _stages(self, block: Block) -> list[list[str]]:
-        planned = list(block.formats)
-        if not self.options.true_sequential:
-            return [planned]
-        stages, done = [], set()
-        for patterns in block.architecture.order:
-            names = [n for n in planned if n not in done and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-            done.update(names)
-            if names:
-                stages.append(names)
-        rest = [n for n in planned if n not in done]
-        return stages + ([rest] if rest else [])
-
     def _solve(self, block: Block, members: list[str], hessian: torch.Tensor,
                ctx: QuantContext) -> dict[str, QuantizedWeight]:
         o = self.options
         members = sorted(members, key=lambda n: block.formats[n].spec)  # same format → one segment
         weights = [block.linear(n).weight for n in members]
-        segments: list[Segment] = []
-        start = 0
-        for n, w in zip(members, weights, strict=True):
-            fmt = block.formats[n]
-            if segments and segments[-1].fmt == fmt:
-                segments[-1].tensors = [*segments[-1].row_counts(), w.shape[0]]
-                segments[-1].stop += w.shape[0]
-            else:
-                segments.append(Segment(start, start + w.shape[0], fmt))
-            start += w.shape[0]
         importance = None
         if o.fit_importance:
             brought = ctx.importance.get(block.full_name(members[0]))
             importance = brought if brought is not None else torch.diagonal(hessian) / 2
-        stacked = torch.cat([w.detach().to(ctx.device, torch.float32) for w in weights])
         try:
-            res = ldlq_solve(stacked, hessian, segments, block_size=o.block_size, desc_act=o.desc_act,
-                             static_groups=o.static_groups, damp_percent=o.damp_percent,
-                             damp_max=o.damp_max, importance=importance, fused=o.fused)
+            res, solved = solve_stacked([w.detach().to(ctx.device) for w in weights],
+                                        [block.formats[n] for n in members], hessian,
+                                        block_size=o.block_size, desc_act=o.desc_act,
+                                        static_groups=o.static_groups, damp_percent=o.damp_percent,
+                                        damp_max=o.damp_max, importance=importance, fused=o.fused)
         except HessianError as exc:
             raise QFError(f"gptq: {block.full_name(members[0])}: {exc}; raise --quantizer-opt damp_max "
                           "or calibrate on more (or more varied) text") from None
@@ -150,19 +127,7 @@ class GPTQQuantizer(Quantizer):
         if res.dead_columns:
             ctx.note(f"gptq: {block.full_name(members[0])}: {res.dead_columns} input channel(s) never active "
                      "in calibration: rounded to nearest, no error feedback")
-        out = {}
-        row = 0
-        taken = [0] * len(segments)  # weights of each segment handed out so far
-        for n, w in zip(members, weights, strict=True):
-            s = next(i for i, seg in enumerate(segments) if seg.start <= row < seg.stop)
-            seg = segments[s]
-            r0, r1 = row - seg.start, row - seg.start + w.shape[0]
-            codes = res.codes[s][r0:r1]
-            params = {k: v[r0:r1].contiguous() for k, v in res.params[s].items()}
-            out[n] = QuantizedWeight(seg.fmt, tuple(w.shape), w.dtype, seg.fmt.pack(codes), params,
-                                     perm=None if res.perm is None else res.perm.clone(),
-                                     meta={"gptq": {"damp": res.damp}},
-                                     tensor_params=res.tensor_params[s][taken[s]])
-            taken[s] += 1
-            row += w.shape[0]
-        return out
+        return {n: QuantizedWeight(sw.fmt, tuple(w.shape), w.dtype, sw.fmt.pack(sw.codes), sw.params,
+                                   perm=None if res.perm is None else res.perm.clone(),
+                                   meta={"gptq": {"damp": res.damp}}, tensor_params=sw.tensor_params)
+                for n, w, sw in zip(members, weights, solved, strict=True)}

@@ -1,0 +1,129 @@
+"""Quantizer ``quip`` (alias ``quip-sharp``): QuIP#'s incoherence processing and BlockLDLQ.
+
+Per decoder block, true-sequentially (q/k/v → o → gate/up → down, each on the inputs of the
+ones before it already quantized), for each group of linears that read one input:
+
+1. the input's Hessian ``H = 2 X Xᵀ / n`` from the calibration forward
+   (:func:`quantfoundry.toolkit.collect_input_stats`);
+2. **incoherence processing**: random orthogonal ``Q_in`` (shared by the group: one input) and
+   ``Q_out`` (one per weight), each a Hadamard matrix times random signs over √n
+   (:class:`quantfoundry.HadamardTransform`): the weights become ``Q_out W Q_inᵀ`` and the
+   Hessian ``Q_in H Q_inᵀ`` — entries spread evenly, no outlier column or row left for the
+   2-bit grid to clip (QuIP#, §3);
+3. **BlockLDLQ**: the core's LDLQ loop rounds the transformed weights onto the planned format —
+   8 columns jointly for ``e8p`` — with Hessian error feedback
+   (:func:`quantfoundry.toolkit.solve_stacked`);
+4. the codes are stored with the transform (``QuantizedWeight.transforms``, kind ``rht``: the
+   sign vectors as bits); the reference kernel multiplies by ``Q_outᵀ Ŵ Q_in``, the original
+   weight's approximation, and the block's later stages run on it.
+
+The sign vectors come from ``seed`` and the linear's name, so a run is reproducible. Any format
+works (scalar grids get QuIP with incoherence processing); ``e8p`` is QuIP#'s.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from quantfoundry import Block, HadamardTransform, Options, QFError, QuantContext, QuantizedWeight, Quantizer
+from quantfoundry.toolkit import HessianError, collect_input_stats, input_stages, solve_stacked
+from quantfoundry.toolkit.hadamard import factor
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuipOptions(Options):
+    incoherence: bool = field(default=True, metadata={
+        "help": "randomized Hadamard transforms on both sides of every weight (QuIP#); false: BlockLDLQ alone"})
+    seed: int = field(default=0, metadata={"help": "seed of the transforms' sign vectors (with each linear's name)"})
+    damp_percent: float = field(default=0.01, metadata={
+        "help": "dampening added to H's diagonal, as a fraction of its mean"})
+    damp_max: float = field(default=1.0, metadata={
+        "help": "when the Cholesky factorisation fails, double the dampening up to this fraction"})
+    block_size: int = field(default=128, metadata={
+        "help": "columns per lazy batch update (a multiple of the format's block width)"})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "quantize a block's input groups in order, each on the inputs of the already-quantized ones"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent <= self.damp_max:
+            raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+class QuipQuantizer(Quantizer):
+    name = "quip"
+    description = "QuIP#: randomized Hadamard incoherence + BlockLDLQ (Hessian error feedback) onto e8p or any format"
+    Options = QuipOptions
+    scope = "block"
+    needs_calibration = True
+
+    options: QuipOptions
+
+    def makes_transforms(self) -> frozenset[str]:
+        return frozenset({"rht"}) if self.options.incoherence else frozenset()
+
+    def check_format(self, fmt) -> str | None:  # noqa: ANN001 - quantfoundry.Format
+        return None
+
+    def check_shape(self, shape: tuple[int, int]) -> str | None:
+        """``None`` if both widths have a Hadamard transform here, else why not."""
+        for n in shape:
+            try:
+                factor(n)
+            except ValueError as exc:
+                return str(exc)
+        return None
+
+    def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        if block.inputs is None:
+            raise QFError("quip needs calibration inputs; the run has none (use --calibrator text)")
+        out: dict[str, QuantizedWeight] = {}
+        for names in input_stages(block, self.options.true_sequential):
+            stats = collect_input_stats(block, names, want=("gram",), device=ctx.device)
+            for owner, members in stats.sharing().items():
+                if stats.stats[owner].count == 0:
+                    raise QFError(f"quip: {block.full_name(owner)} saw no calibration token; calibrate on more text")
+                out.update(self._solve(block, members, stats.stats[owner].hessian(), ctx))
+            for n in names:  # later stages see this stage's quantized outputs
+                lin = block.linear(n)
+                lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
+        return out
+
+    def _seed(self, block: Block, name: str) -> int:
+        return zlib.crc32(f"{self.options.seed}:{block.full_name(name)}".encode()) & 0x3FFFFFFF
+
+    def _solve(self, block: Block, members: list[str], hessian: torch.Tensor,
+               ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        o = self.options
+        members = sorted(members, key=lambda n: block.formats[n].spec)  # same format → one segment
+        weights = [block.linear(n).weight for n in members]
+        transforms: list[HadamardTransform | None] = [None] * len(members)
+        work = [w.detach().to(ctx.device, torch.float32) for w in weights]
+        h = hessian.to(ctx.device, torch.float32)
+        if o.incoherence:
+            for w in weights:
+                reason = self.check_shape(tuple(w.shape))
+                if reason:
+                    raise QFError(f"quip: {block.full_name(members[0])}: {reason}; pass --quantizer-opt "
+                                  "incoherence=false or keep this linear in float")
+            first = HadamardTransform.random(tuple(weights[0].shape), self._seed(block, members[0]))
+            transforms = [first] + [HadamardTransform.with_input_signs(first, w.shape[0], self._seed(block, n))
+                                    for n, w in zip(members[1:], weights[1:], strict=True)]
+            work = [t.from_dense(w) for t, w in zip(transforms, work, strict=True)]
+            h = first.hessian(h)
+        try:
+            res, solved = solve_stacked(work, [block.formats[n] for n in members], h, block_size=o.block_size,
+                                        damp_percent=o.damp_percent, damp_max=o.damp_max)
+        except HessianError as exc:
+            raise QFError(f"quip: {block.full_name(members[0])}: {exc}; raise --quantizer-opt damp_max "
+                          "or calibrate on more (or more varied) text") from None
+        if res.damp_tries > 1:
+            ctx.note(f"quip: {block.full_name(members[0])}: Cholesky failed at damp_percent={o.damp_percent:g}, "
+                     f"succeeded at {res.damp:g}")
+        return {n: QuantizedWeight(sw.fmt, tuple(w.shape), w.dtype, sw.fmt.pack(sw.codes), sw.params,
+                                   meta={"quip": {"damp": res.damp, "seed": None if t is None else t.seed}},
+                                   tensor_params=sw.tensor_params, transforms=() if t is None else (t,))
+                for n, w, sw, t in zip(members, weights, solved, transforms, strict=True)}
