@@ -23,7 +23,10 @@ t``; for a pattern ``b`` the best even signing maximises ``Σ σᵢ bᵢ yᵢ``:
 gives ``Σ |bᵢ yᵢ|``, and where that signing has an odd number of flips the best even one flips
 back the coordinate with the smallest ``|bᵢ yᵢ|``. So each of the 2 × 256 (shift, pattern)
 pairs costs 8 products, and the squared distance is ``‖y‖² + ‖b‖² − 2 · score``. Ties between
-points go to the smaller (shift, pattern) pair — ``+1/4`` first, then the pattern index.
+points go to the smaller (shift, pattern) pair — ``+1/4`` first, then the pattern index. The
+search ranks the 512 pairs first by the bound ``‖y‖² + ‖b‖² − 2 Σ |bᵢ yᵢ|`` (parity ignored: one
+matmul), takes the exact distance of the 4 best, and searches in full only the rows where the
+best of those is not strictly below the fifth bound — the same answer as the full search.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ NORM12 = (
     (1, 3, 3, 3, 1, 3, 3, 1), (1, 3, 3, 3, 3, 1, 1, 3), (1, 3, 3, 3, 1, 3, 1, 3), (1, 1, 3, 3, 1, 3, 3, 3),
     (3, 3, 1, 1, 3, 3, 3, 1),
 )
-_CHUNK = 4096  # vectors per step of the nearest search (bounds its [n, 2, 256, 8] temporary)
+_CHUNK = 4096  # vectors per step of the nearest search (bounds its temporaries)
+_SHORTLIST = 4  # (shift, pattern) pairs whose exact distance the search checks first
 
 
 @functools.cache
@@ -112,28 +116,61 @@ def nearest(x: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_chunk(x: torch.Tensor) -> torch.Tensor:
-    babs, bnorm, bodd, weight = _search_consts(str(x.device))
+    """Exact nearest codes of ``x`` ``[n, 8]``: the (shift, pattern) pairs ranked by a lower bound
+    of their distance (the signing's parity ignored: one matmul), the exact distance of the
+    :data:`_SHORTLIST` best checked, and rows whose best exact distance is not below the next
+    pair's bound searched in full (:func:`_nearest_full`), so the answer is the full search's."""
+    babs, bnorm, bodd, _ = _search_consts(str(x.device))
     shift = torch.tensor([0.25, -0.25], device=x.device)
-    y = x[:, None, :] - shift[None, :, None]                       # [n, 2, 8]: the two shifts
+    y = x[:, None, :] - shift[None, :, None]                       # [n, 2, 8]
     ya = y.abs()
-    prod = ya[:, :, None, :] * babs[None, None]                    # [n, 2, 256, 8] = |b_i y_i|
-    score = prod.sum(-1)
-    yneg = y < 0
-    odd = (yneg.sum(-1, keepdim=True).remainder(2) != bodd[None, None]).to(prod.dtype)  # [n, 2, 256]
-    score = score - 2 * odd * prod.amin(-1)
-    dist = (y * y).sum(-1, keepdim=True) + bnorm[None, None] - 2 * score
-    best = dist.reshape(x.shape[0], -1).argmin(-1)                 # ties: the first (shift, pattern)
+    yy = (y * y).sum(-1, keepdim=True)                             # [n, 2, 1]
+    bound = (yy + bnorm - 2 * ya @ babs.T).reshape(x.shape[0], -1)  # [n, 512], ≤ the exact distance
+    k = _SHORTLIST
+    low, idx = torch.topk(bound, k + 1, dim=1, largest=False, sorted=True)
+    cand = idx[:, :k]
+    t, j = cand // 256, cand % 256
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    yt = y[rows, t]                                                # [n, k, 8]
+    prod = yt.abs() * babs[j]
+    odd = ((yt < 0).sum(-1).remainder(2) != bodd[j]).to(prod.dtype)
+    exact = low[:, :k] + 4 * odd * prod.amin(-1)                   # the bound plus the parity fix
+    # among the shortlist, the smallest exact distance, ties to the smaller flat index
+    best_d = exact.min(1, keepdim=True).values
+    flat = torch.where(exact == best_d, cand, torch.full_like(cand, 1 << 20)).min(1).values
+    out = _code(y, flat)
+    hard = ~(best_d[:, 0] < low[:, k])  # another pair may be as near: search those rows in full
+    if bool(hard.any()):
+        out[hard] = _nearest_full(x[hard])
+    return out
+
+
+def _code(y: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """The code of (shift, pattern) ``best`` (flat index) for the shifted inputs ``y`` ``[n, 2, 8]``:
+    ``σ_i = sign(b_i y_i)``, the smallest ``|b_i y_i|`` flipped back where that is odd."""
+    _, _, bodd, weight = _search_consts(str(y.device))
+    n = y.shape[0]
     t, j = best // 256, best % 256
-    # the signing: σ_i = sign(b_i y_i), the smallest |b_i y_i| flipped back where that is odd
-    yt = y[torch.arange(x.shape[0], device=x.device), t]           # [n, 8]
-    bj = signed_patterns().to(x.device)[j]
+    yt = y[torch.arange(n, device=y.device), t]                    # [n, 8]
+    bj = signed_patterns().to(y.device)[j]
     neg = (yt < 0) != (bj < 0)
-    pj = prod[torch.arange(x.shape[0], device=x.device), t, j]     # [n, 8]
-    fix = odd[torch.arange(x.shape[0], device=x.device), t, j].bool()
-    first_min = torch.nn.functional.one_hot(pj.argmin(-1), 8).bool()
+    fix = (yt < 0).sum(-1).remainder(2) != bodd[j]
+    first_min = torch.nn.functional.one_hot((yt.abs() * bj.abs()).argmin(-1), 8).bool()
     neg = neg ^ (first_min & fix[:, None])
     signs = (neg.to(torch.int64) * weight).sum(-1)                 # even popcount
     return ((j << 8) | (signs ^ t)).to(torch.int32)                # a set bit 0 carries the −1/4 shift
+
+
+def _nearest_full(x: torch.Tensor) -> torch.Tensor:
+    """The exact distance of every (shift, pattern) pair (``[n, 2, 256, 8]`` products)."""
+    babs, bnorm, bodd, _ = _search_consts(str(x.device))
+    shift = torch.tensor([0.25, -0.25], device=x.device)
+    y = x[:, None, :] - shift[None, :, None]                       # [n, 2, 8]: the two shifts
+    prod = y.abs()[:, :, None, :] * babs[None, None]               # [n, 2, 256, 8] = |b_i y_i|
+    odd = ((y < 0).sum(-1, keepdim=True).remainder(2) != bodd[None, None]).to(prod.dtype)  # [n, 2, 256]
+    score = prod.sum(-1) - 2 * odd * prod.amin(-1)
+    dist = (y * y).sum(-1, keepdim=True) + bnorm[None, None] - 2 * score
+    return _code(y, dist.reshape(x.shape[0], -1).argmin(-1))      # ties: the first (shift, pattern)
 
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
