@@ -290,6 +290,10 @@ def _check_plan(plan: QuantPlan, state: RunState) -> None:
                 f"exporter {exp.name!r} cannot store {fmt.spec}: {reason}; it stores {exp.storable()}")
         select_kernel(fmt, state.device, state.request.kernel, state.kernel_options())
     for entry in plan.quantized().values():
+        reason = state.quantizer.check_shape(tuple(entry.shape))
+        if reason:
+            raise IncompatiblePlanError(f"quantizer {state.quantizer.name!r} cannot work on {entry.name} "
+                                        f"{tuple(entry.shape)}: {reason}")
         if entry.input_quant is not None and entry.format is not None:
             reason = exp.check_activations(entry.input_quant, entry.format)
             if reason:

@@ -62,6 +62,12 @@ class Quantizer(Component, ABC):
         """``None`` if this quantizer can round onto ``fmt``, else the reason it cannot."""
         return None
 
+    def check_shape(self, shape: tuple[int, int]) -> str | None:
+        """``None`` if this quantizer can work on a weight of ``shape`` (``[out, in]``), else the
+        reason (QuIP#'s Hadamard transforms need widths it can factor); asked for every planned
+        weight before any work. Default: any shape."""
+        return None
+
     def permutes_columns(self) -> str | None:
         """``None`` if the weights it returns keep the input-column order, else how to avoid
         the permutation (an option to pass): exporters that cannot store one refuse the run

@@ -112,3 +112,11 @@ def test_bad_options_are_one_line_errors():
         QuipOptions(damp_percent=0)
     with pytest.raises(ValueError, match="block_size"):
         QuipOptions(block_size=0)
+
+
+def test_widths_without_a_hadamard_transform_are_refused_before_any_work(tiny_model, tmp_path):
+    """An intermediate size of 11008 (43 · 2^8, Llama-2-7B's) has no Hadamard factor here."""
+    folder = tiny_model("llama", intermediate_size=172)  # 43 · 4
+    with pytest.raises(IncompatiblePlanError, match="incoherence=false"):
+        qf.run(str(folder), quantizer="quip", format="e8p", out=str(tmp_path / "x"), evaluators=[], progress=False)
+    assert not (tmp_path / "x").exists()

@@ -69,12 +69,15 @@ class QuipQuantizer(Quantizer):
         return None
 
     def check_shape(self, shape: tuple[int, int]) -> str | None:
-        """``None`` if both widths have a Hadamard transform here, else why not."""
+        """``None`` if both widths have a Hadamard transform here (or incoherence is off), else why
+        not — asked for every planned weight before any work."""
+        if not self.options.incoherence:
+            return None
         for n in shape:
             try:
                 factor(n)
             except ValueError as exc:
-                return str(exc)
+                return f"{exc}; pass --quantizer-opt incoherence=false"
         return None
 
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
@@ -103,12 +106,7 @@ class QuipQuantizer(Quantizer):
         transforms: list[HadamardTransform | None] = [None] * len(members)
         work = [w.detach().to(ctx.device, torch.float32) for w in weights]
         h = hessian.to(ctx.device, torch.float32)
-        if o.incoherence:
-            for w in weights:
-                reason = self.check_shape(tuple(w.shape))
-                if reason:
-                    raise QFError(f"quip: {block.full_name(members[0])}: {reason}; pass --quantizer-opt "
-                                  "incoherence=false or keep this linear in float")
+        if o.incoherence:  # every width was checked with the plan (check_shape)
             first = HadamardTransform.random(tuple(weights[0].shape), self._seed(block, members[0]))
             transforms = [first] + [HadamardTransform.with_input_signs(first, w.shape[0], self._seed(block, n))
                                     for n, w in zip(members[1:], weights[1:], strict=True)]
