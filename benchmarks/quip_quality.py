@@ -5,10 +5,11 @@ On one model (default pycode-7m) with ``gptq_gguf.py``'s split of its in-domain 
 60% calibrates, the held-out 40% is scored):
 
 * qf: ``quip`` onto ``e8p`` (randomized Hadamard incoherence + BlockLDLQ), ``quip`` without
-  incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, and ``gptq`` onto ``int2-g64`` —
+  incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, ``gptq`` onto ``int2-g64``, and
+  ``quip`` onto the 4-bit ``e8p-rvq4`` —
   each ``qf run`` calibrated on 128 × 512 tokens of the calibration part (the text calibrator,
   seed 0), written as the qf artifact and reloaded;
-* llama.cpp: ``IQ2_XXS``, ``IQ2_XS`` and ``Q2_K`` from ``llama-quantize`` with the imatrix
+* llama.cpp: ``IQ2_XXS``, ``IQ2_XS``, ``Q2_K``, ``IQ3_XXS`` and ``Q4_K_S`` from ``llama-quantize`` with the imatrix
   ``llama-imatrix`` made on the same calibration part (``gptq_gguf.prepare_base``), loaded back
   into a torch model through transformers' GGUF reader (gguf-py's dequantization).
 
@@ -44,8 +45,9 @@ QF_METHODS = {
     "qf quip e8p, no incoherence": ("quip", {"incoherence": False}, "e8p"),
     "qf rtn e8p": ("rtn", {}, "e8p"),
     "qf gptq int2-g64": ("gptq", {}, "int2-g64"),
+    "qf quip e8p-rvq4": ("quip", {}, "e8p-rvq4"),
 }
-GGUF_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K")
+GGUF_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_K_S")
 
 
 def kl_of(model: torch.nn.Module, folder: Path, held: Path, max_tokens: int) -> dict[str, float]:
