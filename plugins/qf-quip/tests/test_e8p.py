@@ -157,3 +157,34 @@ def test_rvq4_is_two_greedy_e8p_stages() -> None:
     # QuIP#'s 4-bit codebook on Gaussian weights: relative squared error about 0.0093
     err = float(((qw.dequantize() - w) ** 2).sum() / (w ** 2).sum())
     assert 0.007 < err < 0.012
+
+
+def test_rvq3_second_stage_is_quip_sharps_one_bit_e8() -> None:
+    """``e8p-rvq3`` (QuIP#'s E8P12RVQ3B): the second codebook is QuIP#'s 1-bit E8 grid in its
+    order (rebuilt by the reference steps: E8 points of squared norm ≤ 2 from the integer then
+    the half-integer grid, then ±2·e_i without −2·e_7), the second code is the brute-force
+    nearest of that grid to the remainder times 2.04, the scale is rms / 0.98, and 24-bit codes
+    pack into three bytes and back."""
+    intr = torch.arange(-2, 2).float()
+    grid = torch.cat([torch.cartesian_prod(*[intr] * 8), torch.cartesian_prod(*[intr + 0.5] * 8)])
+    keep = (grid.sum(-1) % 2 == 0) & ((grid * grid).sum(-1) <= 2)
+    ref = torch.cat([grid[keep], 2 * torch.eye(8), -2 * torch.eye(8)[:7]])
+    assert torch.equal(e8p.e81b_table(), ref) and ref.shape == (256, 8)
+    fmt = qf.resolve_format("e8p-rvq3")
+    assert fmt.code_bits() == 24 and fmt.bits_per_weight((32, 128)) == pytest.approx(3 + 32 / (32 * 128))
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 128, generator=g)
+    qw = fmt.quantize(w)
+    assert qw.packed.numel() == 32 * 16 * 3
+    codes = qw.codes().to(torch.int64)
+    scale = w.square().mean().sqrt() / 0.98
+    x = (w / scale).reshape(-1, 8).double()
+    c1, c2 = (codes >> 8).reshape(-1), (codes & 0xFF).reshape(-1)
+    table = e8p.table().double()
+    r = (x - table[c1]) * 2.04
+    d2 = torch.cdist(r, ref.double()) ** 2
+    assert torch.allclose(d2.gather(1, c2[:, None]).squeeze(1), d2.min(1).values, atol=1e-5, rtol=0)
+    expect = (table[c1] + ref.double()[c2] / 2.04).reshape(32, 128) * scale.double()
+    assert torch.allclose(qw.dequantize(torch.float64), expect, atol=1e-6, rtol=0)
+    err = float(((qw.dequantize() - w) ** 2).sum() / (w ** 2).sum())
+    assert 0.02 < err < 0.04

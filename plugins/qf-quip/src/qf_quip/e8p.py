@@ -176,3 +176,39 @@ def _nearest_full(x: torch.Tensor) -> torch.Tensor:
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """The points ``[..., 8]`` (float32) of ``codes`` (any integer dtype, values 0–65535)."""
     return table(codes.device)[codes.long() & 0xFFFF]
+
+
+@functools.cache
+def _e81b_cpu() -> torch.Tensor:
+    """QuIP#'s 1-bit E8 codebook (``E8P12RVQ3B``'s second stage), 256 points ``[256, 8]``: the E8
+    points of squared norm ≤ 2 — the origin and the 112 integer roots ``±e_i ± e_j`` in
+    lexicographic order, then the 128 half-integer roots ``(±1/2)^8`` with an even sum, in
+    lexicographic order — and 15 of the 16 points ``±2 e_i`` (all but ``−2 e_7``)."""
+    ints = torch.cartesian_prod(*[torch.arange(-1, 2)] * 8).float()  # |coordinate| ≤ 1 suffices
+    ints = ints[(ints.sum(-1) % 2 == 0) & ((ints * ints).sum(-1) <= 2)]
+    halves = torch.cartesian_prod(*[torch.tensor([-0.5, 0.5])] * 8)
+    halves = halves[halves.sum(-1) % 2 == 0]
+    norm4 = torch.cat([2 * torch.eye(8), -2 * torch.eye(8)[:7]])
+    return torch.cat([ints, halves, norm4])
+
+
+def e81b_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`_e81b_cpu` on ``device`` (made once per device, read-only)."""
+    return _e81b_on(str(torch.device(device)))
+
+
+@functools.cache
+def _e81b_on(device: str) -> torch.Tensor:
+    return _e81b_cpu().to(device)
+
+
+def nearest_e81b(x: torch.Tensor) -> torch.Tensor:
+    """Codes (int32 ``[n]``) of the 1-bit E8 points nearest the rows of ``x`` ``[n, 8]`` (all 256
+    compared; ties to the smaller code)."""
+    t = e81b_table(x.device)
+    out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    norms = (t * t).sum(-1)
+    for a in range(0, x.shape[0], 4 * _CHUNK):
+        xs = x[a:a + 4 * _CHUNK].float()
+        out[a:a + 4 * _CHUNK] = (norms[None] - 2 * xs @ t.T).argmin(-1).to(torch.int32)
+    return out

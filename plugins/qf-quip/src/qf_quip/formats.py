@@ -1,8 +1,12 @@
-"""The formats ``e8p`` and ``e8p-rvq4``: QuIP#'s E8P12 lattice codebook as a vector grid of
-QuantFoundry — 8 weights per 16-bit code (2 bits per weight), scaled by ``rms(w) / 1.03``
-(:mod:`qf_quip.e8p`) — and its 4-bit residual form (QuIP#'s ``E8P12RVQ4B``): the nearest E8P
-point, then the nearest E8P point to the remainder scaled up by 3.45, the code ``c1 · 2^16 + c2``
-decoding to ``E8P[c1] + E8P[c2] / 3.45`` (32 bits per 8 weights).
+"""The formats ``e8p``, ``e8p-rvq3`` and ``e8p-rvq4``: QuIP#'s E8P12 lattice codebook as a vector
+grid of QuantFoundry — 8 weights per 16-bit code (2 bits per weight), scaled by ``rms(w) / 1.03``
+(:mod:`qf_quip.e8p`) — and its residual forms: the nearest E8P point, then the nearest point of a
+second codebook to the remainder scaled up, the code ``c1 · 2^b + c2`` decoding to
+``E8P[c1] + second[c2] · r``:
+
+* ``e8p-rvq3`` (QuIP#'s ``E8P12RVQ3B``): the 1-bit E8 codebook second (256 points, 8 bits),
+  ``r = 1 / 2.04``, scale ``rms / 0.98``; 24 bits per 8 weights;
+* ``e8p-rvq4`` (``E8P12RVQ4B``): E8P again second, ``r = 1 / 3.45``, scale ``rms / 1.03``; 32 bits.
 
 ``e8p`` keeps one float32 scale per tensor, as QuIP# does (a per-tensor parameter,
 :meth:`~quantfoundry.Format.fit_tensor`: 2.0 bits per weight plus 4 bytes); ``e8p-row`` one
@@ -24,25 +28,26 @@ from quantfoundry import Format, Options, Params
 from . import e8p
 
 
-#: QuIP#'s residual scale of ``E8P12RVQ4B`` (``opt_resid_scale``)
-RESID_SCALE = 1 / 3.45
+#: per bit width: QuIP#'s codebook scale (``opt_scale``), residual scale (``opt_resid_scale``)
+#: and the second stage's code bits
+CODEBOOKS = {2: (e8p.OPT_SCALE, 0.0, 0), 3: (0.98, 1 / 2.04, 8), 4: (1.03, 1 / 3.45, 16)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class E8POptions(Options):
     scale: str = field(default="tensor", metadata={"help": "tensor: one scale per weight (QuIP#); row: one per row"})
-    stages: int = field(default=1, metadata={"help": "1: E8P (2 bits/weight); 2: E8P + E8P residual (4 bits/weight)"})
+    bits: int = field(default=2, metadata={"help": "2: E8P; 3: E8P + 1-bit E8 residual; 4: E8P + E8P residual"})
 
     def __post_init__(self) -> None:
         if self.scale not in ("tensor", "row"):
             raise ValueError(f"scale must be 'tensor' or 'row', got {self.scale!r}")
-        if self.stages not in (1, 2):
-            raise ValueError(f"stages must be 1 (e8p) or 2 (e8p-rvq4), got {self.stages}")
+        if self.bits not in CODEBOOKS:
+            raise ValueError(f"bits must be 2 (e8p), 3 (e8p-rvq3) or 4 (e8p-rvq4), got {self.bits}")
 
 
-def _scale_of(w: torch.Tensor) -> torch.Tensor:
-    """``rms / 1.03`` over the last dimension (float32, kept)."""
-    return w.float().square().mean(-1, keepdim=True).sqrt() / e8p.OPT_SCALE
+def _scale_of(w: torch.Tensor, opt_scale: float) -> torch.Tensor:
+    """``rms / opt_scale`` over the last dimension (float32, kept)."""
+    return w.float().square().mean(-1, keepdim=True).sqrt() / opt_scale
 
 
 class E8PFormat(Format):
@@ -50,49 +55,55 @@ class E8PFormat(Format):
     description = "QuIP#'s E8P12 lattice codebook: 8 weights per 16-bit code (2 bits/weight), rms scale"
     Options = E8POptions
     block_width = 8
-    examples = ("e8p", "e8p-row", "e8p-rvq4")
+    examples = ("e8p", "e8p-row", "e8p-rvq3", "e8p-rvq4")
 
     options: E8POptions
 
     @property
     def spec(self) -> str:
-        return self.name + ("-rvq4" if self.options.stages == 2 else "") + ("-row" if self.options.scale == "row" else "")
+        b = self.options.bits
+        return self.name + (f"-rvq{b}" if b > 2 else "") + ("-row" if self.options.scale == "row" else "")
 
     @classmethod
     def from_spec(cls, spec: str) -> E8POptions | None:
-        m = re.fullmatch(r"e8p(-rvq4)?(-row)?", spec.strip().lower().replace("_", "-"))
+        m = re.fullmatch(r"e8p(?:-rvq([34]))?(-row)?", spec.strip().lower().replace("_", "-"))
         if m is None:
             return None
-        return E8POptions(scale="row" if m.group(2) else "tensor", stages=2 if m.group(1) else 1)
+        return E8POptions(scale="row" if m.group(2) else "tensor", bits=int(m.group(1) or 2))
 
     @classmethod
     def spec_help(cls) -> str:
-        return ("e8p[-rvq4][-row] (QuIP#'s E8P12 codebook, 2 bits/weight; -rvq4: with an E8P residual, 4 bits; "
-                "-row: a scale per row instead of per tensor)")
+        return ("e8p[-rvq3|-rvq4][-row] (QuIP#'s E8P12 codebook, 2 bits/weight; -rvq3/-rvq4: with a residual "
+                "stage, 3/4 bits; -row: a scale per row instead of per tensor)")
 
     def group_size(self, in_features: int) -> int:
         return in_features
 
     def code_bits(self) -> int:
-        return 16 * self.options.stages
+        return 8 * self.options.bits
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.options.stages == 1:
+        """Each code as ``bits`` little-endian bytes (2, 3 or 4 per 8 weights)."""
+        if self.options.bits == 2:
             return super().pack(codes)
         c = codes.reshape(-1).to(torch.int64)
-        return torch.where(c >= 2**31, c - 2**32, c).to(torch.int32).view(torch.uint8)  # little-endian words
+        shifts = torch.arange(self.options.bits, device=c.device) * 8
+        return ((c[:, None] >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
     def unpack(self, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        if self.options.stages == 1:
+        if self.options.bits == 2:
             return super().unpack(packed, shape)
         rows, cols = shape
-        return (packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).view(rows, cols // 8)
+        nbytes = self.options.bits
+        shifts = torch.arange(nbytes, device=packed.device) * 8
+        data = packed[: rows * (cols // 8) * nbytes].view(-1, nbytes).to(torch.int64)
+        return (data << shifts).sum(-1).view(rows, cols // 8)
 
     # -- numerics --------------------------------------------------------------------------
     def fit_tensor(self, w: torch.Tensor) -> Params:
         if self.options.scale != "tensor":
             return {}
-        return {"scale": _scale_of(w.reshape(1, -1)).reshape(1)}
+        return {"scale": _scale_of(w.reshape(1, -1), CODEBOOKS[self.options.bits][0]).reshape(1)}
 
     def tensor_view(self, tensor_params: Params, shape: tuple[int, int]) -> Params:
         if not tensor_params:
@@ -101,7 +112,7 @@ class E8PFormat(Format):
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, view: Params | None = None) -> Params:
         if self.options.scale == "row":
-            return {"scale": _scale_of(w)}
+            return {"scale": _scale_of(w, CODEBOOKS[self.options.bits][0])}
         if view is None:  # w is the whole weight
             return self.tensor_view(self.fit_tensor(w), tuple(w.shape))
         return {}
@@ -116,13 +127,20 @@ class E8PFormat(Format):
         rows, cols = x.shape
         v = x.reshape(-1, 8)
         first = e8p.nearest(v)
-        if self.options.stages == 1:
+        _, resid, shift = CODEBOOKS[self.options.bits]
+        if not shift:
             return first.view(rows, cols // 8)
-        second = e8p.nearest((v - e8p.decode(first)) / RESID_SCALE)
-        return ((first.to(torch.int64) << 16) | second.to(torch.int64)).view(rows, cols // 8)
+        rest = (v - e8p.decode(first)) / resid
+        second = e8p.nearest(rest) if shift == 16 else e8p.nearest_e81b(rest)
+        return ((first.to(torch.int64) << shift) | second.to(torch.int64)).view(rows, cols // 8)
 
     def decode(self, codes: torch.Tensor, params: Params, col0: int = 0) -> torch.Tensor:
         rows, n = codes.shape
         c = codes.to(torch.int64)
-        v = e8p.decode(c >> 16) + e8p.decode(c & 0xFFFF) * RESID_SCALE if self.options.stages == 2 else e8p.decode(c)
+        _, resid, shift = CODEBOOKS[self.options.bits]
+        if not shift:
+            v = e8p.decode(c)
+        else:
+            second = e8p.decode(c & 0xFFFF) if shift == 16 else e8p.e81b_table(c.device)[c & 0xFF]
+            v = e8p.decode(c >> shift) + second * resid
         return v.reshape(rows, n * 8) * self._scale(params).to(codes.device)
