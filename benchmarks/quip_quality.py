@@ -6,7 +6,7 @@ On one model (default pycode-7m) with ``gptq_gguf.py``'s split of its in-domain 
 
 * qf: ``quip`` onto ``e8p`` (randomized Hadamard incoherence + BlockLDLQ), ``quip`` without
   incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, ``gptq`` onto ``int2-g64``, and
-  ``quip`` onto the 4-bit ``e8p-rvq4`` —
+  ``quip`` onto the 3- and 4-bit ``e8p-rvq3`` and ``e8p-rvq4`` —
   each ``qf run`` calibrated on 128 × 512 tokens of the calibration part (the text calibrator,
   seed 0), written as the qf artifact and reloaded;
 * llama.cpp: ``IQ2_XXS``, ``IQ2_XS``, ``Q2_K``, ``IQ3_XXS`` and ``Q4_K_S`` from ``llama-quantize`` with the imatrix
@@ -45,6 +45,7 @@ QF_METHODS = {
     "qf quip e8p, no incoherence": ("quip", {"incoherence": False}, "e8p"),
     "qf rtn e8p": ("rtn", {}, "e8p"),
     "qf gptq int2-g64": ("gptq", {}, "int2-g64"),
+    "qf quip e8p-rvq3": ("quip", {}, "e8p-rvq3"),
     "qf quip e8p-rvq4": ("quip", {}, "e8p-rvq4"),
 }
 GGUF_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_K_S")
