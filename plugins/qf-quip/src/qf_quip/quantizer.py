@@ -65,9 +65,6 @@ class QuipQuantizer(Quantizer):
     def makes_transforms(self) -> frozenset[str]:
         return frozenset({"rht"}) if self.options.incoherence else frozenset()
 
-    def check_format(self, fmt) -> str | None:  # noqa: ANN001 - quantfoundry.Format
-        return None
-
     def check_shape(self, shape: tuple[int, int]) -> str | None:
         """``None`` if both widths have a Hadamard transform here (or incoherence is off), else why
         not — asked for every planned weight before any work."""
