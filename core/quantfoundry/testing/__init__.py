@@ -9,6 +9,9 @@ Fixtures:
 * ``tiny_model`` — ``tiny_model(arch="llama", **config)`` writes a tiny config-built model
   folder (with the embedded tokenizer) and returns its path.
 
+Helpers: :func:`first_block` (a tiny model's first decoder block with calibration inputs, every
+linear planned onto one format) and :func:`inputs_of` (a linear's inputs as the block runs).
+
 The conformance kit (:mod:`quantfoundry.testing.conformance`) is a set of base test classes to
 subclass; with this plugin active, its tests that take ``arch`` run once per architecture the
 class names.
@@ -23,9 +26,10 @@ from typing import Any
 import pytest
 
 from .. import plugins as _plugins
-from .tiny import TINY_CONFIGS, build_tiny_model, tiny_config
+from .tiny import LINEARS, TINY_CONFIGS, build_tiny_model, first_block, inputs_of, tiny_config
 
-__all__ = ["TINY_CONFIGS", "assert_artifact_checked", "build_tiny_model", "tiny_config"]
+__all__ = ["LINEARS", "TINY_CONFIGS", "assert_artifact_checked", "build_tiny_model", "first_block", "inputs_of",
+           "tiny_config"]
 
 
 def assert_artifact_checked(result: Any, *, engine_may_be_missing: bool = False) -> None:

@@ -72,3 +72,36 @@ def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype:
     cfg.setdefault("architectures", TINY_CONFIGS[arch]["architectures"])
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+#: the decoder-block linears of the Llama-style tiny models
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def first_block(folder: Path, spec: str, *, n: int = 4, seq: int = 48, seed: int = 0) -> Any:
+    """The first decoder block of the model at ``folder`` (loaded in float32) as a
+    :class:`quantfoundry.Block` planning every linear of :data:`LINEARS` onto ``spec``, with
+    ``n`` random sequences of ``seq`` tokens (ids from ``seed``) as its calibration inputs — what
+    a block quantizer's tests run it on."""
+    import quantfoundry as qf
+    from transformers import AutoModelForCausalLM
+
+    from ..model.capture import capture_inputs
+
+    source = qf.resolve_model(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(seed))
+    layers = model.model.layers
+    inputs, kwargs = capture_inputs(model, layers, model.model.norm, list(ids.split(2)))
+    fmt = qf.resolve_format(spec)
+    return qf.Block(0, "model.layers.0", layers[0], source.architecture, {name: fmt for name in LINEARS},
+                    qf.BlockInputs(inputs.hidden, kwargs[0]))
+
+
+def inputs_of(block: Any, name: str) -> torch.Tensor:
+    """Every calibration input of the linear ``name`` as the block runs now (float64 rows)."""
+    xs: list[torch.Tensor] = []
+    with block.capture_inputs([name], lambda _n, x: xs.append(x.reshape(-1, x.shape[-1]).double())):
+        block.run()
+    return torch.cat(xs)

@@ -7,33 +7,14 @@ import pytest
 import quantfoundry as qf
 import torch
 from qf_gptq.quantizer import GPTQOptions, GPTQQuantizer
-from quantfoundry import resolve_model
 from quantfoundry.errors import UsageError
-from quantfoundry.toolkit import capture_inputs
-from transformers import AutoModelForCausalLM
+from quantfoundry.testing import LINEARS, inputs_of
+from quantfoundry.testing import first_block as tiny_first_block
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def first_block(folder, spec="int4-g32", n=4, seq=48):
-    source = resolve_model(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    ids = torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(0))
-    layers = model.model.layers
-    inputs, kwargs = capture_inputs(model, layers, model.model.norm, list(ids.split(2)))
-    fmt = qf.resolve_format(spec)
-    block = qf.Block(0, "model.layers.0", layers[0], source.architecture, {n: fmt for n in LINEARS},
-                     qf.BlockInputs(inputs.hidden, kwargs[0]))
-    return block
-
-
-def inputs_of(block, name):
-    """Every calibration input of one linear, as the block runs now (float64 rows)."""
-    xs = []
-    with block.capture_inputs([name], lambda _n, x: xs.append(x.reshape(-1, x.shape[-1]).double())):
-        block.run()
-    return torch.cat(xs)
+    return tiny_first_block(folder, spec, n=n, seq=seq)
 
 
 def test_true_sequential_each_group_sees_the_quantized_groups_before_it(tiny_model, monkeypatch):

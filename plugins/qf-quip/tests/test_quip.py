@@ -8,32 +8,16 @@ import pytest
 import quantfoundry as qf
 import torch
 from qf_quip.quantizer import QuipOptions, QuipQuantizer
-from quantfoundry import resolve_model
 from quantfoundry.errors import IncompatiblePlanError
-from quantfoundry.toolkit import capture_inputs, unpack_bits
+from quantfoundry.testing import LINEARS, inputs_of
+from quantfoundry.testing import first_block as tiny_first_block
+from quantfoundry.toolkit import unpack_bits
 from quantfoundry.toolkit.hadamard import RandomHadamard
-from transformers import AutoModelForCausalLM
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def first_block(folder, spec="e8p", n=8, seq=64):
-    source = resolve_model(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    ids = torch.randint(0, 4096, (n, seq), generator=torch.Generator().manual_seed(0))
-    layers = model.model.layers
-    inputs, kwargs = capture_inputs(model, layers, model.model.norm, list(ids.split(2)))
-    fmt = qf.resolve_format(spec)
-    return qf.Block(0, "model.layers.0", layers[0], source.architecture, {n: fmt for n in LINEARS},
-                    qf.BlockInputs(inputs.hidden, kwargs[0]))
 
-
-def inputs_of(block, name):
-    xs = []
-    with block.capture_inputs([name], lambda _n, x: xs.append(x.reshape(-1, x.shape[-1]).double())):
-        block.run()
-    return torch.cat(xs)
+def first_block(folder, spec="e8p"):
+    return tiny_first_block(folder, spec, n=8, seq=64)
 
 
 def test_block_error_below_rounding_to_nearest(tiny_model):
