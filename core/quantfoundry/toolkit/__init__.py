@@ -63,6 +63,7 @@ from .grids import AffineGrid, affine_grid
 from .kernels import select_kernel, select_kernels, swap_in
 from .ldlq import (
     HessianError,
+    LDLQOptions,
     LDLQResult,
     Segment,
     SolvedWeight,
@@ -79,7 +80,7 @@ from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
     "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
-    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
+    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",

@@ -33,7 +33,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import Options
 from ..roles.format import Format, Params
+
+
+@dataclass(frozen=True, kw_only=True)
+class LDLQOptions(Options):
+    """The options of :func:`ldlq_solve` a quantizer built on it exposes (GPTQ's, QuIP#'s):
+    subclass it and add your own fields."""
+
+    damp_percent: float = field(default=0.01, metadata={
+        "help": "dampening added to H's diagonal, as a fraction of its mean"})
+    damp_max: float = field(default=1.0, metadata={
+        "help": "when the Cholesky factorisation fails, double the dampening up to this fraction"})
+    block_size: int = field(default=128, metadata={
+        "help": "columns per lazy batch update (adjusted so that groups and vectors do not straddle batches)"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent <= self.damp_max:
+            raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
 class HessianError(RuntimeError):

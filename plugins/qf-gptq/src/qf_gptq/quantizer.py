@@ -13,20 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from quantfoundry import Block, Format, Options, QFError, QuantContext, QuantizedWeight, Quantizer
-from quantfoundry.toolkit import HessianError, collect_input_stats, input_stages, solve_stacked
+from quantfoundry import Block, Format, QFError, QuantContext, QuantizedWeight, Quantizer
+from quantfoundry.toolkit import HessianError, LDLQOptions, collect_input_stats, input_stages, solve_stacked
 
 from .replay import OutputReplay, default_budget
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTQOptions(Options):
-    damp_percent: float = field(default=0.01, metadata={
-        "help": "dampening added to H's diagonal, as a fraction of its mean"})
-    damp_max: float = field(default=1.0, metadata={
-        "help": "when the Cholesky factorisation fails, double the dampening up to this fraction"})
-    block_size: int = field(default=128, metadata={
-        "help": "columns per lazy batch update (adjusted so that groups do not straddle batches)"})
+class GPTQOptions(LDLQOptions):
     desc_act: bool = field(default=False, metadata={
         "help": "act-order: quantize columns by decreasing H diagonal (codes stored permuted, with g_idx)"})
     static_groups: bool = field(default=False, metadata={
@@ -42,10 +36,7 @@ class GPTQOptions(Options):
                 "forwards instead of recomputing them; -1 = a quarter of the free memory, 0 = off"})
 
     def __post_init__(self) -> None:
-        if not 0 < self.damp_percent <= self.damp_max:
-            raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        super().__post_init__()
         if self.replay_mb < -1:
             raise ValueError(f"replay_mb must be -1 (auto), 0 (off) or a size in MB, got {self.replay_mb}")
 

@@ -27,30 +27,18 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-from quantfoundry import Block, HadamardTransform, Options, QFError, QuantContext, QuantizedWeight, Quantizer
-from quantfoundry.toolkit import HessianError, collect_input_stats, input_stages, solve_stacked
+from quantfoundry import Block, HadamardTransform, QFError, QuantContext, QuantizedWeight, Quantizer
+from quantfoundry.toolkit import HessianError, LDLQOptions, collect_input_stats, input_stages, solve_stacked
 from quantfoundry.toolkit.hadamard import factor
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuipOptions(Options):
+class QuipOptions(LDLQOptions):
     incoherence: bool = field(default=True, metadata={
         "help": "randomized Hadamard transforms on both sides of every weight (QuIP#); false: BlockLDLQ alone"})
     seed: int = field(default=0, metadata={"help": "seed of the transforms' sign vectors (with each linear's name)"})
-    damp_percent: float = field(default=0.01, metadata={
-        "help": "dampening added to H's diagonal, as a fraction of its mean"})
-    damp_max: float = field(default=1.0, metadata={
-        "help": "when the Cholesky factorisation fails, double the dampening up to this fraction"})
-    block_size: int = field(default=128, metadata={
-        "help": "columns per lazy batch update (a multiple of the format's block width)"})
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's input groups in order, each on the inputs of the already-quantized ones"})
-
-    def __post_init__(self) -> None:
-        if not 0 < self.damp_percent <= self.damp_max:
-            raise ValueError(f"need 0 < damp_percent <= damp_max, got {self.damp_percent} and {self.damp_max}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
 
 class QuipQuantizer(Quantizer):
