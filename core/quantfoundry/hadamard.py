@@ -3,7 +3,7 @@
 
 A Hadamard matrix ``H`` of order ``n`` has entries ±1 and ``H Hᵀ = n I``. Orders here are
 ``n = m · 2^k`` with ``H = H_m ⊗ H_{2^k}``: ``H_{2^k}`` is Sylvester's (``[[H, H], [H, −H]]``,
-applied by the fast Walsh–Hadamard butterflies in ``k`` passes) and ``H_m`` (``m`` ≤
+itself ``H_a ⊗ H_b`` for ``ab = 2^k``) and ``H_m`` (``m`` ≤
 :data:`MAX_BASE`) is 1, 2 or a Paley matrix over a prime field — type I for a prime ``q ≡ 3 (mod
 4)``, order ``q + 1`` (12, 20, 24, 44, 48, 60, 68, 72, …); type II for a prime ``q ≡ 1 (mod 4)``,
 order ``2(q + 1)`` (28, 36, 60, 76, …) — applied densely along its axis. The factorisation takes the smallest such ``m``: SmolLM2's 576 = 36 · 16, 1536
@@ -11,7 +11,8 @@ order ``2(q + 1)`` (28, 36, 60, 76, …) — applied densely along its axis. The
 ``ValueError`` (a prime-power Paley construction or a stored matrix would serve more).
 
 :func:`hadamard_transform` multiplies the last dimension of ``x`` by ``Hᵀ / √n`` (or ``H / √n``),
-an orthogonal map, in ``O(n (k + m))`` operations per row; :class:`RandomHadamard` adds a sign
+an orthogonal map, as one small batched matmul per Kronecker factor (``O(n · Σ orders)``
+operations per row, 2–3 launches on a GPU); :class:`RandomHadamard` adds a sign
 vector ``s``: ``Q = H · diag(s) / √n``, a random orthogonal matrix whose products with any
 fixed vector have Gaussian-like, incoherent entries (QuIP#, §3).
 """
@@ -95,40 +96,65 @@ def factor(n: int) -> tuple[int, int]:
                      "(1, 2, or a Paley order over a prime field)")
 
 
-def hadamard_matrix(n: int) -> torch.Tensor:
-    """``H_m ⊗ H_{2^k}`` of order ``n`` (float64, ±1): the matrix :func:`hadamard_transform` applies."""
-    m, p = factor(n)
+#: the largest Sylvester factor applied as one dense matrix (``H_{2^k}`` is split into factors up to this)
+_SYLVESTER_STEP = 64
+
+
+@functools.cache
+def _sylvester(p: int) -> torch.Tensor:
+    """Sylvester's ``H_p`` (float64, ±1, symmetric) for a power of two ``p``."""
     syl = torch.ones(1, 1, dtype=torch.float64)
     while syl.shape[0] < p:
         syl = torch.cat([torch.cat([syl, syl], 1), torch.cat([syl, -syl], 1)], 0)
-    return torch.kron(base_matrix(m), syl)
+    return syl
 
 
-def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """Sylvester's unnormalised transform along the last dimension (a power of two)."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return x
+@functools.cache
+def _factors(n: int) -> tuple[tuple[int, bool], ...]:
+    """The Kronecker factors of ``H_n`` in axis order: ``(order, is_base)`` — ``H_m`` first, then
+    Sylvester factors of at most :data:`_SYLVESTER_STEP` (``H_{ab} = H_a ⊗ H_b`` for Sylvester's)."""
+    m, p = factor(n)
+    out = [(m, True)] if m > 1 else []
+    while p > 1:
+        step = min(p, _SYLVESTER_STEP)
+        out.append((step, False))
+        p //= step
+    return tuple(out)
+
+
+@functools.cache
+def _factor_matrix(order: int, is_base: bool, transpose: bool, device: str, dtype: torch.dtype) -> torch.Tensor:
+    h = base_matrix(order) if is_base else _sylvester(order)
+    return (h.T if transpose else h).to(device=device, dtype=dtype).contiguous()
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """``H_m ⊗ H_{2^k}`` of order ``n`` (float64, ±1): the matrix :func:`hadamard_transform` applies."""
+    m, p = factor(n)
+    return torch.kron(base_matrix(m), _sylvester(p))
 
 
 def hadamard_transform(x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """``x · Hᵀ / √n`` over the last dimension (``transpose``: ``x · H / √n``), in ``x``'s dtype
-    (float32 arithmetic for 16-bit inputs)."""
+    (float32 arithmetic for 16-bit inputs).
+
+    ``H`` is a Kronecker product of small factors (``H_m`` and Sylvester blocks of up to 64), so
+    with the row viewed as a tensor of those orders, ``H x`` multiplies each axis by its factor:
+    one batched matmul per factor (2–3 for LLM widths), ``O(n Σ orders)`` operations per row.
+    """
     n = x.shape[-1]
-    m, p = factor(n)
     lead = x.shape[:-1]
     work = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
-    y = _fwht(work.reshape(*lead, m, p))  # H_{2^k} is symmetric
-    if m > 1:
-        hm = base_matrix(m).to(device=x.device, dtype=work.dtype)
-        y = torch.matmul(hm.T if transpose else hm, y)  # (H_m ⊗ H_p) x = H_m X H_pᵀ, row-major X
-    return (y.reshape(*lead, n) * (1.0 / math.sqrt(n))).to(x.dtype)
+    rows = work.reshape(-1, n)
+    before = rows.shape[0]
+    after = n
+    for order, is_base in _factors(n):
+        after //= order
+        h = _factor_matrix(order, is_base, transpose and is_base, str(x.device), work.dtype)
+        # axis of this factor: [before, order, after]; (H ⊗ ·) acts on it as H @ X
+        rows = torch.matmul(h, rows.reshape(before, order, after))
+        before *= order
+    return (rows.reshape(*lead, n) * (1.0 / math.sqrt(n))).to(x.dtype)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

@@ -68,6 +68,21 @@ class StoredKernel(TorchDequantKernel):
         return F.linear(x, qw.stored_dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+class FusedKernel(StoredKernel):
+    """Runs the transforms itself: gets the original input, returns the original output."""
+
+    name = "test-fused"
+    weight_transforms = "fused"
+
+    def forward(self, x, qw, state, bias):
+        for t in qw.transforms:
+            x = t.apply_input(x)
+        y = F.linear(x, qw.stored_dequantize().to(x.dtype))
+        for t in reversed(qw.transforms):
+            y = t.apply_output(y)
+        return y if bias is None else y + bias.to(y.dtype)
+
+
 class NoTransformKernel(StoredKernel):
     name = "test-none"
     weight_transforms = "none"
@@ -80,8 +95,10 @@ def test_quant_linear_runs_transforms_dense_or_around_the_kernel() -> None:
     want = x @ expect.T + bias
     dense = QuantLinear(qw, bias, TorchDequantKernel(TorchDequantOptions()))
     stored = QuantLinear(qw, bias, StoredKernel(TorchDequantOptions()))
+    fused = QuantLinear(qw, bias, FusedKernel(TorchDequantOptions()))  # transforms not applied twice
     assert torch.allclose(dense(x), want, atol=1e-5, rtol=0)
     assert torch.allclose(stored(x), want, atol=1e-5, rtol=0)
+    assert torch.allclose(fused(x), want, atol=1e-5, rtol=0)
     # a kernel that cannot run transforms is passed over, and alone it is an error
     mixed = QuantLinear(qw, bias, [NoTransformKernel(TorchDequantOptions()), StoredKernel(TorchDequantOptions())])
     assert [k.name for k in mixed.kernels] == ["test-stored"]

@@ -36,7 +36,9 @@ class Kernel(Component, ABC):
     #: how it runs a weight with run-time transforms (``QuantizedWeight.transforms``): ``"dense"``
     #: — it multiplies by :meth:`QuantizedWeight.dequantize` (transforms undone); ``"stored"`` — by
     #: the stored weight, :class:`QuantLinear` applying the transforms to its input and output;
-    #: ``"none"`` — it does not run such weights (they go to the next kernel)
+    #: ``"fused"`` — :meth:`forward` takes the original input and gives the original output,
+    #: running the transforms itself (its own faster code for them); ``"none"`` — it does not run
+    #: such weights (they go to the next kernel)
     weight_transforms: ClassVar[str] = "none"
 
     def serves(self, fmt: Format, device: torch.device, tokens: int | None = None) -> str | None:
@@ -82,7 +84,7 @@ class QuantLinear(nn.Module):
             raise ValueError("QuantLinear needs at least one kernel")
         if qw.transforms:
             kinds = ", ".join(t.kind for t in qw.transforms)
-            self.kernels = tuple(k for k in self.kernels if k.weight_transforms in ("dense", "stored"))
+            self.kernels = tuple(k for k in self.kernels if k.weight_transforms in ("dense", "stored", "fused"))
             if not self.kernels:
                 raise ValueError(f"no kernel given runs a weight with run-time transforms ({kinds}); "
                                  "torch-dequant does (--kernel torch-dequant)")
@@ -160,7 +162,7 @@ class QuantLinear(nn.Module):
             self.kernels_used.add(kernel.name)
         if self.input_quant is not None and not kernel.quantizes_inputs:
             x = self.input_quant.fake_quant(x, self.input_scale)
-        if not qw.transforms or kernel.weight_transforms == "dense":
+        if not qw.transforms or kernel.weight_transforms in ("dense", "fused"):
             return kernel.forward(x, qw, state, self.bias)
         for t in qw.transforms:
             x = t.apply_input(x)

@@ -96,6 +96,12 @@ class HadamardTransform(WeightTransform):
         out.in_bits = None if like.in_bits is None else like.in_bits.clone()  # stored once per weight
         return out
 
+    def signs(self, side: str) -> torch.Tensor | None:
+        """The sign vector (float32 ±1) of ``side`` (``"in"`` or ``"out"``), ``None`` where that side
+        is the identity — for kernels that run the transform themselves."""
+        q = self._map(side)
+        return None if q is None else q.signs
+
     def _map(self, side: str) -> Any:
         from ..hadamard import RandomHadamard
 
