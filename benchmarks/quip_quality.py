@@ -5,8 +5,9 @@ On one model (default pycode-7m) with ``gptq_gguf.py``'s split of its in-domain 
 60% calibrates, the held-out 40% is scored):
 
 * qf: ``quip`` onto ``e8p`` (randomized Hadamard incoherence + BlockLDLQ), ``quip`` without
-  incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, ``gptq`` onto ``int2-g64``, and
-  ``quip`` onto the 3- and 4-bit ``e8p-rvq3`` and ``e8p-rvq4`` —
+  incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, ``gptq`` onto ``int2-g64``,
+  ``quip`` onto the 3- and 4-bit ``e8p-rvq3`` and ``e8p-rvq4``, and ``quip`` with its per-block
+  fine-tuning onto ``e8p`` and ``e8p-rvq3`` (``--finetune-epochs``, ``--finetune-lr``) —
   each ``qf run`` calibrated on 128 × 512 tokens of the calibration part (the text calibrator,
   seed 0), written as the qf artifact and reloaded;
 * llama.cpp: ``IQ2_XXS``, ``IQ2_XS``, ``Q2_K``, ``IQ3_XXS`` and ``Q4_K_S`` from ``llama-quantize`` with the imatrix
@@ -16,7 +17,7 @@ On one model (default pycode-7m) with ``gptq_gguf.py``'s split of its in-domain 
 Every model is scored by QuantFoundry's KL evaluator against the original (float32), on the
 held-out text (windows of 512, the exact full-vocabulary KL, its top-1 agreement and both
 perplexities), so the comparison is one measurement. Bits per weight count the decoder blocks'
-linear weights: for qf the size evaluator's ``linear_bpw`` (codes, grid parameters, sign bits),
+linear weights: for qf the size evaluator's ``linear_bpw`` (codes, grid parameters, sign bits or the fine-tuned float16 vectors),
 for GGUF the stored bytes of the ``blk.*`` matrices. llama.cpp's own KLD of each GGUF file
 (``llama-perplexity --kl-divergence`` against its F16 conversion) is reported beside it.
 
@@ -48,6 +49,8 @@ QF_METHODS = {
     "qf quip e8p-rvq3": ("quip", {}, "e8p-rvq3"),
     "qf quip e8p-rvq4": ("quip", {}, "e8p-rvq4"),
 }
+#: QuIP#'s fine-tuning (per block: the transforms' vectors and the norms), epochs set by --finetune-epochs
+FINETUNED = {"qf quip e8p, fine-tuned": "e8p", "qf quip e8p-rvq3, fine-tuned": "e8p-rvq3"}
 GGUF_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_K_S")
 
 
@@ -81,7 +84,12 @@ def main() -> None:
     ap.add_argument("--model", default="pycode-7m")
     ap.add_argument("--max-tokens", type=int, default=40_000, help="held-out tokens scored")
     ap.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
+    ap.add_argument("--finetune-epochs", type=int, default=5)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     args = ap.parse_args()
+    methods = dict(QF_METHODS)
+    ft = {"finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr}
+    methods.update({label: ("quip", ft, spec) for label, spec in FINETUNED.items()})
     folder = model_folder(args.model)
     calib, held = split_text(args.model)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
@@ -89,7 +97,7 @@ def main() -> None:
     work = WORK.parent / "quip-quality" / args.model
     work.mkdir(parents=True, exist_ok=True)
     cal = {"path": str(calib), "n_samples": 128, "seq_len": 512}
-    for label, (quantizer, opts, spec) in QF_METHODS.items():
+    for label, (quantizer, opts, spec) in methods.items():
         if args.only is not None and label not in args.only:
             continue
         out = work / label.replace(" ", "-").replace(",", "")
@@ -98,7 +106,7 @@ def main() -> None:
                    evaluators=["size"], calibrator_options=cal if quantizer != "rtn" else {}, progress=False)
         seconds = time.perf_counter() - t0
         row = {"bpw": r.metrics["size"]["linear_bpw"]["quantized"], "quantize_s": r.timings.get("quantize", 0.0),
-               "run_s": seconds}
+               "run_s": seconds, **({"finetune": ft} if opts is ft else {})}
         row.update(kl_of(qf.load(str(out)), folder, held, args.max_tokens))
         rows[f"{args.model}|{label}"] = row
         print(label, json.dumps(row), flush=True)

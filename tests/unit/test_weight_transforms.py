@@ -36,6 +36,33 @@ def test_maps_are_the_matrix_products() -> None:
     assert t.nbytes() == 96 // 8 + 48 // 8  # the signs as bits
 
 
+def test_real_scales_run_as_the_matrix_they_stand_for() -> None:
+    """Fine-tuned real vectors in place of the signs (``with_scales``): the linear's run-time
+    maps ``s ⊙ Hᵀ(W_s H(s' ⊙ x))/…`` equal the float64 matrix ``diag(s_out) H̃ᵀ W_s H̃ diag(s_in)``
+    that ``to_dense`` gives; ``from_dense`` inverts it; stored as float16 and rebuilt."""
+    g = torch.Generator().manual_seed(1)
+    t = HadamardTransform.random((48, 96), seed=5)
+    s_in = (torch.rand(96, generator=g) + 0.5) * random_signs(96, 10)
+    s_out = (torch.rand(48, generator=g) + 0.5) * random_signs(48, 11)
+    tt = t.with_scales(s_in, s_out)
+    s_in, s_out = s_in.half().double(), s_out.half().double()  # as stored
+    h_in = RandomHadamard(torch.ones(96)).matrix()
+    h_out = RandomHadamard(torch.ones(48)).matrix()
+    ws = torch.randn(48, 96, generator=g, dtype=torch.float64)
+    dense = s_out[:, None] * (h_out.T @ ws @ h_in) * s_in[None, :]
+    assert torch.allclose(tt.to_dense(ws), dense, atol=1e-12, rtol=0)
+    assert torch.allclose(tt.from_dense(dense), ws, atol=1e-5, rtol=0)  # 1 / s in float32
+    x = torch.randn(3, 96, generator=g, dtype=torch.float64)
+    assert torch.allclose(tt.apply_output(tt.apply_input(x) @ ws.T), x @ dense.T, atol=1e-12, rtol=0)
+    assert torch.allclose(tt.signs("in").double(), s_in) and tt.in_bits is None
+    back = qf.HadamardTransform.from_stored(tt.to_json(), tt.tensors())
+    assert torch.equal(back.to_dense(ws), tt.to_dense(ws))
+    assert tt.nbytes() == 2 * (96 + 48)  # float16 vectors
+    # one side tuned, the other kept as signs
+    half = t.with_scales(None, s_out)
+    assert half.in_bits is not None and half.out_scale is not None
+
+
 def quantized(seed: int = 1) -> tuple[QuantizedWeight, torch.Tensor]:
     """An int8 weight stored with a transform, and the float64 weight it stands for."""
     g = torch.Generator().manual_seed(seed)

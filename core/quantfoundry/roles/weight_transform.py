@@ -68,14 +68,34 @@ class WeightTransform(ABC):
 
 class HadamardTransform(WeightTransform):
     """``W_s = Q_out W Q_inᵀ``, ``Q = H · diag(s) / √n`` on either side (a side without signs is
-    the identity). Signs are kept as packed bits (bit set: −1), ``in_n`` and ``out_n`` long."""
+    the identity). Signs are kept as packed bits (bit set: −1), ``in_n`` and ``out_n`` long.
+
+    A side may instead hold a real vector ``s`` (``in_scale`` / ``out_scale``, float16 as QuIP#
+    stores its fine-tuned ``SU`` / ``SV``): the linear still runs ``y = apply_output(apply_input(x)
+    · W_sᵀ)`` with ``apply_input(x) = H (s ⊙ x) / √n`` and ``apply_output(y) = s ⊙ Hᵀ y / √n``;
+    ``to_dense`` is that map's matrix and ``from_dense`` its inverse (``1 / s``) — no longer
+    orthogonal, so such transforms come from fine-tuning a quantized weight (:meth:`with_scales`),
+    not from rounding through them."""
 
     kind = "rht"
 
     def __init__(self, in_bits: torch.Tensor | None, in_n: int, out_bits: torch.Tensor | None, out_n: int,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, *, in_scale: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None) -> None:
         self.in_bits, self.in_n, self.out_bits, self.out_n, self.seed = in_bits, in_n, out_bits, out_n, seed
+        self.in_scale, self.out_scale = in_scale, out_scale
         self._maps: dict[str, Any] = {}
+
+    def with_scales(self, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None) -> HadamardTransform:
+        """This transform with real vectors in place of the signs (stored as float16; ``None``
+        keeps a side as it is)."""
+        def half(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v.detach().to(torch.float16)
+        in_s, out_s = half(in_scale), half(out_scale)
+        return HadamardTransform(None if in_s is not None else self.in_bits, self.in_n,
+                                 None if out_s is not None else self.out_bits, self.out_n, self.seed,
+                                 in_scale=in_s if in_s is not None else self.in_scale,
+                                 out_scale=out_s if out_s is not None else self.out_scale)
 
     @classmethod
     def random(cls, shape: tuple[int, int], seed: int, *, inputs: bool = True,
@@ -97,21 +117,23 @@ class HadamardTransform(WeightTransform):
         return out
 
     def signs(self, side: str) -> torch.Tensor | None:
-        """The sign vector (float32 ±1) of ``side`` (``"in"`` or ``"out"``), ``None`` where that side
-        is the identity — for kernels that run the transform themselves."""
+        """The sign vector (float32 ±1; the real vector where fine-tuned) of ``side`` (``"in"`` or
+        ``"out"``), ``None`` where that side is the identity — for kernels that run the transform
+        themselves."""
         q = self._map(side)
         return None if q is None else q.signs
 
-    def _map(self, side: str) -> Any:
+    def _map(self, side: str, inverse: bool = False) -> Any:
         from ..hadamard import RandomHadamard
 
-        bits, n = (self.in_bits, self.in_n) if side == "in" else (self.out_bits, self.out_n)
-        if bits is None:
+        bits, scale, n = ((self.in_bits, self.in_scale, self.in_n) if side == "in"
+                          else (self.out_bits, self.out_scale, self.out_n))
+        if bits is None and scale is None:
             return None
-        key = f"{side}:{bits.device}"
+        key = f"{side}:{inverse}:{(bits if scale is None else scale).device}"
         if key not in self._maps:
-            signs = 1.0 - 2.0 * _unpack(bits, n).to(torch.float32)
-            self._maps[key] = RandomHadamard(signs)
+            s = 1.0 - 2.0 * _unpack(bits, n).to(torch.float32) if scale is None else scale.to(torch.float32)
+            self._maps[key] = RandomHadamard(1.0 / s if inverse and scale is not None else s)
         return self._maps[key]
 
     def to_dense(self, w: torch.Tensor) -> torch.Tensor:
@@ -123,7 +145,7 @@ class HadamardTransform(WeightTransform):
         return w
 
     def from_dense(self, w: torch.Tensor) -> torch.Tensor:
-        q_in, q_out = self._map("in"), self._map("out")
+        q_in, q_out = self._map("in", inverse=True), self._map("out", inverse=True)
         if q_in is not None:
             w = q_in.apply(w)                   # W Q_inᵀ
         if q_out is not None:
@@ -144,7 +166,8 @@ class HadamardTransform(WeightTransform):
         return y if q_out is None else q_out.apply_t(y)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("in_signs", self.in_bits), ("out_signs", self.out_bits)) if v is not None}
+        return {k: v for k, v in (("in_signs", self.in_bits), ("out_signs", self.out_bits),
+                                  ("in_scale", self.in_scale), ("out_scale", self.out_scale)) if v is not None}
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_n": self.in_n, "out_n": self.out_n, "seed": self.seed}
@@ -152,7 +175,7 @@ class HadamardTransform(WeightTransform):
     @classmethod
     def from_stored(cls, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HadamardTransform:
         return cls(tensors.get("in_signs"), int(info["in_n"]), tensors.get("out_signs"), int(info["out_n"]),
-                   info.get("seed"))
+                   info.get("seed"), in_scale=tensors.get("in_scale"), out_scale=tensors.get("out_scale"))
 
 
 def _pack(bits: torch.Tensor | None) -> torch.Tensor | None:

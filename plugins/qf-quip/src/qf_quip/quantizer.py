@@ -19,6 +19,10 @@ ones before it already quantized), for each group of linears that read one input
 
 The sign vectors come from ``seed`` and the linear's name, so a run is reproducible. Any format
 works (scalar grids get QuIP with incoherence processing); ``e8p`` is QuIP#'s.
+
+With ``finetune_epochs``, QuIP#'s second stage follows per block (:mod:`qf_quip.finetune`): the
+transforms' sign vectors become real vectors and, with the block's norms, are tuned by Adam to
+the float block's outputs, the codes fixed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from quantfoundry import Block, HadamardTransform, QFError, QuantContext, Quanti
 from quantfoundry.toolkit import HessianError, LDLQOptions, collect_input_stats, input_stages, solve_stacked
 from quantfoundry.toolkit.hadamard import factor
 
+from .finetune import FinetuneSettings, finetune_block
+
 
 @dataclass(frozen=True, kw_only=True)
 class QuipOptions(LDLQOptions):
@@ -39,6 +45,17 @@ class QuipOptions(LDLQOptions):
     seed: int = field(default=0, metadata={"help": "seed of the transforms' sign vectors (with each linear's name)"})
     true_sequential: bool = field(default=True, metadata={
         "help": "quantize a block's input groups in order, each on the inputs of the already-quantized ones"})
+    finetune_epochs: int = field(default=0, metadata={
+        "help": "QuIP#'s fine-tuning: passes of Adam over each block's calibration batches, tuning the transforms' "
+                "sign vectors (as real vectors) and the norms to the float block's outputs; 0: off"})
+    finetune_lr: float = field(default=1e-3, metadata={"help": "Adam's learning rate for finetune_epochs"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be 0 (off) or more, got {self.finetune_epochs}")
+        if not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
 
 
 class QuipQuantizer(Quantizer):
@@ -68,6 +85,8 @@ class QuipQuantizer(Quantizer):
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, QuantizedWeight]:
         if block.inputs is None:
             raise QFError("quip needs calibration inputs; the run has none (use --calibrator text)")
+        o = self.options
+        targets = block.run() if o.finetune_epochs else []  # the float block's outputs
         out: dict[str, QuantizedWeight] = {}
         for names in input_stages(block, self.options.true_sequential):
             stats = collect_input_stats(block, names, want=("gram",), device=ctx.device)
@@ -78,6 +97,8 @@ class QuipQuantizer(Quantizer):
             for n in names:  # later stages see this stage's quantized outputs
                 lin = block.linear(n)
                 lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
+        if o.finetune_epochs:
+            out = finetune_block(block, out, targets, FinetuneSettings(o.finetune_epochs, o.finetune_lr), ctx)
         return out
 
     def _seed(self, block: Block, name: str) -> int:

@@ -1,0 +1,162 @@
+"""QuIP#'s second stage, per block: with the codes fixed, fine-tune what is still continuous — each
+weight's randomized-Hadamard sign vectors as real vectors (``SU``, ``SV``: a scale per input
+and per output channel on the transformed sides) and the block's norm weights — so that the
+quantized block's outputs match the original block's on the calibration inputs (QuIP#, §5).
+
+The objective is the mean squared error against the float block's outputs on the same inputs
+(those of the already quantized blocks before it, as the block loop hands them). Adam, whole
+passes (``epochs``) over the block's calibration batches; every tenth batch (at least one, once
+there are four) is held out and the state with the lowest held-out error is kept — the
+unchanged block included, so fine-tuning never makes the held-out error worse. The vectors are
+stored as float16 (``HadamardTransform.with_scales``), and training sees them rounded so (a
+straight-through estimator); the held-out error of each epoch is measured with the norms rounded
+to the checkpoint's dtype, as the artifact stores them: what is stored is what was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from quantfoundry import Block, HadamardTransform, QuantContext, QuantizedWeight
+from quantfoundry.toolkit.hadamard import hadamard_transform
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    epochs: int
+    lr: float
+
+
+def _stored(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as float16 stores it, with the gradient passing straight through."""
+    return v + (v.half().float() - v).detach()
+
+
+class _TunedLinear(nn.Module):
+    """A quantized linear as a function of its transform vectors: ``s_out ⊙ Hᵀ(W_s · H(s_in ⊙ x))``
+    (each ``H`` normalised), ``W_s`` the decoded stored weight (fixed)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("ws", qw.stored_dequantize().float())
+        t = qw.transforms[0] if qw.transforms else None
+        s_in = None if t is None else t.signs("in")
+        s_out = None if t is None else t.signs("out")
+        self.s_in = None if s_in is None else nn.Parameter(s_in.float().clone())
+        self.s_out = None if s_out is None else nn.Parameter(s_out.float().clone())
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if self.s_in is not None:
+            h = hadamard_transform(h * _stored(self.s_in))
+        y = h @ self.ws.T
+        if self.s_out is not None:
+            y = hadamard_transform(y, transpose=True) * _stored(self.s_out)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+def _swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent, _, child = name.rpartition(".")
+    owner = module.get_submodule(parent) if parent else module
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
+
+
+def _loss(block: Block, targets: list[torch.Tensor], batches: list[int]) -> float:
+    assert block.inputs is not None
+    total = 0.0
+    with torch.no_grad():
+        for i in batches:
+            out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
+            out = out[0] if isinstance(out, tuple) else out
+            total += float(F.mse_loss(out.float(), targets[i].float()))
+    return total / max(len(batches), 1)
+
+
+def finetune_block(block: Block, quantized: dict[str, QuantizedWeight], targets: list[torch.Tensor],
+                   settings: FinetuneSettings, ctx: QuantContext) -> dict[str, QuantizedWeight]:
+    """Fine-tune the block's transform vectors and norm weights (see the module docstring); the
+    block's norm weights are left at the kept state, its linears at the new weights' values.
+    Returns the weights with their tuned transforms."""
+    assert block.inputs is not None
+    n = len(block.inputs.hidden)
+    held = list(range(n - 1, -1, -10))[: max(1, n // 10)] if n >= 4 else []
+    train = [i for i in range(n) if i not in held]
+    pick = held or train  # fewer than four batches: keep the best training error
+    tuned = {name: _TunedLinear(qw, block.linear(name).bias) for name, qw in quantized.items()}
+    originals = {name: _swap(block.module, name, mod) for name, mod in tuned.items()}
+    named = [(f"{block.prefix}.{mname}.{pname}" if mname else f"{block.prefix}.{pname}", p)
+             for mname, mod in block.module.named_modules() if not isinstance(mod, (nn.Linear, _TunedLinear))
+             for pname, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+    norms = [p for _, p in named]
+    # the dtype the artifact stores each in (the checkpoint's): the state kept is measured so
+    info = ctx.source.tensor_info if ctx.source is not None else {}
+    stored_dtypes = [info[n][0] if n in info and info[n][0].is_floating_point else p.dtype for n, p in named]
+    vectors = [p for mod in tuned.values() for p in (mod.s_in, mod.s_out) if p is not None]
+    flags = [p.requires_grad for p in norms]
+    try:
+        def snapshot() -> list[torch.Tensor]:
+            return [p.detach().clone() for p in vectors + norms]
+
+        def stored_loss() -> tuple[float, list[torch.Tensor]]:
+            """The error with the norms as the artifact stores them (the vectors are rounded in
+            their forward already)."""
+            kept = [p.detach().clone() for p in norms]
+            with torch.no_grad():
+                for p, dt in zip(norms, stored_dtypes, strict=True):
+                    p.copy_(p.to(dt))
+                loss = _loss(block, targets, pick)
+                state = snapshot()
+                for p, v in zip(norms, kept, strict=True):
+                    p.copy_(v)
+            return loss, state
+
+        before = best_loss = _loss(block, targets, pick)
+        best, improved = snapshot(), False
+        for p in norms:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(vectors + norms, lr=settings.lr)
+        with torch.enable_grad():
+            for _ in range(settings.epochs):
+                for i in train:
+                    out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = F.mse_loss(out.float(), targets[i].float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                now, state = stored_loss()
+                if now < best_loss:
+                    best_loss, best, improved = now, state, True
+        with torch.no_grad():
+            for p, v in zip(vectors + norms, best, strict=True):
+                p.copy_(v)
+    finally:
+        for p, f in zip(norms, flags, strict=True):
+            p.requires_grad_(f)
+        for name, mod in originals.items():
+            _swap(block.module, name, mod)
+    what = "held-out" if held else "training"
+    ctx.note(f"quip fine-tuning: block {block.index}: {what} output MSE {before:.3g} -> {best_loss:.3g} "
+             f"({settings.epochs} epochs)")
+    if not improved:
+        return quantized  # the signs as they were (bits), the norms untouched
+    out: dict[str, QuantizedWeight] = {}
+    for name, qw in quantized.items():
+        mod = tuned[name]
+        transforms = qw.transforms
+        if transforms and isinstance(transforms[0], HadamardTransform):
+            transforms = (transforms[0].with_scales(mod.s_in, mod.s_out), *transforms[1:])
+        new = QuantizedWeight(qw.format, qw.shape, qw.dtype, qw.packed, qw.params, qw.perm, dict(qw.meta),
+                              qw.tensor_params, qw.input_quant, qw.input_scale, transforms)
+        lin = block.linear(name)
+        lin.weight.data = new.dequantize(lin.weight.dtype).to(lin.weight.device)
+        out[name] = new
+    return out
