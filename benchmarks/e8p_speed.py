@@ -91,15 +91,16 @@ def main() -> None:
             p = state["packed"]
             for m in TOKENS if spec == "e8p" else (1,):
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
-                row: dict[str, float | str] = {"cublas_fp16_us": 1e3 * timed(lambda t: F.linear(t, dense), x)}
+                row: dict[str, float | str] = {"cublas_fp16_us": 1e3 * timed(lambda t, d=dense: F.linear(t, d), x)}
                 cfg = default_config(m, n, k, sms)
                 row["default_config"] = str(cfg)
-                row["gemv_us"] = 1e3 * timed(lambda t, c=cfg: gemv(t, p, c), x)
+                row["gemv_us"] = 1e3 * timed(lambda v, c=cfg, pk=p: gemv(v, pk, c), x)
                 row["linear_us"] = 1e3 * timed(full, x)
                 t = full.qweight.transforms[0]
                 y = torch.randn(m, n, device=dev, dtype=torch.float16)
-                row["rht_us"] = (1e3 * timed(lambda v: rht(v, t.signs("in"), inverse=False), x)
-                                 + 1e3 * timed(lambda v: rht(v, t.signs("out"), inverse=True), y))
+                s_in, s_out = t.signs("in"), t.signs("out")
+                row["rht_us"] = (1e3 * timed(lambda v, s=s_in: rht(v, s, inverse=False), x)
+                                 + 1e3 * timed(lambda v, s=s_out: rht(v, s, inverse=True), y))
                 row["rht_torch_us"] = 1e3 * timed(t.apply_input, x) + 1e3 * timed(t.apply_output, y)
                 if args.tune and spec == "e8p" and m == 1:
                     best = (row["gemv_us"], str(cfg))
@@ -108,7 +109,7 @@ def main() -> None:
                         if c.split > 1 and k % (c.block_k * c.split):
                             continue
                         try:
-                            us = 1e3 * timed(lambda v, c=c: gemv(v, p, c), x, reps=20)
+                            us = 1e3 * timed(lambda v, c=c, pk=p: gemv(v, pk, c), x, reps=20)
                         except Exception as exc:  # a tile the compiler refuses (resources): skip it
                             print(f"  {c}: {type(exc).__name__}", flush=True)
                             continue

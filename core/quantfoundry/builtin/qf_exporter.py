@@ -32,8 +32,8 @@ from ..hookspecs import hookimpl
 from ..roles.activation import ActQuant
 from ..roles.exporter import Exporter
 from ..roles.format import QuantizedWeight
-from ..roles.weight_transform import transform_from_stored
 from ..roles.plan import QuantPlan
+from ..roles.weight_transform import transform_from_stored
 from ..toolkit.checkpoint import (
     CheckpointOptions,
     artifact_skeleton,

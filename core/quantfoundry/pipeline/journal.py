@@ -33,8 +33,8 @@ import torch
 from ..errors import UsageError
 from ..formats import format_from_json
 from ..roles.activation import ActQuant
-from ..roles.weight_transform import transform_from_stored
 from ..roles.format import QuantizedWeight
+from ..roles.weight_transform import transform_from_stored
 
 Entry = tuple[str, "torch.Tensor | QuantizedWeight"]
 

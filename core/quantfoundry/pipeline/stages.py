@@ -374,6 +374,9 @@ def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
         _quantize_blocks(state, journal)
         outside = quantize_outside_blocks(state.model if state.keep else None, source, state.plan, ctx,
                                           kernel_name=state.request.kernel, kernel_options=state.kernel_options())
+        if state.quantizer.refines_model():
+            with phase("refine"):
+                _refine_model(state, journal)
     if ctx.importance and not ctx.importance.read:
         names = ", ".join(repr(n) for n, _ in state.stage_specs)
         where = "--imatrix collected" if state.request.imatrix else f"exporter {state.exporter.name!r} brought"
@@ -445,6 +448,38 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                 raise RunInterrupted(f"stopped on {stop.requested} after {where}; the journal {journal.folder} "
                                      "keeps the finished blocks: run the same command with --resume "
                                      "(Python: resume=True) to continue")
+
+
+def _refine_model(state: RunState, journal: Journal | None) -> None:
+    """The quantizer's end-to-end pass (:meth:`Quantizer.refine_model`) over the whole quantized
+    model, against the original loaded beside it; the weights it returns are swapped in and every
+    block's journal record is written again, so the artifact holds the refined blocks."""
+    source, ctx = loaded(state)
+    quantizer, model = state.quantizer, state.model
+    if state.calibration is None or model is None:  # pragma: no cover - resolve() asks for calibration
+        raise UsageError(f"quantizer {quantizer.name!r} refines the model on calibration text; the run has none")
+    if not state.calibration.uniform:
+        raise UsageError(f"quantizer {quantizer.name!r} refines the model on windows of one length, but the "
+                         "calibrator gave samples of several lengths; pass --calibrator-opt packing=true")
+    reference = source.skeleton(state.dtype)
+    materialize(reference, reference, "", source, dtype=state.dtype, device=state.device)
+    try:
+        out = quantizer.refine_model(model, reference.eval(), state.calibration.input_ids.to(state.device), ctx)
+    finally:
+        del reference
+        trim_memory()
+    prefix = source.architecture.layers + "."
+    for name, qw in out.items():
+        if not name.startswith(prefix):
+            raise UsageError(f"quantizer {quantizer.name!r} refined {name}, outside the decoder blocks")
+        swap_in(model, name, qw.to(state.device), select_kernels(qw.format, state.device, state.request.kernel,
+                                                                   state.kernel_options()))
+    if journal is not None:
+        for index in range(source.num_layers):
+            old = journal.read_block(index)
+            name = f"{source.architecture.layers}.{index}"
+            entries = module_entries(model, model.get_submodule(name), name, source)
+            journal.write_block(index, BlockRecord(entries, old.notes, old.importance, old.extras))
 
 
 def _quantize_whole_model(state: RunState, journal: Journal | None) -> dict[str, QuantizedWeight]:

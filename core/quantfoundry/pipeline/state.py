@@ -116,8 +116,9 @@ class RunState:
 
     @property
     def keep(self) -> bool:
-        """Keep the quantized blocks in memory (for in-memory evaluation, or when asked)."""
-        return self.request.keep_model or bool(self.evaluators)
+        """Keep the quantized blocks in memory (for in-memory evaluation, for a quantizer that
+        refines the whole model, or when asked)."""
+        return self.request.keep_model or bool(self.evaluators) or self.quantizer.refines_model()
 
     def kernel_options(self) -> dict[str, str]:
         return dict(self.request.kernel_options or {})

@@ -79,6 +79,22 @@ class Quantizer(Component, ABC):
         QuIP#'s ``"rht"``): the exporter must store them (checked before any work). Default: none."""
         return frozenset()
 
+    def refines_model(self) -> bool:
+        """True if :meth:`refine_model` is to run once every block is rounded (end-to-end
+        tuning of what is still continuous: QuIP#'s second fine-tuning pass). The run then keeps
+        the quantized model in memory and loads the original beside it. Default: False."""
+        return False
+
+    def refine_model(self, model: nn.Module, reference: nn.Module, calibration: torch.Tensor,
+                     ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        """Tune the whole quantized ``model`` (its blocks' linears are ``QuantLinear``s) against
+        the float ``reference`` on the calibration token ids ``[samples, seq_len]``. Returns the
+        weights it changed, by linear name (``model.layers.0.mlp.up_proj``); the blocks' other
+        float parameters (norms) may be changed in place and are written as they are. Parameters
+        outside the blocks (embeddings, head, final norm) must not change: the artifact takes
+        them from the checkpoint."""
+        raise NotImplementedError(f"quantizer {self.name!r} does not refine the whole model")
+
     def as_transform(self) -> Transform | None:
         """The transform this quantizer contributes when a recipe puts it before another
         quantizer (AWQ: its scale search and fold, without clipping or rounding), or ``None``

@@ -84,8 +84,9 @@ def first_block(folder: Path, spec: str, *, n: int = 4, seq: int = 48, seed: int
     :class:`quantfoundry.Block` planning every linear of :data:`LINEARS` onto ``spec``, with
     ``n`` random sequences of ``seq`` tokens (ids from ``seed``) as its calibration inputs — what
     a block quantizer's tests run it on."""
-    import quantfoundry as qf
     from transformers import AutoModelForCausalLM
+
+    import quantfoundry as qf
 
     from ..model.capture import capture_inputs
 

@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
-from ..hadamard import MAX_BASE, RandomHadamard, base_matrix, factor, hadamard_matrix, hadamard_transform, random_signs
+from ..hadamard import (
+           MAX_BASE,
+           RandomHadamard,
+           base_matrix,
+           factor,
+           hadamard_matrix,
+           hadamard_transform,
+           random_signs,
+)
 
 __all__ = ["MAX_BASE", "RandomHadamard", "base_matrix", "factor", "hadamard_matrix", "hadamard_transform",
            "random_signs"]

@@ -15,7 +15,6 @@ from quantfoundry.toolkit import unpack_bits
 from quantfoundry.toolkit.hadamard import RandomHadamard
 
 
-
 def first_block(folder, spec="e8p"):
     return tiny_first_block(folder, spec, n=8, seq=64)
 
@@ -35,7 +34,7 @@ def test_block_error_below_rounding_to_nearest(tiny_model):
         w = ref.linear(name).weight.data.double()
         x = inputs_of(ref, name)
 
-        def err(v: torch.Tensor) -> float:
+        def err(v: torch.Tensor, x: torch.Tensor = x, w: torch.Tensor = w) -> float:
             return float(((x @ (w - v).T) ** 2).sum())
 
         rtn = err(fmt.quantize(w.float()).dequantize(torch.float64))

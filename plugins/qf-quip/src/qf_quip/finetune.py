@@ -160,3 +160,93 @@ def finetune_block(block: Block, quantized: dict[str, QuantizedWeight], targets:
         lin.weight.data = new.dequantize(lin.weight.dtype).to(lin.weight.device)
         out[name] = new
     return out
+
+
+def finetune_model(model: nn.Module, reference: nn.Module, ids: torch.Tensor, settings: FinetuneSettings,
+                   batch: int, layers: str, ctx: QuantContext) -> dict[str, QuantizedWeight]:
+    """QuIP#'s end-to-end pass: every block's transform vectors and norm weights at once, tuned
+    by Adam so that the quantized model's next-token distributions match the original's — the
+    mean KL divergence ``KL(p_original ‖ p_quantized)`` over the calibration tokens, the original
+    run alongside, batch by batch (no logits kept). A tenth of the sequences (at least one) is
+    held out; the epoch with the lowest held-out KL is kept, the untouched model included.
+    Returns the weights whose transforms changed, by linear name."""
+    from quantfoundry import QuantLinear
+
+    quantized = {name: mod for name, mod in model.named_modules()
+                 if isinstance(mod, QuantLinear) and name.startswith(layers + ".")}
+    tuned = {name: _TunedLinear(mod.qweight, mod.bias) for name, mod in quantized.items()}
+    for name, mod in tuned.items():
+        _swap(model, name, mod)
+    blocks = model.get_submodule(layers)
+    named = [(f"{layers}.{mname}.{pname}", p) for mname, mod in blocks.named_modules()
+             if not isinstance(mod, (nn.Linear, _TunedLinear, QuantLinear))
+             for pname, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+    norms = [p for _, p in named]
+    info = ctx.source.tensor_info if ctx.source is not None else {}
+    stored_dtypes = [info[n][0] if n in info and info[n][0].is_floating_point else p.dtype for n, p in named]
+    vectors = [p for mod in tuned.values() for p in (mod.s_in, mod.s_out) if p is not None]
+    n = ids.shape[0]
+    held = list(range(n - max(1, n // 10), n)) if n >= 2 else []
+    train = [i for i in range(n) if i not in held] or list(range(n))
+    pick = held or train
+    flags = [p.requires_grad for p in norms]
+
+    def kl(idx: list[int], grad: bool) -> torch.Tensor:
+        x = ids[idx]
+        with torch.no_grad():
+            target = torch.log_softmax(reference(x).logits.float(), -1)
+        with torch.set_grad_enabled(grad):
+            logp = torch.log_softmax(model(x).logits.float(), -1)
+            return (target.exp() * (target - logp)).sum(-1).mean()
+
+    def held_kl() -> float:
+        return sum(float(kl(pick[a:a + batch], False)) * len(pick[a:a + batch])
+                   for a in range(0, len(pick), batch)) / len(pick)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in vectors + norms]
+
+    try:
+        before = best_kl = held_kl()
+        best, improved = snapshot(), False
+        for p in norms:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(vectors + norms, lr=settings.lr)
+        for _ in range(settings.epochs):
+            for a in range(0, len(train), batch):
+                loss = kl(train[a:a + batch], True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            kept = [p.detach().clone() for p in norms]
+            with torch.no_grad():  # measured with the norms as the artifact stores them
+                for p, dt in zip(norms, stored_dtypes, strict=True):
+                    p.copy_(p.to(dt))
+                now = held_kl()
+                state = snapshot()
+                for p, v in zip(norms, kept, strict=True):
+                    p.copy_(v)
+            if now < best_kl:
+                best_kl, best, improved = now, state, True
+        with torch.no_grad():
+            for p, v in zip(vectors + norms, best, strict=True):
+                p.copy_(v)
+    finally:
+        for p, f in zip(norms, flags, strict=True):
+            p.requires_grad_(f)
+        for name, mod in quantized.items():
+            _swap(model, name, mod)
+    what = "held-out" if held else "training"
+    ctx.note(f"quip end-to-end fine-tuning: {what} KL {before:.4g} -> {best_kl:.4g} ({settings.epochs} epochs)")
+    if not improved:
+        return {}
+    out: dict[str, QuantizedWeight] = {}
+    for name, mod in quantized.items():
+        qw = mod.qweight
+        t = qw.transforms[0] if qw.transforms else None
+        if not isinstance(t, HadamardTransform):
+            continue
+        out[name] = QuantizedWeight(qw.format, qw.shape, qw.dtype, qw.packed, qw.params, qw.perm, dict(qw.meta),
+                                    qw.tensor_params, qw.input_quant, qw.input_scale,
+                                    (t.with_scales(tuned[name].s_in, tuned[name].s_out), *qw.transforms[1:]))
+    return out

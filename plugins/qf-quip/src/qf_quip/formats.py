@@ -27,7 +27,6 @@ from quantfoundry import Format, Options, Params
 
 from . import e8p
 
-
 #: per bit width: QuIP#'s codebook scale (``opt_scale``), residual scale (``opt_resid_scale``)
 #: and the second stage's code bits
 CODEBOOKS = {2: (e8p.OPT_SCALE, 0.0, 0), 3: (0.98, 1 / 2.04, 8), 4: (1.03, 1 / 3.45, 16)}

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from . import e8p
 
-
 #: up to this many tokens the GEMV multiplies in float32 on CUDA cores, one pass over the codes
 #: for all of them; more: tensor cores
 FMA_TOKENS = 4

@@ -22,7 +22,9 @@ works (scalar grids get QuIP with incoherence processing); ``e8p`` is QuIP#'s.
 
 With ``finetune_epochs``, QuIP#'s second stage follows per block (:mod:`qf_quip.finetune`): the
 transforms' sign vectors become real vectors and, with the block's norms, are tuned by Adam to
-the float block's outputs, the codes fixed.
+the float block's outputs, the codes fixed; with ``finetune_e2e_epochs``, its end-to-end pass
+after the last block (:meth:`refine_model`): every block's vectors and norms at once, to the
+original model's next-token distributions.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 from quantfoundry import Block, HadamardTransform, QFError, QuantContext, QuantizedWeight, Quantizer
 from quantfoundry.toolkit import HessianError, LDLQOptions, collect_input_stats, input_stages, solve_stacked
 from quantfoundry.toolkit.hadamard import factor
+from torch import nn
 
-from .finetune import FinetuneSettings, finetune_block
+from .finetune import FinetuneSettings, finetune_block, finetune_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +52,12 @@ class QuipOptions(LDLQOptions):
         "help": "QuIP#'s fine-tuning: passes of Adam over each block's calibration batches, tuning the transforms' "
                 "sign vectors (as real vectors) and the norms to the float block's outputs; 0: off"})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Adam's learning rate for finetune_epochs"})
+    finetune_e2e_epochs: int = field(default=0, metadata={
+        "help": "QuIP#'s end-to-end pass once every block is rounded: passes of Adam over the calibration "
+                "sequences tuning all blocks' vectors and norms to the original model's next-token "
+                "distributions (KL); keeps the original model in memory beside the quantized one; 0: off"})
+    finetune_e2e_lr: float = field(default=1e-4, metadata={"help": "Adam's learning rate for finetune_e2e_epochs"})
+    finetune_e2e_batch: int = field(default=8, metadata={"help": "sequences per Adam step of the end-to-end pass"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +65,12 @@ class QuipOptions(LDLQOptions):
             raise ValueError(f"finetune_epochs must be 0 (off) or more, got {self.finetune_epochs}")
         if not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
+        if self.finetune_e2e_epochs < 0:
+            raise ValueError(f"finetune_e2e_epochs must be 0 (off) or more, got {self.finetune_e2e_epochs}")
+        if not self.finetune_e2e_lr > 0:
+            raise ValueError(f"finetune_e2e_lr must be positive, got {self.finetune_e2e_lr}")
+        if self.finetune_e2e_batch < 1:
+            raise ValueError(f"finetune_e2e_batch must be at least 1, got {self.finetune_e2e_batch}")
 
 
 class QuipQuantizer(Quantizer):
@@ -66,6 +81,16 @@ class QuipQuantizer(Quantizer):
     needs_calibration = True
 
     options: QuipOptions
+
+    def refines_model(self) -> bool:
+        return self.options.finetune_e2e_epochs > 0
+
+    def refine_model(self, model: nn.Module, reference: nn.Module, calibration: torch.Tensor,
+                     ctx: QuantContext) -> dict[str, QuantizedWeight]:
+        o = self.options
+        layers = ctx.source.architecture.layers if ctx.source is not None else "model.layers"
+        return finetune_model(model, reference, calibration, FinetuneSettings(o.finetune_e2e_epochs, o.finetune_e2e_lr),
+                              o.finetune_e2e_batch, layers, ctx)
 
     def makes_transforms(self) -> frozenset[str]:
         return frozenset({"rht"}) if self.options.incoherence else frozenset()

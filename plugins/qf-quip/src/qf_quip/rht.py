@@ -22,7 +22,6 @@ import triton.language as tl
 from quantfoundry.toolkit.hadamard import base_matrix, factor, hadamard_matrix
 
 
-
 def split(n: int) -> tuple[int, int, int] | None:
     """``(m, A, B)`` for a width the kernel takes, else ``None``."""
     try:
