@@ -28,8 +28,8 @@ import pytest
 from .. import plugins as _plugins
 from .tiny import LINEARS, TINY_CONFIGS, build_tiny_model, first_block, inputs_of, tiny_config
 
-__all__ = ["LINEARS", "TINY_CONFIGS", "assert_artifact_checked", "build_tiny_model", "first_block", "inputs_of",
-           "tiny_config"]
+__all__ = ["LINEARS", "TINY_CONFIGS", "assert_artifact_checked", "assert_passes_in_triton_interpreter",
+           "build_tiny_model", "first_block", "inputs_of", "tiny_config"]
 
 
 def assert_artifact_checked(result: Any, *, engine_may_be_missing: bool = False) -> None:
@@ -44,6 +44,24 @@ def assert_artifact_checked(result: Any, *, engine_may_be_missing: bool = False)
     notes = [n for n in result.notes if n.startswith("artifact not evaluated")]
     assert engine_may_be_missing, f"the run did not check its artifact: {notes}"
     assert notes and "not installed" in notes[0], notes
+
+
+def assert_passes_in_triton_interpreter(path: Path, timeout: float = 1200) -> None:
+    """Run the test file ``path`` (a Triton kernel's kit on CPU tensors) in a subprocess under
+    Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton is imported) and assert it
+    passed. Skips where a CUDA device runs the compiled kernels instead."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device runs the compiled kernels instead")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -60,7 +60,7 @@ from .checkpoint import (
 from .components import make_component
 from .fold import BlockGroup, FoldPoint, Tie, apply_fold, block_groups, fold_point
 from .grids import AffineGrid, affine_grid
-from .kernels import select_kernel, select_kernels, swap_in
+from .kernels import select_kernel, select_kernels, swap_in, triton_interpreting, triton_unavailable
 from .ldlq import (
     HessianError,
     LDLQOptions,
@@ -85,7 +85,8 @@ __all__ = [
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",
     "prepare_hessian", "python_command",
-    "quant_method_of", "read_jsonl", "read_manifest", "release", "select_kernel", "select_kernels", "set_parameter", "sha256_file",
+    "quant_method_of", "read_jsonl", "read_manifest", "release", "select_kernel", "select_kernels", "set_parameter", "sha256_file", "triton_interpreting",
+    "triton_unavailable",
     "slice_groups", "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
     "write_json_atomic",
 ]

@@ -39,6 +39,26 @@ def select_kernels(fmt: Format, device: torch.device, name: str | None = None,
     return sorted(candidates, key=lambda k: -k.priority)
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors, for tests)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """``None`` if a Triton kernel can run on ``device`` here, else why not — for a Triton
+    kernel's :meth:`~quantfoundry.Kernel.serves`: Triton installed, and a CUDA device (or a CPU
+    under Triton's interpreter)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+        return "Triton kernels run on CUDA devices (on a CPU: TRITON_INTERPRET=1, for tests)"
+    return None
+
+
 def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
                   options: dict[str, str] | None = None) -> Kernel:
     """The named kernel (checked), or the highest-priority kernel that serves ``fmt`` on ``device``."""

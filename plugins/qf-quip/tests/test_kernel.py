@@ -5,9 +5,6 @@ compiled on a CUDA device; the codes' split into stages against the format's dec
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,17 +12,14 @@ import pytest
 import quantfoundry as qf
 import torch
 from quantfoundry.pipeline.components import make
+from quantfoundry.testing import assert_passes_in_triton_interpreter
 from quantfoundry.testing.conformance import KernelConformance
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_the_kit_passes_in_tritons_interpreter() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device runs the compiled kernel instead (TestTritonE8P)")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "interpreted_kit.py")],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+    assert_passes_in_triton_interpreter(HERE / "interpreted_kit.py")
 
 
 class TestTritonE8P(KernelConformance):

@@ -15,6 +15,7 @@ to the checkpoint's dtype, as the artifact stores them: what is stored is what w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -74,10 +75,85 @@ def _loss(block: Block, targets: list[torch.Tensor], batches: list[int]) -> floa
     total = 0.0
     with torch.no_grad():
         for i in batches:
-            out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
-            out = out[0] if isinstance(out, tuple) else out
-            total += float(F.mse_loss(out.float(), targets[i].float()))
+            total += float(F.mse_loss(_block_out(block, i).float(), targets[i].float()))
     return total / max(len(batches), 1)
+
+
+def _block_out(block: Block, i: int) -> torch.Tensor:
+    assert block.inputs is not None
+    out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _norms(root: nn.Module, prefix: str, ctx: QuantContext) -> tuple[list[nn.Parameter], list[torch.dtype]]:
+    """The float parameters of ``root``'s modules other than linears (its norms), and the dtype
+    the artifact stores each in (the checkpoint's; a tensor it lacks keeps its own)."""
+    from quantfoundry import QuantLinear
+
+    named = [(".".join(x for x in (prefix, mname, pname) if x), p) for mname, mod in root.named_modules()
+             if not isinstance(mod, (nn.Linear, _TunedLinear, QuantLinear))
+             for pname, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+    info = ctx.source.tensor_info if ctx.source is not None else {}
+    return ([p for _, p in named],
+            [info[n][0] if n in info and info[n][0].is_floating_point else p.dtype for n, p in named])
+
+
+def _train(vectors: list[nn.Parameter], norms: list[nn.Parameter], stored_dtypes: list[torch.dtype],
+           steps: Callable[[], Iterator[torch.Tensor]], measure: Callable[[], float],
+           settings: FinetuneSettings) -> tuple[float, float, bool]:
+    """Adam over ``vectors`` and ``norms``: ``settings.epochs`` passes of ``steps()`` (each yields
+    one step's loss); after each pass ``measure()`` with the norms rounded to their stored dtypes
+    (the vectors round in their forward). The best state — the untouched one included — is left
+    in the parameters. Returns the measure before, the best one, and whether training improved it."""
+    params = vectors + norms
+    flags = [p.requires_grad for p in norms]
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    try:
+        before = best_value = measure()
+        best, improved = snapshot(), False
+        for p in norms:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        for _ in range(settings.epochs):
+            with torch.enable_grad():
+                for loss in steps():
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            kept = [p.detach().clone() for p in norms]
+            with torch.no_grad():  # measured with the norms as the artifact stores them
+                for p, dt in zip(norms, stored_dtypes, strict=True):
+                    p.copy_(p.to(dt))
+                now = measure()
+                state = snapshot()
+                for p, v in zip(norms, kept, strict=True):
+                    p.copy_(v)
+            if now < best_value:
+                best_value, best, improved = now, state, True
+        with torch.no_grad():
+            for p, v in zip(params, best, strict=True):
+                p.copy_(v)
+    finally:
+        for p, f in zip(norms, flags, strict=True):
+            p.requires_grad_(f)
+    return before, best_value, improved
+
+
+def _with_tuned(qw: QuantizedWeight, mod: _TunedLinear) -> QuantizedWeight:
+    """``qw`` with its Hadamard transform's vectors replaced by ``mod``'s."""
+    t = qw.transforms[0] if qw.transforms else None
+    if not isinstance(t, HadamardTransform):
+        return qw
+    return QuantizedWeight(qw.format, qw.shape, qw.dtype, qw.packed, qw.params, qw.perm, dict(qw.meta),
+                           qw.tensor_params, qw.input_quant, qw.input_scale,
+                           (t.with_scales(mod.s_in, mod.s_out), *qw.transforms[1:]))
+
+
+def _vectors(tuned: dict[str, _TunedLinear]) -> list[nn.Parameter]:
+    return [p for mod in tuned.values() for p in (mod.s_in, mod.s_out) if p is not None]
 
 
 def finetune_block(block: Block, quantized: dict[str, QuantizedWeight], targets: list[torch.Tensor],
@@ -92,73 +168,28 @@ def finetune_block(block: Block, quantized: dict[str, QuantizedWeight], targets:
     pick = held or train  # fewer than four batches: keep the best training error
     tuned = {name: _TunedLinear(qw, block.linear(name).bias) for name, qw in quantized.items()}
     originals = {name: _swap(block.module, name, mod) for name, mod in tuned.items()}
-    named = [(f"{block.prefix}.{mname}.{pname}" if mname else f"{block.prefix}.{pname}", p)
-             for mname, mod in block.module.named_modules() if not isinstance(mod, (nn.Linear, _TunedLinear))
-             for pname, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
-    norms = [p for _, p in named]
-    # the dtype the artifact stores each in (the checkpoint's): the state kept is measured so
-    info = ctx.source.tensor_info if ctx.source is not None else {}
-    stored_dtypes = [info[n][0] if n in info and info[n][0].is_floating_point else p.dtype for n, p in named]
-    vectors = [p for mod in tuned.values() for p in (mod.s_in, mod.s_out) if p is not None]
-    flags = [p.requires_grad for p in norms]
+    norms, stored_dtypes = _norms(block.module, block.prefix, ctx)
+
+    def steps() -> Iterator[torch.Tensor]:
+        for i in train:
+            yield F.mse_loss(_block_out(block, i).float(), targets[i].float())
+
     try:
-        def snapshot() -> list[torch.Tensor]:
-            return [p.detach().clone() for p in vectors + norms]
-
-        def stored_loss() -> tuple[float, list[torch.Tensor]]:
-            """The error with the norms as the artifact stores them (the vectors are rounded in
-            their forward already)."""
-            kept = [p.detach().clone() for p in norms]
-            with torch.no_grad():
-                for p, dt in zip(norms, stored_dtypes, strict=True):
-                    p.copy_(p.to(dt))
-                loss = _loss(block, targets, pick)
-                state = snapshot()
-                for p, v in zip(norms, kept, strict=True):
-                    p.copy_(v)
-            return loss, state
-
-        before = best_loss = _loss(block, targets, pick)
-        best, improved = snapshot(), False
-        for p in norms:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(vectors + norms, lr=settings.lr)
-        with torch.enable_grad():
-            for _ in range(settings.epochs):
-                for i in train:
-                    out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
-                    out = out[0] if isinstance(out, tuple) else out
-                    loss = F.mse_loss(out.float(), targets[i].float())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                now, state = stored_loss()
-                if now < best_loss:
-                    best_loss, best, improved = now, state, True
-        with torch.no_grad():
-            for p, v in zip(vectors + norms, best, strict=True):
-                p.copy_(v)
+        before, best, improved = _train(_vectors(tuned), norms, stored_dtypes, steps,
+                                        lambda: _loss(block, targets, pick), settings)
     finally:
-        for p, f in zip(norms, flags, strict=True):
-            p.requires_grad_(f)
         for name, mod in originals.items():
             _swap(block.module, name, mod)
     what = "held-out" if held else "training"
-    ctx.note(f"quip fine-tuning: block {block.index}: {what} output MSE {before:.3g} -> {best_loss:.3g} "
+    ctx.note(f"quip fine-tuning: block {block.index}: {what} output MSE {before:.3g} -> {best:.3g} "
              f"({settings.epochs} epochs)")
     if not improved:
         return quantized  # the signs as they were (bits), the norms untouched
     out: dict[str, QuantizedWeight] = {}
     for name, qw in quantized.items():
-        mod = tuned[name]
-        transforms = qw.transforms
-        if transforms and isinstance(transforms[0], HadamardTransform):
-            transforms = (transforms[0].with_scales(mod.s_in, mod.s_out), *transforms[1:])
-        new = QuantizedWeight(qw.format, qw.shape, qw.dtype, qw.packed, qw.params, qw.perm, dict(qw.meta),
-                              qw.tensor_params, qw.input_quant, qw.input_scale, transforms)
+        out[name] = new = _with_tuned(qw, tuned[name])
         lin = block.linear(name)
         lin.weight.data = new.dequantize(lin.weight.dtype).to(lin.weight.device)
-        out[name] = new
     return out
 
 
@@ -177,76 +208,36 @@ def finetune_model(model: nn.Module, reference: nn.Module, ids: torch.Tensor, se
     tuned = {name: _TunedLinear(mod.qweight, mod.bias) for name, mod in quantized.items()}
     for name, mod in tuned.items():
         _swap(model, name, mod)
-    blocks = model.get_submodule(layers)
-    named = [(f"{layers}.{mname}.{pname}", p) for mname, mod in blocks.named_modules()
-             if not isinstance(mod, (nn.Linear, _TunedLinear, QuantLinear))
-             for pname, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
-    norms = [p for _, p in named]
-    info = ctx.source.tensor_info if ctx.source is not None else {}
-    stored_dtypes = [info[n][0] if n in info and info[n][0].is_floating_point else p.dtype for n, p in named]
-    vectors = [p for mod in tuned.values() for p in (mod.s_in, mod.s_out) if p is not None]
+    norms, stored_dtypes = _norms(model.get_submodule(layers), layers, ctx)
     n = ids.shape[0]
     held = list(range(n - max(1, n // 10), n)) if n >= 2 else []
     train = [i for i in range(n) if i not in held] or list(range(n))
     pick = held or train
-    flags = [p.requires_grad for p in norms]
 
-    def kl(idx: list[int], grad: bool) -> torch.Tensor:
+    def kl(idx: list[int]) -> torch.Tensor:
         x = ids[idx]
         with torch.no_grad():
             target = torch.log_softmax(reference(x).logits.float(), -1)
-        with torch.set_grad_enabled(grad):
-            logp = torch.log_softmax(model(x).logits.float(), -1)
-            return (target.exp() * (target - logp)).sum(-1).mean()
+        logp = torch.log_softmax(model(x).logits.float(), -1)
+        return (target.exp() * (target - logp)).sum(-1).mean()
+
+    def steps() -> Iterator[torch.Tensor]:
+        for a in range(0, len(train), batch):
+            yield kl(train[a:a + batch])
 
     def held_kl() -> float:
-        return sum(float(kl(pick[a:a + batch], False)) * len(pick[a:a + batch])
-                   for a in range(0, len(pick), batch)) / len(pick)
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in vectors + norms]
+        with torch.no_grad():
+            return sum(float(kl(pick[a:a + batch])) * len(pick[a:a + batch])
+                       for a in range(0, len(pick), batch)) / len(pick)
 
     try:
-        before = best_kl = held_kl()
-        best, improved = snapshot(), False
-        for p in norms:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(vectors + norms, lr=settings.lr)
-        for _ in range(settings.epochs):
-            for a in range(0, len(train), batch):
-                loss = kl(train[a:a + batch], True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            kept = [p.detach().clone() for p in norms]
-            with torch.no_grad():  # measured with the norms as the artifact stores them
-                for p, dt in zip(norms, stored_dtypes, strict=True):
-                    p.copy_(p.to(dt))
-                now = held_kl()
-                state = snapshot()
-                for p, v in zip(norms, kept, strict=True):
-                    p.copy_(v)
-            if now < best_kl:
-                best_kl, best, improved = now, state, True
-        with torch.no_grad():
-            for p, v in zip(vectors + norms, best, strict=True):
-                p.copy_(v)
+        before, best, improved = _train(_vectors(tuned), norms, stored_dtypes, steps, held_kl, settings)
     finally:
-        for p, f in zip(norms, flags, strict=True):
-            p.requires_grad_(f)
         for name, mod in quantized.items():
             _swap(model, name, mod)
     what = "held-out" if held else "training"
-    ctx.note(f"quip end-to-end fine-tuning: {what} KL {before:.4g} -> {best_kl:.4g} ({settings.epochs} epochs)")
+    ctx.note(f"quip end-to-end fine-tuning: {what} KL {before:.4g} -> {best:.4g} ({settings.epochs} epochs)")
     if not improved:
         return {}
-    out: dict[str, QuantizedWeight] = {}
-    for name, mod in quantized.items():
-        qw = mod.qweight
-        t = qw.transforms[0] if qw.transforms else None
-        if not isinstance(t, HadamardTransform):
-            continue
-        out[name] = QuantizedWeight(qw.format, qw.shape, qw.dtype, qw.packed, qw.params, qw.perm, dict(qw.meta),
-                                    qw.tensor_params, qw.input_quant, qw.input_scale,
-                                    (t.with_scales(tuned[name].s_in, tuned[name].s_out), *qw.transforms[1:]))
-    return out
+    return {name: _with_tuned(mod.qweight, tuned[name]) for name, mod in quantized.items()
+            if mod.qweight.transforms}

@@ -12,12 +12,12 @@ Larger calls go to the next kernel (the reference: dequantize + cuBLAS).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import quantfoundry as qf
 import torch
+from quantfoundry.toolkit import triton_interpreting, triton_unavailable
 
 from .formats import CODEBOOKS, E8PFormat
 
@@ -33,18 +33,6 @@ class TritonE8POptions(qf.Options):
             raise ValueError(f"max_tokens must be 1-16 (the GEMV's tile), got {self.max_tokens}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class TritonE8P(qf.Kernel):
     name = "triton-e8p"
     description = "QuIP#'s E8P codes (2/3/4 bits) decoded from the codebook inside a Triton GEMV, 1-16 tokens"
@@ -58,10 +46,9 @@ class TritonE8P(qf.Kernel):
     def serves(self, fmt: qf.Format, device: torch.device, tokens: int | None = None) -> str | None:
         if not isinstance(fmt, E8PFormat):
             return "it runs QuIP#'s e8p formats"
-        if not _have_triton():
-            return "Triton is not installed (pip install triton)"
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            return "Triton kernels run on CUDA devices (on a CPU: TRITON_INTERPRET=1, for tests)"
+        reason = triton_unavailable(device)
+        if reason:
+            return reason
         if tokens is not None and tokens > self.options.max_tokens:
             return f"above {self.options.max_tokens} tokens a dequantized cuBLAS GEMM is faster"
         return None
@@ -99,7 +86,7 @@ class TritonE8P(qf.Kernel):
             cfg = state["configs"].get(m)
             if cfg is None:
                 cfg = state["configs"][m] = default_config(m, p.n, p.k, state["sms"])
-            y = gemv(x2, p, cfg, interpreting=_interpreting())
+            y = gemv(x2, p, cfg, interpreting=triton_interpreting())
         for t in reversed(qw.transforms):
             y = _transform(t, y, inverse=True)
         if bias is not None:
@@ -116,7 +103,7 @@ def _transform(t: qf.WeightTransform, x: torch.Tensor, *, inverse: bool) -> torc
         signs = t.signs("out" if inverse else "in")
         if signs is None:
             return x
-        y = rht(x, signs, inverse=inverse, interpreting=_interpreting())
+        y = rht(x, signs, inverse=inverse, interpreting=triton_interpreting())
         if y is not None:
             return y
     return t.apply_output(x) if inverse else t.apply_input(x)

@@ -12,13 +12,13 @@ cuBLAS) — :meth:`Kernel.serves` with ``tokens``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import quantfoundry as qf
 import torch
 import torch.nn.functional as F
+from quantfoundry.toolkit import triton_unavailable
 
 BITS = (4, 8)
 
@@ -32,10 +32,6 @@ class TritonWA16Options(qf.Options):
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class TritonWA16(qf.Kernel):
@@ -56,8 +52,9 @@ class TritonWA16(qf.Kernel):
             return "it runs 4- and 8-bit integer grids"
         if o.group_size and (o.group_size % 16 or o.group_size > 256):
             return "groups must be 16-256 input columns, a multiple of 16 (or per channel)"
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            return "Triton kernels run on CUDA devices (on a CPU: TRITON_INTERPRET=1, for tests)"
+        reason = triton_unavailable(device)
+        if reason:
+            return reason
         if tokens is not None and tokens > self.options.max_tokens:
             return f"above {self.options.max_tokens} tokens a dequantized cuBLAS GEMM is faster"
         return None
