@@ -7,7 +7,8 @@ On one model (default pycode-7m) with ``gptq_gguf.py``'s split of its in-domain 
 * qf: ``quip`` onto ``e8p`` (randomized Hadamard incoherence + BlockLDLQ), ``quip`` without
   incoherence (BlockLDLQ alone), ``e8p`` rounded to nearest, ``gptq`` onto ``int2-g64``,
   ``quip`` onto the 3- and 4-bit ``e8p-rvq3`` and ``e8p-rvq4``, and ``quip`` with its per-block
-  fine-tuning onto ``e8p`` and ``e8p-rvq3`` (``--finetune-epochs``, ``--finetune-lr``) —
+  fine-tuning onto ``e8p`` and ``e8p-rvq3`` (``--finetune-epochs``, ``--finetune-lr``), and onto
+  ``e8p`` with its end-to-end pass after it (``--e2e-epochs``, ``--e2e-lr``) —
   each ``qf run`` calibrated on 128 × 512 tokens of the calibration part (the text calibrator,
   seed 0), written as the qf artifact and reloaded;
 * llama.cpp: ``IQ2_XXS``, ``IQ2_XS``, ``Q2_K``, ``IQ3_XXS`` and ``Q4_K_S`` from ``llama-quantize`` with the imatrix
@@ -49,8 +50,10 @@ QF_METHODS = {
     "qf quip e8p-rvq3": ("quip", {}, "e8p-rvq3"),
     "qf quip e8p-rvq4": ("quip", {}, "e8p-rvq4"),
 }
-#: QuIP#'s fine-tuning (per block: the transforms' vectors and the norms), epochs set by --finetune-epochs
-FINETUNED = {"qf quip e8p, fine-tuned": "e8p", "qf quip e8p-rvq3, fine-tuned": "e8p-rvq3"}
+#: QuIP#'s fine-tuning (per block: the transforms' vectors and the norms; epochs set by
+#: --finetune-epochs), and with its end-to-end pass after it (--e2e-epochs): (format, end to end)
+FINETUNED = {"qf quip e8p, fine-tuned": ("e8p", False), "qf quip e8p-rvq3, fine-tuned": ("e8p-rvq3", False),
+             "qf quip e8p, fine-tuned + end to end": ("e8p", True)}
 GGUF_TYPES = ("IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_K_S")
 
 
@@ -86,10 +89,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="methods to run (default: all)")
     ap.add_argument("--finetune-epochs", type=int, default=5)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--e2e-epochs", type=int, default=3)
+    ap.add_argument("--e2e-lr", type=float, default=1e-4)
     args = ap.parse_args()
     methods = dict(QF_METHODS)
     ft = {"finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr}
-    methods.update({label: ("quip", ft, spec) for label, spec in FINETUNED.items()})
+    e2e = {**ft, "finetune_e2e_epochs": args.e2e_epochs, "finetune_e2e_lr": args.e2e_lr}
+    methods.update({label: ("quip", e2e if end else ft, spec) for label, (spec, end) in FINETUNED.items()})
     folder = model_folder(args.model)
     calib, held = split_text(args.model)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
@@ -106,7 +112,8 @@ def main() -> None:
                    evaluators=["size"], calibrator_options=cal if quantizer != "rtn" else {}, progress=False)
         seconds = time.perf_counter() - t0
         row = {"bpw": r.metrics["size"]["linear_bpw"]["quantized"], "quantize_s": r.timings.get("quantize", 0.0),
-               "run_s": seconds, **({"finetune": ft} if opts is ft else {})}
+               **({"refine_s": r.timings["refine"]} if "refine" in r.timings else {}),
+               "run_s": seconds, **({"finetune": opts} if opts in (ft, e2e) else {})}
         row.update(kl_of(qf.load(str(out)), folder, held, args.max_tokens))
         rows[f"{args.model}|{label}"] = row
         print(label, json.dumps(row), flush=True)

@@ -35,7 +35,7 @@ class TritonE8POptions(qf.Options):
 
 class TritonE8P(qf.Kernel):
     name = "triton-e8p"
-    description = "QuIP#'s E8P codes (2/3/4 bits) decoded from the codebook inside a Triton GEMV, 1-16 tokens"
+    description = "QuIP#'s E8P codes (2/3/4 bits) decoded inside a Triton GEMV with its Hadamard transforms; decoding (1 token)"
     Options = TritonE8POptions
     priority = 5
     weight_transforms = "fused"
