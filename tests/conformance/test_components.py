@@ -37,8 +37,10 @@ EXTRA: dict[str, dict[str, Any]] = {
     "torch-int4": {"specs": ("int4-g128-sym-sbf16", "int4-g32-sym-sbf16", "int4-g64-sym-sbf16"),
                    # the last two: not tinygemm's tiles (dequantized instead)
                    "shapes": ((96, 256), (48, 512), (24, 256), (32, 192))},
-    # compiled for CUDA (plugins/qf-triton/tests run the kit in Triton's interpreter on CPU)
+    # compiled for CUDA (plugins/qf-triton/tests and plugins/qf-quip/tests run the kit in Triton's
+    # interpreter on CPU)
     "triton-w4a16": {"devices": ("cuda",)},
+    "triton-e8p": {"devices": ("cuda",)},
     "torch-w8a8": {"act_specs": (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
                                  ("fp8-e4m3-tensor", "fp8-static"), ("int8-sym", "fp8"))},
 }

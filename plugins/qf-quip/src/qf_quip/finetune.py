@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from quantfoundry import Block, HadamardTransform, QuantContext, QuantizedWeight
+from quantfoundry import Block, BlockInputs, HadamardTransform, QFError, QuantContext, QuantizedWeight
 from quantfoundry.toolkit.hadamard import hadamard_transform
 from torch import nn
 
@@ -71,7 +71,6 @@ def _swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _loss(block: Block, targets: list[torch.Tensor], batches: list[int]) -> float:
-    assert block.inputs is not None
     total = 0.0
     with torch.no_grad():
         for i in batches:
@@ -79,9 +78,15 @@ def _loss(block: Block, targets: list[torch.Tensor], batches: list[int]) -> floa
     return total / max(len(batches), 1)
 
 
+def _inputs(block: Block) -> BlockInputs:
+    if block.inputs is None:
+        raise QFError("quip fine-tuning needs calibration inputs; the run has none (use --calibrator text)")
+    return block.inputs
+
+
 def _block_out(block: Block, i: int) -> torch.Tensor:
-    assert block.inputs is not None
-    out = block.module(block.inputs.hidden[i], **block.inputs.kwargs[i])
+    inputs = _inputs(block)
+    out = block.module(inputs.hidden[i], **inputs.kwargs[i])
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -161,8 +166,7 @@ def finetune_block(block: Block, quantized: dict[str, QuantizedWeight], targets:
     """Fine-tune the block's transform vectors and norm weights (see the module docstring); the
     block's norm weights are left at the kept state, its linears at the new weights' values.
     Returns the weights with their tuned transforms."""
-    assert block.inputs is not None
-    n = len(block.inputs.hidden)
+    n = len(_inputs(block).hidden)
     held = list(range(n - 1, -1, -10))[: max(1, n // 10)] if n >= 4 else []
     train = [i for i in range(n) if i not in held]
     pick = held or train  # fewer than four batches: keep the best training error
