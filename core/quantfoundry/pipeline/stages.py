@@ -30,6 +30,7 @@ from ..phases import phase
 from ..plugins import get_plugin_manager
 from ..roles.activation import ActQuant
 from ..roles.block import QuantContext
+from ..roles.calibrator import CalibrationSet
 from ..roles.evaluator import EvalTarget
 from ..roles.exporter import Exporter
 from ..roles.format import Format, QuantizedWeight
@@ -365,6 +366,8 @@ def quantize_and_export(state: RunState) -> None:
 
 def _quantize_and_export(state: RunState, journal: Journal | None) -> None:
     source, ctx = loaded(state)
+    if state.quantizer.scope != "model" and state.quantizer.refines_model():
+        _check_refine(state)  # before the block loop, not after it
     state.model = source.skeleton(state.dtype)
     if state.keep:  # evaluation needs the embeddings and the head in memory too
         materialize_outside_blocks(state.model, source, dtype=state.dtype, device=state.device)
@@ -450,21 +453,30 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                                      "(Python: resume=True) to continue")
 
 
+def _check_refine(state: RunState) -> CalibrationSet:
+    """The run's calibration, checked for a quantizer that refines the whole model on it."""
+    cal, name = state.calibration, state.quantizer.name
+    if cal is None:
+        raise UsageError(f"quantizer {name!r} refines the model on calibration text; the run has none "
+                         "(use --calibrator text)")
+    if not cal.uniform:
+        raise UsageError(f"quantizer {name!r} refines the model on windows of one length, but the calibrator "
+                         "gave samples of several lengths; pass --calibrator-opt packing=true")
+    return cal
+
+
 def _refine_model(state: RunState, journal: Journal | None) -> None:
     """The quantizer's end-to-end pass (:meth:`Quantizer.refine_model`) over the whole quantized
     model, against the original loaded beside it; the weights it returns are swapped in and every
     block's journal record is written again, so the artifact holds the refined blocks."""
     source, ctx = loaded(state)
-    quantizer, model = state.quantizer, state.model
-    if state.calibration is None or model is None:  # pragma: no cover - resolve() asks for calibration
-        raise UsageError(f"quantizer {quantizer.name!r} refines the model on calibration text; the run has none")
-    if not state.calibration.uniform:
-        raise UsageError(f"quantizer {quantizer.name!r} refines the model on windows of one length, but the "
-                         "calibrator gave samples of several lengths; pass --calibrator-opt packing=true")
+    quantizer, model, calibration = state.quantizer, state.model, _check_refine(state)
+    if model is None:  # pragma: no cover - state.keep holds it for a refining quantizer
+        raise RuntimeError("the quantized model was not kept for the refinement")
     reference = source.skeleton(state.dtype)
     materialize(reference, reference, "", source, dtype=state.dtype, device=state.device)
     try:
-        out = quantizer.refine_model(model, reference.eval(), state.calibration.input_ids.to(state.device), ctx)
+        out = quantizer.refine_model(model, reference.eval(), calibration.input_ids.to(state.device), ctx)
     finally:
         del reference
         trim_memory()
