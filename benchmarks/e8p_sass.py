@@ -49,6 +49,28 @@ def count(block_n: int, block_k: int, warps: int, full: bool, dot: bool) -> dict
             "top": dict(loop.most_common(10))}
 
 
+BYTES_SIG = {"x_ptr": "*fp16", "codes_ptr": "*i16", "tab_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp16",
+             "N": "i32", "K": "i32", "SPLIT": "i32"}
+
+
+def count_bytes(block_n: int, block_k: int, warps: int) -> dict:
+    """The same count for :func:`qf_quip.gemv._e8p_gemv_bytes` (one token, 2-D tiles)."""
+    from qf_quip.gemv import _e8p_gemv_bytes
+
+    const = dict(BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=False)
+    sig = {**BYTES_SIG, **{k: "constexpr" for k in const}}
+    compiled = triton.compile(ASTSource(fn=_e8p_gemv_bytes, signature=sig, constexprs=const),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    loop = main_loop(text)
+    per_thread = block_n * block_k / (warps * 32)
+    return {"instructions_per_step": sum(loop.values()), "per_weight": sum(loop.values()) / per_thread,
+            "top": dict(loop.most_common(10))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "e8p_sass.json")
@@ -57,6 +79,10 @@ def main() -> None:
     for bn, bk, w, full, dot in CONFIGS:
         label = f"{bn}x{bk} w{w} {'full table' if full else 'patterns+signs'} {'tensor cores' if dot else 'CUDA cores'}"
         rows[label] = count(bn, bk, w, full, dot)
+        print(label, f"{rows[label]['per_weight']:.1f} instructions per weight", rows[label]["top"], flush=True)
+    for bn, bk, w in ((32, 256, 4), (16, 512, 4), (64, 256, 8)):
+        label = f"{bn}x{bk} w{w} signed bytes, 2-D tiles (bytes=True) CUDA cores"
+        rows[label] = count_bytes(bn, bk, w)
         print(label, f"{rows[label]['per_weight']:.1f} instructions per weight", rows[label]["top"], flush=True)
     args.out.write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
 

@@ -21,8 +21,8 @@ class TestTritonE8PInterpreted(KernelConformance):
 def test_transformed_weights_and_splits_against_float64() -> None:
     """Weights with their randomized Hadamard transforms (QuantLinear runs them around the
     kernel), 1, 3 and 5 tokens, splits of the input dimension 1-4, the points built from the 256
-    patterns and signs and looked up in the full table, few tokens on CUDA cores and on tensor
-    cores, against the float64 product of
+    patterns and signs, looked up in the full table, and (one token of ``e8p``) from the signed
+    bytes on 2-D tiles, few tokens on CUDA cores and on tensor cores, against the float64 product of
     the original weight's approximation."""
     import quantfoundry as qf
     from qf_quip.gemv import E8PConfig, gemv
@@ -52,9 +52,10 @@ def test_transformed_weights_and_splits_against_float64() -> None:
                 ys = {"QuantLinear": lin(x)}
                 xs = t.apply_input(x)  # the stored weight's GEMV alone, split 1-4
                 stored = qw.stored_dequantize().double()
-                for split, full, fma in ((1, False, True), (2, True, True), (4, False, False)):
-                    cfg = E8PConfig(32, 128, split, full=full, fma=fma)
-                    ys[f"split {split}, full {full}, fma {fma}"] = t.apply_output(gemv(xs, state["packed"], cfg, interpreting=True))
+                for split, full, fma, by in ((1, False, True, False), (2, True, True, False), (4, False, False, False),
+                                             (2, False, True, True)):
+                    cfg = E8PConfig(32, 128, split, full=full, fma=fma, bytes=by)
+                    ys[f"split {split}, full {full}, fma {fma}, bytes {by}"] = t.apply_output(gemv(xs, state["packed"], cfg, interpreting=True))
                 for name, y in ys.items():
                     assert y.dtype == dtype and y.shape == (m, shape[0])
                     err = (y.double() - exact).abs()

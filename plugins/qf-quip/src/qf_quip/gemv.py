@@ -60,6 +60,9 @@ class E8PConfig:
     stages: int = 2
     full: bool = False  # decode by the 65,536-point table instead of the 256 patterns and signs
     fma: bool = True    # up to FMA_TOKENS tokens: float32 products on CUDA cores (else tensor cores)
+    #: one token of ``e8p``: the patterns as 8 signed bytes (two 32-bit gathers per code) decoded
+    #: on 2-D tiles (:func:`_e8p_gemv_bytes`; not yet measured on a GPU, so not the default)
+    bytes: bool = False
 
 
 @functools.cache
@@ -67,8 +70,9 @@ def tables(device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The codebooks ``[entries, 8]`` in ``dtype`` (the inputs' 16-bit type: no conversion per
     weight) on ``device``, made once and shared by every weight."""
     patterns = e8p.signed_patterns().to(dtype).view(torch.int16)  # the 16-bit floats' bits
+    doubled = (2 * e8p.signed_patterns()).to(torch.int8).contiguous().view(torch.int32)  # [256, 2]: 4 bytes each
     return {"e8p": e8p.table(device).to(dtype).contiguous(), "e8p_patterns": patterns.to(device).contiguous(),
-            "e81b": e8p.e81b_table(device).to(dtype).contiguous()}
+            "e81b": e8p.e81b_table(device).to(dtype).contiguous(), "e8p_bytes": doubled.to(device).contiguous()}
 
 
 def repack(first: torch.Tensor, second: torch.Tensor | None, scale: torch.Tensor, second_book: str | None,
@@ -194,6 +198,48 @@ def _put(out, y_ptr, rows, row_ok, ATOMIC: tl.constexpr):
         tl.atomic_add(y_ptr + rows, out, mask=row_ok)
 
 
+@triton.jit
+def _e8p_gemv_bytes(x_ptr, codes_ptr, tab_ptr, scale_ptr, y_ptr, N, K, SPLIT, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    """One token of 2-bit ``e8p`` on 2-D tiles of codes ``[BLOCK_N, BLOCK_K/8]`` only: a pattern is
+    8 signed bytes (twice its coordinates: odd integers up to ±7) in two 32-bit words, gathered
+    once per code; coordinate ``e`` is its byte ``e`` sign-extended, negated where sign bit
+    ``7 − π(e)`` is set, times input column ``e`` of the code (loaded once per step for all rows);
+    the ±1/4 shift once per code against the input's 8-sum; the factor 1/2 once per row."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    k8 = K // 8
+    jj = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    steps = tl.cdiv(K, BLOCK_K * SPLIT)
+    for i in range(0, steps):
+        k0 = (pid_k * steps + i) * BLOCK_K
+        col_ok = (k0 // 8 + jj) < k8
+        c = tl.load(codes_ptr + rows[:, None] * k8 + (k0 // 8 + jj)[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32) & 0xFFFF
+        sb = c & 255
+        p = sb ^ (sb >> 4)
+        p = p ^ (p >> 2)
+        p = (p ^ (p >> 1)) & 1
+        sg = sb ^ p
+        lo = tl.load(tab_ptr + (c >> 8) * 2)
+        hi = tl.load(tab_ptr + (c >> 8) * 2 + 1)
+        xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for e in tl.static_range(8):
+            word = lo if e < 4 else hi
+            b = (word << (24 - 8 * (e % 4))) >> 24  # byte e % 4, sign-extended
+            bit = 7 - (e + (1 if e % 4 == 1 else 0) - (1 if e % 4 == 2 else 0))  # 7 − π(e)
+            v = b * (1 - 2 * ((sg >> bit) & 1))
+            xe = tl.load(x_ptr + k0 + jj * 8 + e, mask=col_ok, other=0.0).to(tl.float32)
+            xs += xe
+            acc += v.to(tl.float32) * xe[None, :]
+        acc += (0.5 - p.to(tl.float32)) * xs[None, :]  # twice the ±1/4 shift
+    out = 0.5 * tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    _put(out, y_ptr, rows, row_ok, ATOMIC)
+
+
 def gemv(x: torch.Tensor, p: E8PPacked, cfg: E8PConfig, *, interpreting: bool = False) -> torch.Tensor:
     """``x [M, K] → [M, N]`` in ``x``'s dtype (``M`` ≤ 16; one token runs the float32 product
     path, more the tensor-core one — float32 inputs at full precision)."""
@@ -209,6 +255,10 @@ def gemv(x: torch.Tensor, p: E8PPacked, cfg: E8PConfig, *, interpreting: bool = 
     dt = torch.float16 if x.dtype == torch.float32 or interpreting else x.dtype
     books = tables(str(x.device), dt)
     grid = (triton.cdiv(p.n, cfg.block_n), cfg.split)
+    if cfg.bytes and m == 1 and p.second is None:
+        _e8p_gemv_bytes[grid](x, p.first, books["e8p_bytes"], p.scale, y, p.n, p.k, cfg.split, BLOCK_N=cfg.block_n,
+                              BLOCK_K=cfg.block_k, ATOMIC=cfg.split > 1, num_warps=cfg.warps, num_stages=cfg.stages)
+        return y.to(x.dtype)
     _e8p_gemv[grid](x, p.first, p.first if p.second is None else p.second,
                     books["e8p" if cfg.full else "e8p_patterns"], books["e81b"], p.scale, y, m, p.n, p.k, x.stride(0), y.stride(0),
                     p.resid, cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ATOMIC=cfg.split > 1, SECOND=second, DOT=dot,
