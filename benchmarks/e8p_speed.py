@@ -6,7 +6,8 @@ and cuBLAS (``F.linear`` with the float16 weight) — on the linear shapes of Ll
 Llama-3-70B at 1, 4 and 16 tokens.
 
 Times: median of CUDA-event timings of 50 replays of a CUDA graph of the call, after 10 warm-up
-calls (``w8a8_speed.timed``). ``--tune`` also times a grid of GEMV tiles and splits at each
+calls (``w8a8_speed.timed``); at one token of ``e8p`` also the opt-in GEMV on 2-D tiles
+(``gemv_bytes_us``, ``E8PConfig(bytes=True)``). ``--tune`` also times a grid of GEMV tiles and splits at each
 shape and token count and records the best (the kernel's default pick is what ``gemv_us``
 measures).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import quantfoundry as qf
@@ -95,6 +97,9 @@ def main() -> None:
                 cfg = default_config(m, n, k, sms)
                 row["default_config"] = str(cfg)
                 row["gemv_us"] = 1e3 * timed(lambda v, c=cfg, pk=p: gemv(v, pk, c), x)
+                if spec == "e8p" and m == 1:  # the opt-in layout on 2-D tiles (signed bytes)
+                    cfg_bytes = replace(cfg, bytes=True)
+                    row["gemv_bytes_us"] = 1e3 * timed(lambda v, c=cfg_bytes, pk=p: gemv(v, pk, c), x)
                 row["linear_us"] = 1e3 * timed(full, x)
                 t = full.qweight.transforms[0]
                 y = torch.randn(m, n, device=dev, dtype=torch.float16)
