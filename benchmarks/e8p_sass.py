@@ -31,22 +31,27 @@ CONFIGS = ((16, 512, 4, False, False), (32, 256, 4, False, False), (32, 256, 4, 
            (64, 128, 4, True, True))
 
 
-def count(block_n: int, block_k: int, warps: int, full: bool, dot: bool) -> dict:
-    from qf_quip.gemv import _e8p_gemv
-
-    const = dict(BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=False, SECOND=0, DOT=dot, BLOCK_M=16, IEEE=False,
-                 FULL=full, DT=tl.float16, FMA_M=1)
-    sig = {**SIG, **({"t1_ptr": "*fp16"} if full else {}), **{k: "constexpr" for k in const}}
-    compiled = triton.compile(ASTSource(fn=_e8p_gemv, signature=sig, constexprs=const),
+def _loop(fn, sig: dict, const: dict, warps: int, per_thread: float) -> dict:
+    """Compile ``fn`` for sm_90 and count its step loop's instructions per weight and thread."""
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True, check=True).stdout
     loop = main_loop(text)
-    per_thread = block_n * block_k / (warps * 32)
     return {"instructions_per_step": sum(loop.values()), "per_weight": sum(loop.values()) / per_thread,
             "top": dict(loop.most_common(10))}
+
+
+def count(block_n: int, block_k: int, warps: int, full: bool, dot: bool) -> dict:
+    from qf_quip.gemv import _e8p_gemv
+
+    const = dict(BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=False, SECOND=0, DOT=dot, BLOCK_M=16, IEEE=False,
+                 FULL=full, DT=tl.float16, FMA_M=1)
+    sig = {**SIG, **({"t1_ptr": "*fp16"} if full else {})}
+    return _loop(_e8p_gemv, sig, const, warps, block_n * block_k / (warps * 32))
 
 
 BYTES_SIG = {"x_ptr": "*fp16", "codes_ptr": "*i16", "tab_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*fp16",
@@ -57,18 +62,8 @@ def count_bytes(block_n: int, block_k: int, warps: int) -> dict:
     """The same count for :func:`qf_quip.gemv._e8p_gemv_bytes` (one token, 2-D tiles)."""
     from qf_quip.gemv import _e8p_gemv_bytes
 
-    const = dict(BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=False)
-    sig = {**BYTES_SIG, **{k: "constexpr" for k in const}}
-    compiled = triton.compile(ASTSource(fn=_e8p_gemv_bytes, signature=sig, constexprs=const),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        text = subprocess.run([str(NVDISASM), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    loop = main_loop(text)
-    per_thread = block_n * block_k / (warps * 32)
-    return {"instructions_per_step": sum(loop.values()), "per_weight": sum(loop.values()) / per_thread,
-            "top": dict(loop.most_common(10))}
+    return _loop(_e8p_gemv_bytes, BYTES_SIG, dict(BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=False), warps,
+                 block_n * block_k / (warps * 32))
 
 
 def main() -> None:
