@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from quantfoundry import HadamardTransform, QuantizedWeight
 from quantfoundry.roles.kernel import QuantLinear
-from w4a16_speed import SHAPES, copy_bandwidth
+from w4a16_speed import SHAPES, copy_bandwidth, write_rows
 from w8a8_speed import timed
 
 TOKENS = (1, 4, 16)
@@ -133,10 +133,7 @@ def main() -> None:
             del bare, full, state, p
         del dense
         torch.cuda.empty_cache()
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12,
-               "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1))  # after every shape: a cut run keeps what it measured
+        write_rows(args.out, bw, rows)  # after every shape: a cut run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
+def write_rows(path: Path, bandwidth: float, rows: dict) -> None:
+    """The results file of a GPU speed run: device, torch, copy bandwidth and the rows so far."""
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bandwidth / 1e12,
+           "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -88,10 +96,7 @@ def main() -> None:
                   f"x{row['dispatch_speedup']:.2f} [{row['dispatch_kernel']}]", flush=True)
         del linears, dense, qw, qt
         torch.cuda.empty_cache()
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_TBps": bw / 1e12,
-               "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1))  # after every shape: a cut run keeps what it measured
+        write_rows(args.out, bw, rows)  # after every shape: a cut run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -46,16 +46,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def triton_unavailable(device: torch.device) -> str | None:
+def triton_unavailable(device: torch.device, tokens: int | None = None, max_tokens: int | None = None) -> str | None:
     """``None`` if a Triton kernel can run on ``device`` here, else why not — for a Triton
-    kernel's :meth:`~quantfoundry.Kernel.serves`: Triton installed, and a CUDA device (or a CPU
-    under Triton's interpreter)."""
+    kernel's :meth:`~quantfoundry.Kernel.serves`: Triton installed, a CUDA device (or a CPU under
+    Triton's interpreter), and, given both, no more than ``max_tokens`` rows in the call (larger
+    ones go to the next kernel, a dequantized cuBLAS GEMM)."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton)"
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         return "Triton kernels run on CUDA devices (on a CPU: TRITON_INTERPRET=1, for tests)"
+    if tokens is not None and max_tokens is not None and tokens > max_tokens:
+        return f"above {max_tokens} tokens a dequantized cuBLAS GEMM is faster"
     return None
 
 

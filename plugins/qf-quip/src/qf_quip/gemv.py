@@ -115,16 +115,19 @@ def _points(c, tab_ptr, ee, FULL: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _tile(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A program's rows (and which exist), its share of the input dimension, the codes per row and
+    the code offsets of a step."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, tl.program_id(1), K // 8, tl.arange(0, BLOCK_K // 8)
+
+
+@triton.jit
 def _e8p_gemv(x_ptr, first_ptr, second_ptr, t1_ptr, t2_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
               resid, SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, SECOND: tl.constexpr,
               DOT: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, FULL: tl.constexpr,
               DT: tl.constexpr, FMA_M: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    k8 = K // 8
-    jj = tl.arange(0, BLOCK_K // 8)
+    rows, row_ok, pid_k, k8, jj = _tile(N, K, BLOCK_N, BLOCK_K)
     ee = tl.arange(0, 8)
     cols = tl.arange(0, BLOCK_K)
     tok = tl.arange(0, BLOCK_M)
@@ -206,12 +209,7 @@ def _e8p_gemv_bytes(x_ptr, codes_ptr, tab_ptr, scale_ptr, y_ptr, N, K, SPLIT, BL
     once per code; coordinate ``e`` is its byte ``e`` sign-extended, negated where sign bit
     ``7 − π(e)`` is set, times input column ``e`` of the code (loaded once per step for all rows);
     the ±1/4 shift once per code against the input's 8-sum; the factor 1/2 once per row."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    k8 = K // 8
-    jj = tl.arange(0, BLOCK_K // 8)
+    rows, row_ok, pid_k, k8, jj = _tile(N, K, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     steps = tl.cdiv(K, BLOCK_K * SPLIT)
     for i in range(0, steps):

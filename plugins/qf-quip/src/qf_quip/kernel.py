@@ -46,12 +46,7 @@ class TritonE8P(qf.Kernel):
     def serves(self, fmt: qf.Format, device: torch.device, tokens: int | None = None) -> str | None:
         if not isinstance(fmt, E8PFormat):
             return "it runs QuIP#'s e8p formats"
-        reason = triton_unavailable(device)
-        if reason:
-            return reason
-        if tokens is not None and tokens > self.options.max_tokens:
-            return f"above {self.options.max_tokens} tokens a dequantized cuBLAS GEMM is faster"
-        return None
+        return triton_unavailable(device, tokens, self.options.max_tokens)
 
     def prepare(self, qw: qf.QuantizedWeight) -> dict[str, Any]:
         from .gemv import repack

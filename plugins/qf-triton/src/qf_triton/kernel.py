@@ -52,12 +52,7 @@ class TritonWA16(qf.Kernel):
             return "it runs 4- and 8-bit integer grids"
         if o.group_size and (o.group_size % 16 or o.group_size > 256):
             return "groups must be 16-256 input columns, a multiple of 16 (or per channel)"
-        reason = triton_unavailable(device)
-        if reason:
-            return reason
-        if tokens is not None and tokens > self.options.max_tokens:
-            return f"above {self.options.max_tokens} tokens a dequantized cuBLAS GEMM is faster"
-        return None
+        return triton_unavailable(device, tokens, self.options.max_tokens)
 
     def prepare(self, qw: qf.QuantizedWeight) -> dict[str, Any]:
         from .wa16 import repack
