@@ -4,7 +4,8 @@ Compiles each tensor-core GEMV (``qf_triton.gemv._gemv_dot``: ``dot`` and ``dot_
 CUDA-core one (``_gemv``, ``fma``) for Hopper (sm_90) with Triton's bundled ``ptxas``,
 disassembles it with ``nvdisasm`` and counts the instructions of its main loop (one step of
 ``BK`` input columns), per decoded weight code: ALU work per code is what bounds a GEMV once its
-loads are in flight. Also counts the loop's barriers and shared-memory stores (layout
+loads are in flight. ``h2`` (one row, paired 16-bit instructions from inline PTX) is counted
+beside them. Also counts the loop's barriers and shared-memory stores (layout
 conversions) — the first ``dot`` ran one per code position per step.
 
     python benchmarks/gemv_sass.py [--out benchmarks/results/gemv_sass.json]
@@ -30,10 +31,19 @@ SIG = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b
 INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
+#: arguments a real launch finds divisible by 16 (Triton specializes on it): the loads vectorize
+ALIGNED = ("x_ptr", "xi_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "N", "k_split", "LB", "LBK",
+           "stride_xm")
+
+
 def sass(fn, dtype: str, const: dict, warps: int, stages: int) -> str:
     sig = {**SIG, "x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", **{k: "constexpr" for k in const}}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    if "xi_ptr" in fn.arg_names:  # h2: the input row also as int32 pairs; one row, no M or stride
+        sig = {"xi_ptr": "*i32", **{k: v for k, v in sig.items() if k not in ("M", "stride_xm")}}
+    sig = {a: sig[a] for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -83,6 +93,14 @@ def main() -> None:
     for bn in (128, 256):
         cases.append((f"fma fp16 bn={bn} warps=4", gemv._gemv, "fp16", bn, 4,
                       {**common, "BM": 1, "BN": bn, "INT_ZERO": True}))
+    for dtype in ("fp16", "bf16"):
+        for bn, warps, chain, prefetch in ((128, 2, 1, False), (256, 4, 1, False), (256, 4, 2, False),
+                                           (256, 4, 2, True)):
+            cases.append((f"h2 {dtype} bn={bn} warps={warps} chain={chain}{' prefetch' if prefetch else ''}",
+                          gemv._gemv_h2, dtype, bn, warps,
+                          {"GROUP": 128, "BN": bn, "BK": 128, "SYM": False, "SPLIT": True, "HAS_BIAS": False,
+                           "EVEN_N": True, "BF16": dtype == "bf16", "WIDEN": False, "CHAIN": chain,
+                           "PREFETCH": prefetch}))
     for label, fn, dtype, bn, warps, const in cases:
         ops = main_loop(sass(fn, dtype, const, warps, 3))
         codes = const["BK"] * bn / (32 * warps)  # decoded codes per thread per step

@@ -1,7 +1,8 @@
 """Issue 20: tune the GEMV tiles of ``triton-w4a16`` on this GPU and write them to the plugin's
 ``tuned.json``, so a user's first call runs tuned tiles without waiting for an autotuner.
 
-For each GEMV (``fma``: 1-4 rows on CUDA cores; ``dot``: up to 16 rows on tensor cores), row
+For each GEMV (``fma``: 1-4 rows on CUDA cores; ``h2``: one row, paired 16-bit instructions;
+``dot``/``dot_t``: up to 16 rows on tensor cores), row
 bucket (1, 2, 4, 8, 16), 4-bit int4-g128 weight of the Llama-3 linear shapes (and a 1B one), and
 candidate tile (``bn``, ``bk``, warps, pipeline stages, split of the input dimension), the call
 is checked against the float product and timed (median of CUDA-event timings of replays of a
@@ -30,12 +31,15 @@ SHAPES = {
     "8B gate_up 28672x4096": (28672, 4096), "8B down 4096x14336": (4096, 14336), "70B q/o 8192x8192": (8192, 8192),
     "70B gate_up 57344x8192": (57344, 8192), "70B down 8192x28672": (8192, 28672),
 }
-ROWS = {"fma": (1, 4), "dot": (1, 4, 16), "dot_t": (1, 4, 16)}
+ROWS = {"fma": (1, 4), "h2": (1,), "dot": (1, 4, 16), "dot_t": (1, 4, 16)}
 
 
 def candidates(kind: str) -> list[dict]:
     if kind == "fma":
         grid = itertools.product((64, 128, 256), (32, 64, 128), (2, 4), (1, 2, 3))
+    elif kind == "h2":  # one row; a tile stays inside one 256-column block of the packed words
+        return [{"bn": bn, "bk": 128, "warps": w, "stages": 1, "chain": ch, "prefetch": pf}
+                for bn, w, ch, pf in itertools.product((64, 128, 256), (2, 4, 8), (1, 2), (False, True))]
     else:  # dot_t: the weight as the first operand, 64-row multiples for Hopper's warpgroup MMA
         grid = itertools.product((64, 128, 256), (128,), (4, 8), (2, 3, 4))
     return [{"bn": bn, "bk": bk, "warps": w, "stages": st} for bn, bk, w, st in grid]
@@ -55,17 +59,27 @@ def problem(n: int, k: int, m: int, dev: torch.device, seed: int = 0):
 
 
 def _compile(job: tuple[str, dict, int]) -> str | None:
-    from qf_triton.gemv import GemvConfig, gemv
+    from qf_triton.gemv import gemv
 
     kind, c, m = job
     p, _, x = problem(256, 1024, m, torch.device("cuda"))
     try:
         for split in (1, 2):
-            gemv(x, p, None, GemvConfig(kind, c["bn"], c["bk"], split, c["warps"], c["stages"]))
+            gemv(x, p, None, config(kind, c, split))
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001 - a config Triton cannot build is reported and skipped
         return f"{kind} {c}: {type(e).__name__}: {str(e)[:160]}"
+
+
+def config(kind: str, c: dict, split: int):
+    from qf_triton.gemv import GemvConfig
+
+    return GemvConfig(kind, c["bn"], c["bk"], split, c["warps"], c["stages"], c.get("chain", 1),
+                      c.get("prefetch", False))
+
+
+TILE = ("bn", "bk", "warps", "stages", "chain", "prefetch")
 
 
 def timed(fn) -> float:
@@ -85,7 +99,7 @@ def _timings(row: dict[str, float], kind: str) -> dict[tuple, tuple[float, int]]
         c = json.loads(key)
         if c["kind"] != kind:
             continue
-        tile = (c["bn"], c["bk"], c["warps"], c["stages"])
+        tile = tuple(c.get(f) for f in TILE)
         if tile not in best or us < best[tile][0]:
             best[tile] = (us, c["split"])
     return best
@@ -116,11 +130,12 @@ def write_table(results: dict[str, dict[str, float]], name: str, path: Path | No
         best = [min(us for us, _ in t.values()) for _, _, t in rows]
         score = {c: sum(t[c][0] / b if c in t else 3.0 for (_, _, t), b in zip(rows, best)) / len(rows) for c in seen}
         chosen = min(score, key=score.get)
-        bn, bk, warps, stages = chosen
+        tile = {f: v for f, v in zip(TILE, chosen) if v is not None}
+        bn = tile["bn"]
         ran = [(n, cublas, t[chosen]) for n, cublas, t in rows if chosen in t]
         waves = math.exp(sum(math.log(-(-n // bn) * split / sms) for n, _, (_, split) in ran) / len(ran))
         speedup = sum(cublas / us for _, cublas, (us, _) in ran) / len(rows)
-        entries[ckey] = {"bn": bn, "bk": bk, "warps": warps, "stages": stages, "waves": round(waves, 3),
+        entries[ckey] = {**tile, "waves": round(waves, 3),
                          "mean_over_best": round(score[chosen], 3), "vs_cublas": round(speedup, 3), "shapes": len(rows)}
     table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))  # classes this run measured replace theirs
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -134,14 +149,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--kinds", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", type=int, default=None, help="only these row counts (default: each kind's)")
     args = ap.parse_args()
-    from qf_triton.gemv import GemvConfig, gemv
+    from qf_triton.gemv import gemv
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     t0 = time.time()
-    kinds = {k: ROWS[k] for k in args.kinds}
+    kinds = {k: tuple(m for m in ROWS[k] if args.rows is None or m in args.rows) for k in args.kinds}
     jobs = [(kind, c, m) for kind in kinds for c in candidates(kind) for m in (ROWS[kind][:1] if kind.startswith("dot") else ROWS[kind])]
     with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as ex:
         failed = {e.split(":")[0] for e in ex.map(_compile, jobs) if e}
@@ -165,7 +181,7 @@ def main() -> None:
                         progs = -(-n // c["bn"]) * split
                         if k % (split * c["bk"]) or progs > 16 * sms or (split > 1 and progs > 6 * sms):
                             continue
-                        cfg = GemvConfig(kind, c["bn"], c["bk"], split, c["warps"], c["stages"])
+                        cfg = config(kind, c, split)
                         y = gemv(x, p, None, cfg)
                         err = float((y.float() - ref).abs().max() / ref.abs().max())
                         if not err < 1e-2:

@@ -103,3 +103,51 @@ def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
     assert split_for(64, 64, 1.697, 132) == 4
     assert split_for(8, 64, 4.0, 132) == 16
     assert split_for(8, 6, 4.0, 132) == 2
+
+
+def test_one_row_runs_h2_where_the_tuned_table_measured_it_faster(monkeypatch) -> None:
+    """``h2`` serves one row of 16-bit inputs on 4-bit codes with integer zero points; the
+    dispatch takes it only on a device whose table has it ahead of ``dot_t`` for that shape
+    class, with the table's chain, prefetch and split (as programs per SM)."""
+    from qf_triton import configs
+    from qf_triton.gemv import GemvConfig
+    from qf_triton.wa16 import repack
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (4096, 4096), generator=g, dtype=torch.uint8)
+    s = torch.rand(4096, 32, generator=g).half()
+    p = repack(codes, s, torch.zeros_like(s, dtype=torch.uint8), 4, 128)
+    h2 = {"bn": 256, "bk": 128, "warps": 4, "stages": 1, "chain": 2, "prefetch": True, "waves": 2.0, "vs_cublas": 1.5}
+    dot_t = {"bn": 128, "bk": 128, "warps": 8, "stages": 3, "waves": 2.0, "vs_cublas": 1.3}
+    table = {"fast-h2": {"h2|1|m|m|4": h2, "dot_t|1|m|m|4": dot_t},
+             "slow-h2": {"h2|1|m|m|4": {**h2, "vs_cublas": 1.2}, "dot_t|1|m|m|4": dot_t}}
+    monkeypatch.setattr(configs, "_tuned", lambda: table)
+    cfg = configs.pick(1, p, 132, torch.float16, "fast-h2")
+    # 16 tiles of 256 columns at 2 programs per SM: 16.5 slices wanted, 16 the largest power of two
+    assert cfg == GemvConfig("h2", 256, 128, 16, 4, 1, 2, True)
+    assert configs.pick(1, p, 132, torch.bfloat16, "fast-h2").kind == "h2"
+    assert configs.pick(2, p, 132, torch.float16, "fast-h2").kind == "dot_t"  # one row only
+    assert configs.pick(1, p, 132, torch.float32, "fast-h2").kind == "fma"  # 16-bit inputs only
+    assert configs.pick(1, p, 132, torch.float16, "slow-h2").kind == "dot_t"
+    assert configs.pick(1, p, 132, torch.float16, "untuned").kind == "dot_t"
+    p8 = repack(codes, s, torch.zeros_like(s, dtype=torch.uint8), 8, 128)
+    assert configs.pick(1, p8, 132, torch.float16, "fast-h2").kind != "h2"  # 4-bit codes only
+    pf = repack(codes, s, s, 4, 128, int_zero=False)
+    assert configs.pick(1, pf, 132, torch.float16, "fast-h2").kind != "h2"  # integer zero points only
+
+
+def test_every_gemv_compiled_on_cuda() -> None:
+    """The interpreter kit's GEMV check, compiled: ``h2``'s inline PTX itself (the interpreter
+    runs its emulation)."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (the same check runs in Triton's interpreter on CPU)")
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    try:
+        from interpreted_kit import check_every_gemv
+    finally:
+        sys.path.remove(str(HERE))
+    check_every_gemv(torch.device("cuda"), interpreting=False)

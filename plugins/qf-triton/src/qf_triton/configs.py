@@ -1,5 +1,8 @@
 """Which ``triton-w4a16`` kernel and tile shape runs a call, chosen without tuning at run time.
 
+* one row of 16-bit inputs on 4-bit codes: the paired-instruction GEMV ``h2``
+  (:func:`qf_triton.gemv._gemv_h2`) where ``tuned.json`` measured it faster than ``dot_t`` on
+  this device;
 * 1–16 rows of 16-bit inputs: a tensor-core GEMV — ``dot_t`` (:func:`qf_triton.gemv._gemv_dot`
   with the decoded weight as the first operand), or ``dot`` where ``tuned.json`` measured it
   faster — when a step of its codes (128 input columns at 4 bits) stays in one group and the
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .gemv import GemvConfig
+from .gemv import GemvConfig, h2_serves
 from .wa16 import Config, Packed
 
 TUNED = Path(__file__).with_name("tuned.json")
@@ -121,9 +124,22 @@ def _tiled(m: int, n: int, k: int, group: int, sms: int) -> Config:
     return Config(bm, bn, bk, _split(tiles, k // bk, sms), warps, stages)
 
 
+def _h2(p: Packed, dtype: torch.dtype, sms: int, device_name: str) -> GemvConfig | None:
+    """The ``h2`` GEMV's tile for one row where it serves the call and ``tuned.json`` measured it
+    on this device faster than ``dot_t``."""
+    mine, other = _tuned_entry("h2", 1, p, device_name), _tuned_entry("dot_t", 1, p, device_name)
+    if mine is None or mine.get("vs_cublas", 0) <= (other or {}).get("vs_cublas", 0):
+        return None
+    if not h2_serves(1, dtype, p, mine["bn"], mine["bk"]):
+        return None
+    split = split_for(-(-p.n // mine["bn"]), p.k // mine["bk"], mine["waves"], sms)
+    return GemvConfig("h2", mine["bn"], mine["bk"], split, mine["warps"], mine["stages"], mine.get("chain", 1),
+                      mine.get("prefetch", False))
+
+
 def pick(m: int, p: Packed, sms: int, dtype: torch.dtype, device_name: str) -> Config | GemvConfig:
-    cfg = None
-    if m <= 16 and dtype != torch.float32:
+    cfg = _h2(p, dtype, sms, device_name) if m == 1 else None
+    if cfg is None and m <= 16 and dtype != torch.float32:
         # the tensor-core GEMV, weight first unless tuned.json measured the other order faster here
         t, plain = _tuned_entry("dot_t", m, p, device_name), _tuned_entry("dot", m, p, device_name)
         unswapped = plain is not None and plain.get("vs_cublas", 0) > (t or {}).get("vs_cublas", 0)

@@ -42,12 +42,14 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class GemvConfig:
-    kind: str  # "fma" or "dot"
+    kind: str  # "fma", "h2", "dot" or "dot_t"
     bn: int
     bk: int
     split: int
     warps: int
     stages: int
+    chain: int = 1          # h2: words per 16-bit sum (1 or 2)
+    prefetch: bool = False  # h2: the next step's words loaded before this step's arithmetic
 
 
 @triton.jit
@@ -214,6 +216,218 @@ def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
     _finish(acc, b_ptr, y_ptr, part_ptr, pid_k, rm, rn, m_ok, n_ok, M, N, SPLIT, HAS_BIAS)
 
 
+def _h2_ptx(bf16: bool, chain: int) -> str:
+    """The PTX of the ``h2`` GEMV for ``chain`` words (1 or 2) of a column — 8 four-bit codes
+    each — times their inputs; operands: ``$0`` the float32 result, ``$1..$chain`` the words,
+    then 4 input pairs per word (``x_j, x_{j+4}`` of the word's 8 inputs, as two 16-bit floats),
+    then the column's constants. Codes ``j`` and ``j + 4`` of a word sit 16 bits apart, so one
+    ``lop3`` masks a pair into the mantissas of two 16-bit floats at once:
+
+    * float16: masked into two ``1024`` (codes 1 and 3 unshifted, as ``16·q``); one paired FMA
+      gives ``(q − z) / 16`` exactly (constants ``−(64 + z/16)`` and ``−(4 + z/16)``); the 1/16
+      keeps the float16 sums within ``4·chain·|x|`` (they overflow only for inputs over
+      ``16384 / chain``);
+    * bfloat16: each pair shifted down and masked into two ``128`` (``128 + q``), one paired FMA
+      with ``−(128 + z)`` gives ``q − z``.
+
+    The products of all ``chain`` words are summed in one pair of 16-bit lanes (paired FMAs),
+    whose two halves are added in float32."""
+    lines = [".reg .b32 t<4>, sh<3>, a, k0, k1;", ".reg .f32 fl, fh;"]
+    x0, consts = 1 + chain, 1 + chain + 4 * chain
+    if bf16:
+        lines.append("mov.b32 k0, 0x3F803F80;")  # 1.0 in both halves
+    else:
+        lines += ["mov.b32 k0, 0x2C002C00;", "mov.b32 k1, 0x1C001C00;"]  # 1/16, 1/256
+    first = True
+    for c in range(chain):
+        w = f"${1 + c}"
+        if bf16:
+            lines += [f"shr.u32 sh{i}, {w}, {4 * (i + 1)};" for i in range(3)]
+            srcs = [w, "sh0", "sh1", "sh2"]
+            lines += [f"lop3.b32 t{i}, {srcs[i]}, 0x000F000F, 0x43004300, 0xEA;" for i in range(4)]
+            lines += [f"fma.rn.bf16x2 t{i}, t{i}, k0, ${consts};" for i in range(4)]
+        else:
+            lines += [f"lop3.b32 t0, {w}, 0x000F000F, 0x64006400, 0xEA;",
+                      f"lop3.b32 t1, {w}, 0x00F000F0, 0x64006400, 0xEA;",
+                      f"shr.u32 sh0, {w}, 8;",
+                      "lop3.b32 t2, sh0, 0x000F000F, 0x64006400, 0xEA;",
+                      "lop3.b32 t3, sh0, 0x00F000F0, 0x64006400, 0xEA;"]
+            lines += [f"fma.rn.f16x2 t{i}, t{i}, k{i % 2}, ${consts + i % 2};" for i in range(4)]
+        op = "bf16x2" if bf16 else "f16x2"
+        for i in range(4):
+            xi = f"${x0 + 4 * c + i}"
+            lines.append(f"mul.rn.{op} a, t{i}, {xi};" if first else f"fma.rn.{op} a, t{i}, {xi}, a;")
+            first = False
+    if bf16:  # a bfloat16 is the top half of a float32
+        lines += ["shl.b32 sh0, a, 16;", "and.b32 sh1, a, 0xFFFF0000;", "mov.b32 fl, sh0;", "mov.b32 fh, sh1;"]
+    else:
+        lines += ["{ .reg .f16 l, h; mov.b32 {l, h}, a; cvt.f32.f16 fl, l; cvt.f32.f16 fh, h; }"]
+    lines.append("add.f32 $0, fl, fh;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_H2_F16_1 = tl.constexpr(_h2_ptx(False, 1))
+_H2_F16_2 = tl.constexpr(_h2_ptx(False, 2))
+_H2_BF16_1 = tl.constexpr(_h2_ptx(True, 1))
+_H2_BF16_2 = tl.constexpr(_h2_ptx(True, 2))
+_H2_CONSTRAINTS_1 = tl.constexpr("=f" + ",r" * 7)  # a word, 4 input pairs, 2 constants (bfloat16 reads 1)
+_H2_CONSTRAINTS_2 = tl.constexpr("=f" + ",r" * 12)
+_PRMT_LO = tl.constexpr("prmt.b32 $0, $1, $2, 0x5410;")  # low halves of $1 and $2
+_PRMT_HI = tl.constexpr("prmt.b32 $0, $1, $2, 0x7632;")  # high halves
+
+
+@triton.jit
+def _prmt(a, b, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half_bits(v):
+    """float32 ``v`` (exact in float16) as float16 bits in both halves of an int32."""
+    h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _bf16_bits(v):
+    """float32 ``v`` (exact in bfloat16) as bfloat16 bits in both halves of an int32."""
+    h = (v.to(tl.uint32, bitcast=True) >> 16).to(tl.int32)
+    return h | (h << 16)
+
+
+@triton.jit
+def _round16(v, BF16: tl.constexpr):
+    """float32 ``v`` rounded to the 16-bit float's grid (the interpreter's emulation of a paired
+    instruction's rounding; bfloat16 half to even, as :func:`qf_triton.wa16._bf16_grid`)."""
+    if BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return v.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _word_emulated(words, x_ptr, kk, rw, z, BF16: tl.constexpr):
+    """What :func:`_h2_ptx`'s code computes for one word per chain, in float32 with each paired
+    instruction's rounding (Triton's interpreter runs no inline assembly)."""
+    w = words.to(tl.uint32, bitcast=True)
+    lo = tl.zeros(words.shape, tl.float32)
+    hi = tl.zeros(words.shape, tl.float32)
+    for j in tl.static_range(4):
+        q_lo = ((w >> (4 * j)) & 15).to(tl.float32)
+        q_hi = ((w >> (16 + 4 * j)) & 15).to(tl.float32)
+        if BF16:
+            d_lo = q_lo - z
+            d_hi = q_hi - z
+        else:
+            d_lo = (q_lo - z) * 0.0625
+            d_hi = (q_hi - z) * 0.0625
+        x_lo = tl.load(x_ptr + kk + rw * 8 + j).to(tl.float32)[:, None]
+        x_hi = tl.load(x_ptr + kk + rw * 8 + j + 4).to(tl.float32)[:, None]
+        lo = _round16(lo + x_lo * d_lo, BF16)
+        hi = _round16(hi + x_hi * d_hi, BF16)
+    return lo + hi
+
+
+@triton.jit
+def _pairs(xi_ptr, kk, rw, RW: tl.constexpr):
+    """The input pairs ``(x_j, x_{j+4})``, ``j < 4``, of word rows ``rw`` (``[RW, 1]`` each):
+    one 16-byte load of a row's 8 inputs and four byte permutes, shared by every column a thread
+    holds."""
+    xa = tl.load(xi_ptr + kk // 2 + rw[:, None] * 4 + tl.arange(0, 4)[None, :])
+    ev, od = tl.split(tl.reshape(xa, (RW, 2, 2)))
+    a0, a2 = tl.split(ev)
+    a1, a3 = tl.split(od)
+    return (_prmt(a0, a2, _PRMT_LO)[:, None], _prmt(a0, a2, _PRMT_HI)[:, None], _prmt(a1, a3, _PRMT_LO)[:, None],
+            _prmt(a1, a3, _PRMT_HI)[:, None])
+
+
+@triton.jit
+def _h2_words(wp, n_ok, EVEN_N: tl.constexpr):
+    if EVEN_N:
+        return tl.load(wp)
+    return tl.load(wp, mask=n_ok[None, :], other=0)
+
+
+@triton.jit
+def _gemv_h2(x_ptr, xi_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, N, k_split, LB, LBK,
+             GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYM: tl.constexpr, SPLIT: tl.constexpr,
+             HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, BF16: tl.constexpr, WIDEN: tl.constexpr,
+             CHAIN: tl.constexpr, PREFETCH: tl.constexpr):
+    """``h2``: one row of 16-bit inputs times 4-bit codes on CUDA cores, two codes per paired
+    16-bit instruction (:func:`_h2_ptx`): the products of ``CHAIN`` words of a column are summed
+    in the input's dtype, those sums in float32. A step's ``BK / 8`` word rows are cut into
+    ``CHAIN`` slabs (slab ``c`` holds rows ``c·RW …``), one tile each, so a chain's words sit in
+    one thread. ``xi_ptr`` is the input row as int32 (pairs of 16-bit floats); ``BN`` divides the
+    block width ``LB``, so a program's columns are contiguous. ``PREFETCH`` loads the next step's
+    words before this step's arithmetic."""
+    pid_k = tl.program_id(1)
+    RW: tl.constexpr = BK // 8 // CHAIN
+    n0 = tl.program_id(0) * BN
+    rn = n0 + tl.arange(0, BN)
+    rw = tl.arange(0, RW)
+    n_ok = rn < N
+    wp = w_ptr + (n0 // LB).to(tl.int64) * LBK + n0 % LB + rw[:, None] * LB + tl.arange(0, BN)[None, :]
+    acc = tl.zeros((RW, BN), dtype=tl.float32)
+    k0 = pid_k * k_split
+    k_end = k0 + k_split
+    if PREFETCH:
+        wa = _h2_words(wp + (k0 // 8) * LB, n_ok, EVEN_N)
+        if CHAIN == 2:
+            wb = _h2_words(wp + (k0 // 8 + RW) * LB, n_ok, EVEN_N)
+    for kk in range(k0, k_end, BK):
+        if PREFETCH:
+            words = wa
+            if CHAIN == 2:
+                words_b = wb
+            kn = tl.minimum(kk + BK, k_end - BK)  # the last step reloads itself
+            wa = _h2_words(wp + (kn // 8) * LB, n_ok, EVEN_N)
+            if CHAIN == 2:
+                wb = _h2_words(wp + (kn // 8 + RW) * LB, n_ok, EVEN_N)
+        else:
+            words = _h2_words(wp + (kk // 8) * LB, n_ok, EVEN_N)
+            if CHAIN == 2:
+                words_b = _h2_words(wp + (kk // 8 + RW) * LB, n_ok, EVEN_N)
+        # per-column values: loaded as vectors (each converted once to the tile's layout), the
+        # constants derived after the conversion
+        g = kk // GROUP
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SYM:
+            z = tl.full((1, BN), 8.0, tl.float32)
+        else:
+            z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if WIDEN:
+            part = _word_emulated(words, x_ptr, kk, rw, z, BF16)
+            if CHAIN == 2:
+                part += _word_emulated(words_b, x_ptr, kk, rw + RW, z, BF16)
+        else:
+            p0, p1, p2, p3 = _pairs(xi_ptr, kk, rw, RW)
+            if BF16:
+                c0 = _bf16_bits(-(128.0 + z))
+                c1 = c0
+            else:
+                c0 = _half_bits(-(64.0 + z * 0.0625))
+                c1 = _half_bits(-(4.0 + z * 0.0625))
+            if CHAIN == 2:
+                r0, r1, r2, r3 = _pairs(xi_ptr, kk, rw + RW, RW)
+                part = tl.inline_asm_elementwise(_H2_BF16_2 if BF16 else _H2_F16_2, _H2_CONSTRAINTS_2,
+                                                 [words, words_b, p0, p1, p2, p3, r0, r1, r2, r3, c0, c1],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                part = tl.inline_asm_elementwise(_H2_BF16_1 if BF16 else _H2_F16_1, _H2_CONSTRAINTS_1,
+                                                 [words, p0, p1, p2, p3, c0, c1], dtype=tl.float32, is_pure=True,
+                                                 pack=1)
+        if not BF16:
+            s = s * 16.0
+        acc += part * s
+    out = tl.sum(acc, axis=0)
+    if SPLIT:
+        tl.store(part_ptr + pid_k.to(tl.int64) * N + rn, out, mask=n_ok)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 def half_decode(dtype: torch.dtype, bits: int) -> tuple[int, float] | None:
     """The bits and value of ``BASE`` where the tensor-core GEMVs decode code pairs straight
     into the 16-bit input dtype — float16 (1024: codes up to 8 bits; 16 / bits whole codes per
@@ -225,6 +439,14 @@ def half_decode(dtype: torch.dtype, bits: int) -> tuple[int, float] | None:
     if dtype == torch.bfloat16 and bits <= 4:
         return 0x4300, 128.0
     return None
+
+
+def h2_serves(m: int, dtype: torch.dtype, p, bn: int, bk: int) -> bool:
+    """Whether the ``h2`` GEMV runs this call: one row of float16/bfloat16 inputs, 4-bit codes
+    with integer zero points, steps of ``bk`` columns inside one group, and tiles of ``bn``
+    columns inside one block of the packed words."""
+    return (m == 1 and dtype in (torch.float16, torch.bfloat16) and p.bits == 4 and p.int_zero
+            and p.group % bk == 0 and bk % 16 == 0 and (p.block % bn == 0 or p.block == p.n))
 
 
 def rows_tile(kind: str, m: int) -> int:
@@ -254,6 +476,15 @@ def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, inte
             p.block, p.block * (p.k * p.bits // 32))
     if cfg.kind == "fma":
         _gemv[grid](*args, INT_ZERO=p.int_zero, **common)
+    elif cfg.kind == "h2":
+        if not h2_serves(m, x.dtype, p, cfg.bn, cfg.bk) or cfg.chain not in (1, 2) or cfg.bk % (16 * cfg.chain):
+            raise ValueError("the h2 GEMV runs one row of 16-bit inputs on 4-bit codes with integer zero points")
+        xs = x if x.data_ptr() % 4 == 0 else x.clone()
+        _gemv_h2[grid](xs, xs.view(torch.int32), p.words, p.scale, p.zero, args[4], y, part, p.n, p.k // split,
+                       p.block, p.block * (p.k // 8), GROUP=p.group, BN=cfg.bn, BK=cfg.bk, SYM=p.sym, SPLIT=parts,
+                       HAS_BIAS=common["HAS_BIAS"], EVEN_N=p.n % cfg.bn == 0, BF16=x.dtype == torch.bfloat16,
+                       WIDEN=interpreting, CHAIN=cfg.chain, PREFETCH=cfg.prefetch, num_warps=cfg.warps,
+                       num_stages=cfg.stages)
     else:
         if not p.int_zero or x.dtype == torch.float32:
             raise ValueError(f"the {cfg.kind} GEMV needs integer zero points and 16-bit inputs")
