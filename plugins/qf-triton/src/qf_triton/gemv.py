@@ -139,6 +139,23 @@ def _order(BK: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr):
     return (i % RW) * PER + i // RW
 
 
+#: one pair of codes of a word into two 16-bit floats for the tensor-core GEMVs: ``$1`` the word,
+#: ``$2`` the shift, ``$3`` the mask, ``$4`` the paired multiplier, ``$5`` the paired constant
+#: (:func:`_h2_ptx` explains the masks and constants)
+_DEC_F16 = tl.constexpr("""{
+.reg .b32 s, t;
+shr.u32 s, $1, $2;
+lop3.b32 t, s, $3, 0x64006400, 0xEA;
+fma.rn.f16x2 $0, t, $4, $5;
+}""")
+_DEC_BF16 = tl.constexpr("""{
+.reg .b32 s, t;
+shr.u32 s, $1, $2;
+lop3.b32 t, s, $3, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, t, $4, $5;
+}""")
+
+
 @triton.jit
 def _codes(words, z_ptr, g, N, rn, n_ok, BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
            SYM: tl.constexpr, PAIRS: tl.constexpr, MAGIC: tl.constexpr, BASE: tl.constexpr, XT: tl.constexpr,
@@ -152,6 +169,31 @@ def _codes(words, z_ptr, g, N, rn, n_ok, BITS: tl.constexpr, BK: tl.constexpr, B
         z = tl.full((BN,), 1 << (BITS - 1), tl.float32)
     else:
         z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if PAIRS and BITS == 4 and not WIDEN:
+        # pair j (codes j, j + 4) of each word by :data:`_DEC_F16`/:data:`_DEC_BF16`: a shift
+        # (shared by pairs 2 and 3 in float16), a lop3 and a paired FMA; float16 gives (q − z)/16
+        # (the caller scales by 16), bfloat16 q − z
+        j = tl.arange(0, 4)[:, None, None]
+        even = j % 2 == 0
+        if XT == tl.float16:
+            sh = (j // 2) * 8
+            m = tl.where(even, 0x000F000F, 0x00F000F0)
+            mul = tl.where(even, 0x2C002C00, 0x1C001C00)  # 1/16, 1/256 in both halves
+            c = tl.where(even, _half_bits(-(64.0 + z * 0.0625))[None, None, :],
+                         _half_bits(-(4.0 + z * 0.0625))[None, None, :])
+            t = tl.inline_asm_elementwise(_DEC_F16, "=r,r,r,r,r,r", [w[None, :, :], sh, m, mul, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            sh = j * 4
+            m = tl.full((4, 1, 1), 0x000F000F, tl.int32)
+            mul = tl.full((4, 1, 1), 0x3F803F80, tl.int32)  # 1.0 in both halves
+            c = _bf16_bits(-(128.0 + z))[None, None, :]
+            t = tl.inline_asm_elementwise(_DEC_BF16, "=r,r,r,r,r,r", [w[None, :, :], sh, m, mul, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        lo = t.to(tl.int16).to(XT, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(XT, bitcast=True)
+        pair = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))  # [4, RW, 2, BN]
+        return tl.reshape(pair, (BK, BN))
     if PAIRS:
         # each half of t: BASE's bits + 2^bits + q − z, in [BASE + 1, 2·BASE): the float
         # BASE + 2^bits + (q − z) exactly; one constant (no per-column value) is then subtracted
@@ -192,20 +234,28 @@ def _gemv_dot(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, stride_x
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     k0 = pid_k * k_split
+    # pointer tiles built once; a step adds a scalar
+    wp = w_ptr + col[None, :] + rw[:, None] * LB
+    if SWAP:
+        xp = x_ptr + rm[None, :] * stride_xm + xo[:, None]
+    else:
+        xp = x_ptr + rm[:, None] * stride_xm + xo[None, :]
     for kk in range(k0, k0 + k_split, BK):
-        words = tl.load(w_ptr + col[None, :] + (kk // PER + rw)[:, None] * LB, mask=n_ok[None, :], other=0)
+        words = tl.load(wp + (kk // PER) * LB, mask=n_ok[None, :], other=0)
         g = kk // GROUP
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         qz = _codes(words, z_ptr, g, N, rn, n_ok, BITS, BK, BN, SYM, PAIRS, MAGIC, BASE, XT, WIDEN)
+        if PAIRS and BITS == 4 and not WIDEN and XT == tl.float16:
+            s = s * 16.0  # the decode gave (q − z) / 16
         if SWAP:
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (kk + xo)[:, None], mask=m_ok[None, :], other=0.0)
+            xt = tl.load(xp + kk, mask=m_ok[None, :], other=0.0)
             if WIDEN:  # Triton's interpreter multiplies no 16-bit floats: the same products in float32
                 t = tl.dot(tl.trans(qz).to(tl.float32), xt.to(tl.float32), input_precision="ieee")
             else:
                 t = tl.dot(tl.trans(qz), xt)
             acc += t * s[:, None]
         else:
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (kk + xo)[None, :], mask=m_ok[:, None], other=0.0)
+            x = tl.load(xp + kk, mask=m_ok[:, None], other=0.0)
             if WIDEN:
                 t = tl.dot(x.to(tl.float32), qz.to(tl.float32), input_precision="ieee")
             else:
