@@ -173,7 +173,7 @@ def main() -> None:
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 ref = x.float() @ w.T
                 key = f"{label}|{m}"
-                row = results.setdefault(key, {"cublas_fp16_us": timed(lambda: torch.nn.functional.linear(x, wh))})
+                row = results.setdefault(key, {"cublas_fp16_us": timed(lambda x=x, wh=wh: torch.nn.functional.linear(x, wh))})
                 for c in candidates(kind):
                     if f"{kind} {c}" in failed:
                         continue
@@ -187,7 +187,7 @@ def main() -> None:
                         if not err < 1e-2:
                             print(f"WRONG {key} {cfg}: {err:.2e}", flush=True)
                             continue
-                        row[json.dumps({"kind": kind, **c, "split": split})] = timed(lambda: gemv(x, p, None, cfg))
+                        row[json.dumps({"kind": kind, **c, "split": split})] = timed(lambda x=x, p=p, cfg=cfg: gemv(x, p, None, cfg))
                 best = min((us, (kind, *tile, split)) for tile, (us, split) in _timings(row, kind).items())
                 print(f"{key:>28} {kind}: cuBLAS {row['cublas_fp16_us']:6.1f} us, best {best[0]:6.1f} us "
                       f"({row['cublas_fp16_us'] / best[0]:.2f}x) {best[1]}", flush=True)
