@@ -11,6 +11,9 @@ integer-to-float conversion instruction. The group's scale is factored out of th
   point). Each code position ``j`` of a word is shifted out of the whole tile of words at once
   and meets the inputs ``x[:, k0 + i·per_word + j]``; the products accumulate elementwise in a
   ``[BM, BK / per_word, BN]`` float32 tile, reduced over its middle axis once at the end.
+* ``h2`` (one row of 16-bit inputs, 4-bit codes, integer zero points): CUDA cores, two codes
+  per paired 16-bit instruction from inline PTX (:func:`_h2_ptx`); a word's products (or a
+  chain of two words') are summed in the input's dtype, those sums in float32.
 * ``dot`` and ``dot_t`` (up to 16 rows of 16-bit inputs, integer zero points): tensor cores,
   one ``tl.dot`` per step on the step's whole ``[BK, BN]`` tile of exact integers ``q − z`` in
   the input's dtype, float32 accumulators; ``dot_t`` swaps the operands (``yᵀ = W·xᵀ``: the
@@ -23,8 +26,10 @@ integer-to-float conversion instruction. The group's scale is factored out of th
   stays in one register as two neighbouring rows of the tile (the tensor cores' operand
   layout holds rows ``2i, 2i + 1`` together), so the tile's rows run in the order :func:`_order`
   gives and the inputs are loaded in the same order; nothing is shuffled between registers.
-  Elsewhere (8-bit codes in bfloat16) the codes decode in float32 as ``fma``'s do and are
-  rounded to the input's dtype (exact: integers below 256).
+  At 4 bits the pair is decoded by a PTX block instead (:data:`_DEC_F16`, :data:`_DEC_BF16`):
+  a shift, a ``lop3`` and one paired FMA give ``(q − z)/16`` in float16 (the 16 is folded into
+  the scale) or ``q − z`` in bfloat16. Elsewhere (8-bit codes in bfloat16) the codes decode in
+  float32 as ``fma``'s do and are rounded to the input's dtype (exact: integers below 256).
 
 The input dimension is cut into ``split`` slices so that small outputs still fill the GPU; the
 slices' float32 partial sums are added in a fixed order by :func:`qf_triton.wa16.reduce_parts`
