@@ -110,7 +110,8 @@ def write_table(results: dict[str, dict[str, float]], name: str, path: Path | No
     smallest mean of time / best time over the class's shapes, into the device's section of
     ``tuned.json``. The split is kept as ``waves``, programs per SM (the geometric mean over the
     class's shapes of output tiles × best split / SMs): :func:`qf_triton.configs.split_for`
-    turns it back into a split for any shape."""
+    turns it back into a split for any shape. Each measured shape also gets its own best tile
+    and split (``kind|rows|NxK|4``), which the dispatch prefers for that exact shape."""
     from qf_triton.configs import TUNED, rows_bucket, shape_class
 
     table_path = path or TUNED
@@ -137,7 +138,16 @@ def write_table(results: dict[str, dict[str, float]], name: str, path: Path | No
         speedup = sum(cublas / us for _, cublas, (us, _) in ran) / len(rows)
         entries[ckey] = {**tile, "waves": round(waves, 3),
                          "mean_over_best": round(score[chosen], 3), "vs_cublas": round(speedup, 3), "shapes": len(rows)}
-    table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))  # classes this run measured replace theirs
+    for key, row in results.items():  # and each measured shape's own best tile and split
+        label, m = key.split("|")
+        n, k = SHAPES[label]
+        for kind in ROWS:
+            if timings := _timings(row, kind):
+                tile, (us, split) = min(timings.items(), key=lambda kv: kv[1][0])
+                entries[f"{kind}|{rows_bucket(int(m))}|{n}x{k}|4"] = {
+                    **{f: v for f, v in zip(TILE, tile) if v is not None}, "split": split,
+                    "vs_cublas": round(row["cublas_fp16_us"] / us, 3)}
+    table[name] = dict(sorted({**table.get(name, {}), **entries}.items()))  # entries this run measured replace theirs
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return entries
 
@@ -150,7 +160,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--kinds", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--rows", nargs="+", type=int, default=None, help="only these row counts (default: each kind's)")
+    ap.add_argument("--from-results", type=Path, default=None,
+                    help="rewrite the table from an earlier run's --out file (no GPU needed); with --sms")
+    ap.add_argument("--sms", type=int, default=132, help="with --from-results: the device's SM count")
     args = ap.parse_args()
+    if args.from_results:
+        done = json.loads(args.from_results.read_text())
+        entries = write_table(done["rows"], done["device"], args.table, args.sms)
+        print(f"wrote {len(entries)} entries for {done['device']}")
+        return
     from qf_triton.gemv import gemv
 
     dev = torch.device("cuda")

@@ -108,7 +108,8 @@ def test_rows_pick_the_gemv_or_the_tiled_kernel() -> None:
 def test_one_row_runs_h2_where_the_tuned_table_measured_it_faster(monkeypatch) -> None:
     """``h2`` serves one row of 16-bit inputs on 4-bit codes with integer zero points; the
     dispatch takes it only on a device whose table has it ahead of ``dot_t`` for that shape
-    class, with the table's chain, prefetch and split (as programs per SM)."""
+    class, with the table's chain, prefetch and split (as programs per SM) — or for that exact
+    shape, with its own tile and split."""
     from qf_triton import configs
     from qf_triton.gemv import GemvConfig
     from qf_triton.wa16 import repack
@@ -130,6 +131,13 @@ def test_one_row_runs_h2_where_the_tuned_table_measured_it_faster(monkeypatch) -
     assert configs.pick(1, p, 132, torch.float32, "fast-h2").kind == "fma"  # 16-bit inputs only
     assert configs.pick(1, p, 132, torch.float16, "slow-h2").kind == "dot_t"
     assert configs.pick(1, p, 132, torch.float16, "untuned").kind == "dot_t"
+    # an exact shape's own entry (tile and split) comes before its class's
+    table["fast-h2"]["h2|1|4096x4096|4"] = {"bn": 64, "bk": 128, "warps": 2, "stages": 1, "chain": 1,
+                                            "prefetch": False, "split": 4, "vs_cublas": 1.6}
+    assert configs.pick(1, p, 132, torch.float16, "fast-h2") == GemvConfig("h2", 64, 128, 4, 2, 1, 1, False)
+    table["slow-h2"]["dot_t|1|4096x4096|4"] = {"bn": 64, "bk": 128, "warps": 4, "stages": 3, "split": 2,
+                                               "vs_cublas": 1.4}
+    assert configs.pick(1, p, 132, torch.float16, "slow-h2") == GemvConfig("dot_t", 64, 128, 2, 4, 3)
     p8 = repack(codes, s, torch.zeros_like(s, dtype=torch.uint8), 8, 128)
     assert configs.pick(1, p8, 132, torch.float16, "fast-h2").kind != "h2"  # 4-bit codes only
     pf = repack(codes, s, s, 4, 128, int_zero=False)

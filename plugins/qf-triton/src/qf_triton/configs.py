@@ -71,16 +71,25 @@ def split_for(tiles: int, steps: int, waves: float, sms: int) -> int:
     return best
 
 
-def _fits(split: int, k: int, bk: int) -> bool:
-    return split >= 1 and k % (split * bk) == 0
-
-
 def _tuned_entry(kind: str, m: int, p: Packed, device_name: str) -> dict | None:
+    """The table's tile for ``kind`` at ``m`` rows: the call's exact shape where it was tuned
+    (``kind|rows|NxK|bits``), else its shape class; the call's row bucket, else the nearest
+    tuned one (larger first)."""
     table = _tuned().get(device_name, {})
-    rest = f"{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}"
-    mine = rows_bucket(m)  # the call's bucket, else the nearest tuned one (larger first)
+    mine = rows_bucket(m)
     order = sorted((1, 2, 4, 8, 16), key=lambda b: (abs(b.bit_length() - mine.bit_length()), b < mine))
-    return next((table[k] for b in order if (k := f"{kind}|{b}|{rest}") in table), None)
+    for rest in (f"{p.n}x{p.k}|{p.bits}", f"{shape_class(p.n)}|{shape_class(p.k)}|{p.bits}"):
+        if (hit := next((table[k] for b in order if (k := f"{kind}|{b}|{rest}") in table), None)) is not None:
+            return hit
+    return None
+
+
+def _entry_split(entry: dict, tiles: int, steps: int, sms: int) -> int:
+    """An entry's split: its own (an exact shape's, where it leaves whole steps), else from its
+    programs per SM."""
+    if "split" in entry and steps % entry["split"] == 0:
+        return entry["split"]
+    return split_for(tiles, steps, entry.get("waves", 2.0), sms)
 
 
 def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfig | None:
@@ -102,10 +111,9 @@ def _gemv(kind: str, m: int, p: Packed, sms: int, device_name: str) -> GemvConfi
     if p.group % bk or bk % per or p.k % bk:
         return None
     tiles = -(-p.n // cfg["bn"])
-    split = cfg.get("split")
-    if "waves" in cfg:
-        split = split_for(tiles, p.k // bk, cfg["waves"], sms)
-    elif split is None or not _fits(split, p.k, bk):
+    if "waves" in cfg or "split" in cfg:
+        split = _entry_split(cfg, tiles, p.k // bk, sms)
+    else:
         split = _split(tiles, p.k // bk, sms)
     return GemvConfig(kind, cfg["bn"], bk, split, cfg["warps"], cfg["stages"])
 
@@ -132,7 +140,7 @@ def _h2(p: Packed, dtype: torch.dtype, sms: int, device_name: str) -> GemvConfig
         return None
     if not h2_serves(1, dtype, p, mine["bn"], mine["bk"]):
         return None
-    split = split_for(-(-p.n // mine["bn"]), p.k // mine["bk"], mine["waves"], sms)
+    split = _entry_split(mine, -(-p.n // mine["bn"]), p.k // mine["bk"], sms)
     return GemvConfig("h2", mine["bn"], mine["bk"], split, mine["warps"], mine["stages"], mine.get("chain", 1),
                       mine.get("prefetch", False))
 
