@@ -147,18 +147,17 @@ def _order(BK: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr):
 #: one pair of codes of a word into two 16-bit floats for the tensor-core GEMVs: ``$1`` the word,
 #: ``$2`` the shift, ``$3`` the mask, ``$4`` the paired multiplier, ``$5`` the paired constant
 #: (:func:`_h2_ptx` explains the masks and constants)
-_DEC_F16 = tl.constexpr("""{
+def _dec_ptx(magic: int, op: str) -> str:
+    return f"""{{
 .reg .b32 s, t;
 shr.u32 s, $1, $2;
-lop3.b32 t, s, $3, 0x64006400, 0xEA;
-fma.rn.f16x2 $0, t, $4, $5;
-}""")
-_DEC_BF16 = tl.constexpr("""{
-.reg .b32 s, t;
-shr.u32 s, $1, $2;
-lop3.b32 t, s, $3, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, t, $4, $5;
-}""")
+lop3.b32 t, s, $3, {magic:#010x}, 0xEA;
+fma.rn.{op} $0, t, $4, $5;
+}}"""
+
+
+_DEC_F16 = tl.constexpr(_dec_ptx(0x64006400, "f16x2"))
+_DEC_BF16 = tl.constexpr(_dec_ptx(0x43004300, "bf16x2"))
 
 
 @triton.jit
