@@ -26,6 +26,10 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   options (:func:`make_component`), for plugins that compose others (``mix``);
 * **grids** (:mod:`.grids`): an affine format's code range and whether it takes a zero point
   back (:func:`affine_grid`), for optimisers of the grid (HQQ and its adapter);
+* **fake quantization** (:mod:`.fakequant`): a weight mapped onto any format's grid with
+  straight-through gradients (clipped where the grid clips), optionally with the grid's step and
+  offset learned (LSQ+), and rounded once into a ``QuantizedWeight`` (:class:`FakeQuant`), for
+  quantization-aware training;
 * **observers** (:mod:`.observers`): static activation scales from calibration inputs
   (absmax, percentile, MSE), for W8A8 schemes (:class:`~quantfoundry.ActQuant`);
 * **phases** (:mod:`quantfoundry.phases`): where a run's time goes — a component marks its own phases
@@ -58,6 +62,7 @@ from .checkpoint import (
     write_hf_config,
 )
 from .components import make_component
+from .fakequant import FakeQuant
 from .fold import BlockGroup, FoldPoint, Tie, apply_fold, block_groups, fold_point
 from .grids import AffineGrid, affine_grid
 from .kernels import select_kernel, select_kernels, swap_in, triton_interpreting, triton_unavailable
@@ -79,7 +84,7 @@ from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FakeQuant", "FoldPoint",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
