@@ -30,6 +30,10 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   straight-through gradients (clipped where the grid clips), optionally with the grid's step and
   offset learned (LSQ+), and rounded once into a ``QuantizedWeight`` (:class:`FakeQuant`), for
   quantization-aware training;
+* **distillation** (:mod:`.distill`): training parameters of a model towards a reference
+  model's next-token distributions — AdamW, warm-up and cosine schedule, gradient accumulation,
+  held-out selection of the best state, checkpoints a stopped run resumes from on the same
+  trajectory (:func:`distill`, :class:`DistillSettings`, :func:`kl_to_reference`);
 * **observers** (:mod:`.observers`): static activation scales from calibration inputs
   (absmax, percentile, MSE), for W8A8 schemes (:class:`~quantfoundry.ActQuant`);
 * **phases** (:mod:`quantfoundry.phases`): where a run's time goes — a component marks its own phases
@@ -62,6 +66,7 @@ from .checkpoint import (
     write_hf_config,
 )
 from .components import make_component
+from .distill import DistillResult, DistillSettings, distill, kl_to_reference
 from .fakequant import FakeQuant
 from .fold import BlockGroup, FoldPoint, Tie, apply_fold, block_groups, fold_point
 from .grids import AffineGrid, affine_grid
@@ -84,7 +89,7 @@ from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "FakeQuant", "FoldPoint",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "FoldPoint", "distill", "kl_to_reference",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
