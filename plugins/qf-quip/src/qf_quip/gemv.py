@@ -61,7 +61,8 @@ class E8PConfig:
     full: bool = False  # decode by the 65,536-point table instead of the 256 patterns and signs
     fma: bool = True    # up to FMA_TOKENS tokens: float32 products on CUDA cores (else tensor cores)
     #: one token of ``e8p``: the patterns as 8 signed bytes (two 32-bit gathers per code) decoded
-    #: on 2-D tiles (:func:`_e8p_gemv_bytes`; not yet measured on a GPU, so not the default)
+    #: on 2-D tiles (:func:`_e8p_gemv_bytes`; 2.5-2.7x slower than the default on the H100:
+    #: docs/benchmarks.md)
     bytes: bool = False
 
 
