@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .wa16 import _bf16_grid, reduce_parts
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -352,10 +354,9 @@ def _bf16_bits(v):
 @triton.jit
 def _round16(v, BF16: tl.constexpr):
     """float32 ``v`` rounded to the 16-bit float's grid (the interpreter's emulation of a paired
-    instruction's rounding; bfloat16 half to even, as :func:`qf_triton.wa16._bf16_grid`)."""
+    instruction's rounding)."""
     if BF16:
-        b = v.to(tl.uint32, bitcast=True)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return _bf16_grid(v)
     return v.to(tl.float16).to(tl.float32)
 
 
@@ -514,8 +515,6 @@ def gemv(x: torch.Tensor, p, bias: torch.Tensor | None, cfg: GemvConfig, *, inte
     """``x`` ``[M, K]`` (contiguous rows, M ≤ 16; ≤ 4 for ``fma``) times the packed weight
     (``pairs=False``: the tensor-core GEMVs decode in float32 even where :func:`half_decode`
     allows code pairs — for benchmarks)."""
-    from .wa16 import reduce_parts
-
     m = x.shape[0]
     y = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
     if m == 0:
