@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from quantfoundry import Block, BlockInputs, HadamardTransform, QFError, QuantContext, QuantizedWeight
+from quantfoundry.toolkit import kl_to_reference
 from quantfoundry.toolkit.hadamard import hadamard_transform
 from torch import nn
 
@@ -219,11 +220,7 @@ def finetune_model(model: nn.Module, reference: nn.Module, ids: torch.Tensor, se
     pick = held or train
 
     def kl(idx: list[int]) -> torch.Tensor:
-        x = ids[idx]
-        with torch.no_grad():
-            target = torch.log_softmax(reference(x).logits.float(), -1)
-        logp = torch.log_softmax(model(x).logits.float(), -1)
-        return (target.exp() * (target - logp)).sum(-1).mean()
+        return kl_to_reference(model, reference, ids[idx])
 
     def steps() -> Iterator[torch.Tensor]:
         for a in range(0, len(train), batch):
