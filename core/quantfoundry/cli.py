@@ -577,7 +577,7 @@ def compare(model: str | None, quantizers: tuple[str, ...], formats: tuple[str, 
     """Run several recipes on one model; write a table and a quality-vs-size plot."""
     from .evaluation.compare import compare as run_compare
     from .evaluation.compare import variants_from
-    from .pipeline.progress import Progress
+    from .progress import Progress
 
     variants = variants_from(quantizers, formats, recipes)
     specs = _evaluator_specs(evaluators, evaluator_opt, [("kl", {}), ("size", {})])

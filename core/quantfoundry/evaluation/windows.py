@@ -176,7 +176,7 @@ def scored_logits(target: EvalTarget, wins: Windows, batch_size: int) -> Iterato
     copy are alive at a time, where ``logits[:, s:-1]`` of the whole batch was a second batch).
     Shows a progress bar when ``target.info["progress"]`` is true (``qf run`` on a terminal).
     """
-    from ..pipeline.progress import Progress
+    from ..progress import Progress
 
     s = wins.score_from
     batches = list(wins.batches(batch_size))

@@ -28,6 +28,7 @@ from ..model.materialize import materialize, materialize_outside_blocks
 from ..model.source import ModelSource, resolve_model
 from ..phases import phase
 from ..plugins import get_plugin_manager
+from ..progress import Progress
 from ..roles.activation import ActQuant
 from ..roles.block import QuantContext
 from ..roles.calibrator import CalibrationSet
@@ -44,7 +45,6 @@ from .evaluate import Evaluation, check_evaluator_devices, dequantized_dtypes, m
 from .interrupt import EvaluationInterrupted, RunInterrupted, StopAtBlockBoundary
 from .journal import BlockRecord, Journal
 from .manifest import build_manifest
-from .progress import Progress
 from .quantize import (
     block_importance,
     module_entries,
@@ -205,7 +205,7 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
     state.plan = plan
     if state.out is not None and not dry_run:
         artifact.check_free_space(state.out, 2 * _artifact_bytes(source, plan))
-    ctx = QuantContext(device=state.device, source=source, notes=state.notes)
+    ctx = QuantContext(device=state.device, source=source, notes=state.notes, progress=r.progress)
     state.ctx = ctx
     brought = state.exporter.importance(source)
     if brought:

@@ -55,6 +55,9 @@ class QuantContext:
     #: by full linear name, e.g. ``model.layers.0.mlp.up_proj``), when ``--imatrix`` collected it
     #: or the exporter brought one; empty otherwise. A run whose quantizer never reads it says so.
     importance: Importance = field(default_factory=lambda: Importance())
+    #: whether the run shows progress bars (a long pass of the quantizer's own shows one with
+    #: :class:`quantfoundry.toolkit.Progress` when this is set)
+    progress: bool = False
 
     def note(self, message: str) -> None:
         """Record a line for the run summary and the manifest (never silently skip work)."""

@@ -1,4 +1,5 @@
-"""A rich progress bar (per block, per variant) with ETA, quiet when disabled or not on a terminal."""
+"""A rich progress bar (per block, per variant, per training step) with ETA, quiet when disabled or
+not on a terminal; plugins reach it as :class:`quantfoundry.toolkit.Progress`."""
 
 from __future__ import annotations
 
