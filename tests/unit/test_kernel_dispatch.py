@@ -107,3 +107,17 @@ def test_qf_kernels_lists_formats_and_token_ranges() -> None:
     # tinygemm runs its grids on a CPU only when forced: the dequantized GEMM is the faster path there
     assert "int4-g128-sym-sbf16" in lines["torch-int4"] and "none unless forced" in lines["torch-int4"]
     assert "int8-sym" in lines["torch-w8a8"]
+
+
+def test_swap_in_keeps_the_bias_of_a_linear_and_of_a_quantized_linear_it_replaces() -> None:
+    """A refined weight (``Quantizer.refine_model``) replaces a ``QuantLinear``: its bias stays."""
+    from quantfoundry.toolkit import select_kernel, swap_in
+
+    root = torch.nn.Sequential(torch.nn.Linear(128, 8, bias=True))
+    bias = root[0].bias.detach().clone()
+    fmt = qf.resolve_format("int4-g64")
+    kernel = select_kernel(fmt, torch.device("cpu"))
+    first = swap_in(root, "0", fmt.quantize(root[0].weight.detach()), kernel)
+    assert torch.equal(first.bias, bias)
+    second = swap_in(root, "0", fmt.quantize(torch.randn(8, 128)), kernel)
+    assert second is root[0] and torch.equal(second.bias, bias)

@@ -69,12 +69,14 @@ def select_kernel(fmt: Format, device: torch.device, name: str | None = None,
 
 
 def swap_in(root: nn.Module, name: str, qw: QuantizedWeight, kernel: Kernel | Sequence[Kernel]) -> QuantLinear:
-    """Replace the ``nn.Linear`` at ``name`` (relative to ``root``) by a :class:`QuantLinear`
-    run by ``kernel`` (or by the first of ``kernel``'s kernels that accepts each call)."""
+    """Replace the ``nn.Linear`` (or ``QuantLinear``: a refined weight) at ``name`` (relative to
+    ``root``) by a :class:`QuantLinear` run by ``kernel`` (or by the first of ``kernel``'s kernels
+    that accepts each call), keeping its bias."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)
-    bias = old.bias.data if isinstance(old, nn.Linear) and old.bias is not None else None
+    bias = getattr(old, "bias", None) if isinstance(old, nn.Linear | QuantLinear) else None
+    bias = bias.data if isinstance(bias, nn.Parameter) else bias
     ql = QuantLinear(qw, bias, kernel)
     setattr(parent, attr, ql)
     return ql
