@@ -105,6 +105,33 @@ def test_a_stopped_run_resumes_on_the_same_trajectory(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(_linears(student2), final))
 
 
+def test_checkpointed_blocks_and_param_groups_change_memory_and_rates_not_the_arithmetic() -> None:
+    """Recomputing the blocks' activations in the backward pass gives the same trajectory bit for
+    bit; a parameter group with its own learning rate is scheduled like the rest (a group at rate
+    zero stays put)."""
+    settings = DistillSettings(steps=4, lr=2e-3, batch=2, warmup=1, seed=1)
+    reference, student, ids = _pair()
+    plain = distill(student, reference, ids, _linears(student), settings)
+    reference2, student2, _ = _pair()
+    blocks = list(student2.model.layers)
+    calls = []
+    blocks[0].mlp.register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    again = distill(student2, reference2, ids, _linears(student2), settings, checkpointed=blocks)
+    assert again.losses == plain.losses and again.held == plain.held
+    assert all(torch.equal(a, b) for a, b in zip(_linears(student), _linears(student2)))
+    assert calls.count(True) == 2 * 4  # each training forward ran twice: once without saving, once recomputing
+    assert all("forward" not in b.__dict__ for b in blocks)  # put back
+    reference3, student3, _ = _pair()
+    params = _linears(student3)
+    frozen = [p.detach().clone() for p in params[:3]]
+    distill(student3, reference3, ids, params, settings,
+            param_groups=[{"params": params[:3], "lr": 0.0}, {"params": params[3:]}])
+    assert all(torch.equal(p, f) for p, f in zip(params[:3], frozen))
+    assert not torch.equal(params[3], _linears(_pair()[1])[3])
+    with pytest.raises(ValueError, match="exactly the trained params"):
+        distill(student3, reference3, ids, params, settings, param_groups=[{"params": params[:3]}])
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="learning rate"):
         DistillSettings(steps=1, lr=0)

@@ -113,3 +113,19 @@ def test_bad_starts_are_one_line_errors() -> None:
         FakeQuant(qf.resolve_format("fp8-e4m3"), w, learn=True)
     with pytest.raises(ValueError, match="cannot store"):
         FakeQuant(fmt, _weight(cols=100))
+
+
+@pytest.mark.parametrize("spec", ["int8", "fp8", "int8-static", "fp8-static"])
+def test_a_linear_input_is_rounded_as_the_engine_rounds_it_with_a_straight_through_gradient(spec: str) -> None:
+    from quantfoundry.toolkit import fake_quant_input
+
+    act = qf.ActQuant.from_spec(spec)
+    x = (torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    scale = None if act.dynamic else torch.tensor([4.0 / act.qmax])  # static: |x| beyond 4 clips
+    y = fake_quant_input(act, x, scale)
+    assert torch.equal(y, act.fake_quant(x.detach(), scale))
+    upstream = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    y.backward(upstream)
+    inside = torch.ones_like(x, dtype=torch.bool) if act.dynamic else x.detach().abs() <= 4.0
+    assert not act.dynamic and not inside.all() or act.dynamic
+    assert torch.equal(x.grad, upstream * inside)

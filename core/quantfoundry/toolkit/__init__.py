@@ -28,14 +28,17 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
   back (:func:`affine_grid`), for optimisers of the grid (HQQ and its adapter);
 * **fake quantization** (:mod:`.fakequant`): a weight mapped onto any format's grid with
   straight-through gradients (clipped where the grid clips), optionally with the grid's step and
-  offset learned (LSQ+), and rounded once into a ``QuantizedWeight`` (:class:`FakeQuant`), for
-  quantization-aware training;
+  offset learned (LSQ+), and rounded once into a ``QuantizedWeight`` (:class:`FakeQuant`); a
+  linear's input under its activation scheme (:func:`fake_quant_input`), for quantization-aware
+  training;
 * **distillation** (:mod:`.distill`): training parameters of a model towards a reference
   model's next-token distributions — AdamW, warm-up and cosine schedule, gradient accumulation,
   held-out selection of the best state, checkpoints a stopped run resumes from on the same
   trajectory (:func:`distill`, :class:`DistillSettings`, :func:`kl_to_reference`);
 * **observers** (:mod:`.observers`): static activation scales from calibration inputs
   (absmax, percentile, MSE), for W8A8 schemes (:class:`~quantfoundry.ActQuant`);
+* **progress** (:class:`Progress`): the run's rich progress bar with ETA, for a quantizer's own long pass
+  (shown when :attr:`QuantContext.progress` is set);
 * **phases** (:mod:`quantfoundry.phases`): where a run's time goes — a component marks its own phases
   (:func:`phase`: a format's ``encode``, a quantizer's ``search``) inside the pipeline's;
 * the built-in ``int`` grid (:class:`IntFormat`) and bit packing (:func:`pack_bits`).
@@ -49,6 +52,7 @@ from ..model.blocks import BlockStream
 from ..model.capture import capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
 from ..phases import PhaseClock, measuring, phase
+from ..progress import Progress
 from ..roles.format import pack_bits, slice_groups, stored_params, unpack_bits
 from .checkpoint import (
     PROMPT,
@@ -67,7 +71,7 @@ from .checkpoint import (
 )
 from .components import make_component
 from .distill import DistillResult, DistillSettings, distill, kl_to_reference
-from .fakequant import FakeQuant
+from .fakequant import FakeQuant, fake_quant_input
 from .fold import BlockGroup, FoldPoint, Tie, apply_fold, block_groups, fold_point
 from .grids import AffineGrid, affine_grid
 from .kernels import select_kernel, select_kernels, swap_in, triton_interpreting, triton_unavailable
@@ -89,7 +93,7 @@ from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "FoldPoint", "distill", "kl_to_reference",
+    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",

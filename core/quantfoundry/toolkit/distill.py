@@ -10,13 +10,19 @@ measured state (the untouched one included). The order of the sequences is a fun
 seed and the step alone, so a run resumed from its checkpoint (written atomically every
 ``checkpoint_every`` steps: parameters, optimiser, schedule, losses, best state) follows the same
 trajectory as one never stopped.
+
+For memory on a GPU: ``autocast`` runs both models' forward passes under
+``torch.autocast(dtype=bfloat16)`` (the loss and the optimiser stay float32), and
+``checkpointed`` modules (a model's decoder blocks) keep no activations in the forward pass —
+each recomputes its own in the backward pass (``torch.utils.checkpoint``, non-reentrant).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +43,7 @@ class DistillSettings:
     seed: int = 0
     checkpoint: Path | None = None
     checkpoint_every: int = 0     # steps between checkpoints (0: none)
+    autocast: bool = False        # forward passes in bfloat16 autocast (CUDA)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.accumulate < 1:
@@ -68,8 +75,8 @@ class DistillResult:
 def kl_to_reference(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ``KL(p_reference ‖ p_model)`` for the sequences ``ids`` ``[b, t]``."""
     with torch.no_grad():
-        target = torch.log_softmax(reference(ids).logits.float(), -1)
-    logp = torch.log_softmax(model(ids).logits.float(), -1)
+        target = torch.log_softmax(reference(ids, use_cache=False).logits.float(), -1)
+    logp = torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
     return (target.exp() * (target - logp)).sum(-1).mean()
 
 
@@ -91,24 +98,35 @@ def _order(n: int, counter: int, seed: int) -> int:
 
 def distill(model: nn.Module, reference: nn.Module, ids: torch.Tensor, params: list[nn.Parameter],
             settings: DistillSettings, *, loss: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor]
-            = kl_to_reference, progress: Callable[[int, float], None] | None = None) -> DistillResult:
+            = kl_to_reference, progress: Callable[[int, float], None] | None = None,
+            checkpointed: Sequence[nn.Module] = (), param_groups: list[dict] | None = None) -> DistillResult:
     """Train ``params`` (parameters of ``model``) so that ``model`` matches ``reference`` on the
-    token sequences ``ids`` ``[n, t]`` (see the module docstring). Returns the losses; the
-    parameters are left at the best held-out state."""
+    token sequences ``ids`` ``[n, t]`` (see the module docstring). ``progress(step, loss)`` is
+    called after each step; ``checkpointed`` modules recompute their activations in the backward
+    pass; ``param_groups`` (AdamW's groups over the same ``params``) give some their own learning
+    rate or weight decay. Returns the losses; the parameters are left at the best held-out state."""
     n = ids.shape[0]
     n_held = max(1, round(n * settings.held_out)) if settings.held_out > 0 and n >= 2 else 0
     train_idx = list(range(n - n_held)) or list(range(n))
     held_idx = list(range(n - n_held, n)) or train_idx
 
+    def autocast():  # a fresh context per use (autocast contexts are not reentrant)
+        if not settings.autocast:
+            return nullcontext()
+        return torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16)
+
     def measure() -> float:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             total = 0.0
             for a in range(0, len(held_idx), settings.batch):
                 part = held_idx[a:a + settings.batch]
                 total += float(loss(model, reference, ids[part])) * len(part)
             return total / len(held_idx)
 
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = [g for g in param_groups if g["params"]] if param_groups is not None else [{"params": params}]
+    if {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
+        raise ValueError("param_groups must hold exactly the trained params")
+    opt = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings))
     result = DistillResult()
     best = [p.detach().clone() for p in params]
@@ -127,14 +145,15 @@ def distill(model: nn.Module, reference: nn.Module, ids: torch.Tensor, params: l
         start = result.resumed_from = state["step"]
     else:
         result.held.append((0, measure()))
-    with torch.enable_grad():
+    with torch.enable_grad(), _checkpointing(checkpointed):
         for step in range(start, settings.steps):
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(settings.accumulate):
                 counter = (step * settings.accumulate + micro) * settings.batch
                 part = [train_idx[_order(len(train_idx), counter + j, settings.seed)] for j in range(settings.batch)]
-                value = loss(model, reference, ids[part]) / settings.accumulate
+                with autocast():
+                    value = loss(model, reference, ids[part]) / settings.accumulate
                 value.backward()
                 total += float(value.detach())
             opt.step()
@@ -158,9 +177,36 @@ def distill(model: nn.Module, reference: nn.Module, ids: torch.Tensor, params: l
     return result
 
 
+@contextmanager
+def _checkpointing(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the ``with``, each module's forward under autograd keeps only its inputs and
+    recomputes the rest in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    saved = []
+    for mod in modules:
+        inner = mod.forward
+        saved.append((mod, mod.__dict__.get("forward")))
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        mod.forward = forward
+    try:
+        yield
+    finally:
+        for mod, own in saved:
+            if own is None:
+                del mod.forward
+            else:
+                mod.forward = own
+
+
 def _resumable(settings: DistillSettings) -> dict:
     """The settings a resumed run must share (the checkpoint's own path and cadence aside)."""
-    return {k: v for k, v in asdict(settings).items() if k not in ("checkpoint", "checkpoint_every")}
+    return {k: v for k, v in asdict(settings).items() if k not in ("checkpoint", "checkpoint_every", "autocast")}
 
 
 def _save(settings: DistillSettings, step: int, params: list[nn.Parameter], best: list[torch.Tensor],

@@ -17,6 +17,11 @@ values the format stores for it, with a straight-through gradient:
   will be stored (rounded to their storage dtypes, zero points to integers where the format
   keeps them so): what is trained is what is exported.
 
+:func:`fake_quant_input` does the same for a linear's input under its activation scheme
+(:class:`~quantfoundry.ActQuant`, W8A8): the forward value is what the engine multiplies
+(:meth:`ActQuant.fake_quant`), the gradient passes unchanged — dynamic per-token scales never clip;
+a static scale stops it beyond its largest code.
+
 :meth:`FakeQuant.quantized` rounds once — the same codes and parameters as the forward — into a
 :class:`~quantfoundry.QuantizedWeight` whose :meth:`~quantfoundry.QuantizedWeight.dequantize`
 equals the fake-quantized weight exactly.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..roles.activation import ActQuant
 from ..roles.format import Format, Params, QuantizedWeight
 
 
@@ -165,3 +171,13 @@ class FakeQuant(nn.Module):
 
 def _first_group(params: Params) -> Params:
     return {k: v[:, :1] for k, v in params.items()}
+
+
+def fake_quant_input(act: ActQuant, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` as the engine quantizes it under ``act`` (``scale``: a static scheme's), with a
+    straight-through gradient (zero beyond a static scale's range)."""
+    values = act.fake_quant(x.detach(), scale)
+    inside = None
+    if not act.dynamic and scale is not None:
+        inside = x.detach().abs() <= scale.float().to(x.device) * act.qmax
+    return _FixedSTE.apply(x, values, inside)
