@@ -16,7 +16,7 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-quip", "qf-example-plugin"}
+              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-quip", "qf-qat", "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
@@ -41,6 +41,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     # interpreter on CPU)
     "triton-w4a16": {"devices": ("cuda",)},
     "triton-e8p": {"devices": ("cuda",)},
+    "qat": {"options": {"steps": 2, "batch": 2, "warmup": 1}},  # the whole pipeline, not the training's result
     "torch-w8a8": {"act_specs": (("int8-sym", "int8"), ("int8-sym", "int8-static"), ("fp8-e4m3", "fp8"),
                                  ("fp8-e4m3-tensor", "fp8-static"), ("int8-sym", "fp8"))},
 }
@@ -67,7 +68,8 @@ def _classes() -> dict[str, type]:
         if issubclass(e.component, qf.Transform):
             out[f"TestTransform_{_ident(e.name)}"] = type("T", (kit.TransformConformance,), {"transform": e.name})
         else:
-            out[f"TestQuantizer_{_ident(e.name)}"] = type("Q", (kit.QuantizerConformance,), {"quantizer": e.name})
+            out[f"TestQuantizer_{_ident(e.name)}"] = type("Q", (kit.QuantizerConformance,),
+                                                           {"quantizer": e.name, **EXTRA.get(e.name, {})})
     for e in _entries("exporter"):
         out[f"TestExporter_{_ident(e.name)}"] = type("E", (kit.ExporterConformance,),
                                                       {"exporter": e.name, **EXTRA.get(e.name, {})})
@@ -97,7 +99,7 @@ def test_every_role_of_the_repository_is_covered() -> None:
                      "TestExporter_hf_awq", "TestExporter_qf", "TestKernel_torch_dequant", "TestCalibrator_text",
                      "TestCalibrator_chat", "TestCalibrator_hf_dataset", "TestCalibrator_mix", "TestFormat_nf4",
                      "TestFormat_fp4", "TestExporter_bnb_4bit", "TestKernel_bnb_4bit", "TestQuantizer_hqq",
-                     "TestEvaluator_kl"):
+                     "TestEvaluator_kl", "TestQuantizer_qat"):
         assert expected in names, expected
 
 
