@@ -81,13 +81,14 @@ def calibration_ids(model: str, calib: Path) -> Path:
     return path
 
 
-def evaluate(model_name: str, model: torch.nn.Module, held: Path) -> dict[str, Any]:
-    """``kl`` of ``model`` against the original on the held-out text (reference cached)."""
+def evaluate(model_name: str, model: torch.nn.Module, held: Path, tokens: int | None = None) -> dict[str, Any]:
+    """``kl`` of ``model`` against the original on the held-out text (reference cached), on its
+    first ``tokens`` tokens (default: the model's ``EVAL_TOKENS``)."""
     source = resolve_model(str(model_folder(model_name)))
     tok = source.tokenizer()
     dev = next(model.parameters()).device
     ev = qf.get_component("evaluator", "kl")
-    evaluation = Evaluation.of([ev(ev.Options(path=held, max_tokens=EVAL_TOKENS[model_name]))])
+    evaluation = Evaluation.of([ev(ev.Options(path=held, max_tokens=tokens or EVAL_TOKENS[model_name]))])
     reference = make_reference(source, tok, dev, cache=True, info={"progress": False})
     try:
         evaluation.measure(EvalTarget(model, tok, source, "quantized", dev, reference=reference), "quantized")
