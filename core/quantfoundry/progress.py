@@ -10,7 +10,13 @@ class Progress:
     def __init__(self, *, enabled: bool, total: int, label: str, unit: str = "blocks", transient: bool = False):
         self._bar = None
         if enabled:  # rich only when a bar is shown (importing quantfoundry stays lean)
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as _RichProgress
 
             self._bar = _RichProgress(
