@@ -160,6 +160,14 @@ def test_onto_a_gguf_k_quant_the_exporter_writes_the_trained_codes(tmp_path) -> 
     np.testing.assert_array_equal(stored, mod.qweight.dequantize().numpy())
 
 
+def test_formats_qat_cannot_train_are_refused_before_any_work() -> None:
+    learned = qf.get_component("quantizer", "qat")(QATOptions(learn_grid=True))
+    assert "learn_grid needs a grid" in learned.check_format(qf.resolve_format("nf4"))
+    assert learned.check_format(qf.resolve_format("int3-g128")) is None
+    quip = qf.get_component("quantizer", "qat")(QATOptions(init="quip"))
+    assert "stores them transformed" in quip.check_format(qf.resolve_format("e8p"))
+
+
 def test_options_are_checked_before_any_work() -> None:
     with pytest.raises(ValueError, match="learning rate"):
         QATOptions(lr=0)

@@ -183,6 +183,15 @@ class QATQuantizer(qf.Quantizer):
         self._init = make_component("quantizer", self.options.init, {})
 
     def check_format(self, fmt: qf.Format) -> str | None:
+        if self._init.makes_transforms():
+            return (f"qat trains weights in their own basis, and {self.options.init!r} stores them transformed "
+                    f"({', '.join(sorted(self._init.makes_transforms()))}); start from rtn, gptq, awq or hqq")
+        if self.options.learn_grid:
+            try:  # a small weight of the format's own shape rules: does its grid take a step and offset back?
+                FakeQuant(fmt, torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) * 0.02, learn=True)
+            except ValueError as e:
+                if "no affine grid" in str(e):
+                    return f"learn_grid needs a grid that stores a step and offset per group; {fmt.spec} has none"
         return self._init.check_format(fmt)
 
     def check_shape(self, shape: tuple[int, int]) -> str | None:
