@@ -40,7 +40,7 @@ def test_cli_reference_matches_click() -> None:
 def test_every_hook_is_documented_with_its_signature() -> None:
     text = (DOCS / "plugin-hooks.md").read_text()
     hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("qf_")]
-    assert len(hooks) == 7
+    assert len(hooks) == 8
     for name in hooks:
         args = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
         assert f"## {name}({args})" in text, f"{name}({args}) is missing from docs/plugin-hooks.md"
@@ -73,7 +73,7 @@ def test_lifecycle_page_names_every_method_and_field() -> None:
 
     text = (DOCS / "lifecycle.md").read_text()
     roles = [qf.Format, qf.Quantizer, qf.Transform, qf.Exporter, qf.Kernel, qf.Calibrator, qf.Evaluator, qf.Engine,
-             qf.Architecture]
+             qf.Architecture, qf.Planner]
     missing = []
     for cls in roles:
         for name, member in vars(cls).items():
@@ -83,7 +83,7 @@ def test_lifecycle_page_names_every_method_and_field() -> None:
                 if f"{name}(" not in text and f"`{name}`" not in text:
                     missing.append(f"{cls.__name__}.{name}")
     for cls in (qf.QuantContext, qf.Block, qf.BlockInputs, qf.QuantizedWeight, qf.TensorPlan, qf.EvalTarget,
-                qf.CalibrationSet):
+                qf.CalibrationSet, qf.PlanRequest, qf.Budget):
         for f in dataclasses.fields(cls):
             if f"`{f.name}`" not in text:
                 missing.append(f"{cls.__name__}.{f.name}")

@@ -48,14 +48,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .roles.format import Format, Params, QuantizedWeight
     from .roles.kernel import Kernel, QuantLinear
     from .roles.plan import QuantPlan, TensorPlan
+    from .roles.planner import Budget, Planner, PlanRequest
     from .roles.quantizer import Quantizer, Transform
     from .roles.weight_transform import HadamardTransform, WeightTransform
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActQuant", "Architecture", "Block", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
-    "Exporter", "Format", "HadamardTransform", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "QFError", "QuantContext",
+    "ActQuant", "Architecture", "Block", "Budget", "BlockInputs", "CalibrationSet", "Calibrator", "Engine", "EvalTarget", "Evaluator",
+    "Exporter", "Format", "HadamardTransform", "InputGroup", "Kernel", "ModelSource", "Options", "Params", "PlanRequest", "Planner", "QFError", "QuantContext",
     "QuantLinear", "QuantPlan", "QuantizedWeight", "Quantizer", "ReferenceModel", "TensorPlan", "Transform",
     "WeightTransform", "get_component", "get_plugin_manager", "hookimpl", "hookspec", "load", "resolve_format", "resolve_model", "run",
 ]
@@ -71,6 +72,7 @@ _LAZY = {
     "ReferenceModel": "roles.evaluator", "Exporter": "roles.exporter", "Format": "roles.format",
     "Params": "roles.format", "QuantizedWeight": "roles.format", "Kernel": "roles.kernel",
     "QuantLinear": "roles.kernel", "QuantPlan": "roles.plan", "TensorPlan": "roles.plan",
+    "Budget": "roles.planner", "Planner": "roles.planner", "PlanRequest": "roles.planner",
     "Quantizer": "roles.quantizer", "Transform": "roles.quantizer",
     "HadamardTransform": "roles.weight_transform", "WeightTransform": "roles.weight_transform",
 }

@@ -150,6 +150,13 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--kv-cache", default=None, metavar="fp8",
               help="The engine keeps keys and values in fp8 with one calibrated scale each per layer (vLLM's fp8 KV "
                    "cache): simulated and written to the artifact.")
+@click.option("--planner", default=None,
+              help="Choose each tensor's format among the exporter's to fit --target-bpw/--target-size (e.g. kl).")
+@click.option("--planner-opt", multiple=True, metavar="KEY=VALUE", help="Planner option (repeatable).")
+@click.option("--target-bpw", type=float, default=None,
+              help="The planner's budget in bits per weight of the whole model (llama.cpp's convention).")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="The planner's budget: bytes of the artifact's tensors (3.9GB, 512MiB; a plain number is bytes).")
 @click.option("--kernel", default=None, help="Kernel for in-memory evaluation (default: best available).")
 @click.option("--kernel-opt", multiple=True, metavar="KEY=VALUE", help="Kernel option (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -186,10 +193,11 @@ def run(**kw: Any) -> None:
                       ("allow_pickle", "allow_pickle"),
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
-                      ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache")):
+                      ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache"),
+                      ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size")):
         if kw[flag] is not None:
             args[key] = kw[flag]
-    for role in ("format", "exporter", "calibrator", "kernel"):
+    for role in ("format", "exporter", "calibrator", "kernel", "planner"):
         opts = parse_key_values(kw[f"{role}_opt"], flag=f"--{role}-opt")
         if opts:
             args[f"{role}_options"] = {**args.get(f"{role}_options", {}), **opts}
@@ -257,6 +265,10 @@ def _dry_run(args: dict[str, Any]) -> None:
     state = resolve(RunRequest(**{k: v for k, v in args.items() if k not in ("out", "overwrite", "resume")}))
     load_and_plan(state, dry_run=True)
     _print_plan(state.plan)
+    if state.planner is not None:
+        for note in state.notes:
+            if note.startswith("planner"):
+                _console().print(f"  note: {note}", markup=False, highlight=False)
 
 
 def _print_plan(plan: Any) -> None:

@@ -1,7 +1,7 @@
 """Every QuantFoundry hook, in one place.
 
 The pluggy project name is ``quantfoundry``; plugins are found through the entry-point group
-``quantfoundry`` and implement hooks marked with :data:`hookimpl`. The seven hooks are all
+``quantfoundry`` and implement hooks marked with :data:`hookimpl`. The eight hooks are all
 *registration* hooks: they collect components, they never run the pipeline. Each receives a
 ``register`` callable (a :class:`~quantfoundry.registry.Registrar`) and returns nothing.
 
@@ -150,4 +150,23 @@ def qf_register_architectures(register: Registrar) -> None:
     :returns: nothing; return values are ignored. Not firstresult.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def qf_register_planners(register: Registrar) -> None:
+    """Register mixed-precision planners: subclasses of :class:`quantfoundry.Planner`.
+
+    Called when a planner is first looked up (``qf run --planner NAME --target-bpw X``,
+    ``qf plugins``). Call ``register(PlannerClass)`` once per class. After the exporter's plan,
+    the pipeline asks the exporter which formats each tensor may take
+    (:meth:`~quantfoundry.Exporter.mix_candidates`; an exporter that stores one format refuses
+    before any work), hands the planner a :class:`~quantfoundry.PlanRequest` (the source, the
+    exporter's plan and candidates, the byte budget, the calibration tokens) and uses the
+    :class:`~quantfoundry.QuantPlan` it returns for the rest of the run.
+
+    :param register: the registrar; ``register(cls, aliases=())``.
+    :returns: nothing; return values are ignored. Not firstresult.
+
+    .. versionadded:: 0.2
     """

@@ -13,6 +13,9 @@ name = "text"
 path = "calib.txt"
 [[evaluator]]
 name = "perplexity"
+[planner]                     # optional: a mixed-precision plan for a budget
+name = "kl"
+# with target_bpw = 4.5 (or target_size = "3.9GB") at the top level
 ```
 """
 
@@ -26,8 +29,8 @@ from .errors import UsageError
 
 TOP_LEVEL = {"model": str, "out": str, "device": str, "dtype": str, "batch_size": int, "threads": int, "allow_pickle": bool,
              "trust_remote_code": bool, "revision": str, "overwrite": bool, "imatrix": bool,
-             "activations": str, "act_observer": str, "kv_cache": str}
-ROLE_TABLES = ("quantizer", "format", "exporter", "calibrator", "evaluator", "kernel")
+             "activations": str, "act_observer": str, "kv_cache": str, "target_bpw": float, "target_size": str}
+ROLE_TABLES = ("quantizer", "format", "exporter", "calibrator", "evaluator", "kernel", "planner")
 
 
 def _named(table: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -48,6 +51,10 @@ def load_recipe(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in TOP_LEVEL:
+            if key == "target_bpw" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if key == "target_size" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
             if not isinstance(value, TOP_LEVEL[key]):
                 raise UsageError(f"recipe key {key!r} must be a {TOP_LEVEL[key].__name__}, got {value!r}")
             out[key] = value
@@ -57,7 +64,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
         elif key == "evaluator":
             tables = value if isinstance(value, list) else [value]
             out["evaluators"] = [_named(t, "evaluator") for t in tables]
-        elif key in ("format", "exporter", "calibrator", "kernel"):
+        elif key in ("format", "exporter", "calibrator", "kernel", "planner"):
             name, opts = _named(value, key)
             out[key] = name
             out[f"{key}_options"] = opts

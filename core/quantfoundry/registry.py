@@ -31,6 +31,7 @@ ROLES: dict[str, str] = {
     "calibrator": "qf_register_calibrators",
     "evaluator": "qf_register_evaluators",
     "architecture": "qf_register_architectures",
+    "planner": "qf_register_planners",
 }
 
 

@@ -19,6 +19,7 @@ Layout of the artifact folder:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from ..toolkit.checkpoint import (
 )
 from ..toolkit.kernels import select_kernels, swap_in
 from ..toolkit.safetensors_stream import ShardedSafetensorsWriter
+from .int_format import IntFormat
 
 QF = ".qf."
 
@@ -63,6 +65,22 @@ class QFExporter(Exporter):
 
     def check_kv_cache(self, act: ActQuant) -> str | None:
         return None  # k_scale / v_scale under their names, the scheme in the manifest
+
+    def mix_candidates(self, source: Any, plan: QuantPlan) -> dict[str, tuple[Any, ...]]:
+        """The artifact names each tensor's format, so any mix reloads: an integer grid may take
+        2 … 8 bits (the planned grid's group size and symmetry) or stay in float; another format
+        may stay as planned or in float."""
+        out: dict[str, tuple[Any, ...]] = {}
+        for name, entry in plan.quantized().items():
+            fmt = entry.format
+            if fmt is None or source.block_index(name) is None:
+                continue
+            if isinstance(fmt, IntFormat):
+                grids = [IntFormat(replace(fmt.options, bits=b)) for b in (2, 3, 4, 5, 6, 8)]
+                out[name] = (*(g for g in grids if g.check_shape(entry.shape) is None), None)
+            else:
+                out[name] = (fmt, None)
+        return out
 
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder = folder

@@ -59,6 +59,29 @@ def _file_sha256(path: Path, memo: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def model_fingerprint(source: Any, cache: Path | None) -> str:
+    """SHA-256 of a model's weight files (memoized per file under ``cache`` by size and mtime),
+    config and tokenizer files: the key of what is cached about it."""
+    memo_path = cache / "fingerprints.json" if cache else None
+    memo: dict[str, Any] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    h = hashlib.sha256()
+    for file in sorted(set(source.weight_map.values())):
+        h.update(_file_sha256(Path(file), memo).encode())
+    for name in _TOKENIZER_FILES:
+        p = Path(source.path) / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    if memo_path is not None:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(memo_path, memo)
+    return h.hexdigest()[:32]
+
+
 class Reference:
     """The original model behind a comparison, and the cache of what was computed on it.
 
@@ -104,24 +127,7 @@ class Reference:
     def fingerprint(self) -> str:
         """SHA-256 of the weights (memoized per file), the config and the tokenizer files."""
         if self._fingerprint is None:
-            memo_path = self.cache / "fingerprints.json" if self.cache else None
-            memo: dict[str, Any] = {}
-            if memo_path is not None and memo_path.is_file():
-                try:
-                    memo = json.loads(memo_path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    memo = {}
-            h = hashlib.sha256()
-            for file in sorted(set(self.source.weight_map.values())):
-                h.update(_file_sha256(Path(file), memo).encode())
-            for name in _TOKENIZER_FILES:
-                p = Path(self.source.path) / name
-                if p.is_file():
-                    h.update(name.encode() + b"\0" + p.read_bytes())
-            self._fingerprint = h.hexdigest()[:32]
-            if memo_path is not None:
-                memo_path.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(memo_path, memo)
+            self._fingerprint = model_fingerprint(self.source, self.cache)
         return self._fingerprint
 
     def _path(self, kind: str, key: dict[str, Any], suffix: str) -> Path | None:

@@ -65,6 +65,7 @@ def build_manifest(*, source: ModelSource, stages: list[Quantizer | Transform], 
             "shape": list(calibration.input_ids.shape), **calibration.describe(),
             **{k: v for k, v in calibration.info.items() if k not in ("warnings", "preview")}},
         "plan": plan.to_json(),
+        **({"planner": dict(plan.planner)} if plan.planner is not None else {}),
         "notes": list(notes),
         "evaluation": evaluation,
         "versions": {

@@ -30,7 +30,8 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     ``(name, options)``), ``kernel`` / ``kernel_options``, ``out``, ``device``, ``dtype``
     (of the block work), ``batch_size``, ``allow_pickle``, ``trust_remote_code``, ``revision``,
     ``overwrite``, ``keep_model``, ``artifact_eval``, ``cache``, ``imatrix``, ``progress``,
-    ``resume``, ``report``.
+    ``resume``, ``report``; ``planner`` / ``planner_options`` with ``target_bpw`` or
+    ``target_size`` (a mixed-precision plan for a budget).
 
     Every component and option is checked before the model is touched. Finished blocks go to
     a journal beside ``out``; the artifact is written from it into a temporary folder, verified,

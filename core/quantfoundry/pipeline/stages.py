@@ -19,6 +19,7 @@ import torch
 
 from ..data import default_model_path
 from ..errors import IncompatiblePlanError, QFError, UsageError
+from ..evaluation.reference import cache_root, model_fingerprint
 from ..evaluation.windows import default_text_warning
 from ..files import write_json_atomic
 from ..formats import resolve_format
@@ -36,6 +37,7 @@ from ..roles.evaluator import EvalTarget
 from ..roles.exporter import Exporter
 from ..roles.format import Format, QuantizedWeight
 from ..roles.plan import QuantPlan
+from ..roles.planner import Budget, Planner, PlanRequest
 from ..roles.quantizer import Quantizer, Transform
 from ..toolkit.kernels import select_kernel, select_kernels, swap_in
 from . import artifact
@@ -91,8 +93,10 @@ def resolve(request: RunRequest) -> RunState:
         raise UsageError(f"static activation scales are calibrated block by block, and quantizer {quantizer.name!r} "
                          f"works on the whole model: use {acts.dtype} (dynamic per-token scales)")
     kv = _kv_cache(request, exp, quantizer)
+    planner = _planner(request)
     needs_calib = quantizer.needs_calibration or any(t.needs_calibration for t in transforms) or request.imatrix \
-        or (acts is not None and not acts.dynamic) or kv is not None
+        or (acts is not None and not acts.dynamic) or kv is not None \
+        or (planner is not None and planner.needs_calibration)
     cal = None
     if needs_calib or request.calibrator or request.calibrator_options:
         cal = make("calibrator", request.calibrator or "text", request.calibrator_options)
@@ -101,7 +105,8 @@ def resolve(request: RunRequest) -> RunState:
     out = Path(request.out) if request.out is not None else None
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
-    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts, kv)
+    state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts, kv,
+                     planner)
     if preset_note:
         state.say(preset_note)
     if out is not None:
@@ -141,6 +146,28 @@ def _activations(request: RunRequest, exp: Exporter, requested: Format | None) -
     if reason:
         raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store {act.spec} activations: {reason}")
     return act
+
+
+def _planner(request: RunRequest) -> Planner | None:
+    """The run's planner with its budget checked (``--planner`` needs one of ``--target-bpw`` and
+    ``--target-size``, and they need a planner)."""
+    targets = request.target_bpw is not None or request.target_size is not None
+    if request.planner is None:
+        if targets:
+            raise UsageError("--target-bpw/--target-size give a planner its budget; add --planner kl")
+        if request.planner_options:
+            raise UsageError("--planner-opt sets a planner's options; add --planner NAME")
+        return None
+    if request.target_bpw is not None and request.target_size is not None:
+        raise UsageError("give one budget: --target-bpw or --target-size, not both")
+    if not targets:
+        raise UsageError(f"planner {request.planner!r} needs a budget: --target-bpw 4.5 or --target-size 3.9GB")
+    try:
+        Budget.of(1, target_bpw=request.target_bpw, target_size=request.target_size)
+    except ValueError as exc:
+        raise UsageError(f"--target-{'bpw' if request.target_bpw is not None else 'size'}: {exc}") from None
+    planner: Planner = make("planner", request.planner, request.planner_options)
+    return planner
 
 
 def _kv_cache(request: RunRequest, exp: Exporter, quantizer: Quantizer) -> ActQuant | None:
@@ -197,6 +224,8 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         source.check_finite([n for n, (dt, _shape) in source.tensor_info.items()
                              if dt.is_floating_point and source.block_index(n) is None])
     plan = state.exporter.plan(source, state.requested, collects_importance=r.imatrix)
+    if state.planner is not None:
+        plan = _mixed_plan(state, source, plan)
     if state.activations is not None:
         for entry in plan.quantized().values():
             if source.block_index(entry.name) is not None:
@@ -238,15 +267,120 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         ctx.note("imatrix: importance (mean squared input activation per channel) collected from the "
                  "calibration text before each block is quantized")
     if state.calibrator is not None and not state.needs_calibration:
-        ctx.note(f"calibrator {state.calibrator.name!r} not used: "
-                 f"{', '.join(n for n, _ in state.stage_specs)} needs no calibration")
+        if state.planner is None or not state.planner.needs_calibration:
+            ctx.note(f"calibrator {state.calibrator.name!r} not used: "
+                     f"{', '.join(n for n, _ in state.stage_specs)} needs no calibration")
         state.calibrator = None
-    if state.calibrator is not None or state.evaluators:
+    if (state.calibrator is not None or state.evaluators) and state.tokenizer is None:
         state.tokenizer = source.tokenizer()
-    if state.calibrator is not None:
-        state.calibration = state.calibrator.load(state.tokenizer)
-        for line in state.calibration.info.get("warnings", []):
-            ctx.note(line)
+    if state.calibrator is not None and state.calibration is None:
+        _load_calibration(state)
+
+
+def _load_calibration(state: RunState) -> None:
+    if state.calibrator is None:  # pragma: no cover - callers check
+        raise RuntimeError("no calibrator")
+    if state.tokenizer is None:
+        state.tokenizer = loaded_source(state).tokenizer()
+    state.calibration = state.calibrator.load(state.tokenizer)
+    for line in state.calibration.info.get("warnings", []):
+        state.notes.append(line)
+
+
+def loaded_source(state: RunState) -> ModelSource:
+    if state.source is None:  # pragma: no cover - callers check
+        raise RuntimeError("no source model")
+    return state.source
+
+
+def plan_request(state: RunState, source: ModelSource, plan: QuantPlan) -> PlanRequest:
+    """What the run's planner gets for the exporter's ``plan``: the exporter's candidates (refused
+    before any work when it stores no mix), ties, the budget in bytes and the bytes of everything
+    else; the calibration is loaded when the planner measures on it."""
+    planner, exp, r = state.planner, state.exporter, state.request
+    if planner is None:  # pragma: no cover - callers check
+        raise RuntimeError("no planner")
+    candidates = exp.mix_candidates(source, plan)
+    for name, options in candidates.items():
+        if name not in plan.entries or not options:
+            raise IncompatiblePlanError(f"exporter {exp.name!r} offered no candidate format for {name}")
+    ties = [tuple(n for n in tie if n in candidates) for tie in exp.mix_ties(source, plan)]
+    ties = [tie for tie in ties if len(tie) > 1]
+    for tie in ties:
+        if len({tuple(f.spec if f else None for f in candidates[n]) for n in tie}) > 1:
+            raise IncompatiblePlanError(f"exporter {exp.name!r} ties {', '.join(tie)} to one format but offers "
+                                        "them different candidates")
+    if state.activations is not None:
+        raise IncompatiblePlanError(f"planner {planner.name!r} chooses weight formats for weight-only runs; "
+                                    f"drop --activations {state.activations.spec} (or the exporter's scheme)")
+    float_bytes: dict[str, int] = {}
+    fixed = 0
+    parameters = 0
+    quantized = plan.quantized()
+    for name, (dtype, shape) in source.tensor_info.items():
+        numel = int(torch.Size(shape).numel())
+        if dtype.is_floating_point:
+            parameters += numel
+        module = name.removesuffix(".weight")
+        stored = numel * exp.stored_float_dtype(name, dtype).itemsize
+        if name.endswith(".weight") and module in candidates:
+            float_bytes[module] = stored
+        elif name.endswith(".weight") and module in quantized and len(shape) == 2:
+            fixed += quantized[module].format.nbytes((int(shape[0]), int(shape[1])))  # type: ignore[union-attr]
+        else:
+            fixed += stored
+    budget = Budget.of(parameters, target_bpw=r.target_bpw, target_size=r.target_size)
+    if planner.needs_calibration and state.calibrator is not None and state.calibration is None:
+        state.tokenizer = source.tokenizer()
+        _load_calibration(state)
+    return PlanRequest(source=source, plan=plan, candidates=candidates, ties=ties, budget=budget, fixed_bytes=fixed,
+                       float_bytes=float_bytes, calibration=state.calibration,
+                       importance=exp.importance(source) or {}, collects_importance=r.imatrix,
+                       device=state.device, dtype=state.dtype,
+                       fingerprint=model_fingerprint(source, cache_root() if r.cache else None),
+                       cache=(cache_root() / "planner") if r.cache and cache_root() else None,
+                       note=state.notes.append, progress=r.progress)
+
+
+def _mixed_plan(state: RunState, source: ModelSource, plan: QuantPlan) -> QuantPlan:
+    """The planner's plan for the exporter's ``plan``, checked against the budget and adopted by
+    the exporter."""
+    planner, exp = state.planner, state.exporter
+    if planner is None:  # pragma: no cover - callers check
+        raise RuntimeError("no planner")
+    request = plan_request(state, source, plan)
+    budget, candidates = request.budget, request.candidates
+    smallest = request.smallest_bytes()
+    if smallest > budget.bytes:
+        raise UsageError(f"the budget ({budget.asked}: {budget.bytes:,} bytes) is below the smallest plan exporter "
+                         f"{exp.name!r} can store ({smallest:,} bytes, {8 * smallest / budget.parameters:.3f} bpw); "
+                         "raise the target")
+    with phase("plan"):
+        try:
+            mixed = planner.plan(request)
+        except ValueError as exc:
+            raise UsageError(f"planner {planner.name!r}: {exc}") from None
+    missing = sorted(set(plan.entries) - set(mixed.entries))
+    if missing:
+        raise UsageError(f"planner {planner.name!r} dropped {missing[0]} from the plan")
+    chosen = {n: mixed.entries[n].format for n in candidates}
+    total = request.total_bytes(chosen)
+    if total > budget.bytes:
+        raise UsageError(f"planner {planner.name!r} chose {total:,} tensor bytes, over the budget of "
+                         f"{budget.bytes:,} ({budget.asked}); raise the target")
+    parameters = budget.parameters
+    mixed.planner = {"name": planner.name, "budget_bytes": budget.bytes, "budget": budget.asked,
+                     "planned_bytes": total, "planned_bpw": round(8 * total / parameters, 4),
+                     "smallest_bytes": request.smallest_bytes(), "largest_bytes": request.largest_bytes(),
+                     **(mixed.planner or {})}
+    counts: dict[str, int] = {}
+    for fmt in chosen.values():
+        counts[fmt.spec if fmt else "float"] = counts.get(fmt.spec if fmt else "float", 0) + 1
+    state.notes.append(f"planner {planner.name!r}: {total:,} tensor bytes for a budget of {budget.bytes:,} "
+                       f"({budget.asked}; {8 * total / parameters:.3f} bpw): "
+                       + ", ".join(f"{n} x {s}" for s, n in sorted(counts.items())))
+    exp.adopt_plan(source, mixed)
+    return mixed
 
 
 def _artifact_bytes(source: ModelSource, plan: QuantPlan) -> int:
@@ -629,9 +763,23 @@ def evaluate(state: RunState) -> None:
         ctx.note(warning)
     state.metrics = evaluation.metrics
     state.manifest["evaluation"] = evaluation.to_json(dev, reference)
+    _planner_measured(state)
     state.manifest["notes"] = list(ctx.notes)
     if state.out is not None:
         write_json_atomic(state.out / "quantfoundry.json", state.manifest)
+
+
+def _planner_measured(state: RunState) -> None:
+    """Beside a planner's predicted KL, the KL the run's ``kl`` evaluator measured (on its text)."""
+    plan = state.plan
+    if plan is None or plan.planner is None or "kl" not in state.metrics:
+        return
+    kl = state.metrics["kl"].get("kl_mean", {})
+    measured = {col: kl[col] for col in ("quantized", "artifact") if isinstance(kl.get(col), (int, float))}
+    if measured:
+        plan.planner["measured_kl_mean"] = measured
+        if "planner" in state.manifest:
+            state.manifest["planner"] = dict(plan.planner)
 
 
 def _stored_float_dtypes(source: ModelSource, plan: QuantPlan, exporter: Exporter) -> dict[str, torch.dtype]:

@@ -21,6 +21,7 @@ from ..roles.evaluator import Evaluator
 from ..roles.exporter import Exporter
 from ..roles.format import Format
 from ..roles.plan import QuantPlan
+from ..roles.planner import Planner
 from ..roles.quantizer import Quantizer, Transform
 
 Spec = tuple[str, Mapping[str, Any]]
@@ -68,6 +69,13 @@ class RunRequest:
     kv_cache: str | None = None
     progress: bool = True
     resume: bool = False
+    #: a mixed-precision planner (``kl``) choosing each tensor's format among the exporter's
+    #: candidates for a budget: ``target_bpw`` (bits per weight of the whole model) or
+    #: ``target_size`` (bytes of the artifact's tensors: ``3.9GB``, ``512MiB``, a plain number)
+    planner: str | None = None
+    planner_options: Mapping[str, Any] | None = None
+    target_bpw: float | None = None
+    target_size: str | int | None = None
     #: where lines the user must see before the work starts go (a resumable journal, leftovers
     #: of dead runs cleaned); default: standard error
     report: Callable[[str], None] | None = None
@@ -90,6 +98,7 @@ class RunState:
     out: Path | None
     activations: ActQuant | None = None
     kv_cache: ActQuant | None = None
+    planner: Planner | None = None
     notes: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
     # load_and_plan

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import UsageError
+from ..errors import IncompatiblePlanError, UsageError
 from .activation import ActQuant
 from .component import Component
 from .format import Format, QuantizedWeight
@@ -81,6 +81,25 @@ class Exporter(Component, ABC):
         if requested is None:
             raise UsageError(f"exporter {self.name!r} has no default format; choose one with --format")
         return default_plan(source, requested)
+
+    def mix_candidates(self, source: ModelSource, plan: QuantPlan) -> dict[str, tuple[Format | None, ...]]:
+        """The formats each tensor of ``plan`` (this exporter's own plan) may take in a mixed
+        plan, cheapest first, for a planner (``--planner``); ``None`` among them: the tensor may be
+        kept in float. Tensors left out keep their planned format. Raise
+        :class:`~quantfoundry.errors.IncompatiblePlanError` with the reason when the artifact
+        stores no mix (the default): the run stops before any work."""
+        raise IncompatiblePlanError(f"exporter {self.name!r} stores one format for every tensor, so it cannot "
+                                    "write a planner's mix; drop --planner, or use an exporter that stores a "
+                                    "format per tensor (gguf, compressed-tensors)")
+
+    def mix_ties(self, source: ModelSource, plan: QuantPlan) -> list[tuple[str, ...]]:
+        """Groups of candidate tensors that must share one format (the engine fuses them: vLLM's
+        ``qkv_proj`` and ``gate_up_proj``). Default: none, every tensor chooses alone."""
+        return []
+
+    def adopt_plan(self, source: ModelSource, plan: QuantPlan) -> None:
+        """Take a planner's plan (formats drawn from :meth:`mix_candidates`) as the one to write.
+        Called once, after :meth:`plan` and before the plan check. Default: nothing to update."""
 
     # -- writing -------------------------------------------------------------------------
     @abstractmethod

@@ -45,11 +45,14 @@ class TensorPlan:
 
 @dataclass
 class QuantPlan:
-    """Formats per tensor; made by the exporter, checked against quantizer and exporter.
-    ``kv_cache``: how the engine keeps the attention's keys and values (FP8), or ``None``."""
+    """Formats per tensor; made by the exporter (or a planner), checked against quantizer and
+    exporter. ``kv_cache``: how the engine keeps the attention's keys and values (FP8), or
+    ``None``. ``planner``: what a planner recorded of its choice (budget, predicted quality), for
+    the manifest; ``None`` when the exporter's own plan is used."""
 
     entries: dict[str, TensorPlan] = field(default_factory=dict)
     kv_cache: ActQuant | None = None
+    planner: dict[str, Any] | None = None
 
     def add(self, entry: TensorPlan) -> None:
         if entry.name in self.entries:

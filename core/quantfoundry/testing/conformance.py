@@ -266,6 +266,61 @@ class TransformConformance:
         assert result.manifest["quantizer"][0]["role"] == "transform"
 
 
+class PlannerConformance:
+    """Subclass and set ``planner`` (and ``options``, ``exporter``, ``format``): a plan halfway
+    between the smallest and the largest the exporter's candidates allow fits its budget, is
+    written, reloaded and agrees with the in-memory model; a budget below the smallest is refused
+    before anything is written."""
+
+    planner: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    exporter: ClassVar[str] = "qf"
+    format: ClassVar[str | None] = "int4-g32"
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"exporter": self.exporter, "format": self.format, "planner": self.planner,
+                "planner_options": dict(self.options)}
+
+    def _bounds(self, folder: Path) -> tuple[int, int]:
+        """The smallest and the largest artifact the exporter's candidates allow."""
+        from ..model.source import resolve_model
+        from ..pipeline.stages import RunRequest, plan_request, resolve
+
+        state = resolve(RunRequest(model=str(folder), target_bpw=32, calibrator_options=CALIBRATION, progress=False,
+                                   **self._kwargs()))
+        source = resolve_model(str(folder))
+        request = plan_request(state, source, state.exporter.plan(source, state.requested))
+        return request.smallest_bytes(), request.largest_bytes()
+
+    def test_a_plan_within_its_budget(self, arch: str, tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+        folder = tiny_model(arch, **WIDE)
+        low, high = self._bounds(folder)
+        assert low < high, "the exporter offered no choice"
+        out = tmp_path / "artifact"
+        result = _run(folder, out, target_size=(low + high) // 2, evaluators=[("kl", {"max_tokens": "2048"})],
+                      keep_model=True, **self._kwargs())
+        _check_run(result, out)
+        planner = result.manifest["planner"]
+        assert planner["name"] == self.planner
+        assert low <= planner["planned_bytes"] <= (low + high) // 2 == planner["budget_bytes"]
+        for name, entry in result.plan.quantized().items():
+            module = result.model.get_submodule(name)
+            if isinstance(module, QuantLinear):
+                assert module.qweight.format == entry.format, name
+
+    def test_a_budget_below_the_smallest_plan_is_refused(self, tiny_model: Callable[..., Path],
+                                                         tmp_path: Path) -> None:
+        from ..errors import UsageError
+
+        folder = tiny_model("llama", **WIDE)
+        low, _ = self._bounds(folder)
+        out = tmp_path / "artifact"
+        with pytest.raises(UsageError):
+            _run(folder, out, target_size=low - 1, evaluators=[], **self._kwargs())
+        assert not out.exists()
+
+
 class ExporterConformance:
     """Subclass and set ``exporter`` (and ``options``, ``format``: default, the exporter's)."""
 

@@ -22,6 +22,8 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 * **the model, block by block** (:mod:`quantfoundry.model`): :class:`BlockStream` materializes
   each decoder block with its calibration inputs, for quantizers' tests and planners'
   sensitivity passes;
+* **allocation under a budget** (:mod:`.allocate`): one option (bytes, cost) per tensor, the
+  Lagrangian method over each tensor's convex hull, for mixed-precision planners (:func:`allocate`);
 * **components** (:mod:`.components`): a registered component built by name with checked
   options (:func:`make_component`), for plugins that compose others (``mix``);
 * **grids** (:mod:`.grids`): an affine format's code range and whether it takes a zero point
@@ -54,6 +56,7 @@ from ..model.materialize import load_full_model, materialize, release, set_param
 from ..phases import PhaseClock, measuring, phase
 from ..progress import Progress
 from ..roles.format import pack_bits, slice_groups, stored_params, unpack_bits
+from .allocate import Allocation, allocate, lower_hull
 from .checkpoint import (
     PROMPT,
     TOKENIZER_GLOBS,
@@ -93,7 +96,7 @@ from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
+    "Allocation", "allocate", "lower_hull", "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
