@@ -123,6 +123,33 @@ class CompressedTensorsExporter(Exporter):
                 entry.format = replace_scale_dtype(entry.format, dtype)
         return plan
 
+    def mix_candidates(self, source: Any, plan: QuantPlan) -> dict[str, tuple[Format | None, ...]]:
+        """Config groups per layer: each planned integer linear may take the requested grid at 4
+        or 8 bits (vLLM's pack-quantized kernels) or stay in float (``ignore``); fp8 linears
+        choose between fp8 and float."""
+        out: dict[str, tuple[Format | None, ...]] = {}
+        for name, entry in plan.quantized().items():
+            fmt = entry.format
+            if fmt is None or source.block_index(name) is None:
+                continue
+            if isinstance(fmt, IntFormat):
+                grids = [type(fmt)(replace(fmt.options, bits=b)) for b in (4, 8)]
+                out[name] = (*(g for g in grids if g.check_shape(entry.shape) is None), None)
+            else:
+                out[name] = (fmt, None)
+        return out
+
+    def mix_ties(self, source: Any, plan: QuantPlan) -> list[tuple[str, ...]]:
+        """vLLM fuses the linears that read one normed input (``qkv_proj``, ``gate_up_proj``) and
+        needs one scheme for all of their shards."""
+        ties = []
+        for index in range(source.num_layers):
+            prefix = source.layer_prefix(index)
+            for group in source.architecture.groups:
+                if group.prev_kind == "norm" and len(group.linears) > 1:
+                    ties.append(tuple(f"{prefix}.{n}" for n in group.linears))
+        return ties
+
     # -- writing -------------------------------------------------------------------------
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
         self.folder, self.source, self.plan = folder, source, plan

@@ -46,6 +46,9 @@ IMATRIX_FILE = "imatrix.gguf"  # the run's collected imatrix, shipped beside the
 # --format T with the gguf exporter: a "pure" file of T, with llama.cpp's file-type id for T
 _PURE_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
                    "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
+#: the types a planner may choose per tensor (rows of whole 256-blocks; else of 32-blocks)
+MIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+MIX_TYPES_32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LLAMA_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -237,6 +240,39 @@ class GGUFExporter(Exporter):
             else:
                 plan.add(TensorPlan(name, shape, resolve_format(typ)))
         return plan
+
+    def mix_candidates(self, source: Any, plan: QuantPlan) -> dict[str, tuple[Format | None, ...]]:
+        """llama.cpp reads any GGML type per tensor: every tensor the file type quantizes (block
+        linears, the token embedding, an untied output) may take any K-quant (Q2_K … Q6_K) and
+        Q8_0 when its rows are whole 256-blocks, else the 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1,
+        Q8_0), as llama-quantize's fallback does."""
+        out: dict[str, tuple[Format | None, ...]] = {}
+        for name, entry in plan.quantized().items():
+            cols = int(entry.shape[1])
+            types = MIX_TYPES if cols % 256 == 0 else MIX_TYPES_32 if cols % 32 == 0 else ()
+            if types:
+                out[name] = tuple(resolve_format(t) for t in types)
+        return out
+
+    def adopt_plan(self, source: Any, plan: QuantPlan) -> None:
+        """Write each tensor as the planner chose; the file type (``general.file_type``) is the
+        ``_M`` file type of the type that holds the most block-linear weights."""
+        held: dict[str, int] = {}
+        for name, entry in plan.entries.items():
+            g = self._names.get(f"{name}.weight")
+            if g is None or g not in self._types:
+                continue
+            if entry.format is None:
+                self._types[g] = "F16" if self._types[g] is not None else None
+                continue
+            if not isinstance(entry.format, GGMLFormat):
+                raise IncompatiblePlanError(f"exporter 'gguf' cannot store {entry.format.spec} ({name})")
+            self._types[g] = entry.format.ggml_name
+            if source.is_block_linear(name):
+                held[entry.format.ggml_name] = held.get(entry.format.ggml_name, 0) + \
+                    int(entry.shape[0]) * int(entry.shape[1])
+        if held:
+            self._file_type_name = _PURE_FILE_TYPE[max(held, key=lambda t: held[t])]
 
     def importance(self, source: Any) -> dict[str, torch.Tensor] | None:
         """The imatrix file's entries, by linear module name (llama.cpp looks them up by GGUF name;
