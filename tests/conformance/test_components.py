@@ -16,7 +16,8 @@ from quantfoundry.testing import conformance as kit
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
-              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-quip", "qf-qat", "qf-example-plugin"}
+              "qf-hqq", "qf-smoothquant", "qf-compressed-tensors", "qf-triton", "qf-quip", "qf-qat", "qf-kl-planner",
+              "qf-example-plugin"}
 SHARED = Path(os.environ.get("QF_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 ROOT = Path(__file__).resolve().parents[2]
 CHATS = str(ROOT / "benchmarks" / "data" / "chat" / "chat-calib.jsonl")
@@ -80,6 +81,9 @@ def _classes() -> dict[str, type]:
     for e in _entries("calibrator"):
         out[f"TestCalibrator_{_ident(e.name)}"] = type("C", (kit.CalibratorConformance,),
                                                             {"calibrator": e.name, **EXTRA.get(e.name, {})})
+    for e in _entries("planner"):
+        out[f"TestPlanner_{_ident(e.name)}"] = type("P", (kit.PlannerConformance,),
+                                                     {"planner": e.name, **EXTRA.get(e.name, {})})
     for e in _entries("evaluator"):
         out[f"TestEvaluator_{_ident(e.name)}"] = type("V", (kit.EvaluatorConformance,),
                                                        {"evaluator": e.name, **EXTRA.get(e.name, {})})
@@ -99,7 +103,7 @@ def test_every_role_of_the_repository_is_covered() -> None:
                      "TestExporter_hf_awq", "TestExporter_qf", "TestKernel_torch_dequant", "TestCalibrator_text",
                      "TestCalibrator_chat", "TestCalibrator_hf_dataset", "TestCalibrator_mix", "TestFormat_nf4",
                      "TestFormat_fp4", "TestExporter_bnb_4bit", "TestKernel_bnb_4bit", "TestQuantizer_hqq",
-                     "TestEvaluator_kl", "TestQuantizer_qat"):
+                     "TestEvaluator_kl", "TestQuantizer_qat", "TestPlanner_kl"):
         assert expected in names, expected
 
 
