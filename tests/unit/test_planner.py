@@ -256,3 +256,14 @@ def test_w8a8_runs_are_refused_a_weight_only_planner(tiny_model, planner_plugin)
     with pytest.raises(IncompatiblePlanError, match="weight-only"):
         qf.run(str(tiny_model("llama")), format="int8-sym", activations="int8", planner="test-extremes",
                target_bpw=8, evaluators=[], progress=False)
+
+
+def test_a_recipe_names_the_planner_and_its_budget(tmp_path):
+    from quantfoundry.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('target_bpw = 4\n[exporter]\nname = "gguf"\n[planner]\nname = "kl"\nsamples = 4\n')
+    args = load_recipe(recipe)
+    assert args["planner"] == "kl" and args["planner_options"] == {"samples": 4} and args["target_bpw"] == 4.0
+    recipe.write_text('target_size = 3900000000\n[planner]\nname = "kl"\n')
+    assert load_recipe(recipe)["target_size"] == "3900000000"

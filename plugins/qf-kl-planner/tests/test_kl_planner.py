@@ -109,12 +109,16 @@ def test_the_plan_beats_llama_cpps_mix_of_the_same_size(pycode, tmp_path):
     assert info["measured_kl"] == pytest.approx(info["predicted_kl"], rel=0.25)
 
 
-def test_a_gguf_holds_the_chosen_types_in_exactly_the_planned_bytes(tmp_path):
+def test_a_gguf_holds_the_chosen_types_in_exactly_the_planned_bytes(tmp_path, llama_cpp_python):
+    """gguf-py reads each tensor's chosen type; llama.cpp runs the file as the in-memory model."""
     import gguf
 
     out = tmp_path / "mixed"
     r = qf.run(PYCODE, exporter="gguf", planner="kl", planner_options=FAST, target_bpw=4.2, out=str(out),
-               calibrator_options=CAL, evaluators=[], progress=False)
+               calibrator_options=CAL, evaluators=[("kl", {"max_tokens": "4096"})], progress=False)
+    ev = r.manifest["evaluation"]
+    assert "llama.cpp" in ev["artifact"]["opened"] and ev["artifact_check"]["ok"], ev["artifact_check"]
+    assert r.manifest["planner"]["measured_kl_mean"]["artifact"] > 0
     reader = gguf.GGUFReader(str(out / "model.gguf"))
     types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
     assert sum(int(t.n_bytes) for t in reader.tensors) == r.manifest["planner"]["planned_bytes"]
@@ -125,6 +129,22 @@ def test_a_gguf_holds_the_chosen_types_in_exactly_the_planned_bytes(tmp_path):
     manifest = json.loads((out / "quantfoundry.json").read_text())
     assert manifest["planner"]["name"] == "kl" and "measured_kl" in manifest["planner"]
     assert manifest["gguf"]["tensor_types"] == {t: list(types.values()).count(t) for t in set(types.values())}
+
+
+@pytest.mark.parametrize("quantizer", ["gptq", "awq", "hqq"])
+def test_any_quantizer_rounds_onto_the_planned_mix(quantizer, tiny_model, tmp_path):
+    folder = tiny_model("llama", hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4,
+                        num_key_value_heads=2)
+    out = tmp_path / quantizer
+    r = qf.run(str(folder), quantizer=quantizer, format="int4-g64", planner="kl", planner_options=FAST,
+               target_bpw=12, out=str(out), calibrator_options={"n_samples": 4, "seq_len": 64},
+               evaluators=[("kl", {"max_tokens": "1024"})], keep_model=True, progress=False)
+    assert not [n for n in r.notes if n.startswith("MISMATCH")]
+    widths = {e.format.options.bits for n, e in r.plan.quantized().items() if ".layers." in n}
+    assert len(widths) >= 2, widths
+    for name, entry in r.plan.quantized().items():
+        assert r.model.get_submodule(name).qweight.format == entry.format
+    assert r.manifest["planner"]["planned_bytes"] <= r.manifest["planner"]["budget_bytes"]
 
 
 def test_replanning_at_another_budget_measures_nothing(tmp_path, monkeypatch):
