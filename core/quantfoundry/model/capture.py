@@ -19,22 +19,34 @@ class _StopForward(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for one decoder block: records its call, returns the hidden states as they are."""
+class PassThroughBlock(nn.Module):
+    """Stands in for a decoder block in the model's layer list: returns the hidden states it is
+    called with; every other attribute is the wrapped block's (the model's loop reads some, e.g.
+    a layer's attention type). For skipping blocks whose outputs are already known."""
 
-    def __init__(self, inner: nn.Module, index: int, store: dict[int, list[dict[str, Any]]],
-                 first: list[torch.Tensor]):
+    def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self.index = index
-        self._store = store
-        self._first = first
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _Catcher(PassThroughBlock):
+    """Stands in for one decoder block: records its call, returns the hidden states as they are."""
+
+    def __init__(self, inner: nn.Module, index: int, store: dict[int, list[dict[str, Any]]],
+                 first: list[torch.Tensor]):
+        super().__init__(inner)
+        self.index = index
+        self._store = store
+        self._first = first
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:

@@ -21,7 +21,7 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 * **kernels** (:mod:`.kernels`): choosing a kernel, swapping a linear for a ``QuantLinear``;
 * **the model, block by block** (:mod:`quantfoundry.model`): :class:`BlockStream` materializes
   each decoder block with its calibration inputs, for quantizers' tests and planners'
-  sensitivity passes;
+  sensitivity passes; :class:`PassThroughBlock` stands in for a block whose outputs are known;
 * **allocation under a budget** (:mod:`.allocate`): one option (bytes, cost) per tensor, the
   Lagrangian method over each tensor's convex hull, for mixed-precision planners (:func:`allocate`);
 * **components** (:mod:`.components`): a registered component built by name with checked
@@ -51,7 +51,7 @@ from __future__ import annotations
 from ..builtin.int_format import MIN_FALLBACK_GROUP, IntFormat, IntOptions
 from ..files import MANIFEST, read_jsonl, read_manifest, sha256_file, write_json_atomic
 from ..model.blocks import BlockStream
-from ..model.capture import capture_inputs
+from ..model.capture import PassThroughBlock, capture_inputs
 from ..model.materialize import load_full_model, materialize, release, set_parameter, tied_source
 from ..phases import PhaseClock, measuring, phase
 from ..progress import Progress
@@ -96,7 +96,7 @@ from .sequential import input_stages
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
-    "Allocation", "allocate", "lower_hull", "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
+    "Allocation", "allocate", "lower_hull", "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "PassThroughBlock", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
     "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",

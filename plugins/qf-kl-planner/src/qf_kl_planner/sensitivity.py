@@ -16,27 +16,11 @@ from typing import Any
 
 import torch
 from quantfoundry import Format, ModelSource
+from quantfoundry.toolkit import PassThroughBlock
 from torch import nn
 
 HEAD = "head"
 EMBEDDINGS = "embeddings"
-
-
-class _Skip(nn.Module):
-    """Stands in for a decoder block that is not rerun: returns its input hidden states."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
 
 
 def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -132,7 +116,7 @@ class Sensitivity:
         handles = []
         try:
             for i in range(first):
-                self.layers[i] = _Skip(originals[i])
+                self.layers[i] = PassThroughBlock(originals[i])
             if start == HEAD:
                 handles.append(self.norm.register_forward_pre_hook(
                     lambda _m, args, kwargs: _replace_hidden(args, kwargs, self.norm_inputs[batch[0]]),
