@@ -161,6 +161,10 @@ def test_replanning_at_another_budget_measures_nothing(tmp_path, monkeypatch):
     assert second.plan.planner["cached"] is True
     assert second.plan.planner["planned_bytes"] > first.plan.planner["planned_bytes"]
     assert second.plan.planner["table"] == first.plan.planner["table"]
+    # fewer candidates: their entries are in the table already
+    third = _plan(planner="kl", planner_options={**FAST, "check": False, "formats": "Q3_K,Q4_K,Q6_K"}, target_bpw=4.5)
+    assert third.plan.planner["measured_units"] == 0
+    assert {e.format.spec for n, e in third.plan.quantized().items() if ".layers." in n} <= {"Q3_K", "Q4_K", "Q6_K"}
 
 
 def test_more_bytes_never_predict_more_kl(tmp_path, monkeypatch):

@@ -90,16 +90,19 @@ class KLPlanner(Planner):
         positions = self._positions(ids.shape[1])
         where = (f"{ids.shape[0]} calibration windows of {ids.shape[1]} tokens, KL read at "
                  f"{ids.shape[0] * (ids.shape[1] if positions is None else positions.numel()):,} positions")
-        key = self._key(request, ids, options)
-        table, measured_now, seconds = self._cached(request, key)
+        key = self._key(request, ids)
+        table, seconds = self._cached(request, key)
+        missing = {u: fs for u, fs in options.items()
+                   if any(_spec(f) not in table.get(self._label(u), {}) for f in fs)}
+        measured_now = bool(missing)
         sens: Sensitivity | None = None
         try:
-            if table is None:
+            if missing:
                 sens = self._sensitivity(request, ids)
                 t0 = time.perf_counter()
-                table = self._measure(sens, options, request)
-                seconds = time.perf_counter() - t0
-                measured_now = True
+                for label, row in self._measure(sens, missing, request).items():
+                    table.setdefault(label, {}).update(row)
+                seconds += time.perf_counter() - t0
                 self._store(request, key, table, seconds)
             costs = {u: [(sizes[u][i], table[self._label(u)][_spec(f)]) for i, f in enumerate(options[u])]
                      for u in units}
@@ -117,7 +120,7 @@ class KLPlanner(Planner):
                                 "output KL of each tensor alone at one format, scaled to the others by output error")
                                + ", round-to-nearest"
                                + (" with the calibration's importance" if self._uses_importance(request) else ""),
-                "samples": int(ids.shape[0]), "tokens": int(ids.numel()), "positions": self.options.positions, "cached": not measured_now,
+                "measured_units": len(missing), "samples": int(ids.shape[0]), "tokens": int(ids.numel()), "positions": self.options.positions, "cached": not measured_now,
                 "sensitivity_seconds": round(seconds, 1), "multiplier": alloc.multiplier,
                 "predicted_kl": predicted,
                 "table": {self._label(u): table[self._label(u)] for u in units}}
@@ -131,8 +134,8 @@ class KLPlanner(Planner):
         finally:
             if sens is not None:
                 release(sens.model)
-        request.note(f"planner 'kl': sensitivities {'measured' if measured_now else 'from the cache'} for "
-                     f"{len(units)} tensor group(s) x their candidates")
+        request.note(f"planner 'kl': sensitivities of {len(units)} tensor group(s) x their candidates: "
+                     f"{len(missing)} measured, {len(units) - len(missing)} from the cache")
         return request.choose(choice, reasons=reasons, info=info)
 
     # -- candidates and calibration windows ---------------------------------------------------
@@ -229,29 +232,30 @@ class KLPlanner(Planner):
         return text
 
     # -- the cache -----------------------------------------------------------------------------
-    def _key(self, request: PlanRequest, ids: torch.Tensor,
-             options: dict[tuple[str, ...], tuple[Format | None, ...]]) -> str:
+    def _key(self, request: PlanRequest, ids: torch.Tensor) -> str:
+        """What the measurements depend on: the model, the windows, the importance and the options
+        (not the candidates: the table holds an entry per tensor group and format, and a plan with
+        other candidates measures only the entries it lacks)."""
         h = hashlib.sha256()
         h.update(json.dumps({
             "version": VERSION, "model": request.fingerprint, "positions": self.options.positions,
             "sensitivity": self.options.sensitivity, "dtype": str(request.dtype),
             "device": request.device.type, "importance": self._uses_importance(request),
-            "units": {self._label(u): [_spec(f) for f in fs] for u, fs in options.items()},
         }, sort_keys=True).encode())
         h.update(ids.to(torch.int64).cpu().numpy().tobytes())
         for name in sorted(request.importance):
             h.update(request.importance[name].to(torch.float32).cpu().numpy().tobytes())
         return h.hexdigest()[:24]
 
-    def _cached(self, request: PlanRequest, key: str) -> tuple[dict[str, dict[str, float]] | None, bool, float]:
+    def _cached(self, request: PlanRequest, key: str) -> tuple[dict[str, dict[str, float]], float]:
         if request.cache is None or not request.fingerprint:
-            return None, False, 0.0
+            return {}, 0.0
         path = request.cache / f"kl-{key}.json"
         try:
             data = json.loads(path.read_text())
-            return data["table"], False, float(data.get("seconds", 0.0))
-        except (OSError, ValueError, KeyError):
-            return None, False, 0.0
+            return dict(data["table"]), float(data.get("seconds", 0.0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}, 0.0
 
     def _store(self, request: PlanRequest, key: str, table: dict[str, dict[str, float]], seconds: float) -> None:
         if request.cache is None or not request.fingerprint:
