@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import signal
 import sys
@@ -676,6 +677,60 @@ def calib(model: str | None, calibrator: str | None, calibrator_opt: tuple[str, 
         text = p.sample_text(i)
         more = f"\n… ({len(text) - max_chars:,} more characters)" if len(text) > max_chars else ""
         click.echo(f"\n--- sample {i + 1} of {c.n_samples} ({lengths[i]:,} tokens) ---\n{text[:max_chars]}{more}")
+
+
+@cli.command(name="plan")
+@click.option("--model", required=True, help="Model folder, a bare config.json, or a hub id (only its config is read).")
+@click.option("--context", type=int, default=4096, show_default=True, help="Tokens per sequence the KV cache holds.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences served at once.")
+@click.option("--gpu", "gpus", multiple=True, metavar="NAME|SIZE",
+              help="GPU to fit (repeatable): H100, RTX4090, L40S, A100, ... or a size such as 24GB "
+                   "(default: RTX4090, L40S, H100).")
+@click.option("--kv-cache", "kv", default="fp16", show_default=True,
+              type=click.Choice(["fp16", "bf16", "fp8", "int8", "q8_0", "q4_0"]), help="KV-cache element type.")
+@click.option("--format", "formats", multiple=True, metavar="SPEC|PRESET",
+              help="Format or exporter preset to size (repeatable; default: bf16, fp8, int8, int4-g128, nf4 and "
+                   "llama.cpp's Q8_0 ... Q2_K).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own config code.")
+@click.option("--revision", default=None, help="Hub revision of the config.")
+def plan_(model: str, context: int, batch: int, gpus: tuple[str, ...], kv: str, formats: tuple[str, ...],
+          as_json: bool, trust_remote_code: bool, revision: str | None) -> None:
+    """How much GPU memory serving a model takes per format (weights, KV cache, activations,
+    runtime), from its config alone, and which formats fit which GPU."""
+    from rich.table import Table
+
+    from .deploy.vram import GiB, advice, plan_memory
+
+    p = plan_memory(model, context=context, batch=batch, kv=kv, formats=formats or None, gpus=gpus or None,
+                    trust_remote_code=trust_remote_code, revision=revision)
+    if as_json:
+        click.echo(json.dumps(p.to_json(), indent=1))
+        return
+    s, console = p.shape, _console()
+    line = f"{s.name}: {s.parameters / 1e9:.2f}B parameters in memory"
+    if s.experts:
+        line += (f" ({s.experts} experts, {s.experts_per_token} per token: {s.active_parameters / 1e9:.2f}B active "
+                 "per token — that is compute, not memory: every expert stays resident)")
+    console.print(line, highlight=False)
+    console.print(f"KV cache: {s.kv_bytes_per_token(kv, context) / 1024:.1f} KiB per token ({kv})", highlight=False)
+    table = Table(title=f"memory at {context:,} tokens x {batch} sequence(s), GiB")
+    for col in ("format", "bpw", "weights", "KV cache", "activations", "runtime", "total",
+                *(f"{name} ({b / GiB:.0f} GiB)" for name, b in p.gpus)):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for r in p.rows:
+        fits = []
+        for _name, b in p.gpus:
+            n = p.gpus_needed(r, b)
+            fits.append("fits" if n == 1 else f"{n} GPUs" if n else "no")
+        table.add_row(r.label, f"{8 * r.weights / s.parameters:.2f}", f"{r.weights / GiB:.2f}", f"{r.kv_cache / GiB:.2f}",
+                      f"{r.activations / GiB:.2f}", f"{r.runtime / GiB:.2f}", f"{r.total / GiB:.2f}", *fits)
+    console.print(table)
+    for a in p.assumptions():
+        console.print(f"  assumed: {a}", highlight=False)
+    if p.skipped:
+        console.print(f"  not sized (no plugin offers them): {', '.join(p.skipped)}", highlight=False)
+    console.print(f"  advice: {advice(s)}", highlight=False)
 
 
 @cli.command("new-plugin")

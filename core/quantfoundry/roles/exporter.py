@@ -145,6 +145,14 @@ class Exporter(Component, ABC):
         return []
 
     @classmethod
+    def preset_formats(cls, shape: Any, preset: str) -> dict[str, Format | None] | None:
+        """The format each tensor of a model gets under preset ``preset`` (``None``: stored in
+        16-bit float), for memory planning from a config alone (``qf plan``); ``shape`` lists the
+        model's tensors (``shape.tensors``: ``name``, ``shape``, ``kind``) and config. ``None``
+        (default): the exporter offers no preset by that name."""
+        return None
+
+    @classmethod
     def preset_options(cls, name: str) -> dict[str, Any] | None:
         """The exporter options that select preset ``name`` (any case), or None if it offers no
         such preset. By default a preset is a value of the exporter's ``type`` option."""

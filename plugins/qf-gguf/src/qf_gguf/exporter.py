@@ -134,6 +134,27 @@ def gguf_name(hf_name: str, spec: ArchSpec | None = None) -> str | None:
     return f"blk.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
 
 
+_MOE = {"mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
+        "mlp.experts.gate_proj": "ffn_gate_exps.weight", "mlp.experts.up_proj": "ffn_up_exps.weight",
+        "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.router.weight": "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
+
+
+def _moe_gguf_name(hf_name: str) -> str | None:
+    """llama.cpp's names of a mixture of experts' tensors (stacked experts, router, shared expert),
+    for sizing; the exporter does not write MoE models yet."""
+    m = _LAYER.match(hf_name)
+    if m is None:
+        return None
+    for key, g in _MOE.items():
+        if m.group(2) == key or m.group(2).startswith(key.replace("shared_expert.", "shared_experts.")):
+            return f"blk.{m.group(1)}.{g}"
+    return None
+
+
 def permute_rows(rows: int, heads: int) -> torch.Tensor:
     """Row order llama.cpp's llama arch expects for q/k: each head's two rope halves interleaved."""
     hd = rows // heads
@@ -161,6 +182,33 @@ class GGUFExporter(Exporter):
         """llama.cpp's file types with their bits per weight on Llama-2-7B's tensor shapes."""
         return [(ft, f"llama.cpp file type {ft}: {bpw:.3f} bits per weight on Llama-2-7B shapes "
                      f"(default type {FILE_TYPES[ft][0]})") for ft, bpw in file_type_bpw().items()]
+
+    @classmethod
+    def preset_formats(cls, shape: Any, preset: str) -> dict[str, Format | None] | None:
+        """Each tensor's GGML type under llama.cpp's file type ``preset`` (its mix rules, with the
+        expert count's own rules for a MoE), from the model's tensor names and shapes alone."""
+        ft = preset.upper()
+        if ft not in FILE_TYPES:
+            return None
+        cfg = shape.config.get_text_config()
+        spec = SUPPORTED.get((getattr(shape.config, "architectures", None) or [""])[0]) or ArchSpec("llama")
+        names: dict[str, str] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for t in shape.tensors:
+            g = gguf_name(t.name, spec) or _moe_gguf_name(t.name)
+            if g is not None:
+                names[t.name] = g
+                shapes[g] = tuple(reversed(t.shape))
+        heads = int(cfg.num_attention_heads)
+        ctx = MixContext(n_layer=int(cfg.num_hidden_layers), n_head=heads,
+                         n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or heads),
+                         n_expert=int(getattr(shape, "experts", 0) or 0))
+        types = choose_types(ft, shapes, ctx)
+        out: dict[str, Format | None] = {}
+        for t in shape.tensors:
+            typ = types.get(names.get(t.name, ""))
+            out[t.name] = resolve_format(typ) if typ not in (None, "F16", "F32") else None
+        return out
 
     def artifact_label(self) -> str | None:
         return self.options.type.upper()
