@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from .deploy.targets import target
 from .errors import QFError, UsageError
 from .options import parse_key_values
 from .plugins import get_plugin_manager, reset_plugin_manager
@@ -151,6 +152,9 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--kv-cache", default=None, metavar="fp8",
               help="The engine keeps keys and values in fp8 with one calibrated scale each per layer (vLLM's fp8 KV "
                    "cache): simulated and written to the artifact.")
+@click.option("--target", default=None, metavar="ENGINE",
+              help="The engine the artifact is for: llama.cpp, ollama, vllm, tgi, transformers or qlora; picks the "
+                   "exporter, format and quantizer it reads best (each overridable by its own flag) and says why.")
 @click.option("--planner", default=None,
               help="Choose each tensor's format among the exporter's to fit --target-bpw/--target-size (e.g. kl).")
 @click.option("--planner-opt", multiple=True, metavar="KEY=VALUE", help="Planner option (repeatable).")
@@ -195,16 +199,21 @@ def run(**kw: Any) -> None:
                       ("trust_remote_code", "trust_remote_code"), ("revision", "revision"),
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache"),
-                      ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size")):
+                      ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size"),
+                      ("target", "target")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel", "planner"):
         opts = parse_key_values(kw[f"{role}_opt"], flag=f"--{role}-opt")
         if opts:
             args[f"{role}_options"] = {**args.get(f"{role}_options", {}), **opts}
-    stages = [(q, {}) for q in kw["quantizers"]] or args.get("quantizer") or [("rtn", {})]
+    from_recipe = args.get("quantizer")
+    default_stage = [(target(args["target"]).quantizer, {})] if args.get("target") else [("rtn", {})]
+    stages = [(q, {}) for q in kw["quantizers"]] or from_recipe or default_stage
     stage_opts = _split_role_options(kw["quantizer_opt"], [n for n, _ in stages], "--quantizer-opt")
     args["quantizer"] = [(n, {**o, **stage_opts[n]}) for n, o in stages]
+    if args.get("target") and not kw["quantizers"] and not from_recipe and not any(stage_opts.values()):
+        del args["quantizer"]  # the target's quantizer: the pipeline names it, with its reason
     if kw["no_eval"]:
         evals: list[tuple[str, dict[str, Any]]] = []
     else:
@@ -245,9 +254,16 @@ def _default_out(args: dict[str, Any]) -> Path:
     from .pipeline.components import exporter_and_format, make
 
     model = model_name(args.get("model") or default_model_path())
-    quant = "+".join(n for n, _ in args["quantizer"])
-    exporter, options, spec, _note = exporter_and_format(args.get("exporter"), args.get("exporter_options"),
-                                                        args.get("format"), args.get("format_options"))
+    stages = args.get("quantizer") or [(target(args["target"]).quantizer if args.get("target") else "rtn", {})]
+    quant = "+".join(n for n, _ in stages)
+    chosen_exporter, chosen_format = args.get("exporter"), args.get("format")
+    if args.get("target"):
+        t = target(args["target"])
+        if chosen_format is None and chosen_exporter in (None, t.exporter):
+            chosen_format = t.format
+        chosen_exporter = chosen_exporter or t.exporter
+    exporter, options, spec, _note = exporter_and_format(chosen_exporter, args.get("exporter_options"),
+                                                        chosen_format, args.get("format_options"))
     exp = make("exporter", exporter, options)
     spec = spec or exp.default_format
     label = resolve_format(spec, args.get("format_options")).spec if spec else (exp.artifact_label() or exporter)

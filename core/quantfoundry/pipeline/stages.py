@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import default_model_path
+from ..deploy.targets import target
 from ..errors import IncompatiblePlanError, QFError, UsageError
 from ..evaluation.reference import cache_root, model_fingerprint
 from ..evaluation.windows import default_text_warning
@@ -73,8 +74,10 @@ def resolve(request: RunRequest) -> RunState:
     dtype_of(request.eval_dtype)  # checked before any work
     if request.batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {request.batch_size}")
-    specs: list[Spec] = [(request.quantizer, request.quantizer_options or {})] \
-        if isinstance(request.quantizer, str) else list(request.quantizer)
+    request, target_note = _target(request)
+    quantizer_spec = request.quantizer if request.quantizer is not None else "rtn"
+    specs: list[Spec] = [(quantizer_spec, request.quantizer_options or {})] \
+        if isinstance(quantizer_spec, str) else list(quantizer_spec)
     if not specs:
         raise UsageError("at least one quantizer is needed (e.g. --quantizer rtn)")
     transforms, quantizer = _recipe(specs)
@@ -107,6 +110,8 @@ def resolve(request: RunRequest) -> RunState:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
     state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts, kv,
                      planner)
+    if target_note:
+        state.say(target_note)
     if preset_note:
         state.say(preset_note)
     if out is not None:
@@ -146,6 +151,25 @@ def _activations(request: RunRequest, exp: Exporter, requested: Format | None) -
     if reason:
         raise IncompatiblePlanError(f"exporter {exp.name!r} cannot store {act.spec} activations: {reason}")
     return act
+
+
+def _target(request: RunRequest) -> tuple[RunRequest, str | None]:
+    """The request with the target engine's exporter, format and quantizer where none was given,
+    and the line that says what was chosen and why."""
+    if request.target is None:
+        return request, None
+    t = target(request.target)
+    chosen = {}
+    if request.exporter is None:
+        chosen["exporter"] = t.exporter
+    if request.format is None and (request.exporter in (None, t.exporter)):
+        chosen["format"] = t.format
+    if request.quantizer is None:
+        chosen["quantizer"] = t.quantizer
+    if not chosen:
+        return request, f"--target {t.name}: every choice was given explicitly"
+    what = ", ".join(f"--{k} {v}" for k, v in chosen.items())
+    return replace(request, **chosen), f"--target {t.name}: {what} — {t.why}"
 
 
 def _planner(request: RunRequest) -> Planner | None:

@@ -32,7 +32,8 @@ class RunRequest:
     """The arguments of :func:`quantfoundry.run`, as given (see its docstring)."""
 
     model: str | Path | None = None
-    quantizer: str | list[Spec] = "rtn"
+    #: None: ``rtn``, or the ``target``'s quantizer
+    quantizer: str | list[Spec] | None = None
     quantizer_options: Mapping[str, Any] | None = None
     format: str | None = None
     format_options: Mapping[str, Any] | None = None
@@ -72,6 +73,9 @@ class RunRequest:
     #: a mixed-precision planner (``kl``) choosing each tensor's format among the exporter's
     #: candidates for a budget: ``target_bpw`` (bits per weight of the whole model) or
     #: ``target_size`` (bytes of the artifact's tensors: ``3.9GB``, ``512MiB``, a plain number)
+    #: the engine the artifact is for (``llama.cpp``, ``ollama``, ``vllm``, ``tgi``, ``transformers``,
+    #: ``qlora``): the exporter, format and quantizer it reads best, where those are not given
+    target: str | None = None
     planner: str | None = None
     planner_options: Mapping[str, Any] | None = None
     target_bpw: float | None = None
