@@ -179,6 +179,9 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Replace an existing --out folder (only once the new artifact is complete).")
+@click.option("--force-requantize", is_flag=True, default=None,
+              help="Quantize an already quantized input (a GGUF file, a quantized checkpoint, a qf artifact) after "
+                   "dequantizing it; the losses add up, and the report measures only the second rounding.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue an interrupted run from its journal (the same command and inputs).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and stop before any quantization.")
@@ -200,7 +203,7 @@ def run(**kw: Any) -> None:
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache"),
                       ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size"),
-                      ("target", "target")):
+                      ("target", "target"), ("force_requantize", "force_requantize")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel", "planner"):

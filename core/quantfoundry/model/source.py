@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..errors import (
-    AlreadyQuantizedError,
     ModelLoadError,
     NonFiniteWeightsError,
     UnsupportedArchitectureError,
@@ -315,14 +314,16 @@ def resolve_model(
     Refuses: a missing folder or config; an already quantized checkpoint; an architecture
     with no registered map; pickled ``.bin`` weights unless ``allow_pickle``; NaN/Inf weights.
     """
+    from ..deploy.requantize import refuse
+
+    local = Path(model).expanduser()
+    if local.exists():
+        refuse(local)  # a GGUF file, a quantized checkpoint, a qf artifact: the float source is wanted
     folder = _local_folder(model, revision)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json; pass a Hugging Face model folder")
+    refuse(folder)
     raw = read_json(folder / "config.json")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "unknown")
-        raise AlreadyQuantizedError(
-            f"{folder} is already quantized ({method}); quantize the original fp16/bf16 checkpoint instead")
     archs = raw.get("architectures") or []
     if not archs:
         raise ModelLoadError(f"{folder}/config.json lists no 'architectures'; add e.g. [\"LlamaForCausalLM\"]")

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -239,7 +241,10 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
     """Load and guard the source model, make and check the plan, load the calibration tokens
     (``dry_run``: no weight is read and nothing calibrated — the plan only)."""
     r = state.request
-    source = resolve_model(r.model if r.model is not None else default_model_path(), allow_pickle=r.allow_pickle,
+    model = r.model if r.model is not None else default_model_path()
+    if r.force_requantize:
+        model = _dequantized_input(state, Path(model))
+    source = resolve_model(model, allow_pickle=r.allow_pickle,
                            trust_remote_code=r.trust_remote_code, revision=r.revision, check_weights=False)
     state.source = source
     if not dry_run:
@@ -299,6 +304,38 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         state.tokenizer = source.tokenizer()
     if state.calibrator is not None and state.calibration is None:
         _load_calibration(state)
+
+
+def _dequantized_input(state: RunState, path: Path) -> Path:
+    """``--force-requantize``: a quantized input dequantized into a float checkpoint (cached by the
+    input's path, size and time), and notes saying what the report can and cannot measure."""
+    import hashlib
+
+    from ..deploy.requantize import dequantize, quantized_input
+
+    found = quantized_input(path)
+    if found is None:
+        state.say(f"--force-requantize: {path} is not quantized; it is used as it is")
+        return path
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_root()
+    out = (root / "requantize" / key) if root is not None else Path(tempfile.mkdtemp(prefix="qf-requantize-")) / "float"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        info = dequantize(path, out, trust_remote_code=state.request.trust_remote_code)
+        state.say(f"--force-requantize: {found[0]}; dequantized with {info['reader']} into {out}")
+    first = ""
+    manifest = path / "quantfoundry.json"
+    if manifest.is_file():
+        try:
+            kl = json.loads(manifest.read_text())["evaluation"]["metrics"]["kl"]["kl_mean"]
+            first = f"; the first rounding's KL to its original was {kl.get('artifact', kl.get('quantized')):.4g}"
+        except (OSError, ValueError, KeyError, TypeError):
+            first = ""
+    state.say("--force-requantize: this run's reference is the dequantized input, not the original, so its KL and "
+              "perplexity are the second rounding's loss alone; the first rounding's loss comes on top" + first)
+    return out
 
 
 def _load_calibration(state: RunState) -> None:

@@ -73,6 +73,9 @@ class RunRequest:
     #: a mixed-precision planner (``kl``) choosing each tensor's format among the exporter's
     #: candidates for a budget: ``target_bpw`` (bits per weight of the whole model) or
     #: ``target_size`` (bytes of the artifact's tensors: ``3.9GB``, ``512MiB``, a plain number)
+    #: quantize an already quantized input (GGUF file, quantized checkpoint, qf artifact) after
+    #: dequantizing it (refused otherwise)
+    force_requantize: bool = False
     #: the engine the artifact is for (``llama.cpp``, ``ollama``, ``vllm``, ``tgi``, ``transformers``,
     #: ``qlora``): the exporter, format and quantizer it reads best, where those are not given
     target: str | None = None
