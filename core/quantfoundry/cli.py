@@ -752,6 +752,26 @@ def plan_(model: str, context: int, batch: int, gpus: tuple[str, ...], kv: str, 
     console.print(f"  advice: {advice(s)}", highlight=False)
 
 
+@cli.command()
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="The fp16/bf16 model folder the adapter was trained on.")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="A PEFT LoRA adapter folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the merged checkpoint.")
+@click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Dtype of the merged weights (default: the base's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code.")
+def merge(base: Path, adapter: Path, out: Path, dtype: str | None, overwrite: bool, trust_remote_code: bool) -> None:
+    """Merge a LoRA adapter into its float base: the one checkpoint to quantize from (refuses a
+    quantized base and a base that already has an adapter merged into it)."""
+    from .deploy.merge import MARKER
+    from .deploy.merge import merge as merge_adapter
+
+    marker = merge_adapter(base, adapter, out, dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    _console().print(f"merged {adapter} (rank {marker['rank']}) into {base}: {out} ({marker['dtype']}); "
+                     f"{MARKER} records both hashes. Quantize it: qf run --model {out}", highlight=False)
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--role", required=True, type=click.Choice(["quantizer", "format", "exporter", "evaluator", "calibrator", "kernel"]),

@@ -314,9 +314,12 @@ def resolve_model(
     Refuses: a missing folder or config; an already quantized checkpoint; an architecture
     with no registered map; pickled ``.bin`` weights unless ``allow_pickle``; NaN/Inf weights.
     """
+    from ..deploy.merge import adapter_hint, is_adapter
     from ..deploy.requantize import refuse
 
     local = Path(model).expanduser()
+    if local.is_dir() and is_adapter(local):
+        raise ModelLoadError(adapter_hint(local))
     if local.exists():
         refuse(local)  # a GGUF file, a quantized checkpoint, a qf artifact: the float source is wanted
     folder = _local_folder(model, revision)

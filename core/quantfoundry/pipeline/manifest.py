@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import platform
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..deploy.merge import merge_marker
 from ..options import options_to_dict
 from ..roles.quantizer import Quantizer, Transform
 
@@ -54,6 +56,7 @@ def build_manifest(*, source: ModelSource, stages: list[Quantizer | Transform], 
             "architecture_map": source.architecture.name,
             "sha256": source.sha256,
             "dtype": str(source.storage_dtype).removeprefix("torch."),
+            **({"merge": marker} if (marker := merge_marker(Path(str(source.path)))) is not None else {}),
         },
         "quantizer": [{"name": name, "options": options_to_dict(s.options),
                        "role": "transform" if isinstance(s, Transform) else "quantizer"}
