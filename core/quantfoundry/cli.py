@@ -576,6 +576,8 @@ def inspect(path: Path, show_tensors: bool) -> None:
         table.add_row(kind, _fmt(k["tensors"]), _fmt(k["weights"]), _fmt(k["bytes"]), f"{k['bpw']:.3f}",
                       ", ".join(f"{t} x{n}" for t, n in k["types"].items()))
     console.print(table)
+    for warning in report.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if show_tensors:
         table = Table(title="tensors")
         for col in ("name", "type", "shape", "bytes"):

@@ -42,7 +42,8 @@ from .reader import TransformersGGUFEngine
 from .vocab import add_vocab
 
 GGUF_FILE = "model.gguf"
-IMATRIX_FILE = "imatrix.gguf"  # the run's collected imatrix, shipped beside the model
+IMATRIX_FILE = "imatrix.gguf"
+MODELFILE = "Modelfile"  # Ollama's: ollama create NAME -f OUT/Modelfile  # the run's collected imatrix, shipped beside the model
 # --format T with the gguf exporter: a "pure" file of T, with llama.cpp's file-type id for T
 _PURE_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
                    "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
@@ -430,12 +431,26 @@ class GGUFExporter(Exporter):
         self._spill_path.unlink()
         if self._collected is not None:
             write_imatrix(self._collected, self._folder / IMATRIX_FILE)
+        modelfile_info = self._write_modelfile()
         counts: dict[str, int] = {}
         for _, typ, _, _ in self._entries.values():
             counts[typ] = counts.get(typ, 0) + 1
         return {"gguf": {"file": GGUF_FILE, "file_type": self._file_type_name, "tensor_types": counts,
                          "bytes": path.stat().st_size,
-                         "imatrix": IMATRIX_FILE if self._collected is not None else self.options.imatrix}}
+                         "imatrix": IMATRIX_FILE if self._collected is not None else self.options.imatrix,
+                         "modelfile": modelfile_info}}
+
+    def _write_modelfile(self) -> dict[str, Any]:
+        """Ollama's Modelfile beside the GGUF: the chat template translated and checked, the
+        default system prompt, a stop for every end-of-generation token."""
+        from .modelfile import modelfile
+
+        tokenizer = self._source.tokenizer()
+        if self.options.chat_template is not None:
+            tokenizer.chat_template = Path(self.options.chat_template).read_text()
+        text, notes = modelfile(tokenizer, Path(str(self._source.path)), GGUF_FILE)
+        (self._folder / MODELFILE).write_text(text)
+        return {"file": MODELFILE, "template": "TEMPLATE" in text, "notes": notes}
 
     def _metadata(self, w: Any) -> None:
         import gguf

@@ -95,7 +95,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         "chat template": "none" if template is None else "present",
     }
     order = {k: i for i, k in enumerate((*_KINDS, "norms", "other"))}
-    return {"summary": summary, "metadata": metadata,
+    return {"summary": summary, "metadata": metadata, "warnings": chat_warnings(reader, vocab),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: order.get(kv[0], 99))),
             "tensors": [(n, t, "x".join(map(str, s)), f"{b:,}") for n, t, s, _, b in tensors],
             "bpw": 8 * b_all / max(n_all, 1), "n_bytes": b_all, "n_weights": n_all}
@@ -106,3 +106,41 @@ def file_type_name(code: object) -> object:
     """llama.cpp's name of ``general.file_type`` (``15`` → ``Q4_K_M``); unknown codes as they are."""
     names = {number: name for name, (_typ, number) in FILE_TYPES.items()} | {0: "F32", 1: "F16", 32: "BF16"}
     return f"{names[code]} ({code})" if isinstance(code, int) and code in names else code
+
+
+#: token types of ``tokenizer.ggml.token_type`` that are special (control and user-defined tokens)
+_SPECIAL_TYPES = (3, 4)
+_END_WORDS = re.compile(r"end|eot|eos|stop", re.I)
+
+
+def chat_warnings(reader: Any, vocab: list[str]) -> list[str]:
+    """What makes chat with this GGUF ramble or fail silently: no chat template, an EOS outside
+    the vocabulary, a token that ends turns in the template but on which llama.cpp does not stop."""
+    from .modelfile import LLAMA_CPP_EOG
+
+    out = []
+    field = reader.fields.get("tokenizer.chat_template")
+    template = field.contents() if field is not None else None
+    if not template:
+        out.append("no chat template: Ollama and llama.cpp's chat mode cannot format a conversation "
+                   "(export with --exporter-opt chat_template=FILE)")
+    ids = {}
+    for role in ("eos", "eot", "eom"):
+        f = reader.fields.get(f"tokenizer.ggml.{role}_token_id")
+        if f is not None:
+            ids[role] = int(f.contents())
+    if "eos" not in ids:
+        out.append("no EOS token id (tokenizer.ggml.eos_token_id): generation never stops at an end token")
+    elif ids["eos"] >= len(vocab):
+        out.append(f"the EOS token id {ids['eos']} is outside the vocabulary ({len(vocab):,} tokens): generation "
+                   "never stops at it")
+    types_field = reader.fields.get("tokenizer.ggml.token_type")
+    if template and types_field is not None:
+        types = types_field.contents()
+        stops = {vocab[i] for i in ids.values() if i < len(vocab)} | set(LLAMA_CPP_EOG)
+        for i, (text, typ) in enumerate(zip(vocab, types, strict=False)):
+            if typ in _SPECIAL_TYPES and text in template and _END_WORDS.search(text) and text not in stops:
+                out.append(f"token {i} {text!r} ends turns in the chat template but is no end-of-generation token: "
+                           f"llama.cpp and Ollama will not stop on it (add PARAMETER stop {text!r} to the Modelfile, "
+                           "or make it the EOS/EOT token)")
+    return out
