@@ -13,12 +13,14 @@ def weights_counted(size: dict, metric: str, column: str) -> float:
 
 def test_gguf_sizes_are_the_files_tensors(tmp_path) -> None:
     """The user's step: a Q4_K_M run. model_bytes must be the GGUF file's tensor data (its Q4_K
-    token embedding and F32 norms included) as gguf-py reads it; artifact_bytes the file's bytes."""
+    token embedding and F32 norms included) as gguf-py reads it; artifact_bytes what ships: the GGUF
+    file and the Ollama Modelfile beside it."""
     out = tmp_path / "o"
     size = qf.run(format="Q4_K_M", evaluators=["size"], out=out, progress=False).metrics["size"]
     reader = gguf.GGUFReader(out / "model.gguf")
     assert size["model_bytes"]["quantized"] == sum(int(t.n_bytes) for t in reader.tensors)
-    assert size["artifact_bytes"]["artifact"] == (out / "model.gguf").stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf", "quantfoundry.json"]
+    assert size["artifact_bytes"]["artifact"] == (out / "model.gguf").stat().st_size + (out / "Modelfile").stat().st_size
     for metric in ("model", "linear"):  # the same tensors in both columns
         assert weights_counted(size, metric, "original") == weights_counted(size, metric, "quantized")
     assert size["linear_bpw"]["original"] == size["model_bpw"]["original"] == 16.0
