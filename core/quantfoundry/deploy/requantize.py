@@ -170,10 +170,12 @@ def _float_qf_artifact(path: Path) -> Any:
     import torch
     from torch import nn
 
-    from ..pipeline.run import load
+    from ..files import read_manifest
+    from ..plugins import get_component
     from ..roles.kernel import QuantLinear
 
-    model = load(path)
+    exporter = get_component("exporter", read_manifest(path)["exporter"]["name"])()
+    model = exporter.load(path, torch.device("cpu"), None, torch.float32)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             w = module.qweight.dequantize(torch.float32)

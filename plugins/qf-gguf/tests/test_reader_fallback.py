@@ -31,7 +31,8 @@ def test_gguf_run_is_checked_without_llama_cpp(no_llama_cpp, tmp_path) -> None:
     # the file, dequantized by gguf-py, computes what the in-memory model computed
     assert kl["kl_mean"]["artifact"] == pytest.approx(kl["kl_mean"]["quantized"], rel=1e-3, abs=1e-6)
     assert kl["same_top1_pct"]["artifact"] == pytest.approx(kl["same_top1_pct"]["quantized"], abs=0.05)
-    assert result.metrics["size"]["artifact_bytes"]["artifact"] == (out / "model.gguf").stat().st_size
+    shipped = sum((out / f).stat().st_size for f in ("model.gguf", "Modelfile"))  # Ollama's Modelfile ships too
+    assert result.metrics["size"]["artifact_bytes"]["artifact"] == shipped
     opened = json.loads((out / "quantfoundry.json").read_text())["evaluation"]["artifact"]["opened"]
     assert opened.startswith("served by transformers GGUF reader")
 
