@@ -171,6 +171,13 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--eval-dtype", default=None,
               help="Dtype evaluation runs in, the original alike: float32 (default), or the deployment's bfloat16/float16.")
 @click.option("--batch-size", type=int, default=None, help="Calibration batch size (default: 8).")
+@click.option("--expert-routing", default=None, type=click.Choice(["fill", "all", "topk"]),
+              help="Mixtures of experts: how calibration tokens reach the experts (statistics only; outputs keep "
+                   "the router's top-k): fill (default: an expert routed fewer than --expert-min-tokens also gets "
+                   "its most probable tokens), all (every token through every expert), topk (the router alone).")
+@click.option("--expert-min-tokens", type=int, default=None,
+              help="Mixtures of experts: an expert that sees fewer calibration tokens is rounded to nearest, with "
+                   "a note (default: 32).")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for the run's work, encoders included (default: torch's, one per core).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="TOML recipe; flags override it.")
@@ -203,7 +210,8 @@ def run(**kw: Any) -> None:
                       ("overwrite", "overwrite"), ("imatrix", "imatrix"), ("resume", "resume"),
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache"),
                       ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size"),
-                      ("target", "target"), ("force_requantize", "force_requantize")):
+                      ("target", "target"), ("force_requantize", "force_requantize"),
+                      ("expert_routing", "expert_routing"), ("expert_min_tokens", "expert_min_tokens")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel", "planner"):

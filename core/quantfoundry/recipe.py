@@ -30,7 +30,7 @@ from .errors import UsageError
 TOP_LEVEL = {"model": str, "out": str, "device": str, "dtype": str, "batch_size": int, "threads": int, "allow_pickle": bool,
              "trust_remote_code": bool, "revision": str, "overwrite": bool, "imatrix": bool,
              "activations": str, "act_observer": str, "kv_cache": str, "target_bpw": float, "target_size": str,
-             "target": str}
+             "target": str, "expert_routing": str, "expert_min_tokens": int}
 ROLE_TABLES = ("quantizer", "format", "exporter", "calibrator", "evaluator", "kernel", "planner")
 
 

@@ -7,31 +7,49 @@ import quantfoundry as qf
 import torch
 from quantfoundry.builtin.architectures import BUILTIN_ARCHITECTURES
 from quantfoundry.errors import UnsupportedArchitectureError
+from quantfoundry.model.experts import unfuse_experts
 from quantfoundry.model.source import find_architecture
 from quantfoundry.testing.tiny import TINY_CONFIGS, tiny_config
+from quantfoundry.toolkit.fold import concrete_groups
 from torch import nn
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_map_matches_the_real_block(arch: str) -> None:
+    """On the skeleton the pipeline builds (a MoE's fused experts split into linears under the
+    checkpoint's names): every linear of every block is a map linear or a float reader of a
+    group; every map entry names real modules; each group shares one input width, with a norm
+    or linear of that width before it and readers that read that width. (Qwen's MoE maps also
+    list the plain MLP of ``mlp_only_layers``: the tiny model gets one such layer.)"""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch)
-    model = AutoModelForCausalLM.from_config(config)
+    overrides = {"mlp_only_layers": [1]} if arch in ("qwen2_moe", "qwen3_moe") else {}
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
     amap = find_architecture(TINY_CONFIGS[arch]["architectures"][0])
-    layers = model.get_submodule(amap.layers)
-    block = layers[0]
-    block_linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    assert set(amap.linears) == block_linears, "the map must list every linear of the block"
-    for group in amap.groups:
-        shapes = {block.get_submodule(n).in_features for n in group.linears}
-        assert len(shapes) == 1, f"{group.linears} do not share an input width"
-        if group.prev_kind == "norm":
-            norm = block.get_submodule(group.prev)
-            assert norm.weight.shape == (next(iter(shapes)),)
-        elif group.prev_kind == "linear":
-            prev = block.get_submodule(group.prev)
-            assert isinstance(prev, nn.Linear)
+    unfuse_experts(model, amap.expert_linears, amap.module_aliases)
+    used: set[str] = set()
+    for block in model.get_submodule(amap.layers):
+        modules = [n for n, _ in block.named_modules()]
+        block_linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        mapped = {n for pat in amap.linears for n in amap.match(pat, block_linears)}
+        readers = {r for pattern in amap.groups for g in concrete_groups(pattern, modules) for r in g.readers}
+        assert block_linears - mapped <= readers, "every linear of a block is in the map or reads for a group"
+        for pattern in amap.groups:
+            for group in concrete_groups(pattern, modules):
+                members = [n for pat in group.linears for n in amap.match(pat, block_linears)]
+                if not members:
+                    continue
+                used.add(pattern.linears[0])
+                shapes = {block.get_submodule(n).in_features for n in members}
+                assert len(shapes) == 1, f"{group.linears} do not share an input width"
+                width = next(iter(shapes))
+                if group.prev_kind == "norm":
+                    assert block.get_submodule(group.prev).weight.shape == (width,)
+                elif group.prev_kind == "linear":
+                    assert isinstance(block.get_submodule(group.prev), nn.Linear)
+                for reader in group.readers:
+                    assert block.get_submodule(reader).weight.shape[1] == width
+    assert used == {g.linears[0] for g in amap.groups}, "every group of the map is in some block"
     for path in (*amap.embeddings, amap.final_norm, amap.lm_head):
         model.get_submodule(path)
 

@@ -6,29 +6,37 @@ import pytest
 import quantfoundry as qf
 import torch
 from quantfoundry import resolve_model
+from quantfoundry.model.materialize import load_full_model
 from quantfoundry.testing.tiny import TINY_CONFIGS
 from quantfoundry.toolkit import Tie, apply_fold, fold_point
+from quantfoundry.toolkit.fold import concrete_groups
 from transformers import AutoModelForCausalLM
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_folding_leaves_the_float_model_unchanged(tiny_model, arch):
     """Every fold point of every built-in architecture (norms with Gemma's 1 + w, v → o under
-    GQA with one scale per KV channel, up → down, q/k/v biases of Qwen2): random scales folded
-    into every group of every layer, float64 logits unchanged."""
+    GQA with one scale per KV channel, up → down, q/k/v biases of Qwen2; a MoE's experts and
+    shared expert with the router and the shared expert's gate taking the scale, each expert's
+    down into its own up): random scales folded into every group of every layer of the model as
+    the pipeline builds it (a MoE's experts split into linears), float64 logits unchanged."""
     folder = tiny_model(arch)
     source = resolve_model(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64).eval()
+    model = load_full_model(source, dtype=torch.float64, device=torch.device("cpu")).eval()
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
     archmap = source.architecture
     gen = torch.Generator().manual_seed(1)
-    folded = 0
+    folded = readers = 0
     for i, layer in enumerate(model.model.layers):
         block = qf.Block(i, f"model.layers.{i}", layer, archmap, {})
-        for group in archmap.groups:
-            lins = [block.linear(n) for n in group.linears]
+        modules = [n for n, _ in layer.named_modules()]
+        linears = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        groups = [g for pattern in archmap.groups for g in concrete_groups(pattern, modules)]
+        groups = [g for g in groups if any(archmap.match(p, linears) for p in g.linears)]
+        for group in groups:
+            lins = [block.linear(n) for p in group.linears for n in archmap.match(p, linears)]
             point = fold_point(block, group, lins[0].in_features, source.config, allow_gqa=True)
             assert not isinstance(point, str), point
             n = lins[0].in_features // (point.tie.heads_per_kv if point.tie else 1)
@@ -36,9 +44,13 @@ def test_folding_leaves_the_float_model_unchanged(tiny_model, arch):
             scale = point.tie.expand(searched) if point.tie else searched
             apply_fold(point, lins, scale, searched, archmap.norm_weight_offset, torch.float64, quantized_prev=True)
             folded += 1
+            readers += len(point.readers)
     with torch.no_grad():
         after = model(ids).logits
-    assert folded == 4 * len(model.model.layers)
+    # attention 2, experts' gate/up (with the shared expert's) 1, each expert's down 1 (4
+    # experts), the shared expert's down 1; readers: the router, and Qwen2-MoE's shared gate
+    groups, routers = {"mixtral": (7, 1), "qwen2_moe": (8, 2), "qwen3_moe": (7, 1), "olmoe": (7, 1)}.get(arch, (4, 0))
+    assert (folded, readers) == (groups * len(model.model.layers), routers * len(model.model.layers))
     # transformers' RMSNorms normalise in float32 even in a float64 model, so a 1e-16 change of
     # the residual stream can flip a float32 rounding: agreement to float32 round-off (a wrong
     # fold is off by O(1)); the folds themselves are float64 arithmetic

@@ -1,4 +1,5 @@
-"""Built-in architecture maps: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text)."""
+"""Built-in architecture maps: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), and
+the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."""
 
 from __future__ import annotations
 
@@ -23,6 +24,32 @@ _GEMMA2_GROUPS = (
     _LLAMA_GROUPS[3],
 )
 
+
+def _moe_groups(moe: str, names: tuple[str, str, str], *, shared: str | None = None,
+                shared_gate: str | None = None, dense: bool = False) -> tuple[InputGroup, ...]:
+    """Attention as Llama's; the routed experts (and a shared expert) read the post-attention
+    norm together with the router, which stays float (a folded scale goes into its columns);
+    each expert's down projection reads its own up projection. ``dense``: some layers of the
+    model have a plain MLP instead (Qwen's ``mlp_only_layers``)."""
+    gate, up, down = names
+    first = [f"{moe}.experts.*.{gate}", f"{moe}.experts.*.{up}"]
+    readers = [f"{moe}.gate"]
+    if shared is not None:
+        first += [f"{moe}.{shared}.gate_proj", f"{moe}.{shared}.up_proj"]
+    if shared_gate is not None:
+        readers.append(f"{moe}.{shared_gate}")
+    groups = [*_LLAMA_GROUPS[:2],
+              InputGroup(tuple(first), "post_attention_layernorm", "norm", readers=tuple(readers)),
+              InputGroup((f"{moe}.experts.*.{down}",), f"{moe}.experts.*.{up}", "linear")]
+    if shared is not None:
+        groups.append(InputGroup((f"{moe}.{shared}.down_proj",), f"{moe}.{shared}.up_proj", "linear"))
+    if dense:
+        groups += _LLAMA_GROUPS[2:]
+    return tuple(groups)
+
+
+_EXPERT = ("gate_proj", "up_proj", "down_proj")
+
 BUILTIN_ARCHITECTURES = (
     Architecture("llama", ("LlamaForCausalLM",), _LLAMA_GROUPS, description="Llama 1/2/3, SmolLM, TinyLlama"),
     Architecture("mistral", ("MistralForCausalLM",), _LLAMA_GROUPS, description="Mistral 7B and derivatives"),
@@ -35,6 +62,16 @@ BUILTIN_ARCHITECTURES = (
                  description="Gemma 2 (pre/post feed-forward norms)"),
     Architecture("gemma3", ("Gemma3ForCausalLM",), _GEMMA2_GROUPS, norm_weight_offset=1.0,
                  description="Gemma 3 text models (q_norm/k_norm, pre/post feed-forward norms)"),
+    Architecture("mixtral", ("MixtralForCausalLM",), _moe_groups("block_sparse_moe", ("w1", "w3", "w2")),
+                 expert_linears=("w1", "w3", "w2"), module_aliases=(("block_sparse_moe", "mlp"),),
+                 description="Mixtral 8x7B/8x22B (mixture of experts: w1/w3/w2 per expert)"),
+    Architecture("qwen2_moe", ("Qwen2MoeForCausalLM",),
+                 _moe_groups("mlp", _EXPERT, shared="shared_expert", shared_gate="shared_expert_gate", dense=True),
+                 description="Qwen1.5-MoE / Qwen2-MoE (routed experts, a gated shared expert)"),
+    Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), _moe_groups("mlp", _EXPERT, dense=True),
+                 description="Qwen3-MoE (30B-A3B, 235B-A22B: routed experts, q_norm/k_norm)"),
+    Architecture("olmoe", ("OlmoeForCausalLM",), _moe_groups("mlp", _EXPERT),
+                 description="OLMoE (64 experts, 8 per token; q_norm/k_norm over all heads)"),
 )
 
 

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..memory import trim_memory
 from ..roles.architecture import Architecture
+from .experts import unfuse_experts
 
 _STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -145,6 +146,12 @@ class ModelSource:
         rel = name[len(self.layer_prefix(idx)) + 1:]
         return any(self.architecture.match(p, [rel]) for p in self.architecture.linears)
 
+    def float_reason(self, name: str) -> str:
+        """Why the linear ``name``, not a block linear of the map, stays in float."""
+        if self.block_index(name) is None:
+            return "outside the decoder blocks (kept in float)"
+        return f"not a linear of the {self.architecture.name} map (a router or gate: kept in float)"
+
     # -- loading ---------------------------------------------------------------------------
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model with every parameter on the ``meta`` device (buffers are real)."""
@@ -154,6 +161,8 @@ class ModelSource:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
                 self.config, trust_remote_code=self.trust_remote_code, dtype=dtype)
+        arch = self.architecture
+        unfuse_experts(model, arch.expert_linears, arch.module_aliases)  # a MoE's experts as linears
         return model.eval()
 
     def _load_pickles(self) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import QFError
+from ..model.experts import calibration_tokens, expert_calibration, expert_lists, routed_token_counts
 from ..model.materialize import set_parameter, tied_source
 from ..model.source import ModelSource
 from ..roles.block import Block, QuantContext
@@ -38,6 +39,42 @@ def run_stages(transforms: list[Transform], quantizer: Quantizer, block: Block,
         out = quantizer.quantize_block(block, ctx) or {}
     check_result(quantizer, block, out)
     return {rel: qw.to(ctx.device) for rel, qw in out.items()}
+
+
+def run_block(transforms: list[Transform], quantizer: Quantizer, block: Block, ctx: QuantContext, *,
+              routing: str = "fill", min_tokens: int = 32) -> dict[str, QuantizedWeight]:
+    """:func:`run_stages` on ``block``; in a mixture of experts with calibration inputs, the
+    experts get calibration tokens as ``routing`` says (:func:`expert_calibration`), and an
+    expert that would still see fewer than ``min_tokens`` tokens is left out of the stages and
+    rounded to nearest on its planned format afterwards (with a note naming it)."""
+    calibrated = block.inputs is not None and (quantizer.needs_calibration or
+                                               any(t.needs_calibration for t in transforms))
+    lists = expert_lists(block.module) if calibrated else {}
+    if not lists:
+        return run_stages(transforms, quantizer, block, ctx)
+    routed = routed_token_counts(block)
+    total = calibration_tokens(block)
+    few: dict[str, int] = {}
+    for name, counts in routed.items():
+        for e, n in enumerate(counts.tolist()):
+            seen = total if routing == "all" else max(n, min(min_tokens, total)) if routing == "fill" else n
+            if seen < min_tokens:
+                few[f"{name}.{e}"] = seen
+    planned = dict(block.formats)
+    fallback = {rel: fmt for rel, fmt in planned.items() if any(rel.startswith(f"{x}.") for x in few)}
+    block.formats = {rel: fmt for rel, fmt in planned.items() if rel not in fallback}
+    try:
+        with expert_calibration(block.module, routing, min_tokens, total):
+            out = run_stages(transforms, quantizer, block, ctx)
+    finally:
+        block.formats = planned
+    for rel, fmt in fallback.items():
+        w = block.linear(rel).weight
+        out[rel] = fmt.quantize(w.to(ctx.device, torch.float32), ctx.importance.get(block.full_name(rel)))
+    for expert, seen in few.items():
+        ctx.note(f"{block.full_name(expert)} saw {seen} calibration token(s) (fewer than --expert-min-tokens "
+                 f"{min_tokens}, routing {routing}): rounded to nearest, not by {quantizer.name}")
+    return out
 
 
 def check_result(stage: Quantizer, block: Block, out: dict[str, QuantizedWeight]) -> None:

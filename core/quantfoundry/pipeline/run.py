@@ -31,7 +31,9 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     (of the block work), ``batch_size``, ``allow_pickle``, ``trust_remote_code``, ``revision``,
     ``overwrite``, ``keep_model``, ``artifact_eval``, ``cache``, ``imatrix``, ``progress``,
     ``resume``, ``report``; ``planner`` / ``planner_options`` with ``target_bpw`` or
-    ``target_size`` (a mixed-precision plan for a budget).
+    ``target_size`` (a mixed-precision plan for a budget); ``expert_routing`` / ``expert_min_tokens``
+    (how calibration tokens reach a mixture of experts' experts; an expert seeing fewer is
+    rounded to nearest).
 
     Every component and option is checked before the model is touched. Finished blocks go to
     a journal beside ``out``; the artifact is written from it into a temporary folder, verified,

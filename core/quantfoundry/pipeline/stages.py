@@ -28,6 +28,7 @@ from ..files import write_json_atomic
 from ..formats import resolve_format
 from ..memory import trim_memory
 from ..model.blocks import BlockStream
+from ..model.experts import ROUTINGS
 from ..model.materialize import materialize, materialize_outside_blocks
 from ..model.source import ModelSource, resolve_model
 from ..phases import phase
@@ -55,7 +56,7 @@ from .quantize import (
     module_entries,
     quantize_outside_blocks,
     restore_block,
-    run_stages,
+    run_block,
     set_dequantized,
     stored,
     swap_in_block,
@@ -76,6 +77,10 @@ def resolve(request: RunRequest) -> RunState:
     dtype_of(request.eval_dtype)  # checked before any work
     if request.batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {request.batch_size}")
+    if request.expert_routing not in ROUTINGS:
+        raise UsageError(f"expert routing must be one of {', '.join(ROUTINGS)}, got {request.expert_routing!r}")
+    if request.expert_min_tokens < 0:
+        raise UsageError(f"expert_min_tokens must be >= 0, got {request.expert_min_tokens}")
     request, target_note = _target(request)
     quantizer_spec = request.quantizer if request.quantizer is not None else "rtn"
     specs: list[Spec] = [(quantizer_spec, request.quantizer_options or {})] \
@@ -624,7 +629,8 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
                 with phase("calibrate"):
                     importance = block_importance(block)
                 ctx.importance.update(importance)
-            out = run_stages(state.transforms, state.quantizer, block, ctx)
+            out = run_block(state.transforms, state.quantizer, block, ctx, routing=r.expert_routing,
+                            min_tokens=r.expert_min_tokens)
             if block.inputs is not None:  # the block runs again for the next block's inputs
                 set_dequantized(block, out)
             out = attach_input_quant(block, out, state.plan)

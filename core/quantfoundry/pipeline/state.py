@@ -83,6 +83,13 @@ class RunRequest:
     planner_options: Mapping[str, Any] | None = None
     target_bpw: float | None = None
     target_size: str | int | None = None
+    #: how calibration tokens reach a mixture of experts' experts: ``fill`` (the router's top-k;
+    #: an expert sent fewer than ``expert_min_tokens`` also gets its most probable tokens, for
+    #: statistics only), ``all`` (every token through every expert, for statistics only) or
+    #: ``topk`` (the router's choice alone); an expert that still sees fewer than
+    #: ``expert_min_tokens`` tokens is rounded to nearest, with a note
+    expert_routing: str = "fill"
+    expert_min_tokens: int = 32
     #: where lines the user must see before the work starts go (a resumable journal, leftovers
     #: of dead runs cleaned); default: standard error
     report: Callable[[str], None] | None = None

@@ -27,12 +27,20 @@ class InputGroup:
         ``"none"``.
     :param fold_note: a caveat transform quantizers must respect (e.g. GQA head sharing for
         ``v_proj`` → ``o_proj``: the scale must be equal across query heads sharing a KV head).
+    :param readers: modules kept in float that read the same input (a MoE layer's router, a
+        shared expert's gate): a scale folded out of the input multiplies their weight columns
+        too, so what they compute is unchanged.
+
+    A ``prev`` with a ``*`` (``mlp.experts.*.up_proj``) stands for one group per match, the
+    ``*`` of its linears bound to the same value (each expert's ``down_proj`` reads its own
+    ``up_proj``).
     """
 
     linears: tuple[str, ...]
     prev: str | None
     prev_kind: Literal["norm", "linear", "none"] = "norm"
     fold_note: str = ""
+    readers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.linears:
@@ -58,6 +66,12 @@ class Architecture:
         ``weight' = (offset + weight) / s - offset``.
     :param attention: block-relative path of the attention module, whose keys and values the KV
         cache holds (its KV-cache scales are ``<block>.<attention>.k_scale`` / ``v_scale``).
+    :param expert_linears: a mixture of experts' linears as the checkpoint names them (gate,
+        up, down: ``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``); the
+        skeleton splits transformers' fused experts into them.
+    :param module_aliases: ``(stored, attribute)`` pairs: a block's module the model calls
+        ``attribute`` is stored in the checkpoint as ``stored`` (Mixtral: ``block_sparse_moe``
+        for ``mlp``); the skeleton holds it under the stored name.
     """
 
     name: str
@@ -70,6 +84,8 @@ class Architecture:
     lm_head: str = "lm_head"
     norm_weight_offset: float = 0.0
     attention: str = "self_attn"
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    module_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:

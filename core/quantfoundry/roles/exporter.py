@@ -206,7 +206,7 @@ def default_plan(source: ModelSource, requested: Format) -> QuantPlan:
     plan = QuantPlan()
     for name, shape in source.linear_shapes().items():
         if not source.is_block_linear(name):
-            plan.add(TensorPlan(name, shape, None, reason="outside the decoder blocks (kept in float)"))
+            plan.add(TensorPlan(name, shape, None, reason=source.float_reason(name)))
             continue
         reason = requested.check_shape(shape)
         if reason is None:

@@ -21,7 +21,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": {"model_type": "gemma", "architectures": ["GemmaForCausalLM"], "tie_word_embeddings": True},
     "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "tie_word_embeddings": True},
     "gemma3": {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True},
+    # mixtures of experts: 4 experts, 2 per token (the real models: 8/2, 60/4, 128/8, 64/8)
+    "mixtral": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 4,
+                "num_experts_per_tok": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+                  "norm_topk_prob": False},
+    "qwen3_moe": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True},
+    "olmoe": {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "num_experts": 4,
+              "num_experts_per_tok": 2},
 }
+#: the architectures of :data:`TINY_CONFIGS` that are mixtures of experts
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 

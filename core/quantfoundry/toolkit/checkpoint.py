@@ -55,7 +55,7 @@ def one_group_plan(source: Any, requested: IntFormat, unfit: Callable[[tuple[int
     plan = QuantPlan()
     for name, shape in source.linear_shapes().items():
         if name not in linears:
-            plan.add(TensorPlan(name, shape, None, reason="outside the decoder blocks (kept in float)"))
+            plan.add(TensorPlan(name, shape, None, reason=source.float_reason(name)))
         elif name not in packable:
             plan.add(TensorPlan(name, shape, None, reason=f"{unfit(shape)} (kept in float)"))
         elif fmt != requested:

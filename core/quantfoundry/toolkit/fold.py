@@ -10,7 +10,8 @@ since ``down``'s input is ``act(gate) · up``, linear in ``up``'s output).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,21 +60,38 @@ class BlockGroup:
 
 def block_groups(block: Block, who: str) -> list[BlockGroup]:
     """The architecture's input groups present in ``block`` that hold a planned linear, in
-    execution order; a planned linear in no group is an error naming ``who`` (a method that
+    execution order (a group whose ``prev`` has a ``*`` becomes one group per match: each
+    expert's own); a planned linear in no group is an error naming ``who`` (a method that
     scales input channels per group cannot treat it)."""
     arch = block.architecture
     linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
     groups = []
-    for group in arch.groups:
-        members = [n for pat in group.linears for n in arch.match(pat, linears)]
-        planned = [n for n in members if n in block.formats]
-        if planned:
-            groups.append(BlockGroup(group, members, planned))
+    for pattern in arch.groups:
+        for group in concrete_groups(pattern, [n for n, _ in block.module.named_modules()]):
+            members = [n for pat in group.linears for n in arch.match(pat, linears)]
+            planned = [n for n in members if n in block.formats]
+            if planned:
+                groups.append(BlockGroup(group, members, planned))
     missing = sorted(set(block.formats) - {n for g in groups for n in g.planned})
     if missing:
         raise QFError(f"{who}: {block.full_name(missing[0])} is in no input group of the "
                       f"{arch.name!r} architecture map, so {who} cannot scale it")
     return groups
+
+
+def concrete_groups(group: InputGroup, modules: list[str]) -> list[InputGroup]:
+    """``group``, or one group per module its ``prev`` pattern matches, with the ``*`` of its
+    linears and readers bound to the matched value."""
+    if group.prev is None or "*" not in group.prev:
+        return [group]
+    head, _, tail = group.prev.partition("*")
+    out = []
+    for name in modules:
+        if fnmatch.fnmatchcase(name, group.prev) and name.startswith(head) and name.endswith(tail):
+            bound = name[len(head):len(name) - len(tail)]
+            out.append(replace(group, linears=tuple(p.replace("*", bound) for p in group.linears), prev=name,
+                               readers=tuple(p.replace("*", bound) for p in group.readers)))
+    return out
 
 
 @dataclass
@@ -83,6 +101,8 @@ class FoldPoint:
     prev: nn.Module
     kind: str  # "norm" | "linear"
     tie: Tie | None = None
+    #: float modules reading the same input (a router): their columns take the scale too
+    readers: list[nn.Module] = field(default_factory=list)
 
 
 def fold_point(block: Block, group: InputGroup, n_in: int, config: Any, allow_gqa: bool) -> FoldPoint | str:
@@ -99,13 +119,25 @@ def fold_point(block: Block, group: InputGroup, n_in: int, config: Any, allow_gq
         prev = block.module.get_submodule(group.prev)
     except AttributeError:
         return f"its fold point {group.prev} is not in this block"
+    readers = []
+    for name in group.readers:
+        try:
+            reader = block.module.get_submodule(name)
+        except AttributeError:
+            continue  # a layer without it (a dense layer of a MoE model)
+        w = getattr(reader, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != n_in:
+            return f"{name} reads the group's input but has no [out, {n_in}] weight to take the scale"
+        readers.append(reader)
     if group.prev_kind == "norm":
         w = getattr(prev, "weight", None)
         if not isinstance(w, torch.Tensor) or w.shape != (n_in,):
             return f"{group.prev} has no per-channel weight of {n_in} to absorb a scale"
-        return FoldPoint(prev, "norm")
+        return FoldPoint(prev, "norm", readers=readers)
     if not isinstance(prev, nn.Linear):
         return f"{group.prev} is a {type(prev).__name__}, not a linear"
+    if readers:
+        return f"{group.prev} is a linear and {group.readers[0]} reads its output too: not supported"
     if prev.out_features == n_in:
         return FoldPoint(prev, "linear")
     heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
@@ -138,6 +170,8 @@ def apply_fold(point: FoldPoint, linears: list[nn.Linear], scale: torch.Tensor, 
     """
     for lin in linears:
         lin.weight.mul_(scale.to(lin.weight.dtype).unsqueeze(0))
+    for reader in point.readers:  # kept in float: what the artifact holds
+        reader.weight.copy_(_as_stored(reader.weight * scale.to(reader.weight.dtype).unsqueeze(0), stored))
     prev = point.prev
     s = searched.to(prev.weight.dtype)
     if point.kind == "norm":
