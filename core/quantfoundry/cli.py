@@ -171,6 +171,10 @@ def cli(plugin_flags: tuple[str, ...]) -> None:
 @click.option("--eval-dtype", default=None,
               help="Dtype evaluation runs in, the original alike: float32 (default), or the deployment's bfloat16/float16.")
 @click.option("--batch-size", type=int, default=None, help="Calibration batch size (default: 8).")
+@click.option("--devices", default=None, metavar="cuda:0,cuda:1",
+              help="Run on several GPUs of this machine: one process per device, the calibration batches sharded "
+                   "over them and their statistics reduced; the artifact is the one a one-device run writes "
+                   "(cpu,cpu: processes on the CPU). Or start the processes with torchrun -m quantfoundry run.")
 @click.option("--expert-routing", default=None, type=click.Choice(["fill", "all", "topk"]),
               help="Mixtures of experts: how calibration tokens reach the experts (statistics only; outputs keep "
                    "the router's top-k): fill (default: an expert routed fewer than --expert-min-tokens also gets "
@@ -211,7 +215,8 @@ def run(**kw: Any) -> None:
                       ("activations", "activations"), ("act_observer", "act_observer"), ("kv_cache", "kv_cache"),
                       ("planner", "planner"), ("target_bpw", "target_bpw"), ("target_size", "target_size"),
                       ("target", "target"), ("force_requantize", "force_requantize"),
-                      ("expert_routing", "expert_routing"), ("expert_min_tokens", "expert_min_tokens")):
+                      ("expert_routing", "expert_routing"), ("expert_min_tokens", "expert_min_tokens"),
+                      ("devices", "devices")):
         if kw[flag] is not None:
             args[key] = kw[flag]
     for role in ("format", "exporter", "calibrator", "kernel", "planner"):
@@ -255,7 +260,15 @@ def run(**kw: Any) -> None:
             raise QFClickError(f"{INTERRUPTED}; no artifact was written, the finished blocks are kept; {resume}",
                                130) from None
         raise QFClickError(f"{INTERRUPTED}; nothing was written", 130) from None
-    _print_summary(result)
+    if not _worker():
+        _print_summary(result)
+
+
+def _worker() -> bool:
+    """True in a process of a multi-process run other than rank 0 (torchrun's): it prints nothing."""
+    from .distributed import env_rank, env_world
+
+    return env_world() > 1 and env_rank() != 0
 
 
 def _default_out(args: dict[str, Any]) -> Path:

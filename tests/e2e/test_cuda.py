@@ -57,3 +57,33 @@ def test_evaluators_on_cuda_match_cpu(tmp_path) -> None:
     assert s["device"]["quantized"].startswith("cuda")
     assert s["peak_mib"]["quantized"] >= s["weights_mib"]["quantized"] > 0
     assert gpu.manifest["evaluation"]["artifact_check"]["ok"]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_gptq_on_cuda_reaches_every_expert(tiny_model, tmp_path, arch) -> None:
+    """A MoE's experts split into linears and calibrated with ``fill`` routing on the GPU: every
+    expert rounded by GPTQ (no fallback note), the artifact (reopened) computes what the
+    in-memory model does, and the codes are those of the CPU run but for a few weights whose
+    rounding the GPU's float sums tip (the CPU and GPU Hessians differ in the last bits)."""
+    folder = tiny_model(arch)
+    cal = {"n_samples": 8, "seq_len": 64}
+    runs = {dev: qf.run(folder, quantizer="gptq", calibrator_options=cal, device=dev, out=tmp_path / dev,
+                        evaluators=["perplexity"], progress=False) for dev in ("cpu", "cuda")}
+    gpu = runs["cuda"]
+    assert not any("calibration token(s)" in n for n in gpu.manifest["notes"])
+    assert not any("MISMATCH" in n for n in gpu.manifest["notes"])
+    ppl = gpu.metrics["perplexity"]["perplexity"]
+    assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=1e-3)
+    assert ppl["quantized"] == pytest.approx(runs["cpu"].metrics["perplexity"]["perplexity"]["quantized"], rel=1e-2)
+
+
+def test_two_processes_on_one_gpu_write_the_one_process_artifact(tiny_model, tmp_path) -> None:
+    """``--devices cuda:0,cuda:0``: two processes on one GPU (gloo), the calibration sharded
+    and the statistics reduced: the bytes of the one-process CUDA run."""
+    folder = tiny_model("qwen2_moe")
+    common = dict(quantizer="gptq", calibrator_options={"n_samples": 10, "seq_len": 64}, batch_size=2,
+                  evaluators=[], progress=False)
+    qf.run(folder, device="cuda", out=tmp_path / "one", **common)
+    two = qf.run(folder, devices="cuda:0,cuda:0", out=tmp_path / "two", **common)
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert any("2 processes" in n for n in two.manifest["notes"])

@@ -9,8 +9,8 @@ from quantfoundry.builtin.architectures import BUILTIN_ARCHITECTURES
 from quantfoundry.errors import UnsupportedArchitectureError
 from quantfoundry.model.experts import unfuse_experts
 from quantfoundry.model.source import find_architecture
+from quantfoundry.roles.architecture import concrete_groups
 from quantfoundry.testing.tiny import TINY_CONFIGS, tiny_config
-from quantfoundry.toolkit.fold import concrete_groups
 from torch import nn
 
 

@@ -7,9 +7,9 @@ import quantfoundry as qf
 import torch
 from quantfoundry import resolve_model
 from quantfoundry.model.materialize import load_full_model
+from quantfoundry.roles.architecture import concrete_groups
 from quantfoundry.testing.tiny import TINY_CONFIGS
 from quantfoundry.toolkit import Tie, apply_fold, fold_point
-from quantfoundry.toolkit.fold import concrete_groups
 from transformers import AutoModelForCausalLM
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ..distributed import shard as shard_of
 from ..errors import QFError
 from ..phases import phase
 from ..roles.activation import ActQuant
@@ -47,6 +48,8 @@ class BlockStream:
     :param plan: gives each block's :attr:`Block.formats` (default: none).
     :param keep: leave finished blocks materialized (for in-memory evaluation); otherwise a
         block goes back to the ``meta`` device when the next one is requested.
+    :param shard: in a run across processes, this rank's share of the calibration batches only
+        (:func:`quantfoundry.distributed.shard`); statistics are then reduced over ranks.
 
     When the next block is requested, the finished one is :meth:`finish`-ed if the consumer has
     not done it: its outputs on its calibration inputs — computed with the weights it holds
@@ -57,7 +60,7 @@ class BlockStream:
     def __init__(self, source: ModelSource, *, model: nn.Module | None = None,
                  calibration: torch.Tensor | CalibrationSet | None = None, batch_size: int = 8,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 plan: QuantPlan | None = None, keep: bool = False):
+                 plan: QuantPlan | None = None, keep: bool = False, shard: bool = False):
         self.source = source
         self.model = model if model is not None else source.skeleton(dtype)
         self.device = torch.device(device)
@@ -72,9 +75,9 @@ class BlockStream:
         if calibration is not None:
             if _on_meta(self.model, arch.embeddings):
                 materialize_outside_blocks(self.model, source, dtype=dtype, device=self.device)
-            batches = [b.to(self.device) for b in (calibration.batches(batch_size)
-                                                   if isinstance(calibration, CalibrationSet)
-                                                   else calibration.split(batch_size))]
+            batches = list(calibration.batches(batch_size) if isinstance(calibration, CalibrationSet)
+                           else calibration.split(batch_size))
+            batches = [b.to(self.device) for b in (shard_of(batches) if shard else batches)]
             with phase("calibrate"):
                 first, self._kwargs = capture_inputs(self.model, self.layers,
                                                      self.model.get_submodule(arch.final_norm), batches)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_, all_reduce_count
 from ..errors import UnsupportedArchitectureError
 
 Routing = Literal["topk", "fill", "all"]
@@ -152,8 +153,9 @@ def expert_calibration(module: nn.Module, routing: str, min_tokens: int,
 
 
 def calibration_tokens(block: Any) -> int:
-    """Tokens of a block's calibration inputs, all batches together."""
-    return sum(int(h.numel() // h.shape[-1]) for h in block.inputs.hidden) if block.inputs is not None else 0
+    """Tokens of a block's calibration inputs, all batches together (of every rank)."""
+    n = sum(int(h.numel() // h.shape[-1]) for h in block.inputs.hidden) if block.inputs is not None else 0
+    return all_reduce_count(n)
 
 
 @torch.no_grad()
@@ -173,7 +175,7 @@ def routed_token_counts(block: Any) -> dict[str, torch.Tensor]:
                 block.module(hidden, **kwargs)
             except _RoutingCounted:
                 pass
-        return {k: v.clone() for k, v in counts.items()}
+        return {k: all_reduce_(v.clone(), "sum") for k, v in sorted(counts.items())}
 
 
 def _router_of(module: nn.Module, experts_name: str) -> nn.Module | None:

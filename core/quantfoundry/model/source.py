@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from ..memory import trim_memory
-from ..roles.architecture import Architecture
+from ..roles.architecture import Architecture, concrete_groups
 from .experts import unfuse_experts
 
 _STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -145,6 +145,19 @@ class ModelSource:
             return False
         rel = name[len(self.layer_prefix(idx)) + 1:]
         return any(self.architecture.match(p, [rel]) for p in self.architecture.linears)
+
+    def float_readers(self) -> list[str]:
+        """Full names of the modules of every block that the map's input groups name as float
+        readers (a MoE layer's router, a shared expert's gate): never quantized, and an
+        exporter whose engine would otherwise expect them quantized lists them as ignored."""
+        out = []
+        layers = self.skeleton().get_submodule(self.architecture.layers)
+        for index, layer in enumerate(layers):
+            modules = [n for n, _ in layer.named_modules()]
+            for pattern in self.architecture.groups:
+                for group in concrete_groups(pattern, modules):
+                    out += [f"{self.layer_prefix(index)}.{r}" for r in group.readers if r in modules]
+        return sorted(set(out))
 
     def float_reason(self, name: str) -> str:
         """Why the linear ``name``, not a block linear of the map, stays in float."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,13 +13,15 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..distributed import BACKEND_ENV, parse_devices, process_group
+from ..errors import QFError, UsageError
 from ..files import read_manifest
 from ..phases import measuring, phase
 from ..roles.exporter import Exporter
 from .components import device_of, dtype_of, make
+from .processes import Watchdog, join_group, launch
 from .result import RunResult
-from .stages import RunRequest, evaluate, load_and_plan, quantize_and_export, resolve
+from .stages import RunRequest, RunState, evaluate, load_and_plan, quantize_and_export, resolve
 
 
 def run(model: str | Path | None = None, **options: Any) -> RunResult:
@@ -31,7 +35,9 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
     (of the block work), ``batch_size``, ``allow_pickle``, ``trust_remote_code``, ``revision``,
     ``overwrite``, ``keep_model``, ``artifact_eval``, ``cache``, ``imatrix``, ``progress``,
     ``resume``, ``report``; ``planner`` / ``planner_options`` with ``target_bpw`` or
-    ``target_size`` (a mixed-precision plan for a budget); ``expert_routing`` / ``expert_min_tokens``
+    ``target_size`` (a mixed-precision plan for a budget); ``devices`` (``"cuda:0,cuda:1"``: one
+    process per device, the calibration sharded, the artifact the one-device run writes);
+    ``expert_routing`` / ``expert_min_tokens``
     (how calibration tokens reach a mixture of experts' experts; an expert seeing fewer is
     rounded to nearest).
 
@@ -56,16 +62,54 @@ def run(model: str | Path | None = None, **options: Any) -> RunResult:
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     with measuring() as clock, _cpu_threads(threads):
         state = resolve(RunRequest(model=model, **options))
-        with phase("load"):
-            load_and_plan(state)
-        with phase("quantize"):  # less its nested phases: block loads, calibration forwards, encode, export
-            quantize_and_export(state)
-        with phase("evaluate"):
-            evaluate(state)
+        with processes(state, model, options):
+            with phase("load"):
+                load_and_plan(state)
+            with phase("quantize"):  # less its nested phases: block loads, calibration forwards, encode, export
+                quantize_and_export(state)
+            with phase("evaluate"):
+                evaluate(state)
     return RunResult(state.out, state.plan, state.metrics, state.notes, state.manifest,
                      time.perf_counter() - state.t_start, model=state.model if state.request.keep_model else None,
                      run_command=state.exporter.run_command(state.out) if state.out is not None else None,
                      timings=clock.seconds())
+
+
+@contextmanager
+def processes(state: RunState, model: Any, options: dict[str, Any]) -> Iterator[None]:
+    """The run's processes: with ``devices``, one worker per device after the first (this
+    process is rank 0), joined at the end; under ``torchrun``, the group its environment
+    describes; else nothing."""
+    if not state.request.devices:
+        with process_group(state.device):
+            yield
+        return
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                            BACKEND_ENV)}
+    workers = launch(parse_devices(state.request.devices), _rank_main, model,
+                     {k: v for k, v in options.items() if k != "devices"})
+    watch = Watchdog(workers)
+    try:
+        with process_group(state.device):
+            yield
+        watch.join()
+    finally:
+        watch.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rank_main(rank: int, world: int, port: int, model: Any, options: dict[str, Any]) -> None:
+    """A worker process of ``run(..., devices=...)``: the same run, as rank ``rank``."""
+    join_group(rank, world, port)
+    try:
+        run(model, **options)
+    except QFError as exc:
+        print(f"qf (rank {rank}): {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 @contextmanager

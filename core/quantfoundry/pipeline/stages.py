@@ -21,6 +21,7 @@ import torch
 
 from ..data import default_model_path
 from ..deploy.targets import target
+from ..distributed import env_rank, env_world, local_device, parse_devices
 from ..errors import IncompatiblePlanError, QFError, UsageError
 from ..evaluation.reference import cache_root, model_fingerprint
 from ..evaluation.windows import default_text_warning
@@ -72,7 +73,12 @@ __all__ = ["RunRequest", "RunState", "evaluate", "load_and_plan", "quantize_and_
 def resolve(request: RunRequest) -> RunState:
     """Every component by name and every option parsed and checked, before the model is touched."""
     get_plugin_manager()
-    dev = device_of(request.device)
+    devices = parse_devices(request.devices) if request.devices else None
+    dev = devices[0] if devices else local_device(device_of(request.device))
+    world, rank = (len(devices), 0) if devices else (env_world(), env_rank())
+    if rank != 0:  # a worker: rank 0 writes the artifact, evaluates and reports
+        request = replace(request, out=None, evaluators=[], progress=False, overwrite=False,
+                          report=lambda _line: None)
     dtype = dtype_of(request.dtype)
     dtype_of(request.eval_dtype)  # checked before any work
     if request.batch_size < 1:
@@ -115,8 +121,10 @@ def resolve(request: RunRequest) -> RunState:
     out = Path(request.out) if request.out is not None else None
     if request.resume and out is None:
         raise UsageError("--resume continues a run that writes an artifact; pass --out")
+    if world > 1:
+        _check_distributed(request, transforms, quantizer, acts, kv, world)
     state = RunState(request, dev, dtype, specs, transforms, quantizer, exp, requested, cal, evals, out, acts, kv,
-                     planner)
+                     planner, world=world, rank=rank)
     if target_note:
         state.say(target_note)
     if preset_note:
@@ -128,6 +136,28 @@ def resolve(request: RunRequest) -> RunState:
         if out.exists() and not request.overwrite:
             raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
     return state
+
+
+def _check_distributed(request: RunRequest, transforms: list[Transform], quantizer: Quantizer,
+                       acts: ActQuant | None, kv: ActQuant | None, world: int) -> None:
+    """What a run across ``world`` processes cannot do, refused before any work."""
+    where = f"a run across {world} processes"
+    if quantizer.scope == "model":
+        raise UsageError(f"quantizer {quantizer.name!r} works on the whole model at once; {where} shards block "
+                         "work: run it on one device (--device)")
+    if quantizer.refines_model():
+        raise UsageError(f"quantizer {quantizer.name!r} fine-tunes the whole model after the blocks, which {where} "
+                         "does not do: run it on one device (--device)")
+    for stage in (*transforms, quantizer):
+        if stage.needs_calibration and not stage.shards_calibration:
+            raise UsageError(f"{stage.name!r} measures its calibration inputs outside the toolkit's collectors, "
+                             f"so {where} cannot shard them: run it on one device (--device)")
+    if (acts is not None and not acts.dynamic) or kv is not None:
+        raise UsageError(f"static activation and KV-cache scales are not reduced over processes yet; {where} "
+                         "cannot calibrate them: run it on one device (--device), or use dynamic activations")
+    if request.resume:
+        raise UsageError(f"{where} does not resume; the journal it left is a one-device run's: resume it on one "
+                         "device (same command with --device instead of --devices) — the artifact is the same")
 
 
 def _activations(request: RunRequest, exp: Exporter, requested: Format | None) -> ActQuant | None:
@@ -295,8 +325,9 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         return
     # the manifest's model hash reads every weight file once: in the background, while the
     # blocks are quantized (hashlib and file reads release the GIL)
-    state.hashing = threading.Thread(target=_warm_hash, args=(source,), name="qf-sha256", daemon=True)
-    state.hashing.start()
+    if state.rank == 0:  # a worker writes no manifest
+        state.hashing = threading.Thread(target=_warm_hash, args=(source,), name="qf-sha256", daemon=True)
+        state.hashing.start()
     if r.imatrix:
         ctx.note("imatrix: importance (mean squared input activation per channel) collected from the "
                  "calibration text before each block is quantized")
@@ -309,6 +340,16 @@ def load_and_plan(state: RunState, *, dry_run: bool = False) -> None:
         state.tokenizer = source.tokenizer()
     if state.calibrator is not None and state.calibration is None:
         _load_calibration(state)
+    if state.world > 1:
+        if state.calibration is not None and state.needs_calibration:
+            batches = len(list(state.calibration.batches(r.batch_size)))
+            if batches < state.world:
+                raise UsageError(f"{batches} calibration batch(es) for {state.world} processes: each process needs "
+                                 "one at least; lower --batch-size or raise the calibrator's n_samples")
+            ctx.note(f"{state.world} processes: {batches} calibration batches of {r.batch_size} sharded over them "
+                     "(batch i on rank i mod world), statistics reduced over the ranks")
+        else:
+            ctx.note(f"{state.world} processes, but nothing is calibrated: each rounds the same weights")
 
 
 def _dequantized_input(state: RunState, path: Path) -> Path:
@@ -607,7 +648,7 @@ def _quantize_blocks(state: RunState, journal: Journal | None) -> None:
     calibrate = state.calibration is not None and state.needs_calibration
     stream = BlockStream(source, model=state.model, calibration=state.calibration if calibrate else None,
                          batch_size=r.batch_size, device=state.device, dtype=state.dtype, plan=state.plan,
-                         keep=state.keep)
+                         keep=state.keep, shard=state.world > 1)
     with Progress(enabled=r.progress, total=len(stream), label="quantizing") as bar, \
             StopAtBlockBoundary() as stop:
         for block in stream:

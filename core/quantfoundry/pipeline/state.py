@@ -88,6 +88,10 @@ class RunRequest:
     #: statistics only), ``all`` (every token through every expert, for statistics only) or
     #: ``topk`` (the router's choice alone); an expert that still sees fewer than
     #: ``expert_min_tokens`` tokens is rounded to nearest, with a note
+    #: two or more devices (``cuda:0,cuda:1``; ``cpu,cpu`` for gloo): one process per device,
+    #: the calibration batches sharded over them, statistics reduced, the artifact written once
+    #: (by this process); None: one device (``device``), or ``torchrun``'s processes
+    devices: str | None = None
     expert_routing: str = "fill"
     expert_min_tokens: int = 32
     #: where lines the user must see before the work starts go (a resumable journal, leftovers
@@ -113,6 +117,9 @@ class RunState:
     activations: ActQuant | None = None
     kv_cache: ActQuant | None = None
     planner: Planner | None = None
+    #: processes of the run (``--devices`` or ``torchrun``) and this one's rank
+    world: int = 1
+    rank: int = 0
     notes: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
     # load_and_plan

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -106,3 +106,18 @@ class Architecture:
     def match(self, pattern: str, names: Iterable[str]) -> list[str]:
         """The names of a real block that a map entry matches (itself, or a pattern's hits)."""
         return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def concrete_groups(group: InputGroup, modules: list[str]) -> list[InputGroup]:
+    """``group``, or one group per module its ``prev`` pattern matches, with the ``*`` of its
+    linears and readers bound to the matched value."""
+    if group.prev is None or "*" not in group.prev:
+        return [group]
+    head, _, tail = group.prev.partition("*")
+    out = []
+    for name in modules:
+        if fnmatch.fnmatchcase(name, group.prev) and name.startswith(head) and name.endswith(tail):
+            bound = name[len(head):len(name) - len(tail)]
+            out.append(replace(group, linears=tuple(p.replace("*", bound) for p in group.linears), prev=name,
+                               readers=tuple(p.replace("*", bound) for p in group.readers)))
+    return out

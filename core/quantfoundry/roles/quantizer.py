@@ -39,6 +39,11 @@ class Transform(Component, ABC):
 
     scope: ClassVar[Literal["block"]] = "block"
     needs_calibration: ClassVar[bool] = False
+    #: its statistics come from the toolkit's collectors only (:func:`~quantfoundry.toolkit.collect_input_stats`,
+    #: which reduce over the ranks of a multi-process run), so it may run with the calibration
+    #: batches sharded across processes (``--devices``, ``torchrun``); a calibrating stage that
+    #: leaves it False is refused there, before any work
+    shards_calibration: ClassVar[bool] = False
 
     def check_format(self, fmt: Format) -> str | None:
         """``None`` if this transform works with ``fmt`` as the planned format, else why not
@@ -57,6 +62,11 @@ class Quantizer(Component, ABC):
 
     scope: ClassVar[Literal["tensor", "block", "model"]] = "block"
     needs_calibration: ClassVar[bool] = False
+    #: its statistics come from the toolkit's collectors only (:func:`~quantfoundry.toolkit.collect_input_stats`,
+    #: which reduce over the ranks of a multi-process run), so it may run with the calibration
+    #: batches sharded across processes (``--devices``, ``torchrun``); a calibrating stage that
+    #: leaves it False is refused there, before any work
+    shards_calibration: ClassVar[bool] = False
 
     def check_format(self, fmt: Format) -> str | None:
         """``None`` if this quantizer can round onto ``fmt``, else the reason it cannot."""

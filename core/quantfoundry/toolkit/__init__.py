@@ -5,7 +5,10 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 ``quantfoundry.builtin`` or another plugin's modules; ``tests/unit/test_layering.py`` keeps it so.
 
 * **input statistics** (:mod:`.stats`): Gram/Hessian, mean ``|x|``, mean ``x²``, absmax per
-  input channel, streamed from a block's calibration forward — :func:`collect_input_stats`;
+  input channel, streamed from a block's calibration forward — :func:`collect_input_stats`
+  (reduced over the processes of a multi-GPU run);
+* **work across processes** (:mod:`quantfoundry.distributed`): each item computed on the rank
+  that owns it and handed to all (:func:`split_work`), for the rounding a stage can split;
 * **the LDLQ column loop** (:mod:`.ldlq`): damped inverse Cholesky (:func:`inverse_cholesky`),
   GPTQ/LDLQ error feedback over any format, scalar or vector (:func:`ldlq_solve`; weights that
   read one input stacked, :func:`solve_stacked`), the order of a block's stages
@@ -93,11 +96,12 @@ from .ldlq import (
 from .observers import MSEObserver, Observer, PercentileObserver, make_observer
 from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWriter
 from .sequential import input_stages
+from ..distributed import split_work
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
     "Allocation", "allocate", "lower_hull", "MANIFEST", "MIN_FALLBACK_GROUP", "MSEObserver", "Observer", "PercentileObserver", "make_observer", "PhaseClock", "measuring", "phase", "Progress", "PROMPT", "AffineGrid", "affine_grid", "STATISTICS", "TOKENIZER_GLOBS", "BlockGroup", "BlockStats", "BlockStream", "PassThroughBlock", "block_groups", "CheckpointOptions", "DistillResult", "DistillSettings", "FakeQuant", "fake_quant_input", "FoldPoint", "distill", "kl_to_reference",
-    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked",
+    "HessianError", "InputStats", "IntFormat", "IntOptions", "LDLQOptions", "LDLQResult", "Segment", "ShardedSafetensorsWriter", "SolvedWeight", "input_stages", "solve_stacked", "split_work",
     "StreamingSafetensorsWriter", "Tie", "apply_fold", "artifact_skeleton", "attach_kv_scales", "capture_inputs", "collect_input_stats",
     "copy_tokenizer_files", "fold_point", "inverse_cholesky", "lazy_block_size", "ldlq_solve",
     "load_float_parameters", "load_full_model", "make_component", "materialize", "one_group_plan", "pack_bits",

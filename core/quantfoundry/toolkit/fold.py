@@ -10,15 +10,14 @@ since ``down``'s input is ``act(gate) · up``, linear in ``up``'s output).
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import QFError
-from ..roles.architecture import InputGroup
+from ..roles.architecture import InputGroup, concrete_groups
 from ..roles.block import Block
 
 
@@ -77,21 +76,6 @@ def block_groups(block: Block, who: str) -> list[BlockGroup]:
         raise QFError(f"{who}: {block.full_name(missing[0])} is in no input group of the "
                       f"{arch.name!r} architecture map, so {who} cannot scale it")
     return groups
-
-
-def concrete_groups(group: InputGroup, modules: list[str]) -> list[InputGroup]:
-    """``group``, or one group per module its ``prev`` pattern matches, with the ``*`` of its
-    linears and readers bound to the matched value."""
-    if group.prev is None or "*" not in group.prev:
-        return [group]
-    head, _, tail = group.prev.partition("*")
-    out = []
-    for name in modules:
-        if fnmatch.fnmatchcase(name, group.prev) and name.startswith(head) and name.endswith(tail):
-            bound = name[len(head):len(name) - len(tail)]
-            out.append(replace(group, linears=tuple(p.replace("*", bound) for p in group.linears), prev=name,
-                               readers=tuple(p.replace("*", bound) for p in group.readers)))
-    return out
 
 
 @dataclass

@@ -7,8 +7,8 @@ never stored:
 ================  ==========================================  ====================================
 statistic         sum kept                                    used for
 ================  ==========================================  ====================================
-``"gram"``        ``XᵀX`` ``[in, in]`` (float32, ``addmm``)   GPTQ's Hessian ``2XᵀX/n``, AWQ's
-                                                              output error ``tr(E H Eᵀ)/n``
+``"gram"``        ``XᵀX`` ``[in, in]`` (float32 per batch,    GPTQ's Hessian ``2XᵀX/n``, AWQ's
+                  summed in float64; float32 at the end)      output error ``tr(E H Eᵀ)/n``
 ``"abs_sum"``     ``Σ|x|`` per channel (float64)              AWQ's mean ``|x|``
 ``"sq_sum"``      ``Σx²`` per channel (float64)               llama.cpp's imatrix (mean ``x²``)
 ``"absmax"``      ``max|x|`` per channel (float32)            SmoothQuant's activation range
@@ -19,6 +19,12 @@ tensor (q/k/v, gate/up: the same memory seen through the same view) share one en
 sum; MoE experts, which see different tokens, keep their own. Once every wanted linear has run
 in a batch, the rest of the block is skipped. A wanted linear that never runs (an expert no
 token was routed to) gets zero sums and ``count = 0``.
+
+In a run across processes (:mod:`quantfoundry.distributed`) each rank runs its share of the
+batches and the sums are then reduced over ranks, so every rank holds the statistics of the
+whole calibration set. Each batch's Gram matrix is one float32 GEMM whatever the sharding, and
+the batches are summed in float64: the float32 result a one-device run and a sharded run hand
+the quantizer differ only where a float64 sum lies within ~1e-16 of a float32 rounding boundary.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..distributed import all_reduce_, all_reduce_count
 from ..roles.block import Block
 
 STATISTICS = ("gram", "abs_sum", "sq_sum", "absmax")
@@ -38,7 +45,7 @@ class InputStats:
     """Running statistics of one input tensor stream (``count`` tokens so far)."""
 
     count: int = 0
-    gram: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # float32, once finished; float64 while summing
     abs_sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
@@ -64,9 +71,8 @@ class InputStats:
         n_in = x.shape[1]
         for stat in want:
             if stat == "gram":
-                if self.gram is None:
-                    self.gram = torch.zeros(n_in, n_in, dtype=torch.float32, device=x.device)
-                self.gram.addmm_(x.T, x)
+                g = (x.T @ x).double()
+                self.gram = g if self.gram is None else self.gram.add_(g)
             elif stat == "abs_sum":
                 s = x.abs().sum(0, dtype=torch.float64)
                 self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
@@ -78,9 +84,23 @@ class InputStats:
                 self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         self.count += x.shape[0]
 
+    def reduce(self) -> InputStats:
+        """Sum (``absmax``: maximum) every statistic over the ranks of a multi-process run;
+        then the Gram matrix in float32. Every rank calls it, in the same order."""
+        self.count = all_reduce_count(self.count)
+        for stat in ("gram", "abs_sum", "sq_sum"):
+            value = getattr(self, stat)
+            if value is not None:
+                all_reduce_(value, "sum")
+        if self.absmax is not None:
+            all_reduce_(self.absmax, "max")
+        if self.gram is not None:
+            self.gram = self.gram.float()
+        return self
+
     def zeros(self, n_in: int, want: Iterable[str], device: torch.device) -> InputStats:
         """Fill every wanted statistic that was never seen with zeros."""
-        shapes = {"gram": ((n_in, n_in), torch.float32), "abs_sum": ((n_in,), torch.float64),
+        shapes = {"gram": ((n_in, n_in), torch.float64), "abs_sum": ((n_in,), torch.float64),
                   "sq_sum": ((n_in,), torch.float64), "absmax": ((n_in,), torch.float32)}
         for stat in want:
             if getattr(self, stat) is None:
@@ -175,6 +195,8 @@ def collect_input_stats(block: Block, names: list[str], *, want: Iterable[str] =
             out.owner[name] = name
             w = block.linear(name).weight
             out.stats[name] = InputStats().zeros(w.shape[1], want, device or w.device)
+    for name in sorted(out.stats):  # the same order on every rank
+        out.stats[name].reduce()
     return out
 
 

@@ -93,6 +93,7 @@ class AWQScale(Transform):
     description = "AWQ's scale search alone: activation-aware per-channel scales folded into the model, no rounding"
     Options = AWQScaleOptions
     needs_calibration = True
+    shards_calibration = True  # its statistics come from collect_input_stats alone
 
     options: AWQScaleOptions
 
@@ -109,6 +110,7 @@ class AWQQuantizer(Quantizer):
     Options = AWQOptions
     scope = "block"
     needs_calibration = True
+    shards_calibration = True  # its statistics come from collect_input_stats alone
 
     options: AWQOptions
 

@@ -174,7 +174,8 @@ class CompressedTensorsExporter(Exporter):
     def quantization_config(self) -> dict[str, Any]:
         linears = set(self.source.linear_shapes())
         quantized = {p for names in self.groups.values() for p in names}
-        ignore = sorted(linears - quantized)
+        # routers (a MoE's gate: not an nn.Linear in transformers, a linear layer in vLLM) stay float too
+        ignore = sorted((linears - quantized) | set(self.source.float_readers()))
         groups: dict[str, Any] = {}
         formats = set()
         for i, ((_spec, act_spec), names) in enumerate(sorted(self.groups.items(), key=lambda kv: kv[1][0])):

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 from quantfoundry import Block, Format, QFError, QuantContext, QuantizedWeight, Quantizer
-from quantfoundry.toolkit import HessianError, LDLQOptions, collect_input_stats, input_stages, solve_stacked
+from quantfoundry.toolkit import (
+    HessianError,
+    LDLQOptions,
+    collect_input_stats,
+    input_stages,
+    solve_stacked,
+    split_work,
+)
 
 from .replay import OutputReplay, default_budget
 
@@ -47,6 +54,7 @@ class GPTQQuantizer(Quantizer):
     Options = GPTQOptions
     scope = "block"
     needs_calibration = True
+    shards_calibration = True  # its Hessians come from collect_input_stats alone
 
     options: GPTQOptions
 
@@ -71,7 +79,8 @@ class GPTQQuantizer(Quantizer):
             with replay.active():
                 stats = collect_input_stats(block, names, want=("gram",), device=ctx.device,
                                             on_batch=replay.start_batch)
-            for owner, members in stats.sharing().items():
+            sharing = stats.sharing()
+            for owner, members in sharing.items():
                 if len(members) > 1:
                     ctx.note("gptq: linears reading one input share one Hessian and one column loop: "
                              + " + ".join(members))
@@ -79,8 +88,12 @@ class GPTQQuantizer(Quantizer):
                     ctx.note(f"gptq: {block.full_name(owner)} saw no calibration token: rounded to nearest")
                     for n in members:
                         out[n] = block.formats[n].quantize(block.linear(n).weight.float(), None)
-                    continue
-                out.update(self._solve(block, members, stats.stats[owner].hessian(), ctx))
+            solve = [owner for owner in sharing if stats.stats[owner].count > 0]
+            # across processes each Hessian's column loop runs on one rank, its weights sent to all
+            solved = split_work(solve, lambda owner: self._solve(block, sharing[owner],
+                                                                 stats.stats[owner].hessian(), ctx), notes=ctx.notes)
+            for owner in solve:
+                out.update({n: qw.to(ctx.device) for n, qw in solved[owner].items()})
             for n in names:  # later groups see this group's quantized outputs
                 lin = block.linear(n)
                 lin.weight.data = out[n].dequantize(lin.weight.dtype).to(lin.weight.device)
