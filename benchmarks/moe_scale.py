@@ -130,15 +130,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--ffn", type=int, default=FFN, help="each expert's FFN width")
     ap.add_argument("--processes", type=int, default=0, help="also time the largest model on this many processes")
     ap.add_argument("--out", type=Path, default=HERE / "results/moe_scale_cpu.json")
     args = ap.parse_args()
+    global HIDDEN, FFN
+    HIDDEN, FFN = args.hidden, args.ffn
 
     points = sorted({(int(d), args.base_experts) for d in args.depths.split(",")} |
                     {(args.base_layers, int(e)) for e in args.experts.split(",")})
     rows = []
     for layers, experts in points:
-        folder = args.root / f"mixtral-{layers}l-{experts}e"
+        folder = args.root / f"mixtral-h{HIDDEN}-f{FFN}-{layers}l-{experts}e"
         build(folder, layers, experts)
         block = sum(torch.Size(s).numel() for s in block_shapes(0, experts).values())
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +156,7 @@ def main() -> None:
     multi = None
     if args.processes > 1:
         layers, experts = max(points, key=lambda p: p[0] * p[1])
-        folder = args.root / f"mixtral-{layers}l-{experts}e"
+        folder = args.root / f"mixtral-h{HIDDEN}-f{FFN}-{layers}l-{experts}e"
         n_gpu = torch.cuda.device_count() if args.device.startswith("cuda") else 0
         if args.device.startswith("cuda"):
             devices = ",".join(f"cuda:{i if n_gpu >= args.processes else 0}" for i in range(args.processes))
@@ -168,6 +172,7 @@ def main() -> None:
         print(json.dumps(multi), flush=True)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name()
     result = {"device": args.device, "device_name": device_name, "cores": os.cpu_count(),
+              "shape": {"hidden": HIDDEN, "expert_ffn": FFN, "heads": HEADS, "kv_heads": KV, "experts_per_token": 2},
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
               "rows": rows, "processes": multi, "torch": torch.__version__, "quantfoundry": core_version(),
               "measured": time.strftime("%Y-%m-%d")}

@@ -130,3 +130,26 @@ def test_bad_routing_options_fail_before_any_work(tiny_model):
         qf.run(folder, expert_routing="some", progress=False)
     with pytest.raises(UsageError, match="expert_min_tokens must be >= 0"):
         qf.run(folder, expert_min_tokens=-1, progress=False)
+
+
+def test_a_stage_of_many_experts_is_cut_by_the_statistics_budget(tiny_model):
+    """``input_stages`` with a budget for one stage's float64 Grams: the experts' gate/up stage
+    (with the attention's stages untouched) becomes stages of as many experts as fit, each
+    expert whole (its gate and up read one input)."""
+    from quantfoundry.toolkit import input_stages
+
+    _stream, block = _first_block(tiny_model("qwen2_moe", dtype=torch.float32))
+    linears = [n for n, m in block.module.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "mlp.shared_expert_gate"]
+    block.formats = {n: qf.resolve_format("int4-g32") for n in linears}
+    whole = input_stages(block)
+    gram = 8 * 64 * 64  # hidden 64: one float64 Gram
+    cut = input_stages(block, stats_budget=2 * gram + 2 * gram)  # the shared expert's gate/up + 2 experts
+    assert sorted(map(sorted, whole)) != sorted(map(sorted, cut))
+    assert sorted(n for s in cut for n in s) == sorted(n for s in whole for n in s)
+    assert whole[:2] == cut[:2]  # q/k/v, o
+    gate_up = [s for s in cut if any(n.endswith(("gate_proj", "up_proj")) for n in s)]
+    assert [sorted({n.split(".")[2] for n in s if ".experts." in n}) for s in gate_up] == [["0", "1"], ["2", "3"]]
+    assert all(f"mlp.experts.{e}.up_proj" in s for s in gate_up for e in {n.split(".")[2] for n in s
+                                                                          if ".experts." in n})
+    assert "mlp.shared_expert.gate_proj" in gate_up[0]

@@ -42,8 +42,14 @@ class GPTQOptions(LDLQOptions):
         "help": "true-sequential: memory (MB) for replaying finished linears' outputs in the block's later "
                 "forwards instead of recomputing them; -1 = a quarter of the free memory, 0 = off"})
 
+    stats_mb: int = field(default=2048, metadata={
+        "help": "memory (MB) for one stage's Hessians: a stage of more experts is cut into forwards over fewer "
+                "experts each (the same Hessians; 0 = no limit)"})
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.stats_mb < 0:
+            raise ValueError(f"stats_mb must be >= 0 (0 = no limit), got {self.stats_mb}")
         if self.replay_mb < -1:
             raise ValueError(f"replay_mb must be -1 (auto), 0 (off) or a size in MB, got {self.replay_mb}")
 
@@ -73,7 +79,8 @@ class GPTQQuantizer(Quantizer):
         if block.inputs is None:
             raise QFError("gptq needs calibration inputs; the run has none (use --calibrator text)")
         out: dict[str, QuantizedWeight] = {}
-        stages = input_stages(block, self.options.true_sequential)
+        stages = input_stages(block, self.options.true_sequential,
+                              stats_budget=self.options.stats_mb * 2**20 or None)
         replay = OutputReplay(block, self._replay_budget(ctx) if len(stages) > 1 else 0)
         for names in stages:
             with replay.active():
