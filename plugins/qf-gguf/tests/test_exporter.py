@@ -1,7 +1,8 @@
 """The ``gguf`` exporter against llama.cpp itself.
 
-For pycode-7m (SentencePiece, untied) and SmolLM2 (byte-level BPE, tied, widths that force
-llama.cpp's fallbacks): ``qf run --exporter gguf`` must write, tensor for tensor, the bytes that
+For pycode-7m (SentencePiece, untied), SmolLM2 (byte-level BPE, tied, widths that force
+llama.cpp's fallbacks) and config-built models of every supported architecture, mixtures of
+experts included: ``qf run --exporter gguf`` must write, tensor for tensor, the bytes that
 llama.cpp's ``convert_hf_to_gguf.py --outtype f32`` followed by ``llama-quantize`` writes, with
 the same metadata except the model-name keys; and llama.cpp must load the file and score text
 with it as our in-memory model does.
@@ -194,6 +195,141 @@ def test_each_supported_architecture_equals_llama_cpp(arch, llama_cpp, llama_cpp
         assert mismatches == [] and ev["artifact"]["tokenizer"]["identical"] == ev["artifact"]["tokenizer"]["probes"]
     ppl = r.metrics["perplexity"]["perplexity"]
     assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=0.01) and ppl["quantized"] != ppl["original"]
+
+
+#: each tiny MoE's expert widths (rows of 256, so the K-quants apply) and what llama.cpp needs of it
+MOE_SHAPES = {
+    "mixtral": {"intermediate_size": 256},  # Mixtral's experts are intermediate_size wide
+    "qwen2_moe": {"moe_intermediate_size": 256, "shared_expert_intermediate_size": 512},
+    "qwen3_moe": {"moe_intermediate_size": 256},
+    "olmoe": {"intermediate_size": 256, "num_key_value_heads": 4},  # llama.cpp's olmoe: k_norm over all heads
+}
+SMOLLM2 = "models/smollm2-135m-instruct-q4_1-dequant"
+
+
+def tiny_moe(tiny_model, shared, arch: str, **overrides):
+    """A tiny mixture of experts (4 experts, 2 per token, unless ``overrides`` say otherwise).
+    llama.cpp's converter writes qwen2moe/qwen3moe/olmoe vocabularies only from a BPE tokenizer
+    whose pre-tokenizer it knows, so those get SmolLM2's (vocabulary 49152) instead of pycode-7m's
+    SentencePiece one."""
+    import shutil
+
+    bpe = arch != "mixtral"
+    shapes = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+              **({"vocab_size": 49152} if bpe else {}), **MOE_SHAPES[arch], **overrides}
+    folder = tiny_model(arch, **shapes)
+    if bpe:
+        for name in ("tokenizer.model", "special_tokens_map.json"):
+            (folder / name).unlink()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(shared / SMOLLM2 / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_each_moe_architecture_equals_llama_cpp(arch, llama_cpp, llama_cpp_python, converted, tiny_model, shared,
+                                                tmp_path) -> None:
+    """Mixtures of experts, byte for byte as llama.cpp's convert + quantize writes them: every
+    expert of a layer stacked into ``ffn_{gate,up,down}_exps`` (Mixtral through the llama class,
+    q/k permuted), the router ``ffn_gate_inp`` kept F32, Qwen2-MoE's shared expert and its gate
+    (``ffn_gate_inp_shexp``, 1-D to ggml, so F32), the expert keys; llama.cpp's F32 conversion
+    and transformers agree on the same ids, and llama.cpp serves our file as qf's in-memory model
+    scores, with every tokenizer probe split alike."""
+    folder = tiny_moe(tiny_model, shared, arch)
+    text = tmp_path / "py.txt"
+    text.write_text(default_eval_text().read_text()[:6_000])  # logits over 49152 tokens are the slow part
+    r = qf.run(folder, exporter="gguf", out=tmp_path / "ours", progress=False,
+               evaluators=[("perplexity", {"path": str(text), "ctx": 128})])
+    f32 = converted(folder)
+    theirs = llama_quantize(llama_cpp, f32, tmp_path / "theirs.gguf", "Q4_K_M")
+    assert_same_file(tmp_path / "ours" / "model.gguf", theirs)
+    tensors = {t.name: t for t in GGUFReader(str(theirs)).tensors}
+    assert [int(n) for n in tensors["blk.0.ffn_up_exps.weight"].shape] == [256, 256, 4]
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q6_K"  # use_more_bits of layer 1 of 2
+    from qf_gguf.engine import LlamaCppEngine
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 4096, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits.double()
+    engine = LlamaCppEngine(f32)
+    try:
+        got = engine.logits(ids).double()
+    finally:
+        engine.close()
+    p, q = ref.log_softmax(-1), got.log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-5
+    ev = r.manifest["evaluation"]
+    assert ev["artifact"]["opened"].startswith("served by llama.cpp")
+    assert ev["artifact_check"]["mismatches"] == []
+    assert ev["artifact"]["tokenizer"]["identical"] == ev["artifact"]["tokenizer"]["probes"]
+    ppl = r.metrics["perplexity"]["perplexity"]
+    assert ppl["artifact"] == pytest.approx(ppl["quantized"], rel=0.01) and ppl["quantized"] != ppl["original"]
+
+
+@pytest.mark.parametrize(("arch", "ftype"), [("mixtral", "Q3_K_M"), ("mixtral", "Q5_K_S"), ("qwen2_moe", "Q3_K_M")])
+def test_8_experts_take_llama_quantizes_expert_rules(arch, ftype, llama_cpp, converted, tiny_model, shared,
+                                                     tmp_path) -> None:
+    """With exactly 8 experts llama-quantize bumps attn_v and attn_k to Q8_0 and (Q3_K_M)
+    attn_output to Q5_K; the stacked ffn_down (and a shared expert's) follow the layer in their
+    name. Our file equals theirs, and ``qf plan``'s sizing of the same file type (from
+    transformers' fused experts) counts the bytes the file holds."""
+    from qf_gguf.exporter import GGUFExporter
+    from quantfoundry.deploy.vram import model_shape, weight_bytes
+
+    folder = tiny_moe(tiny_model, shared, arch, **{"num_local_experts" if arch == "mixtral" else "num_experts": 8})
+    r = qf.run(folder, exporter="gguf", exporter_options={"type": ftype}, out=tmp_path / "ours", evaluators=[],
+               progress=False, artifact_eval=False)
+    theirs = llama_quantize(llama_cpp, converted(folder), tmp_path / "theirs.gguf", ftype)
+    assert_same_file(tmp_path / "ours" / "model.gguf", theirs)
+    assert r.manifest["gguf"]["file_type"] == ftype
+    reader = GGUFReader(str(theirs))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"
+    assert types["blk.0.attn_output.weight"] == "Q5_K"  # Q3_K_M's 8-expert bump; Q5_K_S's own type
+    assert types["blk.0.ffn_gate_exps.weight"] == ("Q3_K" if ftype == "Q3_K_M" else "Q5_K")
+    shape = model_shape(folder)
+    formats = GGUFExporter.preset_formats(shape, ftype)
+    assert weight_bytes(shape, formats, float_bytes=lambda t: 4 * t.numel) == sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def test_moe_with_a_llama_imatrix_file_equals_llama_quantize(llama_cpp, converted, tiny_model, shared,
+                                                             tmp_path) -> None:
+    """llama-imatrix keeps one row of means per expert of a stacked tensor; each expert is
+    quantized with its own row, as llama-quantize does. The run's own imatrix is shipped the same
+    way (a row per expert) and reproduces the run."""
+    from qf_gguf.imatrix import read_imatrix
+
+    folder = tiny_moe(tiny_model, shared, "mixtral")
+    f32 = converted(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(default_eval_text().read_text()[:30_000])
+    imatrix = tmp_path / "imatrix.gguf"
+    r = subprocess.run([str(llama_cpp["bin"] / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "128",
+                        "--chunks", "10", "-t", "2", "-o", str(imatrix)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_imatrix(imatrix).entries["blk.0.ffn_up_exps.weight"].in_sum2.shape == (4, 256)
+    qf.run(folder, exporter="gguf", exporter_options={"imatrix": str(imatrix)}, out=tmp_path / "ours",
+           evaluators=[], progress=False)
+    theirs = llama_quantize(llama_cpp, f32, tmp_path / "theirs.gguf", "Q4_K_M", "--imatrix", str(imatrix))
+    assert_same_file(tmp_path / "ours" / "model.gguf", theirs)
+    qf.run(folder, exporter="gguf", imatrix=True, calibrator_options={"n_samples": 4, "seq_len": 64},
+           out=tmp_path / "a", evaluators=[], progress=False)
+    collected = read_imatrix(tmp_path / "a" / "imatrix.gguf").entries["blk.1.ffn_down_exps.weight"]
+    assert collected.in_sum2.shape == (4, 256) and collected.counts.tolist() == [256] * 4
+
+
+def test_moe_the_llama_cpp_graph_would_compute_otherwise_is_refused(tiny_model, tmp_path) -> None:
+    from quantfoundry.errors import UsageError
+
+    folder = tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=256, norm_topk_prob=False)
+    with pytest.raises(UsageError, match="always renormalizes the top-k routing weights"):
+        qf.run(folder, exporter="gguf", out=tmp_path / "x", evaluators=[], progress=False)
+    folder = tiny_model("olmoe", hidden_size=256, intermediate_size=256)  # 2 kv heads of 4
+    with pytest.raises(UsageError, match="norms k over all heads"):
+        qf.run(folder, exporter="gguf", out=tmp_path / "y", evaluators=[], progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_inspect_reads_a_file_and_refuses_a_truncated_one(tmp_path) -> None:

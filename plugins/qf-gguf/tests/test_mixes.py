@@ -3,7 +3,8 @@
 A config-built Llama with 32 layers (so the layer-position rules bite), GQA 4, and an FFN width
 of 320 (not a multiple of 256, so ffn_down falls back) is converted to F32 GGUF by llama.cpp's
 own converter and quantized by ``llama-quantize`` to every file type; the tensor types in its
-output must equal :func:`choose_types` on the same tensor list.
+output must equal :func:`choose_types` on the same tensor list. The same for a 16-layer Mixtral
+of 8 experts (stacked expert tensors, the router, the expert-count rules).
 """
 
 from __future__ import annotations
@@ -74,3 +75,25 @@ def test_tensor_type_override_and_imatrix_rule(llama_cpp, model) -> None:
     ctx = MixContext(n_layer=32, n_head=8, n_head_kv=2, has_imatrix=True)
     got = ours(model, "Q4_0", ctx)
     assert got == want and list(got.values()).count("Q4_1") == 4
+
+
+@pytest.fixture(scope="module")
+def mixtral(llama_cpp, tmp_path_factory):
+    """Mixtral's shape in small: 16 layers of 8 experts (llama-quantize's 8-expert rules), GQA 2."""
+    d = tmp_path_factory.mktemp("moe-mix")
+    folder = build_tiny_model(d / "hf", "mixtral", hidden_size=256, intermediate_size=256, num_hidden_layers=16,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8)
+    gguf = f32_gguf(llama_cpp, folder, d / "f32.gguf")
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in GGUFReader(str(gguf)).tensors}
+    return {"gguf": gguf, "tensors": tensors, "ctx": MixContext(n_layer=16, n_head=4, n_head_kv=2, n_expert=8),
+            "dir": d}
+
+
+@pytest.mark.parametrize("ftype", list(FILE_TYPES))
+def test_moe_types_equal_llama_quantize(llama_cpp, mixtral, ftype: str) -> None:
+    """Stacked experts (3-D ``ffn_*_exps``), the F32 router, ffn_down by the layer in its name,
+    and the 8-expert attn_v/attn_k/attn_output rules, for every file type."""
+    want = llama_types(llama_cpp, mixtral, ftype)
+    got = ours(mixtral, ftype)
+    assert got == want, {n: (got[n], want[n]) for n in want if got.get(n) != want[n]}
+    assert got["blk.0.ffn_gate_inp.weight"] == "F32" and got["blk.0.attn_v.weight"] == "Q8_0"

@@ -9,6 +9,17 @@ type, norms kept F32. Llama-family q/k rows are permuted into llama.cpp's interl
 order (GGML blocks never straddle rows, so permuting quantized rows equals quantizing permuted
 rows). Tensor data is spilled to a temporary file as blocks stream in; :meth:`finish` writes
 the header, metadata and data in llama-quantize's tensor order.
+
+Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the core hands over each expert's
+linears one by one (``...experts.3.w1.weight``, each quantized by the quantizer like any block
+linear); llama.cpp wants one 3-D tensor per layer and projection (``blk.N.ffn_gate_exps``,
+``ffn_up_exps``, ``ffn_down_exps``: GGUF shape ``(in, out, n_expert)``, expert 0's rows first).
+The plan gives every expert of a stacked tensor that tensor's type; each expert's bytes go to
+the spill as they arrive, and the stacked tensor is written from its pieces, so no expert is
+held in memory. The router (``ffn_gate_inp``) and Qwen2-MoE's shared-expert gate stay F32, as
+llama-quantize keeps them. Configurations llama.cpp's graphs cannot reproduce (dense layers
+between MoE ones, another top-k normalization than the arch's, OLMoE with grouped-query
+attention or clip_qkv) are refused before any work.
 """
 
 from __future__ import annotations
@@ -33,13 +44,23 @@ from quantfoundry import (
 from quantfoundry.errors import ArtifactError, EngineUnavailable, IncompatiblePlanError, UsageError
 from quantfoundry.toolkit import PROMPT
 
+from .archs import (
+    SUPPORTED,
+    ArchSpec,
+    check_moe,
+    expert_count,
+    expert_index,
+    fused_experts,
+    gguf_name,
+    permute_rows,
+)
 from .engine import LlamaCppEngine
-from .imatrix import Imatrix, read_imatrix, write_imatrix
+from .imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from .inspect import gguf_file, inspect_gguf
 from .legacy import GGMLFormat
 from .mixes import FILE_TYPES, MixContext, choose_types
 from .reader import TransformersGGUFEngine
-from .vocab import add_vocab
+from .vocab import add_vocab, check_vocab
 
 GGUF_FILE = "model.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -50,46 +71,6 @@ _PURE_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "
 #: the types a planner may choose per tensor (rows of whole 256-blocks; else of 32-blocks)
 MIX_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 MIX_TYPES_32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LLAMA_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
-
-
-_GEMMA2_NORMS = {"post_attention_layernorm.weight": "post_attention_norm.weight",
-                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How llama.cpp's converter writes one HF architecture (gguf-export-reference.md §2)."""
-
-    gguf: str
-    permute_qk: bool = False         # llama: rotate-half → interleaved rope rows
-    qk_norms: bool = False           # qwen3, gemma3: per-head q/k RMSNorm weights
-    llama_keys: bool = False         # llama only: <arch>.vocab_size and rope.dimension_count
-    gemma: str = ""                  # gemma / gemma2 / gemma3: norms +1, their own keys and names
-
-
-SUPPORTED: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("llama", permute_qk=True, llama_keys=True),
-    "MistralForCausalLM": ArchSpec("llama", permute_qk=True, llama_keys=True),
-    "Qwen2ForCausalLM": ArchSpec("qwen2"),
-    "Qwen3ForCausalLM": ArchSpec("qwen3", qk_norms=True),
-    "GemmaForCausalLM": ArchSpec("gemma", gemma="gemma"),
-    "Gemma2ForCausalLM": ArchSpec("gemma2", gemma="gemma2"),
-    "Gemma3ForCausalLM": ArchSpec("gemma3", qk_norms=True, gemma="gemma3"),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,47 +100,6 @@ class GGUFOptions(Options):
                 raise ValueError(f"tensor_type {part!r}: write REGEX=TYPE")
             out.append((regex, typ.strip().upper()))
         return out
-
-
-def gguf_name(hf_name: str, spec: ArchSpec | None = None) -> str | None:
-    """The GGUF tensor name of a checkpoint tensor (``None``: not written)."""
-    if hf_name in _TOP:
-        if hf_name == "lm_head.weight" and spec is not None and spec.gemma in ("gemma", "gemma2"):
-            return None  # llama.cpp's gemma/gemma2 always read the token embedding as the output
-        return _TOP[hf_name]
-    m = _LAYER.match(hf_name)
-    if m is None:
-        return None
-    names = {**_LLAMA_NAMES, **(_QK_NORMS if spec is not None and spec.qk_norms else {}),
-             **(_GEMMA2_NORMS if spec is not None and spec.gemma in ("gemma2", "gemma3") else {})}
-    return f"blk.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
-
-
-_MOE = {"mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
-        "mlp.experts.gate_proj": "ffn_gate_exps.weight", "mlp.experts.up_proj": "ffn_up_exps.weight",
-        "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.router.weight": "ffn_gate_inp.weight",
-        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
-
-
-def _moe_gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's names of a mixture of experts' tensors (stacked experts, router, shared expert),
-    for sizing; the exporter does not write MoE models yet."""
-    m = _LAYER.match(hf_name)
-    if m is None:
-        return None
-    for key, g in _MOE.items():
-        if m.group(2) == key or m.group(2).startswith(key.replace("shared_expert.", "shared_experts.")):
-            return f"blk.{m.group(1)}.{g}"
-    return None
-
-
-def permute_rows(rows: int, heads: int) -> torch.Tensor:
-    """Row order llama.cpp's llama arch expects for q/k: each head's two rope halves interleaved."""
-    hd = rows // heads
-    return torch.arange(rows).reshape(heads, 2, hd // 2).transpose(1, 2).reshape(rows)
 
 
 class GGUFExporter(Exporter):
@@ -196,7 +136,13 @@ class GGUFExporter(Exporter):
         names: dict[str, str] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for t in shape.tensors:
-            g = gguf_name(t.name, spec) or _moe_gguf_name(t.name)
+            fused = fused_experts(t.name, spec)
+            if fused and len(t.shape) == 3:  # [E, rows, cols]: one stacked tensor per row slice
+                for g in fused:  # gate and up take one type by every rule of the mixes
+                    shapes[g] = (t.shape[2], t.shape[1] // len(fused), t.shape[0])
+                names[t.name] = fused[0]
+                continue
+            g = gguf_name(t.name, spec)
             if g is not None:
                 names[t.name] = g
                 shapes[g] = tuple(reversed(t.shape))
@@ -252,15 +198,26 @@ class GGUFExporter(Exporter):
         file_type, pure = self._file_type(requested)
         shapes: dict[str, tuple[int, ...]] = {}
         self._names: dict[str, str] = {}
+        self._experts: dict[str, int] = {}  # an expert linear's weight → its slice of the stacked tensor
+        self._n_expert = expert_count(cfg) if spec.moe is not None else 0
         for hf, (_, shape) in source.tensor_info.items():
             g = gguf_name(hf, spec)
-            if g is not None:
-                self._names[hf] = g
+            if g is None:
+                continue
+            self._names[hf] = g
+            e = expert_index(hf) if spec.moe is not None else None
+            if e is None:
                 shapes[g] = tuple(reversed(shape))
+            else:  # GGUF order: (in, out, n_expert)
+                self._experts[hf] = e
+                shapes[g] = (*reversed(shape), self._n_expert)
+        if spec.moe is not None:
+            check_moe(source.hf_class, spec, cfg, self._names, self._experts)
+        check_vocab(Path(str(source.path)), spec.gemma or spec.gguf)
         self._imatrix = read_imatrix(self.options.imatrix) if self.options.imatrix is not None else None
         ctx = MixContext(n_layer=int(cfg.num_hidden_layers), n_head=int(cfg.num_attention_heads),
                          n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
-                         overrides=self.options.overrides(), pure=pure,
+                         n_expert=self._n_expert, overrides=self.options.overrides(), pure=pure,
                          has_imatrix=self._imatrix is not None or collects_importance)
         self._types = choose_types(file_type, shapes, ctx)
         self._file_type_name, self._spec, self._cfg = file_type, spec, cfg
@@ -303,19 +260,32 @@ class GGUFExporter(Exporter):
                 out[name] = tuple(resolve_format(t) for t in types)
         return out
 
+    def mix_ties(self, source: Any, plan: QuantPlan) -> list[tuple[str, ...]]:
+        """The experts of one stacked tensor (``blk.N.ffn_up_exps``) are one GGML tensor of one type."""
+        stacks: dict[str, list[str]] = {}
+        for hf in self._experts:
+            stacks.setdefault(self._names[hf], []).append(hf.removesuffix(".weight"))
+        return [tuple(sorted(names)) for _, names in sorted(stacks.items())]
+
     def adopt_plan(self, source: Any, plan: QuantPlan) -> None:
         """Write each tensor as the planner chose; the file type (``general.file_type``) is the
         ``_M`` file type of the type that holds the most block-linear weights."""
         held: dict[str, int] = {}
+        chosen: dict[str, str | None] = {}  # a stacked tensor's type, from its first expert
         for name, entry in plan.entries.items():
             g = self._names.get(f"{name}.weight")
             if g is None or g not in self._types:
                 continue
+            if entry.format is not None and not isinstance(entry.format, GGMLFormat):
+                raise IncompatiblePlanError(f"exporter 'gguf' cannot store {entry.format.spec} ({name})")
+            typ = None if entry.format is None else entry.format.ggml_name
+            if f"{name}.weight" in self._experts:
+                if chosen.setdefault(g, typ) != typ:
+                    raise IncompatiblePlanError(f"the experts of {g} were planned in several formats ({chosen[g]}, "
+                                                f"{typ}); a stacked GGUF tensor has one type")
             if entry.format is None:
                 self._types[g] = "F16" if self._types[g] is not None else None
                 continue
-            if not isinstance(entry.format, GGMLFormat):
-                raise IncompatiblePlanError(f"exporter 'gguf' cannot store {entry.format.spec} ({name})")
             self._types[g] = entry.format.ggml_name
             if source.is_block_linear(name):
                 held[entry.format.ggml_name] = held.get(entry.format.ggml_name, 0) + \
@@ -329,24 +299,46 @@ class GGUFExporter(Exporter):
         if self._imatrix is None:
             return None
         out = {}
-        for hf, g in self._names.items():
-            imp = self._imatrix.importance(g)
-            if imp is None or not hf.endswith(".weight"):
-                continue
-            width = source.tensor_info[hf][1][-1]
-            if imp.numel() != width:
-                raise UsageError(f"imatrix entry {g} has {imp.numel()} values, the tensor {width} columns: "
-                                 "the imatrix belongs to another model")
-            out[hf.removesuffix(".weight")] = imp
+        for hf in self._names:
+            if hf.endswith(".weight"):
+                imp = self._importance_of(hf, int(source.tensor_info[hf][1][-1]))
+                if imp is not None:
+                    out[hf.removesuffix(".weight")] = imp
         return out
+
+    def _importance_of(self, hf: str, width: int) -> torch.Tensor | None:
+        """The imatrix entry of ``hf``'s GGUF tensor; an expert's slice of a stacked one (llama.cpp
+        keeps one row of column means per expert)."""
+        g = self._names[hf]
+        imp = self._imatrix.importance(g) if self._imatrix is not None else None
+        if imp is None:
+            return None
+        e = self._experts.get(hf)
+        mats = 1 if e is None else self._n_expert
+        if imp.numel() != width * mats:
+            if g == "token_embd.weight":  # llama-quantize ignores a token embedding entry of another size
+                return None
+            raise UsageError(f"imatrix entry {g} has {imp.numel()} values, the tensor {width} columns"
+                             + (f" x {mats} experts" if e is not None else "") + ": the imatrix belongs to another model")
+        return imp if e is None else imp.reshape(mats, width)[e].clone()
 
     def collected_importance(self, importance: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Ship the run's imatrix beside the GGUF (``imatrix.gguf``, llama.cpp's format, keyed by
         GGUF names) and record it in the metadata as llama-quantize records an imatrix."""
-        by_gguf = {self._names[f"{n}.weight"]: m for n, m in importance.items() if f"{n}.weight" in self._names}
-        self._collected = Imatrix.from_means(by_gguf, tokens=int(info["tokens"]),
-                                             dataset=Path(str(info["source"])).name,
+        by_gguf: dict[str, torch.Tensor] = {}
+        stacks: dict[str, dict[int, torch.Tensor]] = {}
+        for n, m in importance.items():
+            hf = f"{n}.weight"
+            if hf in self._experts:
+                stacks.setdefault(self._names[hf], {})[self._experts[hf]] = m
+            elif hf in self._names:
+                by_gguf[self._names[hf]] = m
+        tokens = int(info["tokens"])
+        self._collected = Imatrix.from_means(by_gguf, tokens=tokens, dataset=Path(str(info["source"])).name,
                                              chunk_size=int(info["seq_len"]), chunk_count=int(info["samples"]))
+        for g, means in stacks.items():  # one row per expert, as llama-imatrix keeps them
+            self._collected.entries[g] = ImatrixEntry.of_experts([means.get(e) for e in range(self._n_expert)],
+                                                                 tokens)
 
     # -- writing -----------------------------------------------------------------------------
     def begin(self, folder: Path, source: Any, plan: QuantPlan) -> None:
@@ -356,7 +348,10 @@ class GGUFExporter(Exporter):
         self._spill_path = self._folder / ".tensors.spill"
         self._collected: Imatrix | None = None
         self._spill = open(self._spill_path, "wb")
-        self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}  # name -> shape, type, offset, nbytes
+        # GGUF name -> torch-order shape, type, and its pieces in the spill: (offset, nbytes) each,
+        # one per expert (in expert order) for a stacked tensor
+        self._entries: dict[str, tuple[tuple[int, ...], str, list[tuple[int, int]]]] = {}
+        self._arrived: dict[str, dict[int, tuple[int, int]]] = {}  # a stacked tensor's experts so far
 
     def _permutation(self, g: str, rows: int) -> torch.Tensor | None:
         cfg = self._cfg
@@ -369,6 +364,8 @@ class GGUFExporter(Exporter):
         return None
 
     def write(self, name: str, tensor: torch.Tensor | QuantizedWeight) -> None:
+        """Spill one tensor's bytes; an expert's weight is one piece of its stacked tensor, which
+        is complete once every expert arrived (nothing is held in memory meanwhile)."""
         g = self._names.get(name)
         if g is None:
             return
@@ -390,15 +387,25 @@ class GGUFExporter(Exporter):
                 data = t.to(torch.float16)
             else:  # llama-quantize's own round-to-nearest (with the imatrix entry, if the file has one)
                 fmt = resolve_format(typ)
-                imp = self._imatrix.importance(g) if self._imatrix is not None else None
-                data = fmt.ggml_bytes(fmt.quantize(t, imp))
+                data = fmt.ggml_bytes(fmt.quantize(t, self._importance_of(name, shape[-1])))
         perm = self._permutation(g, shape[0])
         if perm is not None:
             data = data[perm]
         raw = data.contiguous().view(torch.uint8).numpy().tobytes() if data.dtype != torch.uint8 else \
             data.contiguous().numpy().tobytes()
-        self._entries[g] = (shape, typ or "F32", self._spill.tell(), len(raw))
+        piece = (self._spill.tell(), len(raw))
         self._spill.write(raw)
+        e = self._experts.get(name)
+        if e is None:
+            self._entries[g] = (shape, typ or "F32", [piece])
+            return
+        arrived = self._arrived.setdefault(g, {})
+        if e in arrived or g in self._entries:
+            raise ArtifactError(f"the gguf exporter received expert {e} of {g} twice ({name})")
+        arrived[e] = piece
+        if len(arrived) == self._n_expert:  # every expert is in: the stacked tensor, expert-major
+            self._entries[g] = ((self._n_expert, *shape), typ or "F32", [arrived[i] for i in range(self._n_expert)])
+            del self._arrived[g]
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         import gguf
@@ -406,34 +413,38 @@ class GGUFExporter(Exporter):
         self._spill.close()
         missing = sorted(set(self._types) - set(self._entries))
         if missing:
-            raise ArtifactError(f"the gguf exporter never received {', '.join(missing[:3])}")
+            partial = {g: sorted(set(range(self._n_expert)) - set(self._arrived[g])) for g in missing
+                       if g in self._arrived}
+            raise ArtifactError(f"the gguf exporter never received {', '.join(missing[:3])}"
+                                + "".join(f" ({g}: experts {e[:3]} missing)" for g, e in list(partial.items())[:1]))
         path = self._folder / GGUF_FILE
         w = gguf.GGUFWriter(str(path), self._spec.gguf)
         self._metadata(w)
         order = sorted(self._entries, key=_weights_map_key)
         for g in order:
-            shape, typ, _, nbytes = self._entries[g]
+            shape, typ, pieces = self._entries[g]
+            nbytes = sum(n for _, n in pieces)
+            while len(shape) > 1 and shape[0] == 1:  # as ggml counts dimensions (llama-quantize writes so)
+                shape = shape[1:]
             if typ in ("F32", "F16"):
                 w.add_tensor_info(g, shape, np.dtype(np.float32 if typ == "F32" else np.float16), nbytes)
-            else:  # quantized: the writer takes the byte shape and derives the logical one
+            else:  # quantized: the writer takes the byte shape (rows of bytes) and derives the logical one
                 rows = int(np.prod(shape[:-1]))
-                w.add_tensor_info(g, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+                w.add_tensor_info(g, (*shape[:-1], nbytes // rows), np.dtype(np.uint8), nbytes,
                                   raw_dtype=gguf.GGMLQuantizationType[typ])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         with open(self._spill_path, "rb") as spill:
             for g in order:
-                _, _, offset, nbytes = self._entries[g]
-                spill.seek(offset)
-                w.write_tensor_data(np.frombuffer(spill.read(nbytes), dtype=np.uint8))
+                w.write_tensor_data(_Spilled(spill, self._entries[g][2]))
         w.close()
         self._spill_path.unlink()
         if self._collected is not None:
             write_imatrix(self._collected, self._folder / IMATRIX_FILE)
         modelfile_info = self._write_modelfile()
         counts: dict[str, int] = {}
-        for _, typ, _, _ in self._entries.values():
+        for _, typ, _ in self._entries.values():
             counts[typ] = counts.get(typ, 0) + 1
         return {"gguf": {"file": GGUF_FILE, "file_type": self._file_type_name, "tensor_types": counts,
                          "bytes": path.stat().st_size,
@@ -479,7 +490,8 @@ class GGUFExporter(Exporter):
                 w.add_uint32("quantize.imatrix.chunks_count", int(im.chunk_count))
 
     def _common_keys(self, w: Any, cfg: Any, heads: int, kv: int, head_dim: int) -> None:
-        """``TextModel.set_gguf_parameters`` (llama, qwen2, qwen3, gemma3) plus the arch's own keys."""
+        """``TextModel.set_gguf_parameters`` (llama, qwen2, qwen3, gemma3 and the mixtures of
+        experts) plus the arch's own keys."""
         w.add_block_count(int(cfg.num_hidden_layers))
         w.add_context_length(int(cfg.max_position_embeddings))
         w.add_embedding_length(int(cfg.hidden_size))
@@ -499,7 +511,12 @@ class GGUFExporter(Exporter):
             w.add_rope_freq_base(float(theta))
         if "sliding_attention" in rope and rope["sliding_attention"].get("rope_theta") is not None:
             w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        # the converter's olmoe class overwrites the config's epsilon with 1e-5 (OLMoE's own value)
+        w.add_layer_norm_rms_eps(1e-5 if self._spec.gguf == "olmoe" else float(cfg.rms_norm_eps))
+        moe = self._spec.moe
+        if moe is not None:
+            w.add_expert_count(self._n_expert)
+            w.add_expert_used_count(int(cfg.num_experts_per_tok))
         if getattr(cfg, "head_dim", None) is not None:  # the converter writes them when the config has head_dim
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -507,6 +524,11 @@ class GGUFExporter(Exporter):
         if self._spec.llama_keys:
             w.add_vocab_size(int(cfg.vocab_size))
             w.add_rope_dimension_count(head_dim)
+        if moe is not None and moe.expert_ff_keys:  # Qwen2MoeModel (and Qwen3MoeModel, its subclass)
+            if getattr(cfg, "moe_intermediate_size", None) is not None:
+                w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+            if getattr(cfg, "shared_expert_intermediate_size", None) is not None:
+                w.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
         if self._spec.gemma == "gemma3":
             if getattr(cfg, "final_logit_softcapping", None):
                 w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
@@ -551,6 +573,28 @@ class GGUFExporter(Exporter):
         if got != want:
             diff = sorted(set(got.items()) ^ set(want.items()))[:3]
             raise ArtifactError(f"{path}: tensors read back differ from what was written: {diff}")
+
+
+class _Spilled:
+    """One tensor's bytes in the spill file, as ``GGUFWriter.write_tensor_data`` takes an array
+    (it reads ``nbytes`` and calls ``tofile``): its pieces (one per expert of a stacked tensor)
+    are copied in slabs, so no tensor is ever whole in memory."""
+
+    SLAB = 64 << 20
+
+    def __init__(self, spill: Any, pieces: list[tuple[int, int]]):
+        self.spill, self.pieces = spill, pieces
+        self.nbytes = sum(n for _, n in pieces)
+
+    def tofile(self, fout: Any) -> None:
+        for offset, n in self.pieces:
+            self.spill.seek(offset)
+            while n > 0:
+                chunk = self.spill.read(min(n, self.SLAB))
+                if not chunk:
+                    raise ArtifactError("the gguf exporter's spill file ended early; the disk may be full")
+                fout.write(chunk)
+                n -= len(chunk)
 
 
 def bytes_per_weight(typ: str) -> float:

@@ -28,6 +28,21 @@ class ImatrixEntry:
     in_sum2: np.ndarray  # float32 [n_mat, ne0]
     counts: np.ndarray   # float32 [n_mat]
 
+    @classmethod
+    def of_experts(cls, means: list[torch.Tensor | None], tokens: int) -> ImatrixEntry:
+        """A stacked tensor's entry from each expert's column means over ``tokens`` rows (the run's
+        calibration tokens: the counts are not the tokens routed to each expert, the means are
+        exact); an expert without statistics (``None``) gets a count of 0, which llama.cpp reads as
+        an importance of 1.0."""
+        width = next(m.numel() for m in means if m is not None)
+        sums = np.zeros((len(means), width), dtype=np.float32)
+        counts = np.zeros(len(means), dtype=np.float32)
+        for e, m in enumerate(means):
+            if m is not None:
+                sums[e] = (m.detach().double().cpu().numpy() * tokens).astype(np.float32)
+                counts[e] = tokens
+        return cls(sums, counts)
+
     def importance(self) -> torch.Tensor:
         """Mean squared activation per input column, ``[n_mat * ne0]`` float32."""
         counts = self.counts.astype(np.float32)[:, None]

@@ -2,12 +2,21 @@
 rules (``src/llama-quant.cpp``; ``docs/llama-cpp-reference.md`` §4).
 
 :func:`choose_types` takes the GGUF tensor names and shapes of a model and returns, per tensor,
-the type llama.cpp would write: ``None`` for tensors it never quantizes (1-D tensors, norms),
-otherwise a GGML type name. The rules covered: the default type per file type, the Q6_K/Q8_0
-output (and tied embedding), the attn_v / ffn_down / attn_output bumps with their layer
-counters and ``use_more_bits``, GQA and expert-count conditions, the imatrix-only Q4_0 rule,
-``--tensor-type REGEX=TYPE`` overrides (first match wins, substring search), ``pure``, and the
-fallback when a row is not a whole number of blocks.
+the type llama.cpp would write: ``None`` for tensors it never quantizes (1-D tensors as ggml
+counts dimensions, norms, a mixture of experts' router ``ffn_gate_inp``), otherwise a GGML type
+name. The rules covered: the default type per file type, the Q6_K/Q8_0 output (and tied
+embedding), the attn_v / ffn_down / attn_output bumps with their layer counters and
+``use_more_bits``, GQA conditions, the imatrix-only Q4_0 rule, ``--tensor-type REGEX=TYPE``
+overrides (first match wins, substring search), ``pure``, and the fallback when a row is not a
+whole number of blocks.
+
+Mixtures of experts (``MixContext.n_expert`` > 1, llama.cpp's ``expert_count``): a stacked
+expert tensor (``blk.N.ffn_down_exps.weight``, GGUF shape ``(in, out, n_expert)``) takes one type
+by the same category rules as a dense one (``ffn_*_exps`` and ``ffn_*_shexp`` are ffn_gate /
+ffn_up / ffn_down by substring), except that the ffn_down rules read the layer from the name
+instead of counting tensors; with exactly 8 experts attn_v and attn_k become Q8_0 and
+attn_output Q5_K for Q2_K … Q4_K_M. A shared expert's gate ``ffn_gate_inp_shexp`` (shape
+``(n_embd, 1)``) is 1-D to ggml, so it stays as it is, like the router.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ class MixContext:
     n_layer: int
     n_head: int
     n_head_kv: int
-    n_expert: int = 0
+    n_expert: int = 0  # experts per MoE layer (llama.cpp's expert_count), 0 for a dense model
     has_imatrix: bool = False
     is_70b: bool = False
     overrides: list[tuple[str, str]] = field(default_factory=list)  # --tensor-type REGEX=TYPE, in order
@@ -45,8 +54,17 @@ class MixContext:
 
 
 def quantizable(name: str, n_dims: int) -> bool:
-    """``tensor_allows_quantization`` for the architectures qf exports."""
+    """``tensor_allows_quantization`` for the architectures qf exports (``n_dims`` as
+    :func:`ggml_n_dims` counts them)."""
     return n_dims >= 2 and name.endswith("weight") and not any(s in name for s in _NEVER)
+
+
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml's dimension count of a GGUF shape: trailing sizes of 1 do not count (``(256, 1)`` is 1-D)."""
+    n = len(shape)
+    while n > 1 and shape[n - 1] == 1:
+        n -= 1
+    return max(n, 1)
 
 
 def _category(name: str) -> str:
@@ -95,7 +113,7 @@ def choose_types(file_type: str, tensors: dict[str, tuple[int, ...]], ctx: MixCo
     out: dict[str, str | None] = {}
     for name in names:
         shape = tensors[name]
-        if not quantizable(name, len(shape)):
+        if not quantizable(name, ggml_n_dims(shape)):
             out[name] = None
             continue
         new = default

@@ -3,8 +3,9 @@
 Two paths: a SentencePiece ``tokenizer.model`` (``tokenizer.ggml.model = "llama"``: pieces,
 scores, token types, padded to the config's vocabulary size with ``[PAD{i}]``), or a byte-level
 BPE ``tokenizer.json`` (``"gpt2"``: tokens, types, merges, and the pre-tokenizer identified by
-the fingerprint of its encoding of a fixed text). Special token ids, ``add_*`` flags and the
-chat template come from ``gguf.SpecialVocab``.
+the fingerprint of its encoding of a fixed text). The converter's qwen2moe, qwen3moe and olmoe
+classes know only the second (a folder's ``tokenizer.model`` is ignored there). Special token
+ids, ``add_*`` flags and the chat template come from ``gguf.SpecialVocab``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def looks_special(token: str) -> bool:
     return bool(_SPECIAL.match(token))
 
 
+#: GGUF archs whose converter class writes only a byte-level BPE vocabulary (``_set_vocab_gpt2``)
+BPE_ONLY = ("qwen2moe", "qwen3moe", "olmoe")
+
+
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -34,13 +39,14 @@ def _json(path: Path) -> dict[str, Any]:
 def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | None = None,
               arch: str = "llama") -> list[str]:
     """Write the tokenizer keys of the model in ``folder`` as the converter does for ``arch``
-    (llama, qwen2, qwen3, gemma, gemma2, gemma3); returns warnings for the run summary."""
+    (llama, qwen2, qwen3, gemma, gemma2, gemma3, qwen2moe, qwen3moe, olmoe); returns warnings for
+    the run summary."""
     import gguf
 
     config = _json(folder / "tokenizer_config.json")
     if arch == "llama" and config.get("add_prefix_space") is not None:
         w.add_add_space_prefix(bool(config["add_prefix_space"]))
-    if (folder / "tokenizer.model").is_file():
+    if _sentencepiece_path(folder, arch):
         _sentencepiece(w, folder, vocab_size, config)
         special = gguf.SpecialVocab(folder, n_vocab=vocab_size)
     elif (folder / "tokenizer.json").is_file():
@@ -50,7 +56,7 @@ def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | No
             special.add_special_token.setdefault("bos", False)
             special.add_special_token.setdefault("eos", False)
     else:
-        raise UsageError(f"{folder} has neither tokenizer.model nor tokenizer.json; the GGUF needs a vocabulary")
+        raise UsageError(_no_vocabulary(folder, arch))
     if arch == "llama" and vocab_size == 49152:  # llama.cpp's converter: SmolLM vocabularies never add BOS
         special.add_special_token["bos"] = False
     special.add_to_gguf(w)
@@ -71,6 +77,29 @@ def add_vocab(w: Any, folder: Path, vocab_size: int, *, chat_template: Path | No
         warnings.append("no chat template in the tokenizer files: pass --exporter-opt chat_template=FILE "
                         "for chat use in llama.cpp/Ollama")
     return warnings
+
+
+def check_vocab(folder: Path, arch: str) -> None:
+    """Raise :class:`UsageError` now, before any work, when :func:`add_vocab` would refuse the
+    tokenizer of ``folder`` (none; a BPE pre-tokenizer llama.cpp does not know)."""
+    if _sentencepiece_path(folder, arch):
+        return
+    if not (folder / "tokenizer.json").is_file():
+        raise UsageError(_no_vocabulary(folder, arch))
+    from transformers import AutoTokenizer
+
+    pre_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+
+
+def _sentencepiece_path(folder: Path, arch: str) -> bool:
+    return (folder / "tokenizer.model").is_file() and arch not in BPE_ONLY
+
+
+def _no_vocabulary(folder: Path, arch: str) -> str:
+    if arch in BPE_ONLY:
+        return (f"{folder} has no tokenizer.json; llama.cpp's converter writes {arch} vocabularies only from a "
+                "byte-level BPE tokenizer.json")
+    return f"{folder} has neither tokenizer.model nor tokenizer.json; the GGUF needs a vocabulary"
 
 
 def _sentencepiece(w: Any, folder: Path, vocab_size: int, config: dict[str, Any]) -> None:
