@@ -122,3 +122,30 @@ def test_deploy_page_commands_run(case, artifacts, gptqmodel_python) -> None:
                            env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
         assert r.returncode == 0, f"{command}\n{r.stderr[-3000:]}"
         assert "Once upon a time" in r.stdout, r.stdout
+
+
+def test_gptqmodel_reads_our_moe_checkpoint(tiny_model, gptqmodel_python, tmp_path) -> None:
+    """A Qwen3-MoE (4 experts, per-expert linears) as hf-gptq: GPTQModel loads every expert's
+    linear and decodes the very weights qf wrote, its logits agree with qf's; ``qf run`` prints
+    the GPTQModel command (transformers 5 keeps the experts fused and cannot take them)."""
+    folder = tiny_model("qwen3_moe")
+    out = tmp_path / "moe"
+    r = qf.run(folder, quantizer="rtn", exporter="hf-gptq", out=out, evaluators=[], progress=False)
+    assert r.run_command is not None and "GPTQModel.load" in r.run_command
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tmp_path / "ids.pt"
+    torch.save(tok(default_eval_text().read_text()[:2000], return_tensors="pt").input_ids[:, :128], ids)
+    theirs = load_elsewhere(gptqmodel_python, "gptqmodel", out, ids, tmp_path)
+    ours = qf.load(out)
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
+    assert set(theirs["weights"]) == set(linears) and any(".experts.3." in n for n in linears)
+    for name, mod in linears.items():
+        want = mod.qweight.dequantize(torch.float64).to(torch.float16).float()
+        assert torch.equal(theirs["weights"][name], want), name
+    with torch.no_grad():
+        logits = ours(input_ids=torch.load(ids)).logits.float()
+    # float16 against float32 arithmetic: a random tiny model's router and output logits are
+    # nearly tied, so a few tokens go to another expert and a few argmaxes flip; the rest agree
+    diff = (theirs["logits"] - logits).abs()
+    same = (theirs["logits"].argmax(-1) == logits.argmax(-1)).float().mean().item()
+    assert same >= 0.9 and diff.mean().item() < 0.01, (same, diff.mean().item())

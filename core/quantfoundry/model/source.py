@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..memory import trim_memory
 from ..roles.architecture import Architecture, concrete_groups
-from .experts import unfuse_experts
+from .experts import expert_lists, unfuse_experts
 
 _STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -125,10 +125,16 @@ class ModelSource:
         return int(m.group(1)) if m else None
 
     @cached_property
-    def _skeleton_facts(self) -> tuple[dict[str, tuple[int, int]], frozenset[str]]:
+    def _skeleton_facts(self) -> tuple[dict[str, tuple[int, int]], frozenset[str], int]:
         model = self.skeleton()
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        return linears, frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
+        return linears, frozenset(n for n, _ in model.named_parameters(remove_duplicate=False)), \
+            len(expert_lists(model))
+
+    @property
+    def moe_layers(self) -> int:
+        """The model's mixture-of-experts layers (0 for a dense model)."""
+        return self._skeleton_facts[2]
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Module name → ``(out_features, in_features)`` of every ``nn.Linear`` in the model."""

@@ -52,6 +52,7 @@ Plugins import :mod:`quantfoundry` and :mod:`quantfoundry.toolkit` (and
 from __future__ import annotations
 
 from ..builtin.int_format import MIN_FALLBACK_GROUP, IntFormat, IntOptions
+from ..distributed import split_work
 from ..files import MANIFEST, read_jsonl, read_manifest, sha256_file, write_json_atomic
 from ..model.blocks import BlockStream
 from ..model.capture import PassThroughBlock, capture_inputs
@@ -67,6 +68,8 @@ from .checkpoint import (
     artifact_skeleton,
     attach_kv_scales,
     copy_tokenizer_files,
+    gptqmodel_command,
+    is_moe_checkpoint,
     load_float_parameters,
     one_group_plan,
     python_command,
@@ -96,7 +99,6 @@ from .ldlq import (
 from .observers import MSEObserver, Observer, PercentileObserver, make_observer
 from .safetensors_stream import ShardedSafetensorsWriter, StreamingSafetensorsWriter
 from .sequential import input_stages
-from ..distributed import split_work
 from .stats import STATISTICS, BlockStats, InputStats, collect_input_stats
 
 __all__ = [
@@ -108,6 +110,6 @@ __all__ = [
     "prepare_hessian", "python_command",
     "quant_method_of", "read_jsonl", "read_manifest", "release", "select_kernel", "select_kernels", "set_parameter", "sha256_file", "triton_interpreting",
     "triton_unavailable",
-    "slice_groups", "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "unpack_bits", "write_hf_config",
+    "slice_groups", "stored_params", "stored_shapes", "swap_in", "tied_source", "transformers_command", "gptqmodel_command", "is_moe_checkpoint", "unpack_bits", "write_hf_config",
     "write_json_atomic",
 ]

@@ -153,6 +153,22 @@ def transformers_command(folder: Path) -> str:
                           f"[{json.dumps('generated_text')}])")
 
 
+def gptqmodel_command(folder: Path) -> str:
+    """A shell command that generates from a GPTQ/AWQ checkpoint folder with GPTQModel."""
+    return python_command(f"from gptqmodel import GPTQModel; m = GPTQModel.load({json.dumps(str(folder))}); "
+                          f"print(m.tokenizer.decode(m.generate({json.dumps(PROMPT)}, max_new_tokens=32)[0]))")
+
+
+def is_moe_checkpoint(folder: Path) -> bool:
+    """True when the checkpoint's ``config.json`` describes a mixture of experts."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    cfg = cfg.get("text_config", cfg)
+    return any(int(cfg.get(k) or 0) > 0 for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
 def attach_kv_scales(model: nn.Module, source: ModelSource, act: Any, device: torch.device) -> None:
     """Simulate the KV cache of a reloaded artifact: every block's ``k_scale``/``v_scale`` read
     from the checkpoint onto its attention module (``quantfoundry.model.kv_cache``)."""

@@ -68,7 +68,6 @@ class InputStats:
 
     def add(self, x: torch.Tensor, want: Iterable[str]) -> None:
         """Add the rows of ``x`` ``[tokens, in]`` (float32) to the sums in ``want``."""
-        n_in = x.shape[1]
         for stat in want:
             if stat == "gram":
                 g = (x.T @ x).double()

@@ -83,3 +83,13 @@ def test_the_deploy_command_runs_as_written(tiny_model, tmp_path) -> None:
     done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().startswith("Once upon a time") or "Once upon a time" in done.stdout
+
+
+def test_a_mixture_of_experts_is_refused_before_any_work(tiny_model, tmp_path) -> None:
+    """transformers keeps a MoE's experts fused and bitsandbytes quantizes nn.Linear only: no
+    engine would load per-expert NF4 weights (transformers 5.25 fails on such a checkpoint)."""
+    from quantfoundry.errors import UsageError
+
+    with pytest.raises(UsageError, match="mixture of experts.*compressed-tensors, gguf or hf-gptq"):
+        qf.run(tiny_model("qwen3_moe"), exporter="bnb-4bit", out=tmp_path / "out", evaluators=[], progress=False)
+    assert not (tmp_path / "out").exists()

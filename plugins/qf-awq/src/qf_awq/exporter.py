@@ -24,6 +24,8 @@ from quantfoundry.toolkit import (
     IntFormat,
     ShardedSafetensorsWriter,
     artifact_skeleton,
+    gptqmodel_command,
+    is_moe_checkpoint,
     load_float_parameters,
     one_group_plan,
     quant_method_of,
@@ -116,6 +118,8 @@ class HFAWQExporter(Exporter):
 
     def run_command(self, folder: Path) -> str | None:
         """transformers with its AWQ backend (``pip install gptqmodel``); docs/deploy.md: vLLM."""
+        if is_moe_checkpoint(folder):  # transformers keeps a MoE's experts fused: it cannot take per-expert weights
+            return gptqmodel_command(folder) + "  # needs: pip install gptqmodel (transformers cannot load MoE GPTQ/AWQ)"
         return transformers_command(folder) + "  # needs: pip install gptqmodel"
 
     def verify(self, folder: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from quantfoundry import Block, Format, QFError, QuantContext, QuantizedWeight, Quantizer
 from quantfoundry.toolkit import (
+    BlockStats,
     HessianError,
     LDLQOptions,
     collect_input_stats,
@@ -97,8 +98,9 @@ class GPTQQuantizer(Quantizer):
                         out[n] = block.formats[n].quantize(block.linear(n).weight.float(), None)
             solve = [owner for owner in sharing if stats.stats[owner].count > 0]
             # across processes each Hessian's column loop runs on one rank, its weights sent to all
-            solved = split_work(solve, lambda owner: self._solve(block, sharing[owner],
-                                                                 stats.stats[owner].hessian(), ctx), notes=ctx.notes)
+            def one(owner: str, sharing: dict = sharing, stats: BlockStats = stats) -> dict[str, QuantizedWeight]:
+                return self._solve(block, sharing[owner], stats.stats[owner].hessian(), ctx)
+            solved = split_work(solve, one, notes=ctx.notes)
             for owner in solve:
                 out.update({n: qw.to(ctx.device) for n, qw in solved[owner].items()})
             for n in names:  # later groups see this group's quantized outputs

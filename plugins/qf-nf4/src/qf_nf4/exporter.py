@@ -87,6 +87,10 @@ class BnB4BitExporter(Exporter):
         reason = self.check_format(requested)
         if reason:
             raise UsageError(f"exporter bnb-4bit cannot store {requested.spec}: {reason}; it stores {self.storable()}")
+        if source.moe_layers:
+            raise UsageError(f"{source.hf_class} is a mixture of experts: transformers keeps its experts fused and "
+                             "bitsandbytes quantizes nn.Linear modules only, so no engine loads per-expert 4-bit "
+                             "weights; use --exporter compressed-tensors, gguf or hf-gptq")
         return super().plan(source, requested, collects_importance=collects_importance)
 
     # -- writing -------------------------------------------------------------------------
