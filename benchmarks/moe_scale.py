@@ -100,7 +100,8 @@ if __name__ == "__main__":
 def measure(model: Path, out: Path, args: argparse.Namespace, devices: str | None = None) -> dict[str, Any]:
     run = {"model": str(model), "quantizer": "gptq", "calibrator_options": {"n_samples": args.samples,
            "seq_len": args.seq_len}, "batch_size": args.batch_size, "evaluators": [], "progress": False,
-           "out": str(out), "overwrite": True, "expert_routing": "fill"}
+           "out": str(out), "overwrite": True, "expert_routing": "fill",
+           "quantizer_options": {"stats_mb": args.stats_mb}}
     run.update({"devices": devices} if devices else {"device": args.device})
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "runner.py"
@@ -120,6 +121,7 @@ def measure(model: Path, out: Path, args: argparse.Namespace, devices: str | Non
 
 
 def main() -> None:
+    global HIDDEN, FFN
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path.home() / ".cache/qf-bench/moe")
     ap.add_argument("--device", default="cpu")
@@ -130,12 +132,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--stats-mb", type=int, default=2048, help="gptq's stats_mb (a stage's Hessians)")
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--ffn", type=int, default=FFN, help="each expert's FFN width")
     ap.add_argument("--processes", type=int, default=0, help="also time the largest model on this many processes")
     ap.add_argument("--out", type=Path, default=HERE / "results/moe_scale_cpu.json")
     args = ap.parse_args()
-    global HIDDEN, FFN
     HIDDEN, FFN = args.hidden, args.ffn
 
     points = sorted({(int(d), args.base_experts) for d in args.depths.split(",")} |
@@ -174,6 +176,7 @@ def main() -> None:
     result = {"device": args.device, "device_name": device_name, "cores": os.cpu_count(),
               "shape": {"hidden": HIDDEN, "expert_ffn": FFN, "heads": HEADS, "kv_heads": KV, "experts_per_token": 2},
               "calibration": {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
+              "gptq_stats_mb": args.stats_mb,
               "rows": rows, "processes": multi, "torch": torch.__version__, "quantfoundry": core_version(),
               "measured": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
