@@ -1,5 +1,5 @@
 """Built-in architecture maps: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), and
-the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."""
+the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3."""
 
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def _moe_groups(moe: str, names: tuple[str, str, str], *, shared: str | None = N
 
 _EXPERT = ("gate_proj", "up_proj", "down_proj")
 
+# DeepSeek-V2/V3: multi-head latent attention (queries through a low-rank q_a → norm → q_b, or
+# one q_proj in V2-Lite; keys and values through kv_a → norm → kv_b), routed experts with shared
+# ones, and the first first_k_dense_replace layers with a plain MLP
+_DEEPSEEK_GROUPS = (
+    InputGroup(("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "input_layernorm", "norm"),
+    InputGroup(("self_attn.q_b_proj",), "self_attn.q_a_layernorm", "norm"),
+    InputGroup(("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm", "norm"),
+    InputGroup(("self_attn.o_proj",), None, "none"),  # reads the heads' values out of kv_b: no fold
+)
+
 BUILTIN_ARCHITECTURES = (
     Architecture("llama", ("LlamaForCausalLM",), _LLAMA_GROUPS, description="Llama 1/2/3, SmolLM, TinyLlama"),
     Architecture("mistral", ("MistralForCausalLM",), _LLAMA_GROUPS, description="Mistral 7B and derivatives"),
@@ -72,6 +82,12 @@ BUILTIN_ARCHITECTURES = (
                  description="Qwen3-MoE (30B-A3B, 235B-A22B: routed experts, q_norm/k_norm)"),
     Architecture("olmoe", ("OlmoeForCausalLM",), _moe_groups("mlp", _EXPERT),
                  description="OLMoE (64 experts, 8 per token; q_norm/k_norm over all heads)"),
+    Architecture("deepseek_v2", ("DeepseekV2ForCausalLM",),
+                 _DEEPSEEK_GROUPS + _moe_groups("mlp", _EXPERT, shared="shared_experts", dense=True)[2:],
+                 description="DeepSeek-V2 / V2-Lite (latent attention, routed and shared experts)"),
+    Architecture("deepseek_v3", ("DeepseekV3ForCausalLM",),
+                 _DEEPSEEK_GROUPS + _moe_groups("mlp", _EXPERT, shared="shared_experts", dense=True)[2:],
+                 description="DeepSeek-V3 / R1, Kimi K2 (latent attention, sigmoid router with score bias)"),
 )
 
 

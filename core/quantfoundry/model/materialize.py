@@ -32,11 +32,13 @@ def set_parameter(module: nn.Module, name: str, value: torch.Tensor | nn.Paramet
 
 def stored_names(model: nn.Module, module: nn.Module, prefix: str, source: ModelSource,
                  skip_prefix: str | None = None) -> dict[str, list[str]]:
-    """Checkpoint tensor name → the relative parameter names of ``module`` it fills."""
+    """Checkpoint tensor name → the relative parameter names of ``module`` it fills (and of the
+    buffers the checkpoint stores, such as DeepSeek-V3's router score-correction bias)."""
     rel_names = [n for n, _ in module.named_parameters(remove_duplicate=False)
                  if not (skip_prefix and n.startswith(skip_prefix))]
     full = {rel: f"{prefix}.{rel}" if prefix else rel for rel in rel_names}
-    wanted: dict[str, str] = {}
+    wanted: dict[str, str] = {rel: f"{prefix}.{rel}" if prefix else rel for rel in _stored_buffers(module, prefix, source)
+                              if not (skip_prefix and rel.startswith(skip_prefix))}
     for rel, name in full.items():
         if source.has_tensor(name):
             wanted[rel] = name
@@ -49,6 +51,10 @@ def stored_names(model: nn.Module, module: nn.Module, prefix: str, source: Model
     for rel, name in wanted.items():
         users.setdefault(name, []).append(rel)
     return users
+
+
+def _stored_buffers(module: nn.Module, prefix: str, source: ModelSource) -> list[str]:
+    return [n for n, _ in module.named_buffers() if source.has_tensor(f"{prefix}.{n}" if prefix else n)]
 
 
 def materialize(
@@ -70,7 +76,12 @@ def materialize(
                              requires_grad=False)
         del tensor
         for rel in users[name]:  # tied names (lm_head of tied embeddings) share one Parameter
-            set_parameter(module, rel, param)
+            parent_name, _, attr = rel.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            if attr in parent._buffers:  # a buffer the checkpoint stores: its values, as a buffer
+                parent._buffers[attr] = param.data.to(parent._buffers[attr].dtype)
+            else:
+                set_parameter(module, rel, param)
 
 
 def release(module: nn.Module) -> None:

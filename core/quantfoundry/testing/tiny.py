@@ -31,9 +31,21 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                   "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True},
     "olmoe": {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "num_experts": 4,
               "num_experts_per_tok": 2},
+    # layer 0 dense (first_k_dense_replace), layer 1 MoE with a shared expert; latent attention
+    # with a low-rank query (V3) or one q_proj (V2-Lite)
+    "deepseek_v3": {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 4,
+                    "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "q_lora_rank": 32,
+                    "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                    "num_key_value_heads": 4, "head_dim": 8},
+    "deepseek_v2": {"model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "n_routed_experts": 4,
+                    "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 16, "v_head_dim": 16, "num_key_value_heads": 4, "head_dim": 8,
+                    "topk_method": "greedy"},
 }
 #: the architectures of :data:`TINY_CONFIGS` that are mixtures of experts
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -76,6 +88,9 @@ def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype:
                 p.uniform_(0.5, 1.5) if "gemma" not in arch else p.uniform_(-0.5, 0.5)
             else:
                 p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's stored router bias: one that reroutes
+                b.normal_(0.0, 0.5)
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
     src = default_model_path()
     for name in _TOKENIZER_FILES:

@@ -121,7 +121,13 @@ def artifact_skeleton(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Mode
 
 def load_float_parameters(model: nn.Module, source: ModelSource, device: torch.device,
                           dtype: torch.dtype) -> nn.Module:
-    """Fill every parameter still on the meta device from the artifact (tied names share one)."""
+    """Fill every parameter still on the meta device from the artifact (tied names share one),
+    and every buffer the artifact stores (DeepSeek-V3's router score-correction bias)."""
+    for bname, b in list(model.named_buffers()):
+        if source.has_tensor(bname):
+            parent_name, _, attr = bname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent._buffers[attr] = source.read([bname])[bname].to(device=device, dtype=b.dtype)
     loaded: dict[str, nn.Parameter] = {}
     for pname, p in list(model.named_parameters(remove_duplicate=False)):
         if p.device.type != "meta":
