@@ -11,7 +11,8 @@ sensitivity pass or a quantizer's test walks the same way::
         stream.finish(block)   # optional: the next block's inputs, from the weights it holds now
 
 Peak memory is one block, the calibration activations and the next block's stored tensors, which
-a background thread reads from the checkpoint while the current block is worked on.
+a background thread reads from the checkpoint while the current block is worked on (once it is
+built: a block's read tensors are converted and dropped one by one).
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ class BlockStream:
                     raise RuntimeError("block prefetch lost track of its reads")
                 with phase("load"):
                     tensors = pending.result()
+                    block = self._block(index, tensors)  # consumes the read tensors one by one
+                    # the next block is read while this one is worked on (not while it is built:
+                    # the peak is one block and one block's read, not two reads)
                     pending = pool.submit(read, index + 1) if index + 1 < n else None
-                    block = self._block(index, tensors)
                 del tensors
                 yield block
                 if index not in self._finished:

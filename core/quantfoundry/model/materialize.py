@@ -66,10 +66,12 @@ def materialize(
 
     :param skip_prefix: leave parameters whose relative name starts with it on ``meta``.
     :param tensors: the stored tensors, already read (a prefetch, whose reader checks them for
-        NaN/Inf); else read one at a time, and any NaN/Inf raises ``NonFiniteWeightsError``.
+        NaN/Inf), taken out of the dict as they are converted; else read one at a time, and any
+        NaN/Inf raises ``NonFiniteWeightsError``.
     """
     users = stored_names(model, module, prefix, source, skip_prefix)
-    stream = ((n, tensors[n]) for n in sorted(users)) if tensors is not None else \
+    # the read tensors are consumed: each leaves the dict once converted, so its memory goes then
+    stream = ((n, tensors.pop(n)) for n in sorted(users)) if tensors is not None else \
         source.iter_read(sorted(users), check_finite=True)
     for name, tensor in stream:  # one stored tensor at a time
         param = nn.Parameter(tensor.to(device=device, dtype=dtype, non_blocking=tensor.is_pinned()),
