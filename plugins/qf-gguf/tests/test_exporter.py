@@ -51,6 +51,23 @@ def assert_same_file(ours, theirs) -> None:
     assert {k: v for k, v in fa.items() if k not in NAME_KEYS} == {k: v for k, v in fb.items() if k not in NAME_KEYS}
 
 
+def assert_float_conversion_agrees(folder, f32) -> None:
+    """The float model: llama.cpp's own F32 conversion and transformers agree on the same ids."""
+    from qf_gguf.engine import LlamaCppEngine
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 4096, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits.double()
+    engine = LlamaCppEngine(f32)
+    try:
+        got = engine.logits(ids).double()
+    finally:
+        engine.close()
+    p, q = ref.log_softmax(-1), got.log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-5
+
+
 def llama_perplexity(llama_cpp, gguf_file, text, ctx: int) -> float:
     for _ in range(3):  # its logger now and then drops the final line at exit
         r = subprocess.run([str(llama_cpp["bin"] / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text),
@@ -172,20 +189,7 @@ def test_each_supported_architecture_equals_llama_cpp(arch, llama_cpp, llama_cpp
     f32 = converted(folder)
     theirs = llama_quantize(llama_cpp, f32, tmp_path / "theirs.gguf", "Q4_K_M")
     assert_same_file(tmp_path / "ours" / "model.gguf", theirs)
-    # the float model: llama.cpp's own F32 conversion and transformers agree on the same ids
-    from qf_gguf.engine import LlamaCppEngine
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(3, 4096, (1, 128), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits.double()
-    engine = LlamaCppEngine(f32)
-    try:
-        got = engine.logits(ids).double()
-    finally:
-        engine.close()
-    p, q = ref.log_softmax(-1), got.log_softmax(-1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-5
+    assert_float_conversion_agrees(folder, f32)
     ev = r.manifest["evaluation"]
     assert ev["artifact"]["opened"].startswith("served by llama.cpp")
     mismatches = ev["artifact_check"]["mismatches"]
@@ -247,19 +251,7 @@ def test_each_moe_architecture_equals_llama_cpp(arch, llama_cpp, llama_cpp_pytho
     assert [int(n) for n in tensors["blk.0.ffn_up_exps.weight"].shape] == [256, 256, 4]
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
     assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q6_K"  # use_more_bits of layer 1 of 2
-    from qf_gguf.engine import LlamaCppEngine
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(3, 4096, (1, 128), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits.double()
-    engine = LlamaCppEngine(f32)
-    try:
-        got = engine.logits(ids).double()
-    finally:
-        engine.close()
-    p, q = ref.log_softmax(-1), got.log_softmax(-1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-5
+    assert_float_conversion_agrees(folder, f32)
     ev = r.manifest["evaluation"]
     assert ev["artifact"]["opened"].startswith("served by llama.cpp")
     assert ev["artifact_check"]["mismatches"] == []
