@@ -88,6 +88,20 @@ def all_reduce_count(n: int) -> int:
     return int(all_reduce_(torch.tensor([n], dtype=torch.int64)).item())
 
 
+def merge_dicts(d: dict[K, T]) -> dict[K, T]:
+    """The union of every rank's ``d`` (ranks must agree where their keys meet); ``d`` itself
+    with one process."""
+    dist = _dist()
+    if dist is None:
+        return d
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, d)
+    out: dict[K, T] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
 def broadcast_object(obj: T, src: int) -> T:
     """``obj`` from rank ``src`` on every rank (tensors inside come back on the CPU)."""
     dist = _dist()

@@ -75,3 +75,17 @@ def test_fewer_batches_than_processes_is_refused(tiny_model, tmp_path):
     with pytest.raises(UsageError, match="1 calibration batch\\(es\\) for 2 processes"):
         qf.run(tiny_model("llama"), quantizer="gptq", devices="cpu,cpu", calibrator_options=CAL, batch_size=16,
                out=tmp_path / "out", progress=False, evaluators=[])
+
+
+def test_an_expert_one_rank_never_sees_keeps_the_ranks_in_step(tiny_model, tmp_path):
+    """16 experts, 2 per token, 4-token batches and ``topk`` routing: experts the router sends no
+    token of one rank's batches (their gate and up zero on that rank, sharing one input on the
+    other) and experts no rank ever sees (rounded to nearest by GPTQ's rule): the ranks still
+    reduce the same entries, and the bytes are the one-process run's."""
+    folder = tiny_model("mixtral", num_local_experts=16)
+    extra = dict(quantizer="gptq", expert_routing="topk", expert_min_tokens=0, evaluators=[], progress=False,
+                 calibrator_options={"n_samples": 4, "seq_len": 4}, batch_size=1, threads=1)
+    one = qf.run(folder, out=tmp_path / "one", **extra)
+    qf.run(folder, out=tmp_path / "two", devices="cpu,cpu", **extra)
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+    assert any("saw no calibration token" in n for n in one.manifest["notes"])

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..distributed import all_reduce_, all_reduce_count
+from ..distributed import all_reduce_, all_reduce_count, merge_dicts
 from ..roles.block import Block
 
 STATISTICS = ("gram", "abs_sum", "sq_sum", "absmax")
@@ -127,10 +127,12 @@ class BlockStats:
         return self.stats[self.owner[linear]]
 
     def sharing(self) -> dict[str, list[str]]:
-        """Owner → the linears reading its input (owner first), in first-call order."""
+        """Owner → the linears reading its input (owner first), in the order of the names asked."""
         out: dict[str, list[str]] = {}
         for name, own in self.owner.items():
-            out.setdefault(own, []).append(name)
+            members = out.setdefault(own, [own])
+            if name != own:
+                members.append(name)
         return out
 
 
@@ -189,11 +191,17 @@ def collect_input_stats(block: Block, names: list[str], *, want: Iterable[str] =
                 block.module(hidden, **kwargs)
             except _Done:
                 pass
-    for name in names:
-        if name not in out.owner:  # never called (an MoE expert no token was routed to)
-            out.owner[name] = name
-            w = block.linear(name).weight
-            out.stats[name] = InputStats().zeros(w.shape[1], want, device or w.device)
+    # across processes, a linear one rank never called (an expert no token of its batches was
+    # routed to) takes the owner the ranks that called it saw, so that every rank reduces the
+    # same entries in the same order
+    for name, owner in merge_dicts(dict(out.owner)).items():
+        out.owner.setdefault(name, owner)
+    # in the order of ``names`` (not of first calls), the same on every rank; a linear never
+    # called on any rank (an MoE expert no token was routed to) owns its own zero entry
+    out.owner = {name: out.owner.get(name, name) for name in names}
+    for owner in set(out.owner.values()) - set(out.stats):
+        w = block.linear(owner).weight
+        out.stats[owner] = InputStats().zeros(w.shape[1], want, device or w.device)
     for name in sorted(out.stats):  # the same order on every rank
         out.stats[name].reduce()
     return out
