@@ -13,6 +13,7 @@ import pytest
 import quantfoundry as qf
 from quantfoundry.plugins import get_plugin_manager
 from quantfoundry.testing import conformance as kit
+from quantfoundry.testing.tiny import DENSE_ARCHS
 
 #: the distributions of this repository (``None``: the core's built-ins)
 REPOSITORY = {None, "qf-gguf", "qf-gptq", "qf-awq", "qf-calibration", "qf-nf4", "qf-bitsandbytes",
@@ -31,6 +32,9 @@ EXTRA: dict[str, dict[str, Any]] = {
     "calibration-mismatch": {"options": {"out_domain": str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"),
                                          "max_tokens": "2048"}},
     "gguf": {"architectures": ("llama", "mistral", "qwen3")},
+    # the exporter refuses mixtures of experts (transformers keeps their experts fused and
+    # bitsandbytes quantizes nn.Linear only); the kernel of that name ignores the key
+    "bnb-4bit": {"architectures": DENSE_ARCHS},
     # the kit calibrates with pycode-7m's tokenizer, which has no chat template
     "chat": {"options": {"path": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},
     "hf-dataset": {"options": {"dataset": CHATS, "chat_template": CHATML, "n_samples": "3", "seq_len": "40"}},

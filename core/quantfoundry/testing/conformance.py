@@ -45,7 +45,8 @@ What each class checks:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,9 +60,12 @@ from ..pipeline.components import make
 from ..roles.exporter import Exporter
 from ..roles.format import Format, QuantizedWeight
 from ..roles.kernel import QuantLinear
-from .tiny import TINY_CONFIGS
+from .tiny import DENSE_ARCHS
 
-ARCHITECTURES = tuple(sorted(TINY_CONFIGS))
+#: every dense architecture, and two mixtures of experts: a gated shared expert with its router
+#: (Qwen2-MoE), latent attention with dense first layers and a stored router bias (DeepSeek-V3);
+#: tests/unit/test_moe.py runs every MoE map end to end
+ARCHITECTURES = tuple(sorted((*DENSE_ARCHS, "qwen2_moe", "deepseek_v3")))
 #: tiny shapes where every built-in format fits (K-quant super-blocks are 256 wide)
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "num_attention_heads": 4,
         "num_key_value_heads": 2}
@@ -249,9 +253,12 @@ class TransformConformance:
         ids = state.calibration.input_ids if state.calibration is not None else torch.randint(0, 4096, (4, 32))
         stream = BlockStream(resolve_model(folder), calibration=ids, batch_size=2, plan=state.plan)
         for block in stream:
-            before = block.run()
+            routed: list[tuple[Any, ...]] = []
+            with _routing(block.module, routed, record=True):
+                before = block.run()
             stage.transform_block(block, state.ctx)
-            after = block.run()
+            with _routing(block.module, routed, record=False):  # the same experts for every token
+                after = block.run()
             for a, b in zip(after, before, strict=True):
                 # tensors kept in float are rounded to the checkpoint's dtype (bf16 here: 2⁻⁸), as the
                 # artifact holds them; a wrong transformation is off by O(1)
@@ -264,6 +271,30 @@ class TransformConformance:
                       format=self.format, evaluators=[("kl", {"max_tokens": "2048"})])
         _check_run(result, out)
         assert result.manifest["quantizer"][0]["role"] == "transform"
+
+
+@contextmanager
+def _routing(module: torch.nn.Module, calls: list[tuple[Any, ...]], *, record: bool) -> Iterator[None]:
+    """Record the routing (each MoE layer's call arguments) of a block's run, or replay it: a
+    router kept in float is rounded to the checkpoint's dtype after a fold, and a token whose
+    top experts are near-tied may flip to another — the check is about the folds, which the
+    float64 test of tests/unit/test_fold.py covers routers included."""
+    from ..model.experts import expert_lists
+
+    queue = calls if record else list(calls)
+
+    def hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if record:
+            queue.append(args[1:])
+            return None
+        return (args[0], *queue.pop(0))
+
+    handles = [m.register_forward_pre_hook(hook) for m in expert_lists(module).values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class PlannerConformance:

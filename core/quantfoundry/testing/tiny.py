@@ -46,6 +46,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: the architectures of :data:`TINY_CONFIGS` that are mixtures of experts
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+#: the dense ones
+DENSE_ARCHS = tuple(a for a in TINY_CONFIGS if a not in MOE_ARCHS)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -63,6 +65,9 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
     )
     fields.update(base)
     fields.update(overrides)
+    if model_type.startswith("deepseek"):  # latent attention: one KV head per query head, rope of qk_rope_head_dim
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+        fields["head_dim"] = fields["qk_rope_head_dim"]
     if model_type in ("gemma2", "gemma3_text"):
         # as in Gemma 2 2B/9B and Gemma 3 (not 27B): queries scaled by 1/sqrt(head_dim), which
         # llama.cpp assumes for every size but 27B's
