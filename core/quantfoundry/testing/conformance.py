@@ -26,7 +26,8 @@ What each class checks:
   whole tile does; the spec and the JSON form resolve back to an equal format; a bad option is
   one :class:`~quantfoundry.errors.OptionsError`; a shape it refuses has a reason (and a
   fallback that fits, when it offers one); CUDA gives the CPU's codes.
-* :class:`QuantizerConformance` — a whole run on a tiny model of every built-in architecture:
+* :class:`QuantizerConformance` — a whole run on a tiny model of every built-in dense architecture
+  and two mixtures of experts (Qwen2-MoE, DeepSeek-V3; :data:`ARCHITECTURES`):
   every planned tensor quantized onto its planned format, the written artifact reloaded equal
   to the in-memory model (no ``MISMATCH``), a finite KL to the original.
 * :class:`TransformConformance` — the transform, then round-to-nearest, on every built-in
