@@ -68,6 +68,17 @@ def assert_float_conversion_agrees(folder, f32) -> None:
     assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-5
 
 
+def llama_imatrix(llama_cpp, f32, tmp_path):
+    """llama-imatrix over 10 chunks of 128 tokens of the embedded text: its imatrix.gguf."""
+    text = tmp_path / "calib.txt"
+    text.write_text(default_eval_text().read_text()[:30_000])
+    imatrix = tmp_path / "imatrix.gguf"
+    r = subprocess.run([str(llama_cpp["bin"] / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "128",
+                        "--chunks", "10", "-t", "2", "-o", str(imatrix)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return imatrix
+
+
 def llama_perplexity(llama_cpp, gguf_file, text, ctx: int) -> float:
     for _ in range(3):  # its logger now and then drops the final line at exit
         r = subprocess.run([str(llama_cpp["bin"] / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text),
@@ -138,12 +149,7 @@ def test_with_a_llama_imatrix_file_equals_llama_quantize(ftype, llama_cpp, conve
     """Same imatrix file, same file: the imatrix-weighted encoders and the quantize.imatrix.* keys
     (the Q4_0 ffn_down rule an imatrix triggers needs 8+ layers: tests/test_mixes.py covers it)."""
     f32 = converted(default_model_path())
-    text = tmp_path / "calib.txt"
-    text.write_text(default_eval_text().read_text()[:30_000])
-    imatrix = tmp_path / "imatrix.gguf"
-    r = subprocess.run([str(llama_cpp["bin"] / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "128",
-                        "--chunks", "10", "-t", "2", "-o", str(imatrix)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    imatrix = llama_imatrix(llama_cpp, f32, tmp_path)
     qf.run(exporter="gguf", exporter_options={"type": ftype, "imatrix": str(imatrix)}, out=tmp_path / "ours",
            evaluators=[], progress=False)
     out = tmp_path / "theirs.gguf"
@@ -295,12 +301,7 @@ def test_moe_with_a_llama_imatrix_file_equals_llama_quantize(llama_cpp, converte
 
     folder = tiny_moe(tiny_model, shared, "mixtral")
     f32 = converted(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text(default_eval_text().read_text()[:30_000])
-    imatrix = tmp_path / "imatrix.gguf"
-    r = subprocess.run([str(llama_cpp["bin"] / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "128",
-                        "--chunks", "10", "-t", "2", "-o", str(imatrix)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    imatrix = llama_imatrix(llama_cpp, f32, tmp_path)
     assert read_imatrix(imatrix).entries["blk.0.ffn_up_exps.weight"].in_sum2.shape == (4, 256)
     qf.run(folder, exporter="gguf", exporter_options={"imatrix": str(imatrix)}, out=tmp_path / "ours",
            evaluators=[], progress=False)
