@@ -54,11 +54,6 @@ def rank() -> int:
     return int(dist.get_rank()) if dist is not None else 0
 
 
-def is_primary() -> bool:
-    """True on the rank that writes the artifact and reports (rank 0)."""
-    return rank() == 0
-
-
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share of ``items``: every ``world``-th one, from its rank."""
     return list(items[rank()::world_size()])
@@ -110,12 +105,6 @@ def broadcast_object(obj: T, src: int) -> T:
     box = [_to_cpu(obj) if rank() == src else None]
     dist.broadcast_object_list(box, src=src, device=_object_device())
     return box[0]  # type: ignore[return-value]
-
-
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
 
 
 def split_work(keys: Sequence[K], compute: Callable[[K], T], *, notes: list[str] | None = None) -> dict[K, T]:

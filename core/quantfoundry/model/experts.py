@@ -58,7 +58,7 @@ class _Calibration:
     min_tokens: int
     total: int  # calibration tokens in all (fill: each call tops up to its share of min_tokens)
     counts: torch.Tensor  # tokens each expert's linears saw, over the calibration
-    logits: torch.Tensor | None = None  # the router's logits of the current call
+    probs: torch.Tensor | None = None  # fill: the routing probabilities of the current call [tokens, E]
     stop_after_routing: bool = False
     hooks: list[Any] = field(default_factory=list)
 
@@ -108,9 +108,9 @@ class ExpertList(nn.ModuleList):
             routed[token] = True
             return torch.nonzero(~routed).flatten()
         quota = min(n, -(-calib.min_tokens * n // max(calib.total, 1)))  # this batch's share, rounded up
-        if calib.routing != "fill" or token.numel() >= quota or calib.logits is None:
+        if calib.routing != "fill" or token.numel() >= quota or calib.probs is None:
             return None
-        prob = torch.softmax(calib.logits.reshape(n, -1).float(), dim=-1)[:, e]
+        prob = calib.probs[:, e].clone()
         prob[token] = -1.0  # already routed
         want = quota - token.numel()
         return torch.topk(prob, want).indices if want > 0 else None
@@ -135,10 +135,12 @@ def expert_calibration(module: nn.Module, routing: str, min_tokens: int,
     counts: dict[str, torch.Tensor] = {}
     for name, experts in lists.items():
         calib = _Calibration(routing, int(min_tokens), int(total), torch.zeros(len(experts), dtype=torch.long))
-        router = _router_of(module, name)
+        router = _router_of(module, name) if routing == "fill" else None
         if router is not None:
-            def keep(_m: nn.Module, _args: Any, output: Any, calib: _Calibration = calib) -> None:
-                calib.logits = (output[0] if isinstance(output, tuple) else output).detach()
+            def keep(_m: nn.Module, _args: Any, output: Any, calib: _Calibration = calib,
+                     experts: int = len(experts)) -> None:
+                logits = (output[0] if isinstance(output, tuple) else output).detach()
+                calib.probs = torch.softmax(logits.reshape(-1, experts).float(), dim=-1)  # once per call
             calib.hooks.append(router.register_forward_hook(keep))
         experts._calib = calib
         counts[name] = calib.counts

@@ -30,6 +30,19 @@ def set_parameter(module: nn.Module, name: str, value: torch.Tensor | nn.Paramet
     parent._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
+def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the buffer ``name`` by ``value`` in the buffer's own dtype (a checkpoint-stored
+    buffer, such as DeepSeek-V3's router score-correction bias)."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    parent._buffers[attr] = value.to(parent._buffers[attr].dtype)
+
+
+def is_buffer(module: nn.Module, name: str) -> bool:
+    parent_name, _, attr = name.rpartition(".")
+    return attr in (module.get_submodule(parent_name) if parent_name else module)._buffers
+
+
 def stored_names(model: nn.Module, module: nn.Module, prefix: str, source: ModelSource,
                  skip_prefix: str | None = None) -> dict[str, list[str]]:
     """Checkpoint tensor name → the relative parameter names of ``module`` it fills (and of the
@@ -78,10 +91,8 @@ def materialize(
                              requires_grad=False)
         del tensor
         for rel in users[name]:  # tied names (lm_head of tied embeddings) share one Parameter
-            parent_name, _, attr = rel.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            if attr in parent._buffers:  # a buffer the checkpoint stores: its values, as a buffer
-                parent._buffers[attr] = param.data.to(parent._buffers[attr].dtype)
+            if is_buffer(module, rel):  # a buffer the checkpoint stores: its values, as a buffer
+                set_buffer(module, rel, param.data)
             else:
                 set_parameter(module, rel, param)
 

@@ -125,11 +125,17 @@ class ModelSource:
         return int(m.group(1)) if m else None
 
     @cached_property
-    def _skeleton_facts(self) -> tuple[dict[str, tuple[int, int]], frozenset[str], int]:
+    def _skeleton_facts(self) -> tuple[dict[str, tuple[int, int]], frozenset[str], int, list[str]]:
         model = self.skeleton()
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        readers = []
+        for index, layer in enumerate(model.get_submodule(self.architecture.layers)):
+            modules = [n for n, _ in layer.named_modules()]
+            for pattern in self.architecture.groups:
+                for group in concrete_groups(pattern, modules):
+                    readers += [f"{self.layer_prefix(index)}.{r}" for r in group.readers if r in modules]
         return linears, frozenset(n for n, _ in model.named_parameters(remove_duplicate=False)), \
-            len(expert_lists(model))
+            len(expert_lists(model)), sorted(set(readers))
 
     @property
     def moe_layers(self) -> int:
@@ -156,14 +162,7 @@ class ModelSource:
         """Full names of the modules of every block that the map's input groups name as float
         readers (a MoE layer's router, a shared expert's gate): never quantized, and an
         exporter whose engine would otherwise expect them quantized lists them as ignored."""
-        out = []
-        layers = self.skeleton().get_submodule(self.architecture.layers)
-        for index, layer in enumerate(layers):
-            modules = [n for n, _ in layer.named_modules()]
-            for pattern in self.architecture.groups:
-                for group in concrete_groups(pattern, modules):
-                    out += [f"{self.layer_prefix(index)}.{r}" for r in group.readers if r in modules]
-        return sorted(set(out))
+        return list(self._skeleton_facts[3])
 
     def float_reason(self, name: str) -> str:
         """Why the linear ``name``, not a block linear of the map, stays in float."""

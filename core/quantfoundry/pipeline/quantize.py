@@ -52,8 +52,10 @@ def run_block(transforms: list[Transform], quantizer: Quantizer, block: Block, c
     lists = expert_lists(block.module) if calibrated else {}
     if not lists:
         return run_stages(transforms, quantizer, block, ctx)
-    routed = routed_token_counts(block)
     total = calibration_tokens(block)
+    # with ``all`` every expert sees every token: no routing pass is needed to know it
+    routed = {name: torch.full((len(m),), total) for name, m in lists.items()} if routing == "all" \
+        else routed_token_counts(block)
     few: dict[str, int] = {}
     for name, counts in routed.items():
         for e, n in enumerate(counts.tolist()):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..builtin.int_format import MIN_FALLBACK_GROUP, IntFormat
 from ..errors import ArtifactError
-from ..model.materialize import set_parameter, tied_source
+from ..model.materialize import set_buffer, set_parameter, tied_source
 from ..model.source import ModelSource, find_architecture, weight_files
 from ..options import Options
 from ..roles.plan import QuantPlan, TensorPlan
@@ -123,11 +123,9 @@ def load_float_parameters(model: nn.Module, source: ModelSource, device: torch.d
                           dtype: torch.dtype) -> nn.Module:
     """Fill every parameter still on the meta device from the artifact (tied names share one),
     and every buffer the artifact stores (DeepSeek-V3's router score-correction bias)."""
-    for bname, b in list(model.named_buffers()):
+    for bname, _b in list(model.named_buffers()):
         if source.has_tensor(bname):
-            parent_name, _, attr = bname.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            parent._buffers[attr] = source.read([bname])[bname].to(device=device, dtype=b.dtype)
+            set_buffer(model, bname, source.read([bname])[bname].to(device))
     loaded: dict[str, nn.Parameter] = {}
     for pname, p in list(model.named_parameters(remove_duplicate=False)):
         if p.device.type != "meta":

@@ -65,8 +65,9 @@ def block_groups(block: Block, who: str) -> list[BlockGroup]:
     arch = block.architecture
     linears = [n for n, m in block.module.named_modules() if isinstance(m, nn.Linear)]
     groups = []
+    modules = [n for n, _ in block.module.named_modules()]
     for pattern in arch.groups:
-        for group in concrete_groups(pattern, [n for n, _ in block.module.named_modules()]):
+        for group in concrete_groups(pattern, modules):
             members = [n for pat in group.linears for n in arch.match(pat, linears)]
             planned = [n for n in members if n in block.formats]
             if planned:

@@ -16,13 +16,14 @@ def input_stages(block: Block, true_sequential: bool = True, stats_budget: int |
     the ones before it already quantized; linears of no group come last. Without
     ``true_sequential``: one stage of all.
 
-    :param stats_budget: bytes for one stage's float64 Gram matrices: a stage of a mixture of
-        experts whose experts' Grams exceed it is cut into stages of fewer experts each (the
-        other linears with the first). The statistics are the same: an expert's input depends
-        on no other expert of its stage."""
+    :param stats_budget: bytes for one stage's float64 Gram matrices: a true-sequential stage of
+        a mixture of experts whose experts' Grams exceed it is cut into stages of fewer experts
+        each (the other linears with the first). The statistics are the same: an expert's input
+        depends on no other expert of its stage. (Without ``true_sequential`` nothing is cut: a
+        later cut would see the earlier ones' quantized attention.)"""
     planned = list(block.formats)
     if not true_sequential:
-        return _by_budget(block, planned, stats_budget)
+        return [planned]
     stages, done = [], set()
     for patterns in block.architecture.order:
         names = [n for n in planned if n not in done and any(fnmatch.fnmatchcase(n, p) for p in patterns)]

@@ -192,13 +192,11 @@ def collect_input_stats(block: Block, names: list[str], *, want: Iterable[str] =
             except _Done:
                 pass
     # across processes, a linear one rank never called (an expert no token of its batches was
-    # routed to) takes the owner the ranks that called it saw, so that every rank reduces the
-    # same entries in the same order
-    for name, owner in merge_dicts(dict(out.owner)).items():
-        out.owner.setdefault(name, owner)
-    # in the order of ``names`` (not of first calls), the same on every rank; a linear never
-    # called on any rank (an MoE expert no token was routed to) owns its own zero entry
-    out.owner = {name: out.owner.get(name, name) for name in names}
+    # routed to) takes the owner the ranks that called it saw; keyed in the order of ``names``
+    # (not of first calls), every rank reduces the same entries in the same order. A linear
+    # never called on any rank (an MoE expert no token was routed to) owns its own zero entry.
+    seen = merge_dicts(dict(out.owner))
+    out.owner = {name: seen.get(name, name) for name in names}
     for owner in set(out.owner.values()) - set(out.stats):
         w = block.linear(owner).weight
         out.stats[owner] = InputStats().zeros(w.shape[1], want, device or w.device)

@@ -12,7 +12,6 @@ from quantfoundry.testing import LINEARS, inputs_of
 from quantfoundry.testing import first_block as tiny_first_block
 
 
-
 def first_block(folder, spec="int4-g32", n=4, seq=48):
     return tiny_first_block(folder, spec, n=n, seq=seq)
 

@@ -44,8 +44,8 @@ class GPTQOptions(LDLQOptions):
                 "forwards instead of recomputing them; -1 = a quarter of the free memory, 0 = off"})
 
     stats_mb: int = field(default=2048, metadata={
-        "help": "memory (MB) for one stage's Hessians: a stage of more experts is cut into forwards over fewer "
-                "experts each (the same Hessians; 0 = no limit)"})
+        "help": "memory (MB) for one true-sequential stage's Hessians: a stage of more experts is cut into "
+                "forwards over fewer experts each (the same Hessians; 0 = no limit)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
