@@ -87,8 +87,10 @@ def build(folder: Path, layers: int, experts: int, seed: int = 0) -> None:
 
 RUNNER = """
 import json, sys, time, torch, quantfoundry as qf
+from quantfoundry.memory import mmap_large_allocations
 args = json.loads(sys.argv[1])
 if __name__ == "__main__":
+    mmap_large_allocations()  # as the qf command does at start
     t = time.perf_counter()
     qf.run(args.pop("model"), **args)
     wall = time.perf_counter() - t

@@ -16,6 +16,7 @@ import click
 
 from .deploy.targets import target
 from .errors import QFError, UsageError
+from .memory import mmap_large_allocations
 from .options import parse_key_values
 from .plugins import get_plugin_manager, reset_plugin_manager
 
@@ -814,6 +815,7 @@ def new_plugin(name: str, role: str, parent: Path) -> None:
 def main() -> None:
     """Console entry point of ``qf`` (a Ctrl-C while plugins and torch load is one line too)."""
     signal.signal(signal.SIGINT, _on_ctrl_c)
+    mmap_large_allocations()  # freed tensors go back to the system (see quantfoundry.memory)
     try:
         cli()
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ import torch
 from ..distributed import BACKEND_ENV, parse_devices, process_group
 from ..errors import QFError, UsageError
 from ..files import read_manifest
+from ..memory import mmap_large_allocations
 from ..phases import measuring, phase
 from ..roles.exporter import Exporter
 from .components import device_of, dtype_of, make
@@ -104,6 +105,7 @@ def processes(state: RunState, model: Any, options: dict[str, Any]) -> Iterator[
 
 def _rank_main(rank: int, world: int, port: int, model: Any, options: dict[str, Any]) -> None:
     """A worker process of ``run(..., devices=...)``: the same run, as rank ``rank``."""
+    mmap_large_allocations()
     join_group(rank, world, port)
     try:
         run(model, **options)
