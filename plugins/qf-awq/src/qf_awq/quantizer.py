@@ -3,7 +3,8 @@ and its first half alone, the transform ``awq-scale``.
 
 Per decoder block: one float forward collects, for every input group of the architecture map
 (input norm → q/k/v; v → o; post-attention norm → gate/up; up → down), the mean |x| per
-input channel and the Gram matrix of the group's input
+input channel and the Gram matrix of the group's input (of each expert's input, in a mixture
+of experts)
 (:func:`quantfoundry.toolkit.collect_input_stats`). For each group in order, the scale
 ``s = mean|x|^α`` minimising the group's output error on the *planned* format (an int grid, a
 K-quant of a GGUF mix, …) is searched and folded into the group's source
@@ -147,45 +148,62 @@ class AWQQuantizer(Quantizer):
 
 
 def scale_block(block: Block, ctx: QuantContext, o: AWQScaleOptions, who: str) -> _Scaled:
-    """Search and fold every input group's scale, in order; the statistics of the scaled inputs."""
+    """Search and fold every input group's scale, in order; the statistics of the scaled inputs.
+
+    Linears of a group called with one tensor (q/k/v) share one entry of statistics; the
+    experts of a mixture of experts, which read one norm's output on different tokens, keep
+    their own: the group's objective sums each planned linear's output error on its own
+    tokens, its ``mean |x|`` is over every (token, expert) input, and each linear is clipped
+    on its own Gram matrix (AutoAWQ's Mixtral: the scale judged on the whole MoE module's
+    output)."""
     if block.inputs is None:
         raise QFError(f"{who} needs calibration inputs; the run has none (use --calibrator text)")
     groups = block_groups(block, who)
-    stats = collect_input_stats(block, [g.members[0] for g in groups], want=("gram", "abs_sum"),
-                                device=ctx.device, share=False)
+    stats = collect_input_stats(block, [m for g in groups for m in g.members], want=("gram", "abs_sum"),
+                                device=ctx.device)
     config = ctx.source.config if ctx.source is not None else None
     stored = ctx.source.storage_dtype if ctx.source is not None else torch.float32
     out = _Scaled(groups=groups)
     for g in groups:
-        st = stats[g.members[0]]
-        group = g.group
-        if st.count == 0:
+        owners = list(dict.fromkeys(stats.owner[m] for m in g.members))
+        total = sum(stats.stats[own].count for own in owners)
+        grams: dict[str, torch.Tensor | None] = dict.fromkeys(g.members)
+        imps: dict[str, torch.Tensor | None] = dict.fromkeys(g.members)
+        if total == 0:
             ctx.note(f"{who}: {g.members[0]} saw no calibration token: its group is rounded to nearest")
-            gram, imp = None, None
         else:
-            gram = st.gram / st.count
-            brought = ctx.importance.get(block.full_name(g.members[0]))
-            imp = (brought if brought is not None else torch.diagonal(gram).clone()) if o.fit_importance else None
+            for m in g.members:
+                if stats[m].count == 0:  # an expert no token reached: rounded to nearest
+                    continue
+                grams[m] = stats[m].gram / total
+                brought = ctx.importance.get(block.full_name(m))
+                imps[m] = (brought if brought is not None else torch.diagonal(grams[m]).clone()) \
+                    if o.fit_importance else None
             n_in = block.linear(g.members[0]).in_features
-            point = fold_point(block, group, n_in, config, o.fold_gqa)
+            point = fold_point(block, g.group, n_in, config, o.fold_gqa)
             if isinstance(point, str):
-                ctx.note(f"{who}: group {', '.join(group.linears)} not scaled: {point}")
+                ctx.note(f"{who}: group {', '.join(g.group.linears)} not scaled: {point}")
             else:
-                gram, imp, info = _scale(block, g, point, st.abs_mean, gram, imp, stored, o)
+                x_mean = (sum(stats.stats[own].abs_sum for own in owners) / total).float()
+                grams, imps, info = _scale(block, g, point, x_mean, grams, imps, stored, o)
                 out.meta.update({m: info for m in g.members})
-        for m in g.members:
-            out.grams[m], out.imps[m] = gram, imp
+        out.grams.update(grams)
+        out.imps.update(imps)
     return out
 
 
-def _scale(block: Block, g: BlockGroup, point: FoldPoint, x_mean: torch.Tensor, gram: torch.Tensor,
-       imp: torch.Tensor | None, stored: torch.dtype, o: AWQScaleOptions
-       ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Search the group's scale, fold it; the Gram matrix and importance of the scaled input."""
+def _scale(block: Block, g: BlockGroup, point: FoldPoint, x_mean: torch.Tensor,
+           grams: dict[str, torch.Tensor | None], imps: dict[str, torch.Tensor | None], stored: torch.dtype,
+           o: AWQScaleOptions) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None], dict]:
+    """Search the group's scale, fold it; the Gram matrices and importances of the scaled inputs."""
     lins = [block.linear(m) for m in g.members]
-    weights = [lin.weight.detach().to(gram.device, torch.float32) for lin in lins]
-    formats = [block.formats.get(m) for m in g.members]
-    res = search_scale(weights, formats, x_mean, gram, imp, n_grid=o.n_grid, duo_scaling=o.duo_scaling,
+    device = next(h for h in grams.values() if h is not None).device
+    weights = [lin.weight.detach().to(device, torch.float32) for lin in lins]
+    # a linear kept in float, or one that saw no token, is not scored (its scale is folded all the same)
+    formats = [block.formats.get(m) if grams[m] is not None else None for m in g.members]
+    zero = torch.zeros(0, device=device)
+    res = search_scale(weights, formats, x_mean, [grams[m] if grams[m] is not None else zero for m in g.members],
+                       [imps[m] for m in g.members], n_grid=o.n_grid, duo_scaling=o.duo_scaling,
                        tie=point.tie, exact=o.exact_search)
     prev_name = g.group.prev
     apply_fold(point, lins, res.scale.to(lins[0].weight.device), res.searched.to(lins[0].weight.device),
@@ -193,7 +211,7 @@ def _scale(block: Block, g: BlockGroup, point: FoldPoint, x_mean: torch.Tensor, 
     for m, lin in zip(g.members, lins, strict=True):
         if m not in block.formats:  # kept in float: what the artifact holds
             lin.weight.copy_(lin.weight.to(stored).to(lin.weight.dtype))
-    s = res.scale.to(gram.device)
-    gram = gram / (s.unsqueeze(1) * s.unsqueeze(0))
-    imp = None if imp is None else imp / s.square()
-    return gram, imp, {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.loss_rtn}
+    s = res.scale.to(device)
+    scaled_grams = {m: None if h is None else h / (s.unsqueeze(1) * s.unsqueeze(0)) for m, h in grams.items()}
+    scaled_imps = {m: None if i is None else i / s.square() for m, i in imps.items()}
+    return scaled_grams, scaled_imps, {"alpha": res.alpha, "loss": res.loss, "loss_rtn": res.loss_rtn}

@@ -100,31 +100,37 @@ class ScaleResult:
 @torch.no_grad()
 @phase("search")
 def search_scale(weights: list[torch.Tensor], formats: list[Format | None], x_mean: torch.Tensor,
-                 gram: torch.Tensor, importance: torch.Tensor | None, *, n_grid: int, duo_scaling: bool,
-                 tie: Tie | None = None, exact: bool = True) -> ScaleResult:
+                 gram: torch.Tensor | list[torch.Tensor], importance: torch.Tensor | list[torch.Tensor | None] | None,
+                 *, n_grid: int, duo_scaling: bool, tie: Tie | None = None, exact: bool = True) -> ScaleResult:
     """The per-input-channel scale minimising the group's output error.
 
     :param weights: float32 ``[rows, in]`` weights of the group's linears (a ``None`` format:
         kept in float, exact at any scale, not counted).
     :param x_mean: mean |x| of the ``in`` input channels.
+    :param gram: ``H`` of the group's input, or one per weight (MoE experts reading one input
+        on different tokens: the objective is the sum of each weight's ``tr(E H_i Eᵀ)``).
+    :param importance: the format's fit weights of the unscaled input, or one per weight.
     :param tie: channels that must share one scale (GQA: an o_proj input channel of every
         query head reading one KV head); statistics are averaged over each tied set.
     """
-    planned = [(w, f) for w, f in zip(weights, formats, strict=True) if f is not None]
-    w_mean = weight_magnitude([w for w, _ in planned], [f for _, f in planned]) if duo_scaling else None
+    n = len(weights)
+    grams = gram if isinstance(gram, list) else [gram] * n
+    importances = importance if isinstance(importance, list) else [importance] * n
+    planned = [(w, f, h, i) for w, f, h, i in zip(weights, formats, grams, importances, strict=True) if f is not None]
+    w_mean = weight_magnitude([p[0] for p in planned], [p[1] for p in planned]) if duo_scaling else None
     if tie is not None:
         x_mean = tie.reduce(x_mean)
         w_mean = None if w_mean is None else tie.reduce(w_mean)
     alphas = [i / n_grid for i in range(n_grid)]
     searched = torch.stack([candidate_scale(x_mean, w_mean, a) for a in alphas])  # [n_grid, n]
     scales = tie.expand(searched) if tie is not None else searched                  # [n_grid, in]
-    imps = None if importance is None else importance / scales.square()
-    losses = torch.zeros(n_grid, dtype=torch.float64, device=gram.device)
-    for w, fmt in planned:
+    losses = torch.zeros(n_grid, dtype=torch.float64, device=x_mean.device)
+    for w, fmt, h, imp in planned:
+        imps = None if imp is None else imp / scales.square()
         for b in batches(n_grid, w.numel()):
             s = scales[b, None, :]
             q = quant_dequant_stack(fmt, w * s, None if imps is None else imps[b], exact) / s
-            losses[b] += output_error(w - q, gram)
+            losses[b] += output_error(w - q, h)
     best = int(torch.argmin(losses))  # the first of equal minima: α = 0 (RTN) wins a tie
     return ScaleResult(scales[best], searched[best], alphas[best], float(losses[best]), float(losses[0]), losses)
 
