@@ -77,3 +77,19 @@ def test_force_requantize_a_gguf(artifacts, tmp_path):
     want = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(
         [int(x) for x in reversed(t.shape)])
     assert torch.equal(weights["model.layers.1.mlp.down_proj.weight"], want.to(torch.bfloat16))
+
+
+def test_a_gguf_transformers_reads_only_in_part_is_refused(tiny_model, tmp_path):
+    """llama.cpp writes Mixtral as "llama" with experts; transformers' GGUF reader builds a dense
+    llama from it and leaves its MLPs at their random initialization. That is refused, not
+    requantized."""
+    from quantfoundry.errors import ModelLoadError
+
+    folder = tiny_model("mixtral", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        intermediate_size=256)
+    qf.run(folder, exporter="gguf", format="Q8_0", out=str(tmp_path / "g"), evaluators=[], progress=False)
+    with pytest.raises(ModelLoadError, match=r"builds 'llama' from model.gguf without 6 of its weights "
+                                             r"\(model.layers.0.mlp.down_proj.weight, ...\)"):
+        qf.run(str(tmp_path / "g" / "model.gguf"), format="int8", force_requantize=True, out=str(tmp_path / "x"),
+               evaluators=[], progress=False)
+    assert not (tmp_path / "x").exists()

@@ -108,7 +108,13 @@ def dequantize(path: Path, out: Path, *, trust_remote_code: bool = False) -> dic
         if g is not None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
+            model, loaded = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32,
+                                                                 output_loading_info=True)
+            missing = sorted(loaded["missing_keys"])
+            if missing:  # a Mixtral GGUF ("llama" with experts) reads as a dense llama without its MLPs
+                raise ModelLoadError(f"transformers' GGUF reader builds {model.config.model_type!r} from {g.name} "
+                                     f"without {len(missing)} of its weights ({missing[0]}, ...): it cannot "
+                                     "dequantize this architecture; requantize from the float checkpoint")
             AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name).save_pretrained(str(tmp))
             info["reader"] = "transformers' GGUF reader"
         elif (path / "quantfoundry.json").is_file():
@@ -124,7 +130,7 @@ def dequantize(path: Path, out: Path, *, trust_remote_code: bool = False) -> dic
             _copy_tokenizer(path, tmp)
             info["reader"] = "transformers (its quantizer's dequantize)"
         _save_float(model, tmp)
-    except AlreadyQuantizedError:
+    except (AlreadyQuantizedError, ModelLoadError):
         raise
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,3 +47,18 @@ def test_the_files_tokenizer_is_read_back(tmp_path) -> None:
     text = "def main(argv=None):\n    return 0  # ok\n"
     assert reader.tokenize(text) == AutoTokenizer.from_pretrained(default_model_path())(text).input_ids
     reader.close()
+
+
+def test_a_mixtral_gguf_read_as_a_dense_llama_is_not_a_check(no_llama_cpp, tiny_model, tmp_path) -> None:
+    """llama.cpp writes Mixtral as architecture "llama" with ``llama.expert_count``; transformers'
+    reader builds a dense LlamaForCausalLM from it, without the experts. That is no check of the
+    file: the reader says so and the run reports no artifact figures (no false MISMATCH)."""
+    folder = tiny_model("mixtral", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        intermediate_size=256)
+    out = tmp_path / "o"
+    result = qf.run(folder, format="Q8_0", exporter="gguf", evaluators=["perplexity"], out=out, progress=False,
+                    calibrator_options={"n_samples": 2, "seq_len": 32})
+    assert not [n for n in result.notes if n.startswith(("MISMATCH", "artifact checked"))], result.notes
+    assert "artifact" not in result.metrics["perplexity"]["perplexity"]
+    with pytest.raises(EngineUnavailable, match=r"as a 'llama' model without 6 of its weights \(model.layers.0.mlp.down_proj.weight"):
+        TransformersGGUFEngine(out / "model.gguf")

@@ -5,7 +5,10 @@ When llama-cpp-python is missing (or cannot load its libllama), ``qf run --expor
 into the original Hugging Face architecture (each block type decoded by gguf-py's numpy code,
 not ours) and builds the tokenizer from the file's own vocabulary. The figures are those of the
 exact dequantized model (llama.cpp would also round the activations to 8 bits), so the artifact
-check holds it to the in-memory model's own bounds. llama.cpp stays the preferred engine.
+check holds it to the in-memory model's own bounds. A file transformers reads only in part (a
+Mixtral GGUF, which llama.cpp writes as "llama" with experts, becomes a dense llama without its
+MLPs) is no check: the reader refuses it, naming the weights it left out. llama.cpp stays the
+preferred engine.
 """
 
 from __future__ import annotations
@@ -59,13 +62,21 @@ class TransformersGGUFEngine(Engine):
 
         try:
             with _quiet():
-                self._model: Any = AutoModelForCausalLM.from_pretrained(
-                    str(self.path.parent), gguf_file=self.path.name, dtype=torch.float32).to(self.device).eval()
+                self._model, info = AutoModelForCausalLM.from_pretrained(
+                    str(self.path.parent), gguf_file=self.path.name, dtype=torch.float32, output_loading_info=True)
+                self._model = self._model.to(self.device).eval()
                 self._tokenizer: Any = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as exc:  # noqa: BLE001 - an architecture or type transformers cannot read
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EngineUnavailable(f"{instead_of + '; ' if instead_of else ''}transformers cannot read "
                                     f"{self.path.name} either ({first})") from None
+        missing = sorted(info["missing_keys"])
+        if missing:  # e.g. Mixtral, which llama.cpp writes as "llama" with experts: read as a dense llama
+            model_type = self._model.config.model_type
+            self._model = None
+            raise EngineUnavailable(f"{instead_of + '; ' if instead_of else ''}transformers reads {self.path.name} "
+                                    f"as a {model_type!r} model without {len(missing)} of its weights "
+                                    f"({missing[0]}, ...), so it cannot check it")
         why = f"; llama.cpp not used: {instead_of}" if instead_of else ""
         self.version = f"transformers {version('transformers')}, gguf {version('gguf')}{why}"
 
@@ -81,3 +92,4 @@ class TransformersGGUFEngine(Engine):
 
     def close(self) -> None:
         self._model = None
+
