@@ -23,8 +23,8 @@ RESULTS = HERE / "results" / "awq_search_fit.json"
 
 
 def measure(model: str) -> dict:
-    import quantfoundry
     import qf_awq.quantizer as awq
+    import quantfoundry
     from gptq_vs_peer import split_text
     from rtn_sweep import model_folder
 

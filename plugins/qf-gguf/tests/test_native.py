@@ -334,7 +334,7 @@ def test_search_kernels(spec: str, lib, real) -> None:
             assert same >= 0.9, (i, same)
             qw = np.ones_like(x) if q is None else np.broadcast_to(q, x.shape)
 
-            def err(raw: np.ndarray) -> float:
+            def err(raw: np.ndarray, x: np.ndarray = x, qw: np.ndarray = qw) -> float:
                 qwt = fmt.from_ggml_bytes(torch.from_numpy(raw), x.shape)
                 return float((qw * (fmt.dequantize(qwt).numpy() - x) ** 2).sum())
 
