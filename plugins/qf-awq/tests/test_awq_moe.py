@@ -5,9 +5,8 @@ from __future__ import annotations
 import quantfoundry as qf
 import torch
 from qf_awq.quantizer import AWQScaleOptions, scale_block
-from quantfoundry.model.blocks import BlockStream
-from quantfoundry.model.experts import expert_calibration, expert_lists
-from quantfoundry.toolkit import block_groups
+from quantfoundry.model.experts import expert_calibration  # the routing a run calibrates with
+from quantfoundry.toolkit import BlockStream, block_groups
 
 
 def test_the_experts_scale_and_clipping_see_each_experts_own_tokens(tiny_model):
@@ -21,11 +20,10 @@ def test_the_experts_scale_and_clipping_see_each_experts_own_tokens(tiny_model):
     ids = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(5))
     block = next(iter(BlockStream(source, calibration=ids, batch_size=2)))
     fmt = qf.resolve_format("int3-g32")
-    (experts,) = expert_lists(block.module)
     linears = [n for n, m in block.module.named_modules() if isinstance(m, torch.nn.Linear) and ".experts." in n]
     block.formats = {n: fmt for n in linears}
     (group,) = [g for g in block_groups(block, "awq") if len({m.split(".")[-2] for m in g.members}) > 1]
-    first = group.members[0].rpartition(".")[2]  # w1: one linear per expert reads its input
+    experts, _expert, first = group.members[0].rsplit(".", 2)  # block_sparse_moe.experts, 0, w1
     before = {m: block.linear(m).weight.detach().double().clone() for m in group.members}
     total = 4 * 32
     with expert_calibration(block.module, "fill", 16, total):
